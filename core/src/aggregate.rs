@@ -1,0 +1,177 @@
+//! Streaming aggregation: every accepted update is added into one `f64` buffer as it arrives,
+//! so memory is O(model), whatever the number of clients.
+
+use thiserror::Error;
+
+/// Why an update was not added. The round goes on without it.
+#[derive(Debug, Error, PartialEq)]
+pub enum AggregateError {
+    /// The update has the wrong number of parameters.
+    #[error("update has {got} parameters, expected {expected}")]
+    WrongShape {
+        /// The model's parameter count.
+        expected: usize,
+        /// The update's.
+        got: usize,
+    },
+    /// The update holds NaN or an infinity (or values whose square overflows).
+    #[error("update holds non-finite values")]
+    NonFinite,
+    /// The update's L2 norm exceeds the round's clipping norm.
+    #[error("update norm {norm:.6} exceeds the clipping norm {clip_norm}")]
+    NotClipped {
+        /// The update's L2 norm.
+        norm: f64,
+        /// The round's clipping norm.
+        clip_norm: f32,
+    },
+    /// The weight is negative or not finite.
+    #[error("weight {0} is not a finite non-negative number")]
+    BadWeight(f64),
+}
+
+/// Checks an update against the round's shape and clipping norm in one read-only pass.
+///
+/// A finite sum of squares implies every value is finite (NaN and infinities propagate), so
+/// one pass finds both problems.
+///
+/// # Errors
+///
+/// Each [`AggregateError`] variant but `BadWeight`.
+pub fn validate(update: &[f32], expected: usize, clip_norm: f32) -> Result<f64, AggregateError> {
+    if update.len() != expected {
+        return Err(AggregateError::WrongShape { expected, got: update.len() });
+    }
+    let sum_sq: f64 = update.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    if !sum_sq.is_finite() {
+        return Err(AggregateError::NonFinite);
+    }
+    let norm = sum_sq.sqrt();
+    // Allow for f32 rounding in the sender's clipping.
+    if norm > f64::from(clip_norm) * (1.0 + 1e-5) {
+        return Err(AggregateError::NotClipped { norm, clip_norm });
+    }
+    Ok(norm)
+}
+
+/// A weighted sum of updates in one `f64` buffer.
+///
+/// Invariant: `sum.len()` is the model's parameter count and never changes.
+#[derive(Debug, Clone)]
+pub struct Aggregator {
+    sum: Vec<f64>,
+    total_weight: f64,
+    n_updates: usize,
+}
+
+impl Aggregator {
+    /// An empty sum over `n_params` parameters.
+    pub fn new(n_params: usize) -> Aggregator {
+        Aggregator { sum: vec![0.0; n_params], total_weight: 0.0, n_updates: 0 }
+    }
+
+    /// Adds `weight * update`. Call [`validate`] first where the update is untrusted.
+    ///
+    /// # Errors
+    ///
+    /// [`AggregateError::WrongShape`] and [`AggregateError::BadWeight`]; the sum is unchanged.
+    pub fn add(&mut self, update: &[f32], weight: f64) -> Result<(), AggregateError> {
+        if update.len() != self.sum.len() {
+            return Err(AggregateError::WrongShape { expected: self.sum.len(), got: update.len() });
+        }
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(AggregateError::BadWeight(weight));
+        }
+        if weight == 1.0 {
+            for (s, &x) in self.sum.iter_mut().zip(update) {
+                *s += f64::from(x);
+            }
+        } else {
+            for (s, &x) in self.sum.iter_mut().zip(update) {
+                *s += weight * f64::from(x);
+            }
+        }
+        self.total_weight += weight;
+        self.n_updates += 1;
+        Ok(())
+    }
+
+    /// Updates added so far.
+    pub fn n_updates(&self) -> usize {
+        self.n_updates
+    }
+
+    /// Sum of the weights added so far.
+    pub fn total_weight(&self) -> f64 {
+        self.total_weight
+    }
+
+    /// The raw weighted sum.
+    pub fn sum(&self) -> &[f64] {
+        &self.sum
+    }
+
+    /// The weighted mean, `sum / total_weight` (zeros if nothing was added).
+    pub fn mean(&self) -> Vec<f32> {
+        if self.total_weight == 0.0 {
+            return vec![0.0; self.sum.len()];
+        }
+        self.sum.iter().map(|&s| (s / self.total_weight) as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// The aggregate does not depend on arrival order, within f64 rounding.
+        #[test]
+        fn aggregate_is_independent_of_arrival_order(
+            updates in proptest::collection::vec((proptest::collection::vec(-10f32..10.0, 16), 0.5f64..100.0), 1..20),
+            seed in any::<u64>(),
+        ) {
+            let mut forward = Aggregator::new(16);
+            for (u, w) in &updates {
+                forward.add(u, *w).unwrap();
+            }
+            // A seeded shuffle (Fisher-Yates on a simple LCG, to keep the test independent of rand).
+            let mut order: Vec<usize> = (0..updates.len()).collect();
+            let mut state = seed | 1;
+            for i in (1..order.len()).rev() {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, (state >> 33) as usize % (i + 1));
+            }
+            let mut shuffled = Aggregator::new(16);
+            for &i in &order {
+                shuffled.add(&updates[i].0, updates[i].1).unwrap();
+            }
+            for (a, b) in forward.sum().iter().zip(shuffled.sum()) {
+                prop_assert!((a - b).abs() <= 1e-9 * (1.0 + a.abs()), "{a} vs {b}");
+            }
+            prop_assert_eq!(forward.mean().len(), 16);
+        }
+    }
+
+    #[test]
+    fn weighted_mean_and_rejections() {
+        let mut agg = Aggregator::new(2);
+        agg.add(&[1.0, 2.0], 1.0).unwrap();
+        agg.add(&[3.0, 6.0], 3.0).unwrap();
+        assert_eq!(agg.mean(), vec![2.5, 5.0]);
+        assert_eq!(agg.add(&[1.0], 1.0), Err(AggregateError::WrongShape { expected: 2, got: 1 }));
+        assert_eq!(agg.add(&[1.0, 1.0], f64::NAN).unwrap_err().to_string(), "weight NaN is not a finite non-negative number");
+        assert_eq!(agg.n_updates(), 2);
+    }
+
+    #[test]
+    fn validate_finds_shape_nan_and_unclipped() {
+        assert_eq!(validate(&[1.0], 2, 1.0), Err(AggregateError::WrongShape { expected: 2, got: 1 }));
+        assert_eq!(validate(&[f32::NAN, 0.0], 2, 1.0), Err(AggregateError::NonFinite));
+        assert_eq!(validate(&[f32::INFINITY, 0.0], 2, 1.0), Err(AggregateError::NonFinite));
+        assert!(matches!(validate(&[3.0, 4.0], 2, 1.0), Err(AggregateError::NotClipped { .. })));
+        assert!((validate(&[0.6, 0.8], 2, 1.0).unwrap() - 1.0).abs() < 1e-6);
+    }
+}

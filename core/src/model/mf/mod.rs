@@ -1,0 +1,357 @@
+//! Matrix-factorisation recommender for explicit ratings (Koren, Bell and Volinsky 2009,
+//! "biased MF"), federated as in federated collaborative filtering (Ammad-ud-din et al. 2019):
+//! the global mean, item biases and item factors are global; user biases and user factors are
+//! local and never leave the store.
+//!
+//! Prediction: `r̂(u, i) = μ + b_u + b_i + p_u · q_i`.
+//! Per-rating loss: `½ e² + ½ λ (b_u² + b_i² + |p_u|² + |q_i|²)` with `e = r - r̂`,
+//! minimised by stochastic gradient descent in random order.
+//!
+//! Global layout: `[μ, b_0 .. b_{n_items-1}, q_0 (dim values), .., q_{n_items-1}]`.
+
+use super::metrics::EvalSums;
+use super::{Model, TrainStats};
+use crate::plan::SpecError;
+use ndarray::{Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use rand::seq::SliceRandom;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+/// Negatives sampled per user for HR@10 and NDCG@10 (He et al. 2017, the NCF protocol).
+pub const N_NEGATIVES: usize = 99;
+
+/// Hyper-parameters of the recommender.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MfSpec {
+    /// Item ids are `0..n_items`.
+    pub n_items: usize,
+    /// Latent dimension.
+    pub dim: usize,
+    /// SGD step size.
+    pub learning_rate: f32,
+    /// L2 regularisation λ.
+    pub regularization: f32,
+    /// Standard deviation of the initial factors.
+    pub init_std: f32,
+    /// Lowest rating; predictions are clamped to it when scored.
+    #[serde(default = "one")]
+    pub rating_min: f32,
+    /// Highest rating.
+    #[serde(default = "five")]
+    pub rating_max: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn five() -> f32 {
+    5.0
+}
+
+impl MfSpec {
+    /// Length of the global vector: `1 + n_items * (1 + dim)`.
+    pub fn n_global(&self) -> usize {
+        1 + self.n_items * (1 + self.dim)
+    }
+
+    /// Checks ranges.
+    ///
+    /// # Errors
+    ///
+    /// [`SpecError`] naming the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let err = |field, message: String| Err(SpecError { field, message });
+        if self.n_items == 0 || self.n_items > 100_000_000 {
+            return err("model.n_items", format!("must be in 1..=1e8, got {}", self.n_items));
+        }
+        if self.dim == 0 || self.dim > 1024 {
+            return err("model.dim", format!("must be in 1..=1024, got {}", self.dim));
+        }
+        if self.n_global() > 1 << 30 {
+            return err("model.dim", format!("n_items * (1 + dim) = {} exceeds 2^30", self.n_global()));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            return err("model.learning_rate", format!("must be in (0, 1), got {}", self.learning_rate));
+        }
+        if !(self.regularization >= 0.0 && self.regularization.is_finite()) {
+            return err("model.regularization", format!("must be >= 0, got {}", self.regularization));
+        }
+        if !(self.init_std >= 0.0 && self.init_std.is_finite()) {
+            return err("model.init_std", format!("must be >= 0, got {}", self.init_std));
+        }
+        if !(self.rating_min < self.rating_max) {
+            return err(
+                "model.rating_min",
+                format!("must be below rating_max, got {} and {}", self.rating_min, self.rating_max),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One rating. `user` is the store's dense local index; `item` is global.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rating {
+    /// Local user index, `< MfData::n_users()`.
+    pub user: u32,
+    /// Global item id, `< MfSpec::n_items`.
+    pub item: u32,
+    /// The rating.
+    pub value: f32,
+    /// Seconds since the epoch, or 0 when unknown; the newest held-out rating is the ranking target.
+    pub timestamp: i64,
+}
+
+/// A store's ratings, split into training and held-out parts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MfData {
+    /// Per local user, a stable seed derived from the user's id (see [`user_seed`]): it fixes the
+    /// user's initial factors and ranking negatives, whichever store or baseline holds the user.
+    pub user_seeds: Vec<u64>,
+    /// Training ratings.
+    pub train: Vec<Rating>,
+    /// Held-out ratings.
+    pub test: Vec<Rating>,
+}
+
+impl MfData {
+    /// Number of local users.
+    pub fn n_users(&self) -> usize {
+        self.user_seeds.len()
+    }
+}
+
+/// A stable 64-bit seed for a user id (FNV-1a), the same in every process and platform.
+pub fn user_seed(user_id: &str) -> u64 {
+    user_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The local part: user biases and factors. Never sent anywhere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MfLocal {
+    /// One bias per local user.
+    pub user_bias: Vec<f32>,
+    /// `n_users × dim` user factors.
+    pub user_factors: Array2<f32>,
+}
+
+/// The recommender's hyper-parameters; parameters are passed to each method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MfModel {
+    spec: MfSpec,
+}
+
+/// Mutable views into the global vector.
+struct GlobalMut<'a> {
+    mu: &'a mut f32,
+    item_bias: &'a mut [f32],
+    item_factors: ArrayViewMut2<'a, f32>,
+}
+
+impl MfModel {
+    /// A model with these hyper-parameters. Call [`MfSpec::validate`] first on untrusted specs.
+    pub fn new(spec: MfSpec) -> MfModel {
+        MfModel { spec }
+    }
+
+    /// The hyper-parameters.
+    pub fn spec(&self) -> &MfSpec {
+        &self.spec
+    }
+
+    fn split_mut<'a>(&self, global: &'a mut [f32]) -> GlobalMut<'a> {
+        assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
+        let (mu, rest) = global.split_first_mut().expect("n_global >= 1");
+        let (item_bias, factors) = rest.split_at_mut(self.spec.n_items);
+        let item_factors = ArrayViewMut2::from_shape((self.spec.n_items, self.spec.dim), factors)
+            .expect("length checked above");
+        GlobalMut { mu, item_bias, item_factors }
+    }
+
+    fn item_factors<'a>(&self, global: &'a [f32]) -> ArrayView2<'a, f32> {
+        ArrayView2::from_shape((self.spec.n_items, self.spec.dim), &global[1 + self.spec.n_items..])
+            .expect("global vector has the wrong length")
+    }
+
+    /// Unclamped prediction for `(user, item)`.
+    pub fn predict(&self, global: &[f32], local: &MfLocal, user: u32, item: u32) -> f32 {
+        let (u, i) = (user as usize, item as usize);
+        let factors = self.item_factors(global);
+        let q = factors.row(i);
+        global[0] + local.user_bias[u] + global[1 + i] + local.user_factors.row(u).dot(&q)
+    }
+
+    /// Predicted rating, clamped to the rating scale.
+    pub fn predict_clamped(&self, global: &[f32], local: &MfLocal, user: u32, item: u32) -> f32 {
+        self.predict(global, local, user, item).clamp(self.spec.rating_min, self.spec.rating_max)
+    }
+
+    /// Checks that every rating's user and item fall in range.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first out-of-range rating.
+    pub fn check_data(&self, data: &MfData) -> Result<(), String> {
+        for r in data.train.iter().chain(&data.test) {
+            if r.item as usize >= self.spec.n_items {
+                return Err(format!("item id {} is not below the task's n_items {}", r.item, self.spec.n_items));
+            }
+            if r.user as usize >= data.n_users() {
+                return Err(format!("user index {} is not below {} users", r.user, data.n_users()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The per-rating loss (module docs), for finite-difference checks of [`sgd_step`].
+#[allow(clippy::too_many_arguments)] // reason: mirrors the formula's terms one to one
+pub fn rating_loss(mu: f32, bu: f32, bi: f32, p: &[f32], q: &[f32], r: f32, reg: f32) -> f64 {
+    let dot: f32 = p.iter().zip(q).map(|(a, b)| a * b).sum();
+    let e = f64::from(r - (mu + bu + bi + dot));
+    let sq = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>();
+    0.5 * e * e + 0.5 * f64::from(reg) * (f64::from(bu).powi(2) + f64::from(bi).powi(2) + sq(p) + sq(q))
+}
+
+/// One SGD step on one rating: every parameter moves by `-lr` times its partial derivative of
+/// [`rating_loss`] (μ is not regularised). Returns `½ e²` before the step.
+#[allow(clippy::too_many_arguments)] // reason: the parameters of one rating's loss
+pub fn sgd_step(
+    mu: &mut f32,
+    bu: &mut f32,
+    bi: &mut f32,
+    mut p: ArrayViewMut1<'_, f32>,
+    mut q: ArrayViewMut1<'_, f32>,
+    r: f32,
+    lr: f32,
+    reg: f32,
+) -> f64 {
+    let e = r - (*mu + *bu + *bi + p.dot(&q));
+    *mu += lr * e;
+    *bu += lr * (e - reg * *bu);
+    *bi += lr * (e - reg * *bi);
+    ndarray::Zip::from(&mut p).and(&mut q).for_each(|pk, qk| {
+        let (p0, q0) = (*pk, *qk);
+        *pk += lr * (e * q0 - reg * p0);
+        *qk += lr * (e * p0 - reg * q0);
+    });
+    0.5 * f64::from(e) * f64::from(e)
+}
+
+impl Model for MfModel {
+    type Data = MfData;
+    type Local = MfLocal;
+
+    fn n_global(&self) -> usize {
+        self.spec.n_global()
+    }
+
+    fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
+        let normal = Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
+        let mut global = vec![0.0; self.n_global()];
+        let g = self.split_mut(&mut global);
+        for q in g.item_factors {
+            *q = normal.sample(rng);
+        }
+        global
+    }
+
+    fn init_local(&self, data: &MfData, previous: Option<MfLocal>) -> MfLocal {
+        if let Some(prev) = previous
+            && prev.user_bias.len() == data.n_users()
+            && prev.user_factors.dim() == (data.n_users(), self.spec.dim)
+        {
+            return prev;
+        }
+        let normal = Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
+        let mut user_factors = Array2::zeros((data.n_users(), self.spec.dim));
+        for (mut row, &seed) in user_factors.axis_iter_mut(Axis(0)).zip(&data.user_seeds) {
+            let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+            row.iter_mut().for_each(|x| *x = normal.sample(&mut rng));
+        }
+        MfLocal { user_bias: vec![0.0; data.n_users()], user_factors }
+    }
+
+    fn train(
+        &self,
+        global: &mut [f32],
+        local: &mut MfLocal,
+        data: &MfData,
+        epochs: u32,
+        rng: &mut dyn Rng,
+    ) -> TrainStats {
+        let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);
+        let mut g = self.split_mut(global);
+        let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
+        let mut loss = 0.0;
+        for _ in 0..epochs {
+            order.shuffle(rng);
+            loss = 0.0;
+            for &k in &order {
+                let r = data.train[k as usize];
+                let (u, i) = (r.user as usize, r.item as usize);
+                loss += sgd_step(
+                    g.mu,
+                    &mut local.user_bias[u],
+                    &mut g.item_bias[i],
+                    local.user_factors.row_mut(u),
+                    g.item_factors.row_mut(i),
+                    r.value,
+                    lr,
+                    reg,
+                );
+            }
+        }
+        let n = data.train.len();
+        TrainStats { n_examples: n, mean_loss: if n == 0 { 0.0 } else { loss / n as f64 } }
+    }
+
+    fn evaluate(&self, global: &[f32], local: &MfLocal, data: &MfData, seed: u64) -> EvalSums {
+        let mut sums = EvalSums::default();
+        for r in &data.test {
+            sums.add_rating(self.predict_clamped(global, local, r.user, r.item), r.value);
+        }
+        // Leave-one-out ranking: each user's newest held-out item against N_NEGATIVES items the
+        // user never rated, sampled with a seed fixed by the user, so every method ranks the
+        // same candidates.
+        let n_users = data.n_users();
+        let mut rated: Vec<Vec<u32>> = vec![Vec::new(); n_users];
+        let mut target: Vec<Option<Rating>> = vec![None; n_users];
+        for r in data.train.iter().chain(&data.test) {
+            rated[r.user as usize].push(r.item);
+        }
+        for r in &data.test {
+            let t = &mut target[r.user as usize];
+            if t.is_none_or(|t| r.timestamp >= t.timestamp) {
+                *t = Some(*r);
+            }
+        }
+        let mut negatives = Vec::with_capacity(N_NEGATIVES);
+        for (u, t) in target.iter().enumerate() {
+            let Some(t) = t else { continue };
+            let seen = &mut rated[u];
+            seen.sort_unstable();
+            seen.dedup();
+            if self.spec.n_items < seen.len() + N_NEGATIVES {
+                continue;
+            }
+            let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed ^ data.user_seeds[u]);
+            negatives.clear();
+            while negatives.len() < N_NEGATIVES {
+                let item = rng.random_range(0..self.spec.n_items as u32);
+                if seen.binary_search(&item).is_err() && !negatives.contains(&item) {
+                    negatives.push(item);
+                }
+            }
+            let pos = self.predict(global, local, t.user, t.item);
+            let rank = negatives.iter().filter(|&&i| self.predict(global, local, t.user, i) > pos).count();
+            sums.add_rank(rank);
+        }
+        sums
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,248 @@
+//! A task's specification: which model, and how rounds run. Plain validated data.
+//!
+//! This is a persisted and configuration format (TOML in the coordinator's config, JSON in its
+//! store), so it derives serde. `TaskSpec::validate` is the one place that checks it.
+
+use crate::model::mf::MfSpec;
+use crate::optim::ServerOptimizer;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use thiserror::Error;
+
+/// A task spec that does not make sense.
+#[derive(Debug, Error, PartialEq)]
+#[error("invalid task spec: {field}: {message}")]
+pub struct SpecError {
+    /// The offending field, dotted (`plan.min_clients`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError { field, message: message.into() }
+}
+
+/// Which model a task trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// The matrix-factorisation recommender ([`crate::model::mf`]).
+    MatrixFactorization(MfSpec),
+    /// An opaque parameter vector that clients do not train: for transport benchmarks.
+    Bench {
+        /// Parameter count.
+        n_params: usize,
+    },
+}
+
+impl ModelSpec {
+    /// Number of global (federated) parameters.
+    pub fn n_params(&self) -> usize {
+        match self {
+            ModelSpec::MatrixFactorization(mf) => mf.n_global(),
+            ModelSpec::Bench { n_params } => *n_params,
+        }
+    }
+}
+
+/// How a task's rounds run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingPlan {
+    /// Rounds to commit before the task finishes.
+    pub rounds: u64,
+    /// Clients sampled per round, uniformly without replacement from the connected ones.
+    pub cohort_size: u32,
+    /// Quorum: a round fails unless this many clients ack the plan and upload.
+    pub min_clients: u32,
+    /// Local epochs per round.
+    #[serde(default = "one")]
+    pub local_epochs: u32,
+    /// L2 norm every update is clipped to, by the client, and checked by the coordinator.
+    pub clip_norm: f32,
+    /// How the averaged delta is applied.
+    pub server_optimizer: ServerOptimizer,
+    /// Evaluate every this many rounds, and always after the last; 0 means only after the last.
+    #[serde(default)]
+    pub eval_every: u32,
+    /// Fraction of connected clients asked to evaluate, in (0, 1].
+    #[serde(default = "one_f32")]
+    pub eval_fraction: f32,
+    /// How long Selecting waits for `cohort_size` clients before settling for `min_clients`.
+    #[serde(default = "ten_secs")]
+    pub select_timeout_secs: f64,
+    /// Deadline for the cohort to fetch the plan.
+    #[serde(default = "sixty_secs")]
+    pub configure_timeout_secs: f64,
+    /// Deadline for uploads.
+    #[serde(default = "sixty_secs")]
+    pub collect_timeout_secs: f64,
+    /// Deadline for evaluation reports.
+    #[serde(default = "sixty_secs")]
+    pub evaluate_timeout_secs: f64,
+    /// Seed of the coordinator's model initialisation and cohort sampling.
+    #[serde(default)]
+    pub seed: u64,
+    /// Weight updates by the clients' example counts (FedAvg) or equally.
+    #[serde(default = "yes")]
+    pub weight_by_examples: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn one_f32() -> f32 {
+    1.0
+}
+fn ten_secs() -> f64 {
+    10.0
+}
+fn sixty_secs() -> f64 {
+    60.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl TrainingPlan {
+    /// [`TrainingPlan::select_timeout_secs`] as a duration.
+    pub fn select_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.select_timeout_secs)
+    }
+    /// [`TrainingPlan::configure_timeout_secs`] as a duration.
+    pub fn configure_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.configure_timeout_secs)
+    }
+    /// [`TrainingPlan::collect_timeout_secs`] as a duration.
+    pub fn collect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.collect_timeout_secs)
+    }
+    /// [`TrainingPlan::evaluate_timeout_secs`] as a duration.
+    pub fn evaluate_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.evaluate_timeout_secs)
+    }
+
+    /// Whether the round with 1-based index `n` (of `rounds`) evaluates.
+    pub fn evaluates_round(&self, n: u64) -> bool {
+        n == self.rounds || (self.eval_every > 0 && n % u64::from(self.eval_every) == 0)
+    }
+}
+
+/// A training task: a named model and plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Unique name clients enrol with.
+    pub name: String,
+    /// The model.
+    pub model: ModelSpec,
+    /// The plan.
+    pub plan: TrainingPlan,
+}
+
+impl TaskSpec {
+    /// Checks every field, naming the first bad one.
+    ///
+    /// # Errors
+    ///
+    /// [`SpecError`] naming the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() || self.name.len() > 128 {
+            return Err(bad("name", "must be 1 to 128 characters"));
+        }
+        match &self.model {
+            ModelSpec::MatrixFactorization(mf) => mf.validate()?,
+            ModelSpec::Bench { n_params } => {
+                if *n_params == 0 || *n_params > 1 << 30 {
+                    return Err(bad("model.n_params", format!("must be in 1..=2^30, got {n_params}")));
+                }
+            }
+        }
+        let p = &self.plan;
+        if p.rounds == 0 {
+            return Err(bad("plan.rounds", "must be at least 1"));
+        }
+        if p.min_clients == 0 {
+            return Err(bad("plan.min_clients", "must be at least 1"));
+        }
+        if p.cohort_size < p.min_clients {
+            return Err(bad(
+                "plan.cohort_size",
+                format!("{} is below min_clients {}", p.cohort_size, p.min_clients),
+            ));
+        }
+        if p.local_epochs == 0 {
+            return Err(bad("plan.local_epochs", "must be at least 1"));
+        }
+        if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
+            return Err(bad("plan.clip_norm", format!("must be positive and finite, got {}", p.clip_norm)));
+        }
+        p.server_optimizer.validate().map_err(|m| bad("plan.server_optimizer", m))?;
+        if !(p.eval_fraction > 0.0 && p.eval_fraction <= 1.0) {
+            return Err(bad("plan.eval_fraction", format!("must be in (0, 1], got {}", p.eval_fraction)));
+        }
+        for (field, secs) in [
+            ("plan.select_timeout_secs", p.select_timeout_secs),
+            ("plan.configure_timeout_secs", p.configure_timeout_secs),
+            ("plan.collect_timeout_secs", p.collect_timeout_secs),
+            ("plan.evaluate_timeout_secs", p.evaluate_timeout_secs),
+        ] {
+            if !(secs > 0.0 && secs <= 86_400.0) {
+                return Err(bad(field, format!("must be in (0, 86400] seconds, got {secs}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec() -> TaskSpec {
+        TaskSpec {
+            name: "t".into(),
+            model: ModelSpec::Bench { n_params: 4 },
+            plan: TrainingPlan {
+                rounds: 3,
+                cohort_size: 3,
+                min_clients: 2,
+                local_epochs: 1,
+                clip_norm: 1.0,
+                server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+                eval_every: 0,
+                eval_fraction: 1.0,
+                select_timeout_secs: 1.0,
+                configure_timeout_secs: 1.0,
+                collect_timeout_secs: 1.0,
+                evaluate_timeout_secs: 1.0,
+                seed: 0,
+                weight_by_examples: true,
+            },
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert_eq!(spec().validate(), Ok(()));
+        let mut s = spec();
+        s.plan.min_clients = 4;
+        assert_eq!(s.validate().unwrap_err().field, "plan.cohort_size");
+        let mut s = spec();
+        s.plan.clip_norm = f32::NAN;
+        assert_eq!(s.validate().unwrap_err().field, "plan.clip_norm");
+        let mut s = spec();
+        s.plan.collect_timeout_secs = -1.0;
+        assert_eq!(s.validate().unwrap_err().to_string(), "invalid task spec: plan.collect_timeout_secs: must be in (0, 86400] seconds, got -1");
+    }
+
+    #[test]
+    fn evaluation_schedule_includes_the_last_round() {
+        let mut p = spec().plan;
+        p.rounds = 10;
+        p.eval_every = 4;
+        let evals: Vec<u64> = (1..=10).filter(|&n| p.evaluates_round(n)).collect();
+        assert_eq!(evals, vec![4, 8, 10]);
+    }
+}
