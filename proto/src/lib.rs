@@ -5,8 +5,12 @@
 //! - `proto/fedretail.proto`: the `Training` service that store clients call.
 //! - `proto/admin.proto`: the `Admin` service that operators and the simulator call.
 //!
-//! Nothing but generated code lives here: conversions to domain types sit at the edges
+//! Besides generated code, [`convert`] holds the conversions between `pb` messages and the
+//! `fedretail-core` types that both the coordinator and the client need (task specs, model specs,
+//! evaluation sums), so they exist once. Conversions only one side needs stay at that edge
 //! (`coordinator/src/service/convert.rs`, `client/src/transport.rs`).
+
+pub mod convert;
 
 /// Messages and services of package `fedretail.v1`.
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations)] // reason: generated code

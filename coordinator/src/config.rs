@@ -1,0 +1,200 @@
+//! The coordinator's TOML config: [`RawConfig`] as written, [`Config`] once validated.
+
+use fedretail_core::plan::TaskSpec;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown fields.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The config as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How long a `NextAssignment` call is held open.
+    #[serde(default = "default_poll_timeout")]
+    pub poll_timeout_secs: f64,
+    /// Uploads reassembled at once; bounds staging memory.
+    #[serde(default = "default_uploads")]
+    pub max_concurrent_uploads: usize,
+    /// Largest gRPC message accepted.
+    #[serde(default = "default_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Tasks created at start-up unless a task of that name exists.
+    #[serde(default, rename = "task")]
+    pub tasks: Vec<TaskSpec>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_poll_timeout() -> f64 {
+    10.0
+}
+fn default_uploads() -> usize {
+    16
+}
+fn default_message_bytes() -> usize {
+    8 << 20
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// How long a `NextAssignment` call is held open.
+    pub poll_timeout: Duration,
+    /// Uploads reassembled at once.
+    pub max_concurrent_uploads: usize,
+    /// Largest gRPC message accepted.
+    pub max_message_bytes: usize,
+    /// Tasks created at start-up.
+    pub tasks: Vec<TaskSpec>,
+}
+
+impl RawConfig {
+    /// Parses TOML; `path` is used in messages.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Parse`] with the parser's line and column.
+    pub fn from_toml(text: &str, path: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the value.
+    pub fn validate(self, path: &str) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+        if !(self.poll_timeout_secs > 0.0 && self.poll_timeout_secs <= 300.0) {
+            return Err(invalid(format!("poll_timeout_secs must be in (0, 300], got {}", self.poll_timeout_secs)));
+        }
+        if self.max_concurrent_uploads == 0 {
+            return Err(invalid("max_concurrent_uploads must be at least 1".into()));
+        }
+        if self.max_message_bytes < 2 << 20 {
+            return Err(invalid(format!("max_message_bytes must be at least 2 MiB, got {}", self.max_message_bytes)));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for task in &self.tasks {
+            task.validate().map_err(|e| invalid(format!("task {:?}: {e}", task.name)))?;
+            if !names.insert(task.name.clone()) {
+                return Err(invalid(format!("two tasks are named {:?}", task.name)));
+            }
+        }
+        Ok(Config {
+            listen: self.listen,
+            poll_timeout: Duration::from_secs_f64(self.poll_timeout_secs),
+            max_concurrent_uploads: self.max_concurrent_uploads,
+            max_message_bytes: self.max_message_bytes,
+            tasks: self.tasks,
+        })
+    }
+}
+
+/// Reads and validates a config file.
+///
+/// # Errors
+///
+/// Any [`ConfigError`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    RawConfig::from_toml(&text, &shown)?.validate(&shown)
+}
+
+/// A commented example config: one MovieLens-sized recommender task.
+pub const EXAMPLE: &str = r#"# fedretail-coordinator config
+listen = "127.0.0.1:50051"
+poll_timeout_secs = 10.0        # how long a client's NextAssignment call is held open
+max_concurrent_uploads = 16     # bounds staging memory: 16 x model size
+
+[[task]]
+name = "movielens"
+
+[task.model]
+kind = "matrix_factorization"
+n_items = 1682                  # item ids in the stores' CSV files are 0..n_items
+dim = 50
+learning_rate = 0.01
+regularization = 0.1
+init_std = 0.1
+
+[task.plan]
+rounds = 100
+cohort_size = 2                 # clients sampled per round
+min_clients = 2                 # quorum: fewer acks or uploads fail the round
+local_epochs = 2
+clip_norm = 5.0
+eval_every = 10
+select_timeout_secs = 10.0
+configure_timeout_secs = 60.0
+collect_timeout_secs = 120.0
+evaluate_timeout_secs = 60.0
+seed = 42
+
+[task.plan.server_optimizer]
+kind = "fed_avg"                # or fed_avg_m (momentum), fed_adam (beta1, beta2, tau)
+learning_rate = 1.0
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let config = RawConfig::from_toml(EXAMPLE, "example.toml").unwrap().validate("example.toml").unwrap();
+        assert_eq!(config.tasks.len(), 1);
+        assert_eq!(config.tasks[0].model.n_params(), 1 + 1682 * 51);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem() {
+        let err = RawConfig::from_toml("listen = 5\n", "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml: TOML parse error at line 1"), "{err}");
+        let err = RawConfig::from_toml("colour = 1\n", "c.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        let bad = EXAMPLE.replace("min_clients = 2", "min_clients = 3");
+        let err = RawConfig::from_toml(&bad, "c.toml").unwrap().validate("c.toml").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "c.toml: task \"movielens\": invalid task spec: plan.cohort_size: 2 is below min_clients 3"
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! The async driver of one task: owns the current [`Round`], the model and the client registry;
+//! turns requests, time and finished jobs into calls on the pure machine, and executes what the
+//! machine asks for (compute on a blocking thread, commits to the store).
+
+use super::machine::{FailReason, Output, Phase, Round};
+use super::{Assignment, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState, TaskStatus};
+use crate::store::{CommitRecord, Snapshot, Store};
+use fedretail_core::aggregate::Aggregator;
+use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
+use fedretail_core::optim::{self, OptimizerState};
+use fedretail_core::plan::TaskSpec;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Rounds kept in memory for status.
+const HISTORY: usize = 1000;
+/// Queue depth of a task's inbox; senders wait when it is full (backpressure).
+const INBOX: usize = 1024;
+
+/// Settings of the driver that come from the coordinator's config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DriverConfig {
+    /// A client that has not polled for this long is no longer connected.
+    pub(crate) liveness_timeout: Duration,
+}
+
+struct ClientEntry {
+    store_name: String,
+    last_seen: Instant,
+}
+
+enum JobResult {
+    Computed(Arc<ModelBlob>, OptimizerState),
+    Stored(Result<(), String>),
+}
+
+struct Driver {
+    task: TaskId,
+    spec: Arc<TaskSpec>,
+    store: Arc<dyn Store>,
+    config: DriverConfig,
+    state: TaskState,
+    state_reason: String,
+    model: Arc<ModelBlob>,
+    optimizer: OptimizerState,
+    candidate: Option<(Arc<ModelBlob>, OptimizerState)>,
+    committed_rounds: u64,
+    failed_rounds: u64,
+    history: VecDeque<RoundSummary>,
+    clients: BTreeMap<ClientId, ClientEntry>,
+    round: Option<Round>,
+    job: Option<JoinHandle<JobResult>>,
+    changes: watch::Sender<u64>,
+    last_phase: (u64, &'static str),
+}
+
+/// Starts the driver of `task` from its snapshot; returns the handle and the driver's join handle.
+pub(crate) fn spawn(
+    task: TaskId,
+    spec: Arc<TaskSpec>,
+    state: (TaskState, String),
+    snapshot: Snapshot,
+    store: Arc<dyn Store>,
+    config: DriverConfig,
+    cancel: CancellationToken,
+) -> (RoundHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(INBOX);
+    let (changes, changes_rx) = watch::channel(0);
+    let driver = Driver {
+        task,
+        spec,
+        store,
+        config,
+        state: state.0,
+        state_reason: state.1,
+        model: snapshot.model,
+        optimizer: snapshot.optimizer,
+        candidate: None,
+        committed_rounds: snapshot.committed_rounds,
+        failed_rounds: snapshot.failed_rounds,
+        history: snapshot.history.into_iter().rev().take(HISTORY).rev().collect(),
+        clients: BTreeMap::new(),
+        round: None,
+        job: None,
+        changes,
+        last_phase: (0, ""),
+    };
+    let span = tracing::info_span!("task", task_id = %task);
+    let join = tokio::spawn(driver.run(rx, cancel).instrument(span));
+    (RoundHandle { task, tx, changes: changes_rx }, join)
+}
+
+impl Driver {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Request>, cancel: CancellationToken) {
+        tracing::info!(name = %self.spec.name, committed = self.committed_rounds, "task driver started");
+        loop {
+            let now = Instant::now();
+            self.ensure_round(now).await;
+            let wake = self
+                .round
+                .as_ref()
+                .and_then(Round::deadline)
+                .filter(|d| *d > now)
+                .unwrap_or(now + Duration::from_secs(1));
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                result = async { self.job.as_mut().expect("guarded by the if").await }, if self.job.is_some() => {
+                    self.job = None;
+                    match result {
+                        Ok(result) => self.job_done(result),
+                        // A panicking job is a bug: stop the driver so the supervisor exits non-zero.
+                        Err(e) => panic!("round job panicked: {e}"),
+                    }
+                }
+                request = inbox.recv() => match request {
+                    Some(request) => self.handle(request),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            self.step().await;
+        }
+        self.shutdown().await;
+    }
+
+    fn connected(&self, now: Instant) -> Vec<ClientId> {
+        self.clients
+            .iter()
+            .filter(|(_, c)| now.saturating_duration_since(c.last_seen) <= self.config.liveness_timeout)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Starts the next round if the task is running and none is in progress.
+    async fn ensure_round(&mut self, now: Instant) {
+        if self.round.is_some() || self.state != TaskState::Running {
+            return;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.next_round_id()).await.expect("store call panicked") {
+            Ok(id) => {
+                let index = self.committed_rounds + 1;
+                tracing::info!(round_id = %id, index, "round starts: selecting");
+                self.round = Some(Round::new(id, index, self.spec.clone(), self.model.version, now));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot allocate a round id; task fails");
+                self.end_task(TaskState::Failed, format!("store error: {e}")).await;
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Request) {
+        let now = Instant::now();
+        match request {
+            Request::Enroll { store_name, reply } => {
+                let result = if self.state == TaskState::Running {
+                    let id = random_client_id();
+                    tracing::info!(client_id = %id, store = %store_name, "client enrolled");
+                    self.clients.insert(id, ClientEntry { store_name, last_seen: now });
+                    Ok(id)
+                } else {
+                    Err(Reject::TaskEnded)
+                };
+                let _ = reply.send(result);
+            }
+            Request::Poll { client, reply } => {
+                let _ = reply.send(self.poll(now, client));
+            }
+            Request::Model { client, version, reply } => {
+                let result = self.known(client).and_then(|()| {
+                    if version == self.model.version {
+                        Ok(self.model.clone())
+                    } else {
+                        match &self.candidate {
+                            Some((blob, _)) if blob.version == version => Ok(blob.clone()),
+                            _ => Err(Reject::NoSuchModel(version)),
+                        }
+                    }
+                });
+                let _ = reply.send(result);
+            }
+            Request::LatestModel { reply } => {
+                let _ = reply.send(self.model.clone());
+            }
+            Request::BeginUpload { client, round, reply } => {
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.begin_upload(client, round),
+                    None => Err(Reject::StaleRound { got: round, current: "none".into() }),
+                });
+                log_reject(client, "begin upload", &result);
+                let _ = reply.send(result);
+            }
+            Request::Upload { upload, reply } => {
+                let client = upload.client;
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.upload(now, upload),
+                    None => Err(Reject::StaleRound { got: upload.round, current: "none".into() }),
+                });
+                log_reject(client, "upload", &result);
+                if result.is_ok() {
+                    tracing::debug!(client_id = %client, "update accepted");
+                }
+                let _ = reply.send(result);
+            }
+            Request::Report { client, round, sums, reply } => {
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.report(client, round, &sums),
+                    None => Err(Reject::StaleRound { got: round, current: "none".into() }),
+                });
+                log_reject(client, "report", &result);
+                let _ = reply.send(result);
+            }
+            Request::Status { max_rounds, reply } => {
+                let _ = reply.send(self.status(now, max_rounds));
+            }
+        }
+    }
+
+    fn known(&self, client: ClientId) -> Result<(), Reject> {
+        if self.clients.contains_key(&client) { Ok(()) } else { Err(Reject::UnknownClient(client)) }
+    }
+
+    fn poll(&mut self, now: Instant, client: ClientId) -> Result<Assignment, Reject> {
+        let entry = self.clients.get_mut(&client).ok_or(Reject::UnknownClient(client))?;
+        entry.last_seen = now;
+        if self.state != TaskState::Running {
+            return Ok(Assignment::Finished { state: self.state, reason: self.state_reason.clone() });
+        }
+        let connected = self.connected(now);
+        Ok(match self.round.as_mut() {
+            Some(round) => {
+                round.tick(now, &connected);
+                let assignment = round.poll(now, client);
+                if let Assignment::Train { round, .. } = &assignment {
+                    let store = &self.clients[&client].store_name;
+                    tracing::debug!(client_id = %client, %store, round_id = %round, "plan sent");
+                }
+                assignment
+            }
+            None => Assignment::Wait,
+        })
+    }
+
+    /// Lets time act on the round, runs what it asks for, and finishes it when it is over.
+    async fn step(&mut self) {
+        let now = Instant::now();
+        let connected = self.connected(now);
+        let Some(round) = self.round.as_mut() else { return };
+        round.tick(now, &connected);
+        for output in round.take_outputs() {
+            match output {
+                Output::Compute(sum) => self.start_compute(sum),
+                Output::Commit(summary) => self.start_commit(summary),
+            }
+        }
+        self.publish();
+        if self.round.as_ref().is_some_and(Round::is_over) && self.job.is_none() {
+            self.finish_round().await;
+            self.publish();
+        }
+    }
+
+    /// Bumps the change counter when the round or phase moved, waking long polls.
+    fn publish(&mut self) {
+        let key = match &self.round {
+            Some(r) => (r.id.0, r.phase().name()),
+            None => (0, "Idle"),
+        };
+        if key != self.last_phase {
+            if let Some(r) = &self.round {
+                tracing::debug!(round_id = %r.id, phase = key.1, "phase");
+            }
+            self.last_phase = key;
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn start_compute(&mut self, sum: Aggregator) {
+        let base = self.model.clone();
+        let mut optimizer = self.optimizer.clone();
+        let server = self.spec.plan.server_optimizer;
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            let delta = sum.mean();
+            let mut values = base.values.clone();
+            optim::apply(&server, &mut optimizer, &mut values, &delta);
+            JobResult::Computed(Arc::new(ModelBlob::new(base.version.next(), values)), optimizer)
+        }));
+    }
+
+    fn start_commit(&mut self, summary: RoundSummary) {
+        let (model, optimizer) = self.candidate.clone().expect("a committing round has a candidate");
+        let record = CommitRecord { task: self.task, summary, model, optimizer };
+        let store = self.store.clone();
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            JobResult::Stored(store.commit(record).map_err(|e| e.to_string()))
+        }));
+    }
+
+    fn job_done(&mut self, result: JobResult) {
+        let now = Instant::now();
+        let connected = self.connected(now);
+        let Some(round) = self.round.as_mut() else { return };
+        match result {
+            JobResult::Computed(blob, optimizer) => {
+                // The round may have failed (shutdown) while the job ran: then drop the result.
+                if *round.phase() == Phase::Aggregating {
+                    let version = blob.version;
+                    self.candidate = Some((blob, optimizer));
+                    round.computed(now, version, &connected);
+                }
+            }
+            JobResult::Stored(result) => round.stored(result),
+        }
+    }
+
+    async fn finish_round(&mut self) {
+        let round = self.round.take().expect("checked by the caller");
+        let summary = round.summary();
+        match round.phase() {
+            Phase::Committed => {
+                let (blob, optimizer) = self.candidate.take().expect("a committed round has a candidate");
+                tracing::info!(
+                    round_id = %round.id,
+                    index = round.index,
+                    version = %blob.version,
+                    uploads = summary.n_uploads,
+                    rejected = summary.n_rejected,
+                    train_loss = summary.mean_train_loss,
+                    rmse = summary.eval.map(|e| e.rmse()),
+                    "round committed"
+                );
+                self.model = blob;
+                self.optimizer = optimizer;
+                self.committed_rounds += 1;
+                self.push_history(summary);
+                if self.committed_rounds >= self.spec.plan.rounds {
+                    let reason = format!("all {} rounds committed", self.spec.plan.rounds);
+                    self.end_task(TaskState::Finished, reason).await;
+                }
+            }
+            Phase::Failed(reason) => {
+                tracing::warn!(round_id = %round.id, %reason, "round failed; nothing applied");
+                self.candidate = None;
+                self.failed_rounds += 1;
+                let store = self.store.clone();
+                let (task, record) = (self.task, summary.clone());
+                let stored = tokio::task::spawn_blocking(move || store.record_failure(task, &record)).await;
+                if let Ok(Err(e)) = stored {
+                    tracing::error!(error = %e, "could not record the failed round");
+                }
+                self.push_history(summary);
+            }
+            other => unreachable!("finish_round in phase {}", other.name()),
+        }
+    }
+
+    fn push_history(&mut self, summary: RoundSummary) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(summary);
+    }
+
+    async fn end_task(&mut self, state: TaskState, reason: String) {
+        tracing::info!(state = state.as_str(), %reason, "task ended");
+        self.state = state;
+        self.state_reason = reason.clone();
+        let (store, task) = (self.store.clone(), self.task);
+        let stored = tokio::task::spawn_blocking(move || store.set_task_state(task, state, &reason)).await;
+        if let Ok(Err(e)) = stored {
+            tracing::error!(error = %e, "could not record the task's state");
+        }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Waits for an in-flight commit (never abandoned halfway), then fails what is left.
+    async fn shutdown(&mut self) {
+        if let Some(job) = self.job.take()
+            && let Ok(result) = job.await
+        {
+            self.job_done(result);
+        }
+        if let Some(round) = self.round.as_mut() {
+            round.fail(FailReason::Shutdown);
+            if round.is_over() {
+                self.finish_round().await;
+            }
+        }
+        tracing::info!("task driver stopped");
+    }
+
+    fn status(&self, now: Instant, max_rounds: usize) -> TaskStatus {
+        let mut rounds: Vec<RoundSummary> = self.round.iter().map(Round::summary).collect();
+        rounds.extend(self.history.iter().rev().cloned());
+        rounds.truncate(max_rounds);
+        TaskStatus {
+            task: self.task,
+            spec: self.spec.clone(),
+            state: self.state,
+            state_reason: self.state_reason.clone(),
+            model_version: self.model.version,
+            committed_rounds: self.committed_rounds,
+            failed_rounds: self.failed_rounds,
+            connected_clients: self.connected(now).len() as u32,
+            phase: self.round.as_ref().map_or("Idle", |r| r.phase().name()),
+            rounds,
+        }
+    }
+}
+
+fn log_reject<T>(client: ClientId, what: &str, result: &Result<T, Reject>) {
+    if let Err(reject) = result {
+        tracing::warn!(client_id = %client, %reject, "{what} rejected");
+    }
+}
+
+/// A client id nobody can guess or reuse across restarts: 63 random bits from the OS.
+fn random_client_id() -> ClientId {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new().fill(&mut bytes).expect("the OS random source works");
+    ClientId(u64::from_le_bytes(bytes) >> 1)
+}
+
+/// The initial model (version 0) of a task, from its seed.
+pub(crate) fn initial_model(spec: &TaskSpec) -> ModelBlob {
+    use fedretail_core::model::Model;
+    use fedretail_core::model::mf::MfModel;
+    use fedretail_core::plan::ModelSpec;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(spec.plan.seed);
+    let values = match &spec.model {
+        ModelSpec::MatrixFactorization(mf) => MfModel::new(mf.clone()).init_global(&mut rng),
+        ModelSpec::Bench { n_params } => vec![0.0; *n_params],
+    };
+    ModelBlob::new(ModelVersion(0), values)
+}

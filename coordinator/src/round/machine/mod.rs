@@ -1,0 +1,406 @@
+//! The pure round state machine: no `.await`, no clock reads (`now` is passed in), no store and
+//! no wire types. The driver feeds it requests and time, and executes what it asks for.
+
+use super::{Assignment, Reject, RoundSummary, TrainSummary, Upload};
+use fedretail_core::aggregate::{AggregateError, Aggregator, validate};
+use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::plan::TaskSpec;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// Why a round failed. A failed round applies nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum FailReason {
+    TooFewAcks { acked: usize, min: u32 },
+    TooFewUploads { uploaded: usize, min: u32 },
+    Store(String),
+    Shutdown,
+}
+
+impl std::fmt::Display for FailReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailReason::TooFewAcks { acked, min } => {
+                write!(f, "configure deadline passed with {acked} of the {min} required clients")
+            }
+            FailReason::TooFewUploads { uploaded, min } => {
+                write!(f, "collect deadline passed with {uploaded} of the {min} required uploads")
+            }
+            FailReason::Store(e) => write!(f, "could not commit: {e}"),
+            FailReason::Shutdown => write!(f, "coordinator shut down"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Phase {
+    Selecting { deadline: Instant },
+    Configuring { deadline: Instant },
+    Collecting { deadline: Instant },
+    /// The driver is computing the new model (aggregate mean + server optimiser).
+    Aggregating,
+    Evaluating { deadline: Instant },
+    /// The driver is writing the commit record.
+    Committing,
+    Committed,
+    Failed(FailReason),
+}
+
+impl Phase {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Phase::Selecting { .. } => "Selecting",
+            Phase::Configuring { .. } => "Configuring",
+            Phase::Collecting { .. } => "Collecting",
+            Phase::Aggregating => "Aggregating",
+            Phase::Evaluating { .. } => "Evaluating",
+            Phase::Committing => "Committing",
+            Phase::Committed => "Committed",
+            Phase::Failed(_) => "Failed",
+        }
+    }
+}
+
+/// Work the driver must do for the machine.
+#[derive(Debug)]
+pub(crate) enum Output {
+    /// Turn the sum into the next model (off the reactor), then call [`Round::computed`].
+    Compute(Aggregator),
+    /// Persist the round, then call [`Round::stored`].
+    Commit(RoundSummary),
+}
+
+/// One round of a task.
+#[derive(Debug)]
+pub(crate) struct Round {
+    pub(crate) id: RoundId,
+    /// 1-based index this round will have among committed rounds.
+    pub(crate) index: u64,
+    spec: Arc<TaskSpec>,
+    base: ModelVersion,
+    n_params: usize,
+    seed: u64,
+    phase: Phase,
+    cohort: BTreeSet<ClientId>,
+    acked: BTreeSet<ClientId>,
+    uploaded: BTreeSet<ClientId>,
+    /// Invariant: `Some` from Configuring until Aggregating takes it.
+    sum: Option<Aggregator>,
+    n_rejected: u32,
+    loss_sum: f64,
+    loss_weight: f64,
+    candidate: Option<ModelVersion>,
+    eval_cohort: BTreeSet<ClientId>,
+    reported: BTreeSet<ClientId>,
+    eval: EvalSums,
+    outputs: Vec<Output>,
+}
+
+impl Round {
+    pub(crate) fn new(id: RoundId, index: u64, spec: Arc<TaskSpec>, base: ModelVersion, now: Instant) -> Round {
+        let n_params = spec.model.n_params();
+        let seed = spec.plan.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let deadline = now + spec.plan.select_timeout();
+        Round {
+            id,
+            index,
+            spec,
+            base,
+            n_params,
+            seed,
+            phase: Phase::Selecting { deadline },
+            cohort: BTreeSet::new(),
+            acked: BTreeSet::new(),
+            uploaded: BTreeSet::new(),
+            sum: None,
+            n_rejected: 0,
+            loss_sum: 0.0,
+            loss_weight: 0.0,
+            candidate: None,
+            eval_cohort: BTreeSet::new(),
+            reported: BTreeSet::new(),
+            eval: EvalSums::default(),
+            outputs: Vec::new(),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub(crate) fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Committed | Phase::Failed(_))
+    }
+
+    /// The next instant at which [`Round::tick`] has something to do.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Selecting { deadline }
+            | Phase::Configuring { deadline }
+            | Phase::Collecting { deadline }
+            | Phase::Evaluating { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// The summary of the round as it stands.
+    pub(crate) fn summary(&self) -> RoundSummary {
+        let failure = match &self.phase {
+            Phase::Failed(r) => Some(r.to_string()),
+            _ => None,
+        };
+        let committed_like = matches!(self.phase, Phase::Committing | Phase::Committed);
+        RoundSummary {
+            round: self.id,
+            index: if matches!(self.phase, Phase::Failed(_)) { 0 } else { self.index },
+            phase: self.phase.name(),
+            cohort_size: self.cohort.len() as u32,
+            n_uploads: self.uploaded.len() as u32,
+            n_rejected: self.n_rejected,
+            failure,
+            eval: (self.eval.n_ratings > 0 || self.eval.n_ranked > 0).then_some(self.eval),
+            model_version: if committed_like { self.candidate.unwrap_or(self.base) } else { self.base },
+            mean_train_loss: if self.loss_weight > 0.0 { self.loss_sum / self.loss_weight } else { 0.0 },
+        }
+    }
+
+    /// Advances on time: samples the cohort once enough clients are connected, and handles
+    /// deadlines. `connected` are the clients seen recently, in any order.
+    pub(crate) fn tick(&mut self, now: Instant, connected: &[ClientId]) {
+        let plan = &self.spec.plan;
+        match self.phase {
+            Phase::Selecting { deadline } => {
+                let enough = connected.len() >= plan.cohort_size as usize;
+                let settle = now >= deadline && connected.len() >= plan.min_clients as usize;
+                if enough || settle {
+                    let n = connected.len().min(plan.cohort_size as usize);
+                    self.cohort = sample(connected, n, self.seed).into_iter().collect();
+                    self.sum = Some(Aggregator::new(self.n_params));
+                    self.phase = Phase::Configuring { deadline: now + plan.configure_timeout() };
+                }
+            }
+            Phase::Configuring { deadline } if now >= deadline => {
+                if self.acked.len() >= plan.min_clients as usize {
+                    // Clients that never fetched the plan are dropped from the cohort.
+                    self.cohort = self.acked.clone();
+                    self.phase = Phase::Collecting { deadline: now + plan.collect_timeout() };
+                    self.maybe_aggregate();
+                } else {
+                    self.fail(FailReason::TooFewAcks { acked: self.acked.len(), min: plan.min_clients });
+                }
+            }
+            Phase::Collecting { deadline } if now >= deadline => {
+                if self.uploaded.len() >= plan.min_clients as usize {
+                    self.aggregate();
+                } else {
+                    self.fail(FailReason::TooFewUploads { uploaded: self.uploaded.len(), min: plan.min_clients });
+                }
+            }
+            Phase::Evaluating { deadline } if now >= deadline => self.commit(),
+            _ => {}
+        }
+    }
+
+    /// What `client` should do now. Handing out the training plan counts as the client's ack.
+    pub(crate) fn poll(&mut self, now: Instant, client: ClientId) -> Assignment {
+        let plan = &self.spec.plan;
+        match self.phase {
+            Phase::Configuring { .. } | Phase::Collecting { .. }
+                if self.cohort.contains(&client) && !self.uploaded.contains(&client) =>
+            {
+                self.acked.insert(client);
+                let upload_deadline = match self.phase {
+                    Phase::Collecting { deadline } => deadline,
+                    _ => now + plan.configure_timeout() + plan.collect_timeout(),
+                };
+                let assignment = Assignment::Train {
+                    round: self.id,
+                    version: self.base,
+                    n_params: self.n_params,
+                    local_epochs: plan.local_epochs,
+                    clip_norm: plan.clip_norm,
+                    round_seed: self.seed,
+                    upload_timeout: upload_deadline.saturating_duration_since(now),
+                };
+                if let Phase::Configuring { .. } = self.phase
+                    && self.acked.len() == self.cohort.len()
+                {
+                    self.phase = Phase::Collecting { deadline: now + plan.collect_timeout() };
+                }
+                assignment
+            }
+            Phase::Evaluating { .. } if self.eval_cohort.contains(&client) && !self.reported.contains(&client) => {
+                Assignment::Evaluate {
+                    round: self.id,
+                    version: self.candidate.expect("Evaluating has a candidate"),
+                    n_params: self.n_params,
+                    seed: self.spec.plan.seed,
+                }
+            }
+            _ => Assignment::Wait,
+        }
+    }
+
+    fn check_round(&self, round: RoundId) -> Result<(), Reject> {
+        if round != self.id {
+            return Err(Reject::StaleRound { got: round, current: self.id.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Checks that `client` may upload now, before it streams its update.
+    pub(crate) fn begin_upload(&mut self, client: ClientId, round: RoundId) -> Result<(usize, f32), Reject> {
+        let result = self.check_upload(client, round);
+        if result.is_err() {
+            self.n_rejected += 1;
+        }
+        result.map(|()| (self.n_params, self.spec.plan.clip_norm))
+    }
+
+    fn check_upload(&self, client: ClientId, round: RoundId) -> Result<(), Reject> {
+        self.check_round(round)?;
+        if !matches!(self.phase, Phase::Configuring { .. } | Phase::Collecting { .. }) {
+            return Err(Reject::WrongPhase { phase: self.phase.name(), request: "uploads" });
+        }
+        if !self.cohort.contains(&client) {
+            return Err(Reject::NotInCohort(client));
+        }
+        if self.uploaded.contains(&client) {
+            return Err(Reject::Duplicate(client));
+        }
+        if !self.acked.contains(&client) {
+            return Err(Reject::WrongPhase { phase: "Configuring (plan not fetched)", request: "uploads" });
+        }
+        Ok(())
+    }
+
+    /// Validates a complete upload and adds it to the sum. One bad upload never fails the round.
+    pub(crate) fn upload(&mut self, now: Instant, upload: Upload) -> Result<(), Reject> {
+        let result = self.try_add(upload);
+        match &result {
+            Ok(()) => self.maybe_aggregate(),
+            Err(_) => self.n_rejected += 1,
+        }
+        let _ = now;
+        result
+    }
+
+    fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
+        self.check_upload(upload.client, upload.round)?;
+        validate(&upload.values, self.n_params, self.spec.plan.clip_norm).map_err(|e| match e {
+            AggregateError::WrongShape { expected, got } => Reject::WrongShape { expected, got },
+            AggregateError::NonFinite => Reject::NonFinite,
+            AggregateError::NotClipped { norm, clip_norm } => Reject::NotClipped { norm, clip_norm },
+            AggregateError::BadWeight(w) => Reject::Malformed(format!("weight {w}")),
+        })?;
+        let weight = if self.spec.plan.weight_by_examples { upload.weight } else { 1.0 };
+        let sum = self.sum.as_mut().expect("Configuring and Collecting hold the sum");
+        sum.add(&upload.values, weight).map_err(|e| Reject::Malformed(e.to_string()))?;
+        let TrainSummary { n_examples, train_loss, .. } = upload.summary;
+        if train_loss.is_finite() {
+            self.loss_sum += train_loss * n_examples as f64;
+            self.loss_weight += n_examples as f64;
+        }
+        self.uploaded.insert(upload.client);
+        Ok(())
+    }
+
+    /// Moves to Aggregating once everyone who fetched the plan has uploaded.
+    fn maybe_aggregate(&mut self) {
+        if matches!(self.phase, Phase::Collecting { .. }) && self.uploaded.len() == self.cohort.len() {
+            self.aggregate();
+        }
+    }
+
+    fn aggregate(&mut self) {
+        let sum = self.sum.take().expect("the sum is taken once");
+        self.phase = Phase::Aggregating;
+        self.outputs.push(Output::Compute(sum));
+    }
+
+    /// The driver computed candidate model `version`. `connected` are the clients that may be
+    /// asked to evaluate it.
+    pub(crate) fn computed(&mut self, now: Instant, version: ModelVersion, connected: &[ClientId]) {
+        assert_eq!(self.phase, Phase::Aggregating, "computed outside Aggregating");
+        self.candidate = Some(version);
+        let plan = &self.spec.plan;
+        if plan.evaluates_round(self.index) && !connected.is_empty() {
+            let n = ((connected.len() as f64 * f64::from(plan.eval_fraction)).ceil() as usize).clamp(1, connected.len());
+            self.eval_cohort = sample(connected, n, self.seed ^ 0xe7a1).into_iter().collect();
+            self.phase = Phase::Evaluating { deadline: now + plan.evaluate_timeout() };
+        } else {
+            self.commit();
+        }
+    }
+
+    /// Adds one client's evaluation sums.
+    pub(crate) fn report(&mut self, client: ClientId, round: RoundId, sums: &EvalSums) -> Result<(), Reject> {
+        let result = self.try_report(client, round, sums);
+        if result.is_err() {
+            self.n_rejected += 1;
+        }
+        result
+    }
+
+    fn try_report(&mut self, client: ClientId, round: RoundId, sums: &EvalSums) -> Result<(), Reject> {
+        self.check_round(round)?;
+        if !matches!(self.phase, Phase::Evaluating { .. }) {
+            return Err(Reject::WrongPhase { phase: self.phase.name(), request: "metrics" });
+        }
+        if !self.eval_cohort.contains(&client) {
+            return Err(Reject::NotInCohort(client));
+        }
+        if !self.reported.insert(client) {
+            return Err(Reject::Duplicate(client));
+        }
+        self.eval.merge(sums);
+        if self.reported.len() == self.eval_cohort.len() {
+            self.commit();
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) {
+        self.phase = Phase::Committing;
+        let summary = self.summary();
+        self.outputs.push(Output::Commit(summary));
+    }
+
+    /// The driver wrote (or failed to write) the commit record.
+    pub(crate) fn stored(&mut self, result: Result<(), String>) {
+        assert_eq!(self.phase, Phase::Committing, "stored outside Committing");
+        match result {
+            Ok(()) => self.phase = Phase::Committed,
+            Err(e) => self.fail(FailReason::Store(e)),
+        }
+    }
+
+    /// Fails the round unless it is over or committing (a commit in flight is never abandoned).
+    pub(crate) fn fail(&mut self, reason: FailReason) {
+        if !self.is_over() && self.phase != Phase::Committing {
+            self.sum = None;
+            self.candidate = None;
+            self.phase = Phase::Failed(reason);
+        }
+    }
+}
+
+/// `n` of `clients`, uniformly without replacement, deterministic for a seed and a client set.
+fn sample(clients: &[ClientId], n: usize, seed: u64) -> Vec<ClientId> {
+    let mut pool = clients.to_vec();
+    pool.sort_unstable();
+    pool.shuffle(&mut rand::rngs::ChaCha8Rng::seed_from_u64(seed));
+    pool.truncate(n);
+    pool
+}
+
+#[cfg(test)]
+mod tests;

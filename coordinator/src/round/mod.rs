@@ -1,0 +1,336 @@
+//! Rounds of a task: the pure state machine ([`machine`]), its async driver ([`driver`]) and
+//! [`RoundHandle`], the only way in for gRPC handlers and the simulator.
+//!
+//! ```text
+//! Selecting ─▶ Configuring ─▶ Collecting ─▶ Aggregating ─▶ Applying ─▶ Evaluating ─▶ Committing ─▶ Committed
+//!                   │              │                                        (optional)      │
+//!                   └──────────────┴─ deadline without quorum | shutdown ─▶ Failed ◀── store error
+//!
+//! Committed or Failed ─▶ next round (Selecting), until `plan.rounds` rounds are committed.
+//! ```
+//!
+//! Selecting waits (without failing) for enough connected clients: no round exists until a
+//! cohort does. Configuring hands the plan to the cohort; a client that has fetched its plan may
+//! upload at once, even while slower cohort members are still fetching theirs. Aggregating and
+//! Applying are compute-only and run on a blocking thread. A failed round applies nothing.
+
+pub(crate) mod driver;
+pub(crate) mod machine;
+
+use fedretail_core::ids::{ClientId, ModelVersion, RoundId, TaskId};
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::plan::TaskSpec;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Why a client's request was refused. Expected protocol outcomes, not failures: the round
+/// counts them and goes on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Reject {
+    /// The client id is not enrolled (for example after a coordinator restart).
+    #[error("{0} is not enrolled with this task; enroll again")]
+    UnknownClient(ClientId),
+    /// No task has this id or name.
+    #[error("no task {0}")]
+    UnknownTask(String),
+    /// The task has ended.
+    #[error("the task has ended")]
+    TaskEnded,
+    /// The client is not in this round's cohort.
+    #[error("{0} is not in the cohort of this round")]
+    NotInCohort(ClientId),
+    /// The request names a round that is not the current one.
+    #[error("{got} is not the current round ({current})")]
+    StaleRound {
+        /// The round the request named.
+        got: RoundId,
+        /// The current round, if any.
+        current: String,
+    },
+    /// The current round is in a phase that does not take this request.
+    #[error("the round is in phase {phase}, which does not take {request}")]
+    WrongPhase {
+        /// Current phase.
+        phase: &'static str,
+        /// What was asked.
+        request: &'static str,
+    },
+    /// The client already uploaded (or reported) in this round.
+    #[error("{0} already uploaded in this round")]
+    Duplicate(ClientId),
+    /// The update does not have the model's shape.
+    #[error("update has {got} parameters, expected {expected}")]
+    WrongShape {
+        /// Model size.
+        expected: usize,
+        /// Update size.
+        got: usize,
+    },
+    /// NaN or infinite values.
+    #[error("update holds non-finite values")]
+    NonFinite,
+    /// The update exceeds the clipping norm.
+    #[error("update norm {norm:.6} exceeds the clipping norm {clip_norm}")]
+    NotClipped {
+        /// Its norm.
+        norm: f64,
+        /// The bound.
+        clip_norm: f32,
+    },
+    /// The request is malformed (bad chunks, checksum, missing header).
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The requested model version is not available.
+    #[error("model version {0} is not available")]
+    NoSuchModel(ModelVersion),
+    /// The coordinator is shutting down.
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+}
+
+/// What a client should do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assignment {
+    /// Nothing now; poll again.
+    Wait,
+    /// Train and upload.
+    Train {
+        /// The round.
+        round: RoundId,
+        /// The model to start from.
+        version: ModelVersion,
+        /// Its parameter count.
+        n_params: usize,
+        /// Local epochs.
+        local_epochs: u32,
+        /// Clip to this L2 norm.
+        clip_norm: f32,
+        /// Seed for local data order.
+        round_seed: u64,
+        /// Time left to upload.
+        upload_timeout: Duration,
+    },
+    /// Evaluate a model version on held-out data.
+    Evaluate {
+        /// The round.
+        round: RoundId,
+        /// The candidate model.
+        version: ModelVersion,
+        /// Its parameter count.
+        n_params: usize,
+        /// Seed for evaluation sampling.
+        seed: u64,
+    },
+    /// The task has ended.
+    Finished {
+        /// Final state.
+        state: TaskState,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Lifecycle of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Rounds are running.
+    Running,
+    /// All rounds committed.
+    Finished,
+    /// Stopped by an error.
+    Failed,
+}
+
+impl TaskState {
+    /// Stable name, as persisted.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Finished => "finished",
+            TaskState::Failed => "failed",
+        }
+    }
+
+    /// Parses [`TaskState::as_str`].
+    pub fn parse(s: &str) -> Option<TaskState> {
+        [TaskState::Running, TaskState::Finished, TaskState::Failed].into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// What a client reports with its upload: aggregate facts of its local training.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TrainSummary {
+    /// Local training examples.
+    pub n_examples: u64,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Update norm before clipping.
+    pub norm_before_clip: f64,
+}
+
+/// A complete upload, reassembled and checksummed by the service.
+#[derive(Debug)]
+pub struct Upload {
+    /// Sender.
+    pub client: ClientId,
+    /// The round it is for.
+    pub round: RoundId,
+    /// The update's values.
+    pub values: Vec<f32>,
+    /// The client's FedAvg weight.
+    pub weight: f64,
+    /// Training facts.
+    pub summary: TrainSummary,
+}
+
+/// One round's outcome, as shown by status and persisted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundSummary {
+    /// The round.
+    pub round: RoundId,
+    /// 1-based index among the task's committed rounds (0 if failed).
+    pub index: u64,
+    /// Final or current phase name.
+    pub phase: &'static str,
+    /// Cohort size.
+    pub cohort_size: u32,
+    /// Accepted uploads.
+    pub n_uploads: u32,
+    /// Rejected requests.
+    pub n_rejected: u32,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Aggregated evaluation, if any.
+    pub eval: Option<EvalSums>,
+    /// Model version it produced (or the base version if it failed).
+    pub model_version: ModelVersion,
+    /// Example-weighted mean training loss of the accepted uploads.
+    pub mean_train_loss: f64,
+}
+
+/// A task's status.
+#[derive(Debug, Clone)]
+pub struct TaskStatus {
+    /// The task.
+    pub task: TaskId,
+    /// Its spec.
+    pub spec: Arc<TaskSpec>,
+    /// Lifecycle state.
+    pub state: TaskState,
+    /// Why it is in that state.
+    pub state_reason: String,
+    /// Newest committed model version.
+    pub model_version: ModelVersion,
+    /// Rounds committed.
+    pub committed_rounds: u64,
+    /// Rounds failed.
+    pub failed_rounds: u64,
+    /// Clients seen recently.
+    pub connected_clients: u32,
+    /// Current phase.
+    pub phase: &'static str,
+    /// Newest rounds first.
+    pub rounds: Vec<RoundSummary>,
+}
+
+/// A model version's parameters and checksum, shared without copying.
+#[derive(Debug)]
+pub struct ModelBlob {
+    /// The version.
+    pub version: ModelVersion,
+    /// The parameters.
+    pub values: Vec<f32>,
+    /// SHA-256 of their little-endian bytes.
+    pub sha256: [u8; 32],
+}
+
+impl ModelBlob {
+    /// Wraps parameters, computing the checksum.
+    pub fn new(version: ModelVersion, values: Vec<f32>) -> ModelBlob {
+        let sha256 = fedretail_core::update::sha256_f32s(&values);
+        ModelBlob { version, values, sha256 }
+    }
+}
+
+/// Requests to a task's driver. Each carries its reply channel.
+#[derive(Debug)]
+pub(crate) enum Request {
+    Enroll { store_name: String, reply: oneshot::Sender<Result<ClientId, Reject>> },
+    Poll { client: ClientId, reply: oneshot::Sender<Result<Assignment, Reject>> },
+    Model { client: ClientId, version: ModelVersion, reply: oneshot::Sender<Result<Arc<ModelBlob>, Reject>> },
+    LatestModel { reply: oneshot::Sender<Arc<ModelBlob>> },
+    BeginUpload { client: ClientId, round: RoundId, reply: oneshot::Sender<Result<(usize, f32), Reject>> },
+    Upload { upload: Upload, reply: oneshot::Sender<Result<(), Reject>> },
+    Report { client: ClientId, round: RoundId, sums: EvalSums, reply: oneshot::Sender<Result<(), Reject>> },
+    Status { max_rounds: usize, reply: oneshot::Sender<TaskStatus> },
+}
+
+/// The way into a running task: a bounded queue to its driver, with a reply per request.
+#[derive(Debug, Clone)]
+pub struct RoundHandle {
+    task: TaskId,
+    tx: mpsc::Sender<Request>,
+    changes: watch::Receiver<u64>,
+}
+
+impl RoundHandle {
+    /// The task this handle drives.
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, Reject> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| Reject::ShuttingDown)?;
+        rx.await.map_err(|_| Reject::ShuttingDown)
+    }
+
+    /// Enrols a store; returns its client id.
+    pub async fn enroll(&self, store_name: String) -> Result<ClientId, Reject> {
+        self.ask(|reply| Request::Enroll { store_name, reply }).await?
+    }
+
+    /// The client's next assignment, waiting up to `timeout` for one other than `Wait`.
+    pub async fn poll(&self, client: ClientId, timeout: Duration) -> Result<Assignment, Reject> {
+        let mut changes = self.changes.clone();
+        changes.mark_unchanged();
+        let first = self.ask(|reply| Request::Poll { client, reply }).await??;
+        if first != Assignment::Wait {
+            return Ok(first);
+        }
+        // Wait for the driver to move on (or the timeout), then ask once more.
+        let _ = tokio::time::timeout(timeout, changes.changed()).await;
+        self.ask(|reply| Request::Poll { client, reply }).await?
+    }
+
+    /// One model version, for a client of this task.
+    pub async fn model(&self, client: ClientId, version: ModelVersion) -> Result<Arc<ModelBlob>, Reject> {
+        self.ask(|reply| Request::Model { client, version, reply }).await?
+    }
+
+    /// The newest committed model.
+    pub async fn latest_model(&self) -> Result<Arc<ModelBlob>, Reject> {
+        self.ask(|reply| Request::LatestModel { reply }).await
+    }
+
+    /// Checks that `client` may upload for `round`; returns the expected size and clip norm.
+    pub async fn begin_upload(&self, client: ClientId, round: RoundId) -> Result<(usize, f32), Reject> {
+        self.ask(|reply| Request::BeginUpload { client, round, reply }).await?
+    }
+
+    /// Hands over a complete upload.
+    pub async fn upload(&self, upload: Upload) -> Result<(), Reject> {
+        self.ask(|reply| Request::Upload { upload, reply }).await?
+    }
+
+    /// Reports evaluation sums.
+    pub async fn report(&self, client: ClientId, round: RoundId, sums: EvalSums) -> Result<(), Reject> {
+        self.ask(|reply| Request::Report { client, round, sums, reply }).await?
+    }
+
+    /// The task's status with its newest `max_rounds` rounds.
+    pub async fn status(&self, max_rounds: usize) -> Result<TaskStatus, Reject> {
+        self.ask(|reply| Request::Status { max_rounds, reply }).await
+    }
+}

@@ -1,0 +1,79 @@
+//! Conversions between `pb` messages and the coordinator's domain types that only the
+//! coordinator needs (assignments, task status). Shared ones live in `fedretail_proto::convert`.
+
+use crate::round::{Assignment, RoundSummary, TaskState, TaskStatus};
+use fedretail_proto::pb;
+
+impl From<TaskState> for pb::TaskState {
+    fn from(s: TaskState) -> pb::TaskState {
+        match s {
+            TaskState::Running => pb::TaskState::Running,
+            TaskState::Finished => pb::TaskState::Finished,
+            TaskState::Failed => pb::TaskState::Failed,
+        }
+    }
+}
+
+impl From<Assignment> for pb::NextAssignmentResponse {
+    fn from(a: Assignment) -> pb::NextAssignmentResponse {
+        use pb::next_assignment_response::Assignment as A;
+        let assignment = match a {
+            Assignment::Wait => A::Wait(pb::Wait { retry_after_ms: 0 }),
+            Assignment::Train { round, version, n_params, local_epochs, clip_norm, round_seed, upload_timeout } => {
+                A::Train(pb::TrainAssignment {
+                    round_id: round.0,
+                    model_version: version.0,
+                    n_params: n_params as u64,
+                    local_epochs,
+                    clip_norm,
+                    round_seed,
+                    upload_timeout_ms: upload_timeout.as_millis() as u64,
+                    encoding: pb::UpdateEncoding::Float32Le.into(),
+                })
+            }
+            Assignment::Evaluate { round, version, n_params, seed } => A::Evaluate(pb::EvaluateAssignment {
+                round_id: round.0,
+                model_version: version.0,
+                n_params: n_params as u64,
+                round_seed: seed,
+            }),
+            Assignment::Finished { state, reason } => {
+                A::Finished(pb::TaskFinished { state: pb::TaskState::from(state).into(), reason })
+            }
+        };
+        pb::NextAssignmentResponse { assignment: Some(assignment) }
+    }
+}
+
+impl From<&RoundSummary> for pb::RoundStatus {
+    fn from(r: &RoundSummary) -> pb::RoundStatus {
+        pb::RoundStatus {
+            round_id: r.round.0,
+            phase: r.phase.to_string(),
+            cohort_size: r.cohort_size,
+            n_uploads: r.n_uploads,
+            n_rejected: r.n_rejected,
+            failure: r.failure.clone().unwrap_or_default(),
+            eval: r.eval.as_ref().map(Into::into),
+            model_version: r.model_version.0,
+            mean_train_loss: r.mean_train_loss,
+        }
+    }
+}
+
+impl From<&TaskStatus> for pb::TaskStatus {
+    fn from(t: &TaskStatus) -> pb::TaskStatus {
+        pb::TaskStatus {
+            task_id: t.task.0,
+            spec: Some(t.spec.as_ref().into()),
+            state: pb::TaskState::from(t.state).into(),
+            state_reason: t.state_reason.clone(),
+            model_version: t.model_version.0,
+            committed_rounds: t.committed_rounds,
+            failed_rounds: t.failed_rounds,
+            connected_clients: t.connected_clients,
+            phase: t.phase.to_string(),
+            rounds: t.rounds.iter().map(Into::into).collect(),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! gRPC services: thin adapters from `pb` messages to [`RoundHandle`] calls.
+
+pub(crate) mod admin;
+mod convert;
+mod status;
+
+use crate::round::{Reject, RoundHandle, TrainSummary, Upload};
+use crate::tasks::Tasks;
+use fedretail_core::ids::{ClientId, ModelVersion, RoundId, TaskId};
+use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
+use fedretail_proto::pb;
+use fedretail_proto::pb::training_server::Training;
+use status::to_status;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// A boxed stream of model chunks.
+pub(crate) type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `Training` service that store clients call.
+#[derive(Debug, Clone)]
+pub struct TrainingService {
+    tasks: Arc<Tasks>,
+    poll_timeout: Duration,
+    /// Bounds the uploads being reassembled at once, so staging memory is
+    /// O(max_concurrent_uploads × model), whatever the cohort size.
+    upload_permits: Arc<Semaphore>,
+}
+
+impl TrainingService {
+    pub(crate) fn new(tasks: Arc<Tasks>, poll_timeout: Duration, max_concurrent_uploads: usize) -> TrainingService {
+        TrainingService { tasks, poll_timeout, upload_permits: Arc::new(Semaphore::new(max_concurrent_uploads)) }
+    }
+
+    fn task(&self, id: u64) -> Result<RoundHandle, Status> {
+        self.tasks.get(TaskId(id)).map_err(|r| to_status(&r))
+    }
+}
+
+/// Streams a model in chunks of [`CHUNK_PARAMS`], encoding each chunk only when it is sent.
+pub(crate) fn model_chunks(blob: Arc<crate::round::ModelBlob>) -> impl Stream<Item = pb::ModelChunk> + Send {
+    let n_chunks = blob.values.len().div_ceil(CHUNK_PARAMS).max(1);
+    tokio_stream::iter(0..n_chunks).map(move |i| {
+        let start = i * CHUNK_PARAMS;
+        let end = (start + CHUNK_PARAMS).min(blob.values.len());
+        let mut data = Vec::with_capacity((end - start) * 4);
+        encode_f32s(&blob.values[start..end], &mut data);
+        pb::ModelChunk {
+            model_version: blob.version.0,
+            offset: start as u64,
+            n_params: blob.values.len() as u64,
+            data,
+            sha256: if i == 0 { blob.sha256.to_vec() } else { Vec::new() },
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl Training for TrainingService {
+    #[tracing::instrument(skip_all, fields(task = %request.get_ref().task_name, store = %request.get_ref().store_name))]
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let req = request.into_inner();
+        let handle = self.tasks.by_name(&req.task_name).map_err(|r| to_status(&r))?;
+        let client = handle.enroll(req.store_name).await.map_err(|r| to_status(&r))?;
+        let status = handle.status(0).await.map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::EnrollResponse {
+            client_id: client.0,
+            task_id: handle.task().0,
+            model: Some((&status.spec.model).into()),
+            poll_timeout_ms: self.poll_timeout.as_millis() as u64,
+        }))
+    }
+
+    async fn next_assignment(
+        &self,
+        request: Request<pb::NextAssignmentRequest>,
+    ) -> Result<Response<pb::NextAssignmentResponse>, Status> {
+        let req = request.into_inner();
+        let handle = self.task(req.task_id)?;
+        let assignment =
+            handle.poll(ClientId(req.client_id), self.poll_timeout).await.map_err(|r| to_status(&r))?;
+        Ok(Response::new(assignment.into()))
+    }
+
+    type FetchModelStream = ChunkStream<pb::ModelChunk>;
+
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let req = request.into_inner();
+        let handle = self.task(req.task_id)?;
+        let blob = handle
+            .model(ClientId(req.client_id), ModelVersion(req.model_version))
+            .await
+            .map_err(|r| to_status(&r))?;
+        Ok(Response::new(Box::pin(model_chunks(blob).map(Ok))))
+    }
+
+    async fn upload_update(
+        &self,
+        request: Request<Streaming<pb::UploadUpdateRequest>>,
+    ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
+        use pb::upload_update_request::Part;
+        let mut stream = request.into_inner();
+        let malformed = |m: String| to_status(&Reject::Malformed(m));
+        let header = match stream.message().await? {
+            Some(pb::UploadUpdateRequest { part: Some(Part::Header(h)) }) => h,
+            _ => return Err(malformed("the first message must be an UploadHeader".into())),
+        };
+        let (client, round) = (ClientId(header.client_id), RoundId(header.round_id));
+        if header.encoding != pb::UpdateEncoding::Float32Le as i32 {
+            return Err(malformed(format!("encoding {} is not supported for this task", header.encoding)));
+        }
+        let handle = self.task(header.task_id)?;
+        let (n_params, _clip) = handle.begin_upload(client, round).await.map_err(|r| to_status(&r))?;
+        if header.n_params as usize != n_params {
+            return Err(to_status(&Reject::WrongShape { expected: n_params, got: header.n_params as usize }));
+        }
+        let _permit = self.upload_permits.acquire().await.map_err(|_| to_status(&Reject::ShuttingDown))?;
+        let mut reassembler = Reassembler::new(n_params);
+        let trailer = loop {
+            match stream.message().await? {
+                Some(pb::UploadUpdateRequest { part: Some(Part::Chunk(c)) }) => {
+                    reassembler.push(c.offset as usize, &c.data).map_err(|e| malformed(e.to_string()))?;
+                }
+                Some(pb::UploadUpdateRequest { part: Some(Part::Trailer(t)) }) => break t,
+                Some(_) => return Err(malformed("expected an UploadChunk or UploadTrailer".into())),
+                None => return Err(malformed("the stream ended before the UploadTrailer".into())),
+            }
+        };
+        let values = reassembler.finish(Some(&trailer.sha256)).map_err(|e| malformed(e.to_string()))?;
+        let s = trailer.summary.unwrap_or_default();
+        let summary = TrainSummary {
+            n_examples: s.n_examples,
+            train_loss: s.train_loss,
+            norm_before_clip: s.norm_before_clip,
+        };
+        let weight = header.weight;
+        handle
+            .upload(Upload { client, round, values, weight, summary })
+            .await
+            .map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::UploadUpdateResponse { round_id: round.0, n_params_received: n_params as u64 }))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<pb::ReportMetricsRequest>,
+    ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let req = request.into_inner();
+        let handle = self.task(req.task_id)?;
+        let sums = req.sums.ok_or_else(|| to_status(&Reject::Malformed("sums is required".into())))?;
+        let sums = sums.try_into().map_err(|e: fedretail_proto::convert::ConvertError| {
+            to_status(&Reject::Malformed(e.to_string()))
+        })?;
+        handle.report(ClientId(req.client_id), RoundId(req.round_id), sums).await.map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::ReportMetricsResponse {}))
+    }
+
+    async fn advertise_keys(
+        &self,
+        _request: Request<pb::AdvertiseKeysRequest>,
+    ) -> Result<Response<pb::AdvertiseKeysResponse>, Status> {
+        Err(Status::unimplemented("secure aggregation is not available in this version"))
+    }
+
+    async fn share_keys(
+        &self,
+        _request: Request<pb::ShareKeysRequest>,
+    ) -> Result<Response<pb::ShareKeysResponse>, Status> {
+        Err(Status::unimplemented("secure aggregation is not available in this version"))
+    }
+
+    async fn unmask(&self, _request: Request<pb::UnmaskRequest>) -> Result<Response<pb::UnmaskResponse>, Status> {
+        Err(Status::unimplemented("secure aggregation is not available in this version"))
+    }
+}

@@ -1,0 +1,124 @@
+//! Durable state of the coordinator: tasks, committed rounds and their models.
+//!
+//! The trait is synchronous, like SQLite; the driver calls it on a blocking thread.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use crate::round::{ModelBlob, RoundSummary, TaskState};
+use fedretail_core::ids::{RoundId, TaskId};
+use fedretail_core::optim::OptimizerState;
+use fedretail_core::plan::TaskSpec;
+use std::sync::Arc;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A task with this name exists already.
+    #[error("a task named {0:?} already exists")]
+    DuplicateTask(String),
+    /// No task with this id.
+    #[error("no task {0}")]
+    UnknownTask(TaskId),
+    /// The backend failed.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// A task as persisted.
+#[derive(Debug, Clone)]
+pub struct StoredTask {
+    /// Its id.
+    pub id: TaskId,
+    /// Its spec.
+    pub spec: TaskSpec,
+    /// Lifecycle state.
+    pub state: TaskState,
+    /// Why.
+    pub reason: String,
+}
+
+/// The newest committed state of a task: where a restarted coordinator resumes.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The newest committed model.
+    pub model: Arc<ModelBlob>,
+    /// Server optimiser state after it.
+    pub optimizer: OptimizerState,
+    /// Committed rounds.
+    pub committed_rounds: u64,
+    /// Failed rounds.
+    pub failed_rounds: u64,
+    /// Newest rounds last.
+    pub history: Vec<RoundSummary>,
+}
+
+/// Everything one committed round writes, in one transaction.
+#[derive(Debug, Clone)]
+pub struct CommitRecord {
+    /// The task.
+    pub task: TaskId,
+    /// The round's outcome.
+    pub summary: RoundSummary,
+    /// The new model.
+    pub model: Arc<ModelBlob>,
+    /// Optimiser state after the round.
+    pub optimizer: OptimizerState,
+}
+
+/// Persistence for tasks and rounds.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Persists a new task and its initial model (version 0).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::DuplicateTask`] if the name is taken; backend errors.
+    fn create_task(&self, spec: &TaskSpec, initial: Arc<ModelBlob>) -> Result<TaskId, StoreError>;
+
+    /// Every task.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn tasks(&self) -> Result<Vec<StoredTask>, StoreError>;
+
+    /// The newest committed state of a task.
+    ///
+    /// # Behavior
+    ///
+    /// `Ok(None)` if the task does not exist.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn load(&self, task: TaskId) -> Result<Option<Snapshot>, StoreError>;
+
+    /// A round id never handed out before, for any task.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn next_round_id(&self) -> Result<RoundId, StoreError>;
+
+    /// Commits a round: summary, model and optimiser state together or not at all.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors; then nothing was written.
+    fn commit(&self, record: CommitRecord) -> Result<(), StoreError>;
+
+    /// Records a failed round (no model, no charge).
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn record_failure(&self, task: TaskId, summary: &RoundSummary) -> Result<(), StoreError>;
+
+    /// Sets a task's lifecycle state.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownTask`]; backend errors.
+    fn set_task_state(&self, task: TaskId, state: TaskState, reason: &str) -> Result<(), StoreError>;
+}

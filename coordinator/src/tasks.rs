@@ -1,0 +1,120 @@
+//! The coordinator's tasks: creates them, resumes them from the store, and finds their handles.
+
+use crate::round::driver::{self, DriverConfig};
+use crate::round::{Reject, RoundHandle};
+use crate::store::{Store, StoreError};
+use fedretail_core::ids::TaskId;
+use fedretail_core::plan::{SpecError, TaskSpec};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Creating a task failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateTaskError {
+    /// The spec is invalid.
+    #[error(transparent)]
+    Invalid(#[from] SpecError),
+    /// The store refused (duplicate name) or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// All tasks of one coordinator.
+#[derive(Debug)]
+pub struct Tasks {
+    store: Arc<dyn Store>,
+    config: DriverConfig,
+    cancel: CancellationToken,
+    handles: Mutex<BTreeMap<TaskId, (String, RoundHandle)>>,
+    /// The supervisor receives every driver's join handle, to stop the process if one panics.
+    drivers: mpsc::UnboundedSender<JoinHandle<()>>,
+}
+
+impl Tasks {
+    /// Resumes every task in `store`; returns the registry and the receiver of driver handles.
+    pub(crate) fn resume(
+        store: Arc<dyn Store>,
+        config: DriverConfig,
+        cancel: CancellationToken,
+    ) -> Result<(Arc<Tasks>, mpsc::UnboundedReceiver<JoinHandle<()>>), StoreError> {
+        // Unbounded is fine here: one message per task ever created.
+        let (drivers, rx) = mpsc::unbounded_channel();
+        let tasks =
+            Arc::new(Tasks { store: store.clone(), config, cancel, handles: Mutex::new(BTreeMap::new()), drivers });
+        for stored in store.tasks()? {
+            let snapshot = store.load(stored.id)?.ok_or(StoreError::UnknownTask(stored.id))?;
+            tracing::info!(task_id = %stored.id, name = %stored.spec.name, state = stored.state.as_str(), "resuming task");
+            tasks.start(stored.id, stored.spec, (stored.state, stored.reason), snapshot);
+        }
+        Ok((tasks, rx))
+    }
+
+    fn start(
+        &self,
+        id: TaskId,
+        spec: TaskSpec,
+        state: (crate::round::TaskState, String),
+        snapshot: crate::store::Snapshot,
+    ) -> RoundHandle {
+        let name = spec.name.clone();
+        let (handle, join) =
+            driver::spawn(id, Arc::new(spec), state, snapshot, self.store.clone(), self.config, self.cancel.clone());
+        let _ = self.drivers.send(join);
+        self.lock().insert(id, (name, handle.clone()));
+        handle
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<TaskId, (String, RoundHandle)>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates and persists a task, then starts running it.
+    ///
+    /// # Errors
+    ///
+    /// An invalid spec, a duplicate name, or a store failure.
+    pub fn create(&self, spec: TaskSpec) -> Result<TaskId, CreateTaskError> {
+        spec.validate()?;
+        let initial = Arc::new(driver::initial_model(&spec));
+        let id = self.store.create_task(&spec, initial)?;
+        let snapshot = self.store.load(id)?.ok_or(StoreError::UnknownTask(id))?;
+        tracing::info!(task_id = %id, name = %spec.name, n_params = spec.model.n_params(), "task created");
+        self.start(id, spec, (crate::round::TaskState::Running, String::new()), snapshot);
+        Ok(id)
+    }
+
+    /// The task with this id.
+    ///
+    /// # Errors
+    ///
+    /// [`Reject::UnknownTask`].
+    pub fn get(&self, id: TaskId) -> Result<RoundHandle, Reject> {
+        self.lock().get(&id).map(|(_, h)| h.clone()).ok_or_else(|| Reject::UnknownTask(id.to_string()))
+    }
+
+    /// The task with this name.
+    ///
+    /// # Errors
+    ///
+    /// [`Reject::UnknownTask`].
+    pub fn by_name(&self, name: &str) -> Result<RoundHandle, Reject> {
+        self.lock()
+            .values()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| h.clone())
+            .ok_or_else(|| Reject::UnknownTask(format!("named {name:?}")))
+    }
+
+    /// Every task's handle.
+    pub fn all(&self) -> Vec<RoundHandle> {
+        self.lock().values().map(|(_, h)| h.clone()).collect()
+    }
+
+    /// Whether a task with this name exists.
+    pub fn contains_name(&self, name: &str) -> bool {
+        self.lock().values().any(|(n, _)| n == name)
+    }
+}

@@ -1,0 +1,242 @@
+//! Conversions between wire messages and `fedretail-core` types that both sides share.
+//!
+//! `TryFrom<pb::X>` validates what the wire cannot express (missing `oneof`s, out-of-range
+//! numbers); the domain's own `validate` then checks the meaning.
+
+use crate::pb;
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::model::mf::MfSpec;
+use fedretail_core::optim::ServerOptimizer;
+use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+
+/// A message lacks a required field or holds an unusable value.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{field}: {message}")]
+pub struct ConvertError {
+    /// The field, dotted.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn missing(field: &'static str) -> ConvertError {
+    ConvertError { field, message: "is required".into() }
+}
+
+fn to_usize(field: &'static str, v: u64) -> Result<usize, ConvertError> {
+    usize::try_from(v).map_err(|_| ConvertError { field, message: format!("{v} is too large") })
+}
+
+impl From<&ModelSpec> for pb::ModelSpec {
+    fn from(spec: &ModelSpec) -> pb::ModelSpec {
+        let kind = match spec {
+            ModelSpec::MatrixFactorization(mf) => pb::model_spec::Kind::MatrixFactorization(pb::MatrixFactorization {
+                n_items: mf.n_items as u64,
+                dim: mf.dim as u32,
+                learning_rate: mf.learning_rate,
+                regularization: mf.regularization,
+                init_std: mf.init_std,
+                rating_min: mf.rating_min,
+                rating_max: mf.rating_max,
+            }),
+            ModelSpec::Bench { n_params } => pb::model_spec::Kind::Bench(pb::BenchModel { n_params: *n_params as u64 }),
+        };
+        pb::ModelSpec { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::ModelSpec> for ModelSpec {
+    type Error = ConvertError;
+    fn try_from(m: pb::ModelSpec) -> Result<ModelSpec, ConvertError> {
+        Ok(match m.kind.ok_or_else(|| missing("model.kind"))? {
+            pb::model_spec::Kind::MatrixFactorization(mf) => ModelSpec::MatrixFactorization(MfSpec {
+                n_items: to_usize("model.n_items", mf.n_items)?,
+                dim: mf.dim as usize,
+                learning_rate: mf.learning_rate,
+                regularization: mf.regularization,
+                init_std: mf.init_std,
+                rating_min: mf.rating_min,
+                rating_max: mf.rating_max,
+            }),
+            pb::model_spec::Kind::Bench(b) => ModelSpec::Bench { n_params: to_usize("model.n_params", b.n_params)? },
+        })
+    }
+}
+
+impl From<&ServerOptimizer> for pb::ServerOptimizer {
+    fn from(o: &ServerOptimizer) -> pb::ServerOptimizer {
+        use pb::server_optimizer::Kind;
+        let kind = match *o {
+            ServerOptimizer::FedAvg { learning_rate } => Kind::FedAvg(pb::FedAvg { learning_rate }),
+            ServerOptimizer::FedAvgM { learning_rate, momentum } => Kind::FedAvgM(pb::FedAvgM { learning_rate, momentum }),
+            ServerOptimizer::FedAdam { learning_rate, beta1, beta2, tau } => {
+                Kind::FedAdam(pb::FedAdam { learning_rate, beta1, beta2, tau })
+            }
+        };
+        pb::ServerOptimizer { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::ServerOptimizer> for ServerOptimizer {
+    type Error = ConvertError;
+    fn try_from(o: pb::ServerOptimizer) -> Result<ServerOptimizer, ConvertError> {
+        use pb::server_optimizer::Kind;
+        Ok(match o.kind.ok_or_else(|| missing("plan.server_optimizer.kind"))? {
+            Kind::FedAvg(a) => ServerOptimizer::FedAvg { learning_rate: a.learning_rate },
+            Kind::FedAvgM(a) => ServerOptimizer::FedAvgM { learning_rate: a.learning_rate, momentum: a.momentum },
+            Kind::FedAdam(a) => ServerOptimizer::FedAdam {
+                learning_rate: a.learning_rate,
+                beta1: a.beta1,
+                beta2: a.beta2,
+                tau: a.tau,
+            },
+        })
+    }
+}
+
+fn ms(secs: f64) -> u64 {
+    (secs * 1000.0).round() as u64
+}
+
+impl From<&TaskSpec> for pb::TaskSpec {
+    fn from(spec: &TaskSpec) -> pb::TaskSpec {
+        let p = &spec.plan;
+        pb::TaskSpec {
+            name: spec.name.clone(),
+            model: Some((&spec.model).into()),
+            plan: Some(pb::TrainingPlan {
+                rounds: p.rounds,
+                cohort_size: p.cohort_size,
+                min_clients: p.min_clients,
+                local_epochs: p.local_epochs,
+                clip_norm: p.clip_norm,
+                server_optimizer: Some((&p.server_optimizer).into()),
+                eval_every: p.eval_every,
+                eval_fraction: p.eval_fraction,
+                select_timeout_ms: ms(p.select_timeout_secs),
+                configure_timeout_ms: ms(p.configure_timeout_secs),
+                collect_timeout_ms: ms(p.collect_timeout_secs),
+                evaluate_timeout_ms: ms(p.evaluate_timeout_secs),
+                seed: p.seed,
+                weight_by_examples: p.weight_by_examples,
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::TaskSpec> for TaskSpec {
+    type Error = ConvertError;
+    fn try_from(t: pb::TaskSpec) -> Result<TaskSpec, ConvertError> {
+        let p = t.plan.ok_or_else(|| missing("plan"))?;
+        let secs = |v: u64| v as f64 / 1000.0;
+        Ok(TaskSpec {
+            name: t.name,
+            model: t.model.ok_or_else(|| missing("model"))?.try_into()?,
+            plan: TrainingPlan {
+                rounds: p.rounds,
+                cohort_size: p.cohort_size,
+                min_clients: p.min_clients,
+                local_epochs: p.local_epochs,
+                clip_norm: p.clip_norm,
+                server_optimizer: p.server_optimizer.ok_or_else(|| missing("plan.server_optimizer"))?.try_into()?,
+                eval_every: p.eval_every,
+                eval_fraction: p.eval_fraction,
+                select_timeout_secs: secs(p.select_timeout_ms),
+                configure_timeout_secs: secs(p.configure_timeout_ms),
+                collect_timeout_secs: secs(p.collect_timeout_ms),
+                evaluate_timeout_secs: secs(p.evaluate_timeout_ms),
+                seed: p.seed,
+                weight_by_examples: p.weight_by_examples,
+            },
+        })
+    }
+}
+
+impl From<&EvalSums> for pb::EvalSums {
+    fn from(e: &EvalSums) -> pb::EvalSums {
+        pb::EvalSums {
+            n_ratings: e.n_ratings,
+            squared_error: e.squared_error,
+            absolute_error: e.absolute_error,
+            n_ranked: e.n_ranked,
+            hits_at_10: e.hits_at_10,
+            ndcg_at_10: e.ndcg_at_10,
+        }
+    }
+}
+
+impl TryFrom<pb::EvalSums> for EvalSums {
+    type Error = ConvertError;
+    fn try_from(e: pb::EvalSums) -> Result<EvalSums, ConvertError> {
+        for (field, v) in [
+            ("sums.squared_error", e.squared_error),
+            ("sums.absolute_error", e.absolute_error),
+            ("sums.hits_at_10", e.hits_at_10),
+            ("sums.ndcg_at_10", e.ndcg_at_10),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(ConvertError { field, message: format!("must be finite and non-negative, got {v}") });
+            }
+        }
+        if e.hits_at_10 > e.n_ranked as f64 || e.ndcg_at_10 > e.n_ranked as f64 {
+            return Err(ConvertError { field: "sums.hits_at_10", message: "exceeds the number of ranked users".into() });
+        }
+        Ok(EvalSums {
+            n_ratings: e.n_ratings,
+            squared_error: e.squared_error,
+            absolute_error: e.absolute_error,
+            n_ranked: e.n_ranked,
+            hits_at_10: e.hits_at_10,
+            ndcg_at_10: e.ndcg_at_10,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_spec_round_trips_through_the_wire() {
+        let spec = TaskSpec {
+            name: "ml".into(),
+            model: ModelSpec::MatrixFactorization(MfSpec {
+                n_items: 1682,
+                dim: 50,
+                learning_rate: 0.01,
+                regularization: 0.1,
+                init_std: 0.1,
+                rating_min: 1.0,
+                rating_max: 5.0,
+            }),
+            plan: TrainingPlan {
+                rounds: 100,
+                cohort_size: 11,
+                min_clients: 8,
+                local_epochs: 2,
+                clip_norm: 5.0,
+                server_optimizer: ServerOptimizer::FedAdam { learning_rate: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 },
+                eval_every: 10,
+                eval_fraction: 0.5,
+                select_timeout_secs: 1.5,
+                configure_timeout_secs: 30.0,
+                collect_timeout_secs: 60.0,
+                evaluate_timeout_secs: 20.0,
+                seed: 42,
+                weight_by_examples: true,
+            },
+        };
+        let wire: pb::TaskSpec = (&spec).into();
+        assert_eq!(TaskSpec::try_from(wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn missing_and_hostile_fields_are_named() {
+        let err = TaskSpec::try_from(pb::TaskSpec { name: "x".into(), model: None, plan: None }).unwrap_err();
+        assert_eq!(err.to_string(), "plan: is required");
+        let err = EvalSums::try_from(pb::EvalSums { squared_error: f64::NAN, ..Default::default() }).unwrap_err();
+        assert_eq!(err.field, "sums.squared_error");
+        let err = EvalSums::try_from(pb::EvalSums { n_ranked: 1, hits_at_10: 2.0, ..Default::default() }).unwrap_err();
+        assert_eq!(err.field, "sums.hits_at_10");
+    }
+}

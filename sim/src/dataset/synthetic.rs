@@ -1,0 +1,1 @@
+//! Synthetic ratings for tests and scale runs.
