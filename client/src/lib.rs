@@ -1,1 +1,17 @@
-//! placeholder
+//! fedretail store client: trains on a store's own data and sends only clipped updates of the
+//! global model parameters.
+//!
+//! # Layout
+//!
+//! - [`participant`]: the client side of a task ([`participant::Participant`], the API that
+//!   store software embeds).
+//! - [`transport`]: the [`transport::Transport`] trait and its gRPC implementation.
+//! - [`data`]: CSV loading and the store's train/held-out split.
+//! - [`personal`]: user parameters saved on disk; never sent.
+//! - [`audit_log`]: an append-only record of everything sent, written before it is sent.
+
+pub mod audit_log;
+pub mod data;
+pub mod participant;
+pub mod personal;
+pub mod transport;

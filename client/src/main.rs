@@ -1,2 +1,90 @@
-//! placeholder
-fn main() {}
+//! `fedretail-client`: join a task with a store's CSV ratings and train when asked.
+
+use anyhow::Context;
+use clap::Parser;
+use fedretail_client::data::StoreRatings;
+use fedretail_client::participant::{LocalData, Participant, ParticipantConfig};
+use fedretail_client::transport::GrpcTransport;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "fedretail-client", version, about = "Trains a fedretail task on one store's data; only clipped model updates leave")]
+struct Cli {
+    /// Coordinator URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Task to join.
+    #[arg(long)]
+    task: String,
+    /// This store's name.
+    #[arg(long)]
+    store: String,
+    /// The store's ratings (CSV with user_id,item_id,rating[,timestamp]).
+    #[arg(long)]
+    ratings: PathBuf,
+    /// Fraction of ratings held out for local evaluation.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Seed of the held-out split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Directory for personal parameters and the audit log of what was sent.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Longest wait between reconnection attempts, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    max_backoff_secs: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr)] // reason: the error must reach the user even with logging filtered
+            {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    anyhow::ensure!((0.0..1.0).contains(&cli.holdout), "--holdout must be in [0, 1), got {}", cli.holdout);
+    anyhow::ensure!(cli.max_backoff_secs > 0.0, "--max-backoff-secs must be positive");
+    let rows = fedretail_client::data::csv::load_ratings(&cli.ratings).context("loading ratings")?;
+    let ratings = StoreRatings::from_rows(&rows, cli.holdout, cli.seed);
+    tracing::info!(
+        path = %cli.ratings.display(),
+        users = ratings.user_keys.len(),
+        train = ratings.data.train.len(),
+        held_out = ratings.data.test.len(),
+        "ratings loaded"
+    );
+    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    let transport = GrpcTransport::new(&cli.coordinator)?;
+    let config = ParticipantConfig {
+        task: cli.task,
+        store_name: cli.store,
+        state_dir: Some(cli.state_dir),
+        max_backoff: Duration::from_secs_f64(cli.max_backoff_secs),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        let outcome = Participant::new(transport, config, LocalData::Ratings(ratings)).run(cancel).await?;
+        tracing::info!(rounds = outcome.rounds_trained, evaluations = outcome.evaluations, state = %outcome.state, reason = %outcome.reason, "done");
+        Ok(())
+    })
+}

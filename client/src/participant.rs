@@ -1,0 +1,373 @@
+//! The client side of a task: enrol, wait for work, train or evaluate, upload, repeat.
+//!
+//! What leaves the store: the enrolment (task and store name), clipped updates of the *global*
+//! parameters with their example count and mean loss, and evaluation *sums*. User ids, ratings
+//! and user parameters never do; every item sent is in the audit log before it is sent.
+
+use crate::audit_log::{AuditLog, Entry};
+use crate::data::StoreRatings;
+use crate::personal;
+use crate::transport::{Assignment, Enrollment, EvalPlan, TrainPlan, Transport, TransportError, UpdateSummary};
+use fedretail_core::model::Model;
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::model::mf::{MfLocal, MfModel, user_seed};
+use fedretail_core::plan::ModelSpec;
+use fedretail_core::privacy::clip;
+use rand::{RngExt, SeedableRng};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How a participant is set up.
+#[derive(Debug, Clone)]
+pub struct ParticipantConfig {
+    /// The task to join.
+    pub task: String,
+    /// This store's name (sent at enrolment, shown in the coordinator's logs).
+    pub store_name: String,
+    /// Where personal parameters and the audit log live; `None` keeps them in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// The participant's data.
+#[derive(Debug, Clone)]
+pub enum LocalData {
+    /// A store's ratings, for the recommender.
+    Ratings(StoreRatings),
+    /// No data: only benchmark tasks (opaque parameter vectors) can be joined.
+    None,
+}
+
+/// The participant cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    /// The data does not fit the task's model.
+    #[error("the store's data does not fit task {task:?}: {message}")]
+    Incompatible {
+        /// The task.
+        task: String,
+        /// Why.
+        message: String,
+    },
+    /// The coordinator refused enrolment for good.
+    #[error("enrolment refused: {0}")]
+    Enroll(TransportError),
+    /// The audit log could not be written, so nothing more may be sent.
+    #[error("audit log {path}: {source}")]
+    Audit {
+        /// The log.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Personal parameters could not be read or written.
+    #[error(transparent)]
+    Personal(#[from] personal::PersonalError),
+}
+
+/// How a participant's run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Rounds this client uploaded to.
+    pub rounds_trained: u64,
+    /// Evaluations reported.
+    pub evaluations: u64,
+    /// The task's final state (`finished`, `failed`, ...) or `cancelled`.
+    pub state: String,
+    /// Why it ended.
+    pub reason: String,
+}
+
+enum Trainer {
+    Mf { model: MfModel, ratings: StoreRatings, local: MfLocal },
+    Bench,
+}
+
+/// One store's participation in one task.
+pub struct Participant<T: Transport> {
+    transport: T,
+    config: ParticipantConfig,
+    data: Option<LocalData>,
+    trainer: Option<Trainer>,
+    audit: Option<AuditLog>,
+    outcome: Outcome,
+}
+
+impl<T: Transport> std::fmt::Debug for Participant<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participant").field("config", &self.config).field("outcome", &self.outcome).finish()
+    }
+}
+
+/// Exponential backoff with jitter, from 250 ms up to a maximum.
+struct Backoff {
+    attempt: u32,
+    max: Duration,
+    rng: rand::rngs::ChaCha8Rng,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        self.attempt += 1;
+        let base = Duration::from_millis(250).saturating_mul(1 << self.attempt.min(10)).min(self.max);
+        base.mul_f64(self.rng.random_range(0.8..1.2))
+    }
+}
+
+impl<T: Transport> Participant<T> {
+    /// A participant for `config.task` with this transport and data.
+    pub fn new(transport: T, config: ParticipantConfig, data: LocalData) -> Participant<T> {
+        let audit = config.state_dir.as_deref().map(AuditLog::new);
+        Participant {
+            transport,
+            config,
+            data: Some(data),
+            trainer: None,
+            audit,
+            outcome: Outcome { rounds_trained: 0, evaluations: 0, state: String::new(), reason: String::new() },
+        }
+    }
+
+    /// Runs until the task ends, `cancel` fires, or an unrecoverable error.
+    ///
+    /// Coordinator restarts and outages are retried with backoff and logged; a client the
+    /// coordinator no longer knows enrols again.
+    ///
+    /// # Errors
+    ///
+    /// See [`ParticipantError`].
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<Outcome, ParticipantError> {
+        let mut backoff = Backoff {
+            attempt: 0,
+            max: self.config.max_backoff,
+            rng: rand::rngs::ChaCha8Rng::seed_from_u64(user_seed(&self.config.store_name)),
+        };
+        'enroll: loop {
+            let enrollment = loop {
+                let result = tokio::select! {
+                    () = cancel.cancelled() => return Ok(self.cancelled()),
+                    r = self.transport.enroll(&self.config.task, &self.config.store_name) => r,
+                };
+                match result {
+                    Ok(e) => break e,
+                    Err(e @ (TransportError::Unavailable(_) | TransportError::TaskNotFound(_))) => {
+                        if !self.wait(&mut backoff, &e, &cancel).await {
+                            return Ok(self.cancelled());
+                        }
+                    }
+                    Err(e) => return Err(ParticipantError::Enroll(e)),
+                }
+            };
+            if backoff.attempt > 0 {
+                tracing::info!(peer = %self.transport.peer(), attempts = backoff.attempt, "reconnected to the coordinator");
+            }
+            backoff.attempt = 0;
+            tracing::info!(client_id = enrollment.client_id, task_id = enrollment.task_id, store = %self.config.store_name, "enrolled");
+            self.prepare(&enrollment)?;
+            loop {
+                let result = tokio::select! {
+                    () = cancel.cancelled() => return Ok(self.cancelled()),
+                    r = self.transport.next_assignment(&enrollment) => r,
+                };
+                let step = match result {
+                    Ok(Assignment::Wait) => Ok(()),
+                    Ok(Assignment::Train(plan)) => self.train(&enrollment, plan).await,
+                    Ok(Assignment::Evaluate(plan)) => self.evaluate(&enrollment, plan).await,
+                    Ok(Assignment::Finished { state, reason }) => {
+                        tracing::info!(%state, %reason, "task ended");
+                        self.outcome.state = state;
+                        self.outcome.reason = reason;
+                        return Ok(self.outcome);
+                    }
+                    Err(e) => Err(e),
+                };
+                match step {
+                    Ok(()) => {
+                        if backoff.attempt > 0 {
+                            tracing::info!(peer = %self.transport.peer(), "reconnected to the coordinator");
+                        }
+                        backoff.attempt = 0;
+                    }
+                    Err(TransportError::UnknownClient(m)) => {
+                        tracing::warn!(reason = %m, "the coordinator no longer knows this client (restarted?); enrolling again");
+                        continue 'enroll;
+                    }
+                    Err(TransportError::TaskNotFound(m)) => {
+                        tracing::warn!(reason = %m, "the task is gone; enrolling again");
+                        continue 'enroll;
+                    }
+                    Err(e @ TransportError::Unavailable(_)) => {
+                        if !self.wait(&mut backoff, &e, &cancel).await {
+                            return Ok(self.cancelled());
+                        }
+                    }
+                    Err(e) => {
+                        // Rejected or malformed: this round goes on without us; so do we.
+                        tracing::warn!(error = %e, "request refused; waiting for the next round");
+                    }
+                }
+            }
+        }
+    }
+
+    fn cancelled(mut self) -> Outcome {
+        self.outcome.state = "cancelled".into();
+        self.outcome.reason = "stopped by the store".into();
+        self.outcome
+    }
+
+    /// Logs the outage and sleeps; returns false if cancelled meanwhile.
+    async fn wait(&mut self, backoff: &mut Backoff, error: &TransportError, cancel: &CancellationToken) -> bool {
+        let delay = backoff.next();
+        tracing::warn!(
+            peer = %self.transport.peer(),
+            %error,
+            retry_in = format!("{:.1}s", delay.as_secs_f64()),
+            attempt = backoff.attempt,
+            "coordinator not reachable; retrying"
+        );
+        tokio::select! {
+            () = cancel.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Builds the trainer for the task's model on first enrolment, loading saved personal
+    /// parameters.
+    fn prepare(&mut self, enrollment: &Enrollment) -> Result<(), ParticipantError> {
+        if self.trainer.is_some() {
+            return Ok(());
+        }
+        let incompatible = |message: String| ParticipantError::Incompatible { task: self.config.task.clone(), message };
+        let data = self.data.take().expect("prepare runs once before the trainer exists");
+        self.trainer = Some(match (&enrollment.model, data) {
+            (ModelSpec::MatrixFactorization(spec), LocalData::Ratings(ratings)) => {
+                let model = MfModel::new(spec.clone());
+                model.check_data(&ratings.data).map_err(incompatible)?;
+                let fresh = model.init_local(&ratings.data, None);
+                let local = match &self.config.state_dir {
+                    Some(dir) => match personal::load(dir, &ratings.user_keys, fresh.clone())? {
+                        Some(saved) => {
+                            tracing::info!(users = ratings.user_keys.len(), "personal parameters loaded");
+                            saved
+                        }
+                        None => fresh,
+                    },
+                    None => fresh,
+                };
+                Trainer::Mf { model, ratings, local }
+            }
+            (ModelSpec::Bench { .. }, _) => Trainer::Bench,
+            (ModelSpec::MatrixFactorization(_), LocalData::None) => {
+                return Err(incompatible("the task trains a recommender, and this store has no ratings".into()));
+            }
+        });
+        Ok(())
+    }
+
+    async fn train(&mut self, e: &Enrollment, plan: TrainPlan) -> Result<(), TransportError> {
+        let global = self.transport.fetch_model(e, plan.model_version, plan.n_params).await?;
+        let seed = plan.round_seed ^ user_seed(&self.config.store_name);
+        let trainer = self.trainer.take().expect("prepared at enrolment");
+        let epochs = plan.local_epochs;
+        let (trainer, delta, n_examples, loss) = tokio::task::spawn_blocking(move || {
+            let mut trainer = trainer;
+            let (delta, n, loss) = local_delta(&mut trainer, global, epochs, seed);
+            (trainer, delta, n, loss)
+        })
+        .await
+        .expect("local training panicked");
+        self.trainer = Some(trainer);
+        self.save_personal();
+        let update = clip(delta, plan.clip_norm);
+        let summary = UpdateSummary { n_examples, train_loss: loss };
+        self.audit(&Entry::Update {
+            task_id: e.task_id,
+            round_id: plan.round_id,
+            n_params: update.values().len(),
+            n_bytes: update.values().len() * 4,
+            sha256: hex(&fedretail_core::update::sha256_f32s(update.values())),
+            norm_before_clip: update.norm_before_clip(),
+            clip_norm: plan.clip_norm,
+            n_examples,
+            train_loss: loss,
+        })?;
+        let norm = update.norm_before_clip();
+        self.transport.upload(e, plan.round_id, update, summary).await?;
+        self.outcome.rounds_trained += 1;
+        tracing::info!(round_id = plan.round_id, n_examples, train_loss = loss, norm_before_clip = norm, "update uploaded");
+        Ok(())
+    }
+
+    async fn evaluate(&mut self, e: &Enrollment, plan: EvalPlan) -> Result<(), TransportError> {
+        let global = self.transport.fetch_model(e, plan.model_version, plan.n_params).await?;
+        let trainer = self.trainer.take().expect("prepared at enrolment");
+        let (trainer, sums) = tokio::task::spawn_blocking(move || {
+            let sums = match &trainer {
+                Trainer::Mf { model, ratings, local } => model.evaluate(&global, local, &ratings.data, plan.seed),
+                Trainer::Bench => EvalSums::default(),
+            };
+            (trainer, sums)
+        })
+        .await
+        .expect("local evaluation panicked");
+        self.trainer = Some(trainer);
+        self.audit(&Entry::Metrics {
+            task_id: e.task_id,
+            round_id: plan.round_id,
+            n_ratings: sums.n_ratings,
+            n_ranked: sums.n_ranked,
+            squared_error: sums.squared_error,
+            absolute_error: sums.absolute_error,
+            hits_at_10: sums.hits_at_10,
+            ndcg_at_10: sums.ndcg_at_10,
+        })?;
+        self.transport.report(e, plan.round_id, sums).await?;
+        self.outcome.evaluations += 1;
+        Ok(())
+    }
+
+    /// Writes an audit entry; if that fails nothing may be sent, so the request is abandoned.
+    fn audit(&self, entry: &Entry) -> Result<(), TransportError> {
+        if let Some(log) = &self.audit
+            && let Err(err) = log.append(entry)
+        {
+            tracing::error!(path = %log.path().display(), %err, "cannot write the audit log; not sending");
+            return Err(TransportError::Protocol(format!("audit log unavailable: {err}")));
+        }
+        Ok(())
+    }
+
+    fn save_personal(&self) {
+        if let (Some(dir), Some(Trainer::Mf { ratings, local, .. })) = (&self.config.state_dir, &self.trainer)
+            && let Err(err) = personal::save(dir, &ratings.user_keys, local)
+        {
+            tracing::error!(%err, "could not save personal parameters");
+        }
+    }
+}
+
+/// Trains locally from `global` and returns the change of the global parameters only, with the
+/// example count and mean loss. Local (user) parameters are updated in place and stay here.
+fn local_delta(trainer: &mut Trainer, global: Vec<f32>, epochs: u32, seed: u64) -> (Vec<f32>, usize, f64) {
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+    match trainer {
+        Trainer::Mf { model, ratings, local } => {
+            let mut trained = global.clone();
+            let stats = model.train(&mut trained, local, &ratings.data, epochs, &mut rng);
+            let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();
+            (delta, stats.n_examples, stats.mean_loss)
+        }
+        // Benchmarks measure transport and aggregation, not training: a random direction.
+        Trainer::Bench => {
+            let delta = (0..global.len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            (delta, 1, 0.0)
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,128 @@
+//! The store's personal parameters (user biases and factors), kept on disk between rounds and
+//! restarts. They are local by design: nothing in this module is ever sent.
+
+use fedretail_core::model::mf::MfLocal;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// File name inside the state directory.
+pub const FILE: &str = "personal.json";
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    dim: usize,
+    /// Per user id: `[bias, factor_0, .., factor_{dim-1}]`.
+    users: BTreeMap<String, Vec<f32>>,
+}
+
+/// Errors reading or writing the personal parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum PersonalError {
+    /// I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not what this version writes.
+    #[error("{path}: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Writes `local` for `user_keys` atomically (temporary file, fsync, rename), so a crash leaves
+/// either the old or the new file.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn save(dir: &Path, user_keys: &[String], local: &MfLocal) -> Result<(), PersonalError> {
+    let path = dir.join(FILE);
+    let io = |source| PersonalError::Io { path: path.clone(), source };
+    let dim = local.user_factors.ncols();
+    let users = user_keys
+        .iter()
+        .enumerate()
+        .map(|(u, key)| {
+            let mut v = Vec::with_capacity(dim + 1);
+            v.push(local.user_bias[u]);
+            v.extend(local.user_factors.row(u).iter());
+            (key.clone(), v)
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&OnDisk { dim, users }).expect("plain data serialises");
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io)
+}
+
+/// Reads the saved parameters and lays them out for `user_keys`; users without saved values
+/// keep theirs from `fresh`. Returns `None` if there is no file yet.
+///
+/// # Errors
+///
+/// I/O errors, or a file of another dimension or shape.
+pub fn load(dir: &Path, user_keys: &[String], mut fresh: MfLocal) -> Result<Option<MfLocal>, PersonalError> {
+    let path = dir.join(FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersonalError::Io { path, source }),
+    };
+    let corrupt = |message: String| PersonalError::Corrupt { path: path.clone(), message };
+    let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let dim = fresh.user_factors.ncols();
+    if disk.dim != dim {
+        return Err(corrupt(format!("saved for dimension {}, the task uses {dim}", disk.dim)));
+    }
+    for (u, key) in user_keys.iter().enumerate() {
+        if let Some(v) = disk.users.get(key) {
+            if v.len() != dim + 1 {
+                return Err(corrupt(format!("user {key:?} has {} values, expected {}", v.len(), dim + 1)));
+            }
+            fresh.user_bias[u] = v[0];
+            fresh.user_factors.row_mut(u).iter_mut().zip(&v[1..]).for_each(|(x, y)| *x = *y);
+        }
+    }
+    Ok(Some(fresh))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(n: usize, dim: usize, fill: f32) -> MfLocal {
+        MfLocal { user_bias: vec![fill; n], user_factors: ndarray::Array2::from_elem((n, dim), fill) }
+    }
+
+    #[test]
+    fn saved_parameters_come_back_by_user_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = vec!["a".to_string(), "b".to_string()];
+        let mut l = local(2, 3, 0.0);
+        l.user_bias[1] = 0.5;
+        l.user_factors[[1, 2]] = -1.5;
+        save(dir.path(), &keys, &l).unwrap();
+        // A new user "c" joins and "a" leaves: "b" keeps its parameters at its new index.
+        let keys2 = vec!["b".to_string(), "c".to_string()];
+        let got = load(dir.path(), &keys2, local(2, 3, 9.0)).unwrap().unwrap();
+        assert_eq!(got.user_bias, vec![0.5, 9.0]);
+        assert_eq!(got.user_factors[[0, 2]], -1.5);
+        assert_eq!(got.user_factors[[1, 0]], 9.0);
+        assert!(load(tempfile::tempdir().unwrap().path(), &keys2, local(2, 3, 0.0)).unwrap().is_none());
+        let err = load(dir.path(), &keys2, local(2, 4, 0.0)).unwrap_err().to_string();
+        assert!(err.ends_with("saved for dimension 3, the task uses 4"), "{err}");
+    }
+}

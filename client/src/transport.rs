@@ -1,0 +1,327 @@
+//! How the client talks to a coordinator: the [`Transport`] trait over domain types, and
+//! [`GrpcTransport`], the only place in the client where `pb` types appear.
+
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::plan::ModelSpec;
+use fedretail_core::privacy::ClippedUpdate;
+use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
+use fedretail_proto::pb;
+use fedretail_proto::pb::training_client::TrainingClient;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// What enrolment returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrollment {
+    /// This client's id.
+    pub client_id: u64,
+    /// The task's id.
+    pub task_id: u64,
+    /// The task's model.
+    pub model: ModelSpec,
+    /// How long the coordinator holds a poll open.
+    pub poll_timeout: Duration,
+}
+
+/// A training assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPlan {
+    /// The round.
+    pub round_id: u64,
+    /// Model version to start from.
+    pub model_version: u64,
+    /// Parameter count.
+    pub n_params: usize,
+    /// Local epochs.
+    pub local_epochs: u32,
+    /// Clip to this L2 norm.
+    pub clip_norm: f32,
+    /// Seed for this round.
+    pub round_seed: u64,
+    /// Time left to upload.
+    pub upload_timeout: Duration,
+}
+
+/// An evaluation assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalPlan {
+    /// The round.
+    pub round_id: u64,
+    /// Model version to evaluate.
+    pub model_version: u64,
+    /// Parameter count.
+    pub n_params: usize,
+    /// Seed for ranking negatives.
+    pub seed: u64,
+}
+
+/// What the coordinator asks of this client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assignment {
+    /// Nothing now.
+    Wait,
+    /// Train and upload.
+    Train(TrainPlan),
+    /// Evaluate and report.
+    Evaluate(EvalPlan),
+    /// The task has ended.
+    Finished {
+        /// Final state (`finished`, `failed`, ...).
+        state: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What accompanies an update: facts about local training, all aggregate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateSummary {
+    /// FedAvg weight (local example count).
+    pub n_examples: usize,
+    /// Mean local training loss.
+    pub train_loss: f64,
+}
+
+/// A transport call failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum TransportError {
+    /// The coordinator cannot be reached or is shutting down: retry with backoff.
+    #[error("coordinator unavailable: {0}")]
+    Unavailable(String),
+    /// The coordinator does not know this client (it restarted): enrol again.
+    #[error("the coordinator does not know this client: {0}")]
+    UnknownClient(String),
+    /// No such task (yet): retry with backoff.
+    #[error("task not found: {0}")]
+    TaskNotFound(String),
+    /// The coordinator refused this request; the round goes on without it.
+    #[error("rejected ({code}): {message}")]
+    Rejected {
+        /// The gRPC code's name.
+        code: String,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// The coordinator sent something this client cannot use.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl From<tonic::Status> for TransportError {
+    fn from(s: tonic::Status) -> TransportError {
+        use tonic::Code;
+        let message = s.message().to_string();
+        match s.code() {
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+                TransportError::Unavailable(format!("{}: {message}", s.code()))
+            }
+            Code::Unauthenticated => TransportError::UnknownClient(message),
+            Code::NotFound if message.starts_with("no task") => TransportError::TaskNotFound(message),
+            code => TransportError::Rejected { code: format!("{code:?}"), message },
+        }
+    }
+}
+
+/// The client's side of the wire, in domain types, so the same participant code runs over gRPC
+/// and in the simulator.
+pub trait Transport: Send {
+    /// Who is at the other end, for log lines.
+    fn peer(&self) -> String;
+    /// Enrols with a task.
+    fn enroll(&mut self, task: &str, store: &str) -> impl Future<Output = Result<Enrollment, TransportError>> + Send;
+    /// Waits for the next assignment (a long poll).
+    fn next_assignment(
+        &mut self,
+        enrollment: &Enrollment,
+    ) -> impl Future<Output = Result<Assignment, TransportError>> + Send;
+    /// Downloads one model version.
+    fn fetch_model(
+        &mut self,
+        enrollment: &Enrollment,
+        version: u64,
+        n_params: usize,
+    ) -> impl Future<Output = Result<Vec<f32>, TransportError>> + Send;
+    /// Uploads a clipped update. Only a [`ClippedUpdate`] can be sent.
+    fn upload(
+        &mut self,
+        enrollment: &Enrollment,
+        round_id: u64,
+        update: ClippedUpdate,
+        summary: UpdateSummary,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Reports evaluation sums.
+    fn report(
+        &mut self,
+        enrollment: &Enrollment,
+        round_id: u64,
+        sums: EvalSums,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
+
+/// [`Transport`] over gRPC.
+#[derive(Debug, Clone)]
+pub struct GrpcTransport {
+    url: String,
+    client: TrainingClient<Channel>,
+    /// Every call's deadline beyond the poll timeout.
+    call_timeout: Duration,
+}
+
+impl GrpcTransport {
+    /// A transport to `url` (for example `http://127.0.0.1:50051`). Connects lazily, so an
+    /// unreachable coordinator shows up as [`TransportError::Unavailable`] on the first call.
+    ///
+    /// # Errors
+    ///
+    /// An invalid URL.
+    pub fn new(url: &str) -> Result<GrpcTransport, TransportError> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| TransportError::Protocol(format!("invalid coordinator URL {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let client = TrainingClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20);
+        Ok(GrpcTransport { url: url.to_string(), client, call_timeout: Duration::from_secs(120) })
+    }
+
+    fn request<T>(&self, message: T, extra: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.set_timeout(self.call_timeout + extra);
+        r
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn peer(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn enroll(&mut self, task: &str, store: &str) -> Result<Enrollment, TransportError> {
+        let req = pb::EnrollRequest {
+            task_name: task.into(),
+            store_name: store.into(),
+            client_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let r = self.client.enroll(self.request(req, Duration::ZERO)).await?.into_inner();
+        let model = r.model.ok_or_else(|| TransportError::Protocol("enrolment without a model spec".into()))?;
+        Ok(Enrollment {
+            client_id: r.client_id,
+            task_id: r.task_id,
+            model: model.try_into().map_err(|e: fedretail_proto::convert::ConvertError| TransportError::Protocol(e.to_string()))?,
+            poll_timeout: Duration::from_millis(r.poll_timeout_ms),
+        })
+    }
+
+    async fn next_assignment(&mut self, e: &Enrollment) -> Result<Assignment, TransportError> {
+        use pb::next_assignment_response::Assignment as A;
+        let req = pb::NextAssignmentRequest { client_id: e.client_id, task_id: e.task_id };
+        let r = self.client.next_assignment(self.request(req, e.poll_timeout * 2)).await?.into_inner();
+        Ok(match r.assignment {
+            None | Some(A::Wait(_)) => Assignment::Wait,
+            Some(A::Train(t)) => {
+                if t.encoding != pb::UpdateEncoding::Float32Le as i32 {
+                    return Err(TransportError::Protocol(format!("unsupported update encoding {}", t.encoding)));
+                }
+                Assignment::Train(TrainPlan {
+                    round_id: t.round_id,
+                    model_version: t.model_version,
+                    n_params: t.n_params as usize,
+                    local_epochs: t.local_epochs,
+                    clip_norm: t.clip_norm,
+                    round_seed: t.round_seed,
+                    upload_timeout: Duration::from_millis(t.upload_timeout_ms),
+                })
+            }
+            Some(A::Evaluate(v)) => Assignment::Evaluate(EvalPlan {
+                round_id: v.round_id,
+                model_version: v.model_version,
+                n_params: v.n_params as usize,
+                seed: v.round_seed,
+            }),
+            Some(A::Finished(f)) => Assignment::Finished {
+                state: pb::TaskState::try_from(f.state).map_or("unknown".into(), |s| s.as_str_name().to_lowercase()),
+                reason: f.reason,
+            },
+            Some(other) => return Err(TransportError::Protocol(format!("unsupported assignment {other:?}"))),
+        })
+    }
+
+    async fn fetch_model(&mut self, e: &Enrollment, version: u64, n_params: usize) -> Result<Vec<f32>, TransportError> {
+        let req = pb::FetchModelRequest { client_id: e.client_id, task_id: e.task_id, model_version: version };
+        let mut stream = self.client.fetch_model(self.request(req, Duration::ZERO)).await?.into_inner();
+        let mut reassembler = Reassembler::new(n_params);
+        let mut sha = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if chunk.n_params as usize != n_params || chunk.model_version != version {
+                return Err(TransportError::Protocol(format!(
+                    "model chunk for version {} with {} parameters, expected version {version} with {n_params}",
+                    chunk.model_version, chunk.n_params
+                )));
+            }
+            if !chunk.sha256.is_empty() {
+                sha = chunk.sha256;
+            }
+            reassembler.push(chunk.offset as usize, &chunk.data).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        }
+        reassembler.finish(Some(&sha)).map_err(|e| TransportError::Protocol(format!("model download: {e}")))
+    }
+
+    async fn upload(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        update: ClippedUpdate,
+        summary: UpdateSummary,
+    ) -> Result<(), TransportError> {
+        use pb::upload_update_request::Part;
+        let norm_before_clip = update.norm_before_clip();
+        let values = Arc::new(update.into_values());
+        let sha256 = fedretail_core::update::sha256_f32s(&values).to_vec();
+        let header = pb::UploadHeader {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            round_id,
+            n_params: values.len() as u64,
+            encoding: pb::UpdateEncoding::Float32Le.into(),
+            weight: summary.n_examples as f64,
+        };
+        let trailer = pb::UploadTrailer {
+            sha256,
+            summary: Some(pb::TrainSummary {
+                n_examples: summary.n_examples as u64,
+                train_loss: summary.train_loss,
+                norm_before_clip,
+            }),
+        };
+        let n_chunks = values.len().div_ceil(CHUNK_PARAMS);
+        let chunks = tokio_stream::iter(0..n_chunks).map(move |i| {
+            let start = i * CHUNK_PARAMS;
+            let end = (start + CHUNK_PARAMS).min(values.len());
+            let mut data = Vec::with_capacity((end - start) * 4);
+            encode_f32s(&values[start..end], &mut data);
+            pb::UploadUpdateRequest { part: Some(Part::Chunk(pb::UploadChunk { offset: start as u64, data })) }
+        });
+        let stream = tokio_stream::iter([pb::UploadUpdateRequest { part: Some(Part::Header(header)) }])
+            .chain(chunks)
+            .chain(tokio_stream::iter([pb::UploadUpdateRequest { part: Some(Part::Trailer(trailer)) }]));
+        self.client.upload_update(self.request(stream, Duration::ZERO)).await?;
+        Ok(())
+    }
+
+    async fn report(&mut self, e: &Enrollment, round_id: u64, sums: EvalSums) -> Result<(), TransportError> {
+        let req = pb::ReportMetricsRequest {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            round_id,
+            sums: Some((&sums).into()),
+        };
+        self.client.report_metrics(self.request(req, Duration::ZERO)).await?;
+        Ok(())
+    }
+}
