@@ -3,8 +3,8 @@
 
 use thiserror::Error;
 
-/// Parameters per chunk on the wire: 256 Ki values = 1 MiB, well under gRPC's 4 MiB default.
-pub const CHUNK_PARAMS: usize = 256 * 1024;
+/// Parameters per chunk on the wire: 64 Ki values = 256 KiB, well under gRPC's 4 MiB default.
+pub const CHUNK_PARAMS: usize = 64 * 1024;
 
 /// Errors decoding parameters from bytes.
 #[derive(Debug, Error, PartialEq)]

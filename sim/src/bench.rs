@@ -20,8 +20,22 @@ pub struct ExportArgs {
 /// Benchmarks.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Placeholder.
-    Round,
+    /// Rounds over loopback gRPC with no training: N clients upload random updates of D
+    /// parameters; reports seconds per round and the coordinator's peak RSS (its own process).
+    Round {
+        /// Clients.
+        #[arg(long, default_value_t = 100)]
+        clients: u32,
+        /// Parameters.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Timed rounds (one more, untimed, runs the final evaluation).
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+    },
+    /// Streaming aggregation throughput against this machine's memory-copy bandwidth, for
+    /// K in {10, 100, 1000} updates of D in {1e5, 1e6} float32 values.
+    Aggregate,
 }
 
 /// Writes MovieLens stores as CSV.
@@ -52,20 +66,222 @@ pub fn export_stores(args: &ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a benchmark.
+/// Runs a benchmark and prints its table (Markdown) to stdout.
 ///
 /// # Errors
 ///
 /// Failures of the run.
-pub async fn run(_cmd: BenchCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let table = match cmd {
+        BenchCommand::Round { clients, params, rounds } => bench_round(clients, params, rounds).await?,
+        BenchCommand::Aggregate => tokio::task::spawn_blocking(bench_aggregate).await?,
+    };
+    #[allow(clippy::print_stdout)] // reason: the benchmark's result goes to stdout
+    {
+        println!("{table}");
+    }
     Ok(())
 }
 
-/// Serves a coordinator until stdin closes.
+/// A process's peak resident set (VmHWM) in bytes, from /proc.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
+}
+
+fn current_rss() -> Option<u64> {
+    proc_status_kb(std::process::id(), "VmRSS:").map(|kb| kb * 1024)
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result<String> {
+    use fedretail_client::participant::{LocalData, Participant, ParticipantConfig};
+    use fedretail_core::optim::ServerOptimizer;
+    use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+    use fedretail_proto::pb;
+    use tokio::io::AsyncBufReadExt;
+
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("serve-coordinator")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the coordinator process")?;
+    let pid = child.id().context("coordinator pid")?;
+    let stdout = child.stdout.take().context("coordinator stdout")?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
+    let addr = line.trim().strip_prefix("listening ").context("coordinator did not print its address")?.to_string();
+    let url = format!("http://{addr}");
+
+    let spec = TaskSpec {
+        name: "bench".into(),
+        model: ModelSpec::Bench { n_params: params },
+        plan: TrainingPlan {
+            rounds: rounds + 1,
+            cohort_size: clients,
+            min_clients: clients,
+            local_epochs: 1,
+            clip_norm: 1.0,
+            server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+            eval_every: 0,
+            eval_fraction: 1.0,
+            select_timeout_secs: 600.0,
+            configure_timeout_secs: 600.0,
+            collect_timeout_secs: 600.0,
+            evaluate_timeout_secs: 600.0,
+            seed: 1,
+            weight_by_examples: false,
+        },
+    };
+    let mut admin = crate::runner::admin(&url).await?;
+    let task_id = admin.create_task(pb::CreateTaskRequest { spec: Some((&spec).into()) }).await?.into_inner().task_id;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut participants = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let transport = fedretail_client::transport::GrpcTransport::new(&url)?;
+        let config = ParticipantConfig {
+            task: "bench".into(),
+            store_name: format!("bench-{c}"),
+            state_dir: None,
+            max_backoff: std::time::Duration::from_secs(1),
+        };
+        let cancel = cancel.clone();
+        participants.spawn(async move { Participant::new(transport, config, LocalData::None).run(cancel).await });
+    }
+    let start = tokio::time::Instant::now();
+    let mut commits = vec![start];
+    while (commits.len() as u64) <= rounds {
+        let status = admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 1 }).await?.into_inner();
+        anyhow::ensure!(status.failed_rounds == 0, "a round failed: {:?}", status.rounds);
+        while (commits.len() as u64) <= status.committed_rounds.min(rounds) {
+            commits.push(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let rss = peak_rss(pid).context("reading the coordinator's peak RSS")?;
+    while let Some(done) = participants.join_next().await {
+        done??;
+    }
+    drop(child.stdin.take());
+    let _ = child.wait().await;
+
+    let per_round: Vec<f64> = commits.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    let steady = if per_round.len() > 1 { &per_round[1..] } else { &per_round[..] };
+    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    let mb = |b: f64| b / (1u64 << 20) as f64;
+    Ok(format!(
+        "| clients | parameters | model MiB | round 1 s (incl. connect) | later rounds s (mean) | each round s | coordinator peak RSS MiB |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n\
+         | {clients} | {params} | {:.1} | {:.3} | {mean:.3} | {} | {:.0} |",
+        mb(params as f64 * 4.0),
+        per_round[0],
+        per_round.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", "),
+        mb(rss as f64),
+    ))
+}
+
+/// Streams `k` updates of `d` values through validate-and-add, cycling over a pool of distinct
+/// updates large enough (>= 256 MiB) that they come from memory, not cache.
+fn bench_aggregate() -> String {
+    use fedretail_core::aggregate::{Aggregator, validate};
+    let copy_bw = memcpy_bandwidth();
+    let mut rows = format!(
+        "memory-copy bandwidth: {:.2} GB/s (best of 5 copies of 512 MiB)\n\n\
+         | K | d | sum only GB/s | % of memcpy | validate+sum GB/s | % of memcpy | RSS growth while summing |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+        copy_bw / 1e9
+    );
+    for d in [100_000usize, 1_000_000] {
+        let pool_len = ((256usize << 20) / (d * 4)).max(2);
+        let pool: Vec<Vec<f32>> = (0..pool_len)
+            .map(|p| (0..d).map(|i| ((i * 7 + p * 13) % 1000) as f32 * 1e-6 - 5e-4).collect())
+            .collect();
+        for k in [10usize, 100, 1000] {
+            let mut best = [f64::MAX; 2];
+            let mut growth = 0i64;
+            for _ in 0..3 {
+                for (mode, best) in best.iter_mut().enumerate() {
+                    let before = current_rss().unwrap_or(0) as i64;
+                    let mut agg = Aggregator::new(d);
+                    let t = tokio::time::Instant::now();
+                    for j in 0..k {
+                        let u = &pool[j % pool_len];
+                        if mode == 1 {
+                            validate(u, d, 1e9).expect("valid update");
+                        }
+                        agg.add(u, 1.0).expect("right shape");
+                    }
+                    let secs = t.elapsed().as_secs_f64();
+                    std::hint::black_box(agg.sum()[d / 2]);
+                    growth = growth.max(current_rss().unwrap_or(0) as i64 - before);
+                    *best = best.min(secs);
+                }
+            }
+            let bytes = (k * d * 4) as f64;
+            let (sum_bw, full_bw) = (bytes / best[0], bytes / best[1]);
+            rows.push_str(&format!(
+                "| {k} | {d} | {:.2} | {:.0} % | {:.2} | {:.0} % | {:.1} MiB |\n",
+                sum_bw / 1e9,
+                100.0 * sum_bw / copy_bw,
+                full_bw / 1e9,
+                100.0 * full_bw / copy_bw,
+                growth as f64 / (1u64 << 20) as f64,
+            ));
+        }
+    }
+    rows
+}
+
+/// Bytes copied per second by `copy_from_slice` of a 512 MiB buffer, best of five.
+fn memcpy_bandwidth() -> f64 {
+    let n = 512usize << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = tokio::time::Instant::now();
+        dst.copy_from_slice(&src);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    n as f64 / best
+}
+
+/// Serves a coordinator on a loopback port until stdin closes; prints `listening ADDR` first.
 ///
 /// # Errors
 ///
 /// Coordinator failures.
 pub async fn serve_coordinator() -> anyhow::Result<()> {
+    use std::io::Write;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = fedretail_coordinator::config::Config {
+        listen: addr,
+        poll_timeout: std::time::Duration::from_secs(5),
+        max_concurrent_uploads: 16,
+        max_message_bytes: 8 << 20,
+        tasks: Vec::new(),
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {addr}")?;
+        out.flush()?;
+    }
+    let stdin_closed = async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        })
+        .await;
+    };
+    fedretail_coordinator::run(config, listener, stdin_closed).await?;
     Ok(())
 }
