@@ -379,7 +379,11 @@ impl Round {
         assert_eq!(self.phase, Phase::Committing, "stored outside Committing");
         match result {
             Ok(()) => self.phase = Phase::Committed,
-            Err(e) => self.fail(FailReason::Store(e)),
+            Err(e) => {
+                // The commit did not happen: nothing was applied.
+                self.candidate = None;
+                self.phase = Phase::Failed(FailReason::Store(e));
+            }
         }
     }
 

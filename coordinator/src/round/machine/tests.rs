@@ -1,1 +1,272 @@
-//! Tests of the round state machine.
+//! Tests of the round state machine: pure, with time passed in.
+
+use super::*;
+use crate::round::{Assignment, Reject, TrainSummary, Upload};
+use fedretail_core::optim::ServerOptimizer;
+use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use proptest::prelude::*;
+use std::time::Duration;
+
+const N: usize = 4;
+
+fn spec(cohort: u32, min: u32, rounds: u64) -> Arc<TaskSpec> {
+    Arc::new(TaskSpec {
+        name: "t".into(),
+        model: ModelSpec::Bench { n_params: N },
+        plan: TrainingPlan {
+            rounds,
+            cohort_size: cohort,
+            min_clients: min,
+            local_epochs: 1,
+            clip_norm: 1.0,
+            server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+            eval_every: 0,
+            eval_fraction: 1.0,
+            select_timeout_secs: 5.0,
+            configure_timeout_secs: 10.0,
+            collect_timeout_secs: 20.0,
+            evaluate_timeout_secs: 30.0,
+            seed: 7,
+            weight_by_examples: true,
+        },
+    })
+}
+
+fn clients(n: u64) -> Vec<ClientId> {
+    (1..=n).map(ClientId).collect()
+}
+
+fn upload(client: u64, round: RoundId, values: Vec<f32>) -> Upload {
+    Upload { client: ClientId(client), round, values, weight: 1.0, summary: TrainSummary::default() }
+}
+
+fn good(client: u64, round: RoundId) -> Upload {
+    upload(client, round, vec![0.1, 0.2, 0.3, 0.4])
+}
+
+/// A round past selection, with every cohort member having fetched its plan.
+fn collecting(cohort: u32, min: u32, rounds: u64, t0: Instant) -> Round {
+    let mut r = Round::new(RoundId(9), 1, spec(cohort, min, rounds), ModelVersion(3), t0);
+    r.tick(t0, &clients(u64::from(cohort)));
+    for c in clients(u64::from(cohort)) {
+        assert!(matches!(r.poll(t0, c), Assignment::Train { .. }));
+    }
+    assert!(matches!(r.phase(), Phase::Collecting { .. }), "{:?}", r.phase());
+    r
+}
+
+#[test]
+fn selecting_waits_for_the_cohort_then_settles_for_the_quorum_at_its_deadline() {
+    let t0 = Instant::now();
+    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0);
+    r.tick(t0, &clients(1));
+    assert!(matches!(r.phase(), Phase::Selecting { .. }));
+    r.tick(t0 + Duration::from_secs(1), &clients(2));
+    assert!(matches!(r.phase(), Phase::Selecting { .. }), "waits for the full cohort until the deadline");
+    r.tick(t0 + Duration::from_secs(5), &clients(2));
+    assert!(matches!(r.phase(), Phase::Configuring { .. }));
+    assert_eq!(r.summary().cohort_size, 2);
+}
+
+#[test]
+fn the_cohort_is_a_seeded_sample_without_replacement() {
+    let t0 = Instant::now();
+    let pick = |order: Vec<ClientId>| {
+        let mut r = Round::new(RoundId(1), 1, spec(3, 3, 1), ModelVersion(0), t0);
+        r.tick(t0, &order);
+        r.cohort.clone()
+    };
+    let a = pick(clients(10));
+    let mut reversed = clients(10);
+    reversed.reverse();
+    assert_eq!(a, pick(reversed), "arrival order does not matter");
+    assert_eq!(a.len(), 3);
+    let mut r = Round::new(RoundId(1), 2, spec(3, 3, 2), ModelVersion(0), t0);
+    r.tick(t0, &clients(10));
+    assert_ne!(r.cohort, a, "another round index draws another cohort");
+}
+
+#[test]
+fn configure_deadline_without_quorum_fails_and_applies_nothing() {
+    let t0 = Instant::now();
+    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0);
+    r.tick(t0, &clients(3));
+    assert!(matches!(r.poll(t0, ClientId(1)), Assignment::Train { .. }));
+    r.tick(t0 + Duration::from_secs(10), &clients(3));
+    assert_eq!(*r.phase(), Phase::Failed(FailReason::TooFewAcks { acked: 1, min: 2 }));
+    assert!(r.take_outputs().is_empty(), "a failed round emits no compute and no commit");
+    assert_eq!(r.poll(t0, ClientId(2)), Assignment::Wait);
+}
+
+#[test]
+fn configure_deadline_with_quorum_drops_the_silent_clients() {
+    let t0 = Instant::now();
+    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0);
+    r.tick(t0, &clients(3));
+    let members: Vec<ClientId> = r.cohort.iter().copied().collect();
+    r.poll(t0, members[0]);
+    r.poll(t0, members[1]);
+    r.tick(t0 + Duration::from_secs(10), &clients(3));
+    assert!(matches!(r.phase(), Phase::Collecting { .. }));
+    assert_eq!(r.begin_upload(members[2], RoundId(1)), Err(Reject::NotInCohort(members[2])));
+    r.upload(t0, good(members[0].0, RoundId(1))).unwrap();
+    r.upload(t0, good(members[1].0, RoundId(1))).unwrap();
+    assert_eq!(*r.phase(), Phase::Aggregating, "everyone left in the cohort uploaded");
+}
+
+#[test]
+fn collect_deadline_without_quorum_fails_and_applies_nothing() {
+    let t0 = Instant::now();
+    let mut r = collecting(3, 2, 1, t0);
+    r.upload(t0, good(1, RoundId(9))).unwrap();
+    r.tick(t0 + Duration::from_secs(19), &clients(3));
+    assert!(matches!(r.phase(), Phase::Collecting { .. }));
+    r.tick(t0 + Duration::from_secs(20), &clients(3));
+    assert_eq!(*r.phase(), Phase::Failed(FailReason::TooFewUploads { uploaded: 1, min: 2 }));
+    assert!(r.take_outputs().is_empty());
+    assert_eq!(r.summary().model_version, ModelVersion(3), "the base model stays");
+}
+
+#[test]
+fn collect_deadline_with_quorum_aggregates_what_arrived() {
+    let t0 = Instant::now();
+    let mut r = collecting(3, 2, 1, t0);
+    r.upload(t0, good(1, RoundId(9))).unwrap();
+    r.upload(t0, upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
+    r.tick(t0 + Duration::from_secs(20), &clients(3));
+    let outputs = r.take_outputs();
+    let [Output::Compute(sum)] = &outputs[..] else { panic!("expected one compute, got {outputs:?}") };
+    assert_eq!(sum.n_updates(), 2);
+    assert_eq!(sum.mean(), vec![0.2, 0.1, 0.2, 0.2]);
+}
+
+#[test]
+fn bad_uploads_are_rejected_precisely_and_the_round_goes_on() {
+    let t0 = Instant::now();
+    let mut r = collecting(2, 2, 1, t0);
+    let round = RoundId(9);
+    assert_eq!(r.upload(t0, upload(1, round, vec![0.0; 3])), Err(Reject::WrongShape { expected: 4, got: 3 }));
+    assert_eq!(r.upload(t0, upload(1, round, vec![f32::NAN, 0.0, 0.0, 0.0])), Err(Reject::NonFinite));
+    assert!(matches!(r.upload(t0, upload(1, round, vec![1.0, 1.0, 0.0, 0.0])), Err(Reject::NotClipped { .. })));
+    assert!(matches!(r.upload(t0, good(1, RoundId(8))), Err(Reject::StaleRound { .. })));
+    assert_eq!(r.upload(t0, good(5, round)), Err(Reject::NotInCohort(ClientId(5))));
+    r.upload(t0, good(1, round)).unwrap();
+    assert_eq!(r.upload(t0, good(1, round)), Err(Reject::Duplicate(ClientId(1))));
+    assert_eq!(r.begin_upload(ClientId(1), round), Err(Reject::Duplicate(ClientId(1))));
+    assert_eq!(r.begin_upload(ClientId(2), round), Ok((N, 1.0)));
+    r.upload(t0, good(2, round)).unwrap();
+    assert_eq!(*r.phase(), Phase::Aggregating);
+    assert_eq!(r.summary().n_rejected, 7);
+    assert_eq!(r.summary().n_uploads, 2);
+}
+
+#[test]
+fn evaluation_then_commit_and_metrics_are_optional() {
+    let t0 = Instant::now();
+    let mut r = collecting(2, 2, 1, t0);
+    r.upload(t0, good(1, RoundId(9))).unwrap();
+    r.upload(t0, good(2, RoundId(9))).unwrap();
+    r.take_outputs();
+    r.computed(t0, ModelVersion(4), &clients(2));
+    assert!(matches!(r.phase(), Phase::Evaluating { .. }), "the last round evaluates");
+    assert!(matches!(r.poll(t0, ClientId(1)), Assignment::Evaluate { version: ModelVersion(4), .. }));
+    let sums = EvalSums { n_ratings: 2, squared_error: 2.0, ..EvalSums::default() };
+    r.report(ClientId(1), RoundId(9), &sums).unwrap();
+    assert_eq!(r.report(ClientId(1), RoundId(9), &sums), Err(Reject::Duplicate(ClientId(1))));
+    r.tick(t0 + Duration::from_secs(30), &clients(2));
+    assert_eq!(*r.phase(), Phase::Committing, "the deadline commits with the reports that came");
+    let outputs = r.take_outputs();
+    let [Output::Commit(summary)] = &outputs[..] else { panic!("expected one commit, got {outputs:?}") };
+    assert_eq!(summary.eval.map(|e| e.rmse()), Some(1.0));
+    assert_eq!(summary.model_version, ModelVersion(4));
+    r.fail(FailReason::Shutdown);
+    assert_eq!(*r.phase(), Phase::Committing, "a commit in flight is never abandoned");
+    r.stored(Err("disk full".into()));
+    assert_eq!(*r.phase(), Phase::Failed(FailReason::Store("disk full".into())));
+}
+
+#[test]
+fn rounds_that_do_not_evaluate_commit_at_once() {
+    let t0 = Instant::now();
+    let mut r = collecting(2, 2, 5, t0);
+    r.upload(t0, good(1, RoundId(9))).unwrap();
+    r.upload(t0, good(2, RoundId(9))).unwrap();
+    r.take_outputs();
+    r.computed(t0, ModelVersion(4), &clients(2));
+    assert!(matches!(r.take_outputs()[..], [Output::Commit(_)]));
+    r.stored(Ok(()));
+    assert!(r.is_over());
+    assert_eq!(*r.phase(), Phase::Committed);
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Advance(u64),
+    Poll(u64),
+    Upload(u64, bool),
+    Report(u64),
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (1u64..25).prop_map(Event::Advance),
+        (1u64..6).prop_map(Event::Poll),
+        ((1u64..6), any::<bool>()).prop_map(|(c, ok)| Event::Upload(c, ok)),
+        (1u64..6).prop_map(Event::Report),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    /// Whatever arrives in whatever order: at most one compute and one commit, never a commit
+    /// without a quorum of accepted uploads, never a commit from a failed round, and phases only
+    /// move forward.
+    #[test]
+    fn random_interleavings_keep_the_invariants(events in proptest::collection::vec(event(), 1..60)) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut r = Round::new(RoundId(1), 1, spec(4, 2, 1), ModelVersion(0), t0);
+        let (mut computes, mut commits) = (0, 0);
+        let order = |p: &Phase| match p {
+            Phase::Selecting { .. } => 0, Phase::Configuring { .. } => 1, Phase::Collecting { .. } => 2,
+            Phase::Aggregating => 3, Phase::Evaluating { .. } => 4, Phase::Committing => 5,
+            Phase::Committed | Phase::Failed(_) => 6,
+        };
+        let mut last = 0;
+        for e in events {
+            match e {
+                Event::Advance(s) => now += Duration::from_secs(s),
+                Event::Poll(c) => { r.poll(now, ClientId(c)); }
+                Event::Upload(c, ok) => {
+                    let values = if ok { vec![0.1; N] } else { vec![f32::NAN; N] };
+                    let _ = r.upload(now, upload(c, RoundId(1), values));
+                }
+                Event::Report(c) => { let _ = r.report(ClientId(c), RoundId(1), &EvalSums::default()); }
+            }
+            r.tick(now, &clients(5));
+            for out in r.take_outputs() {
+                match out {
+                    Output::Compute(sum) => {
+                        computes += 1;
+                        prop_assert!(sum.n_updates() >= 2, "compute without quorum");
+                        r.computed(now, ModelVersion(1), &clients(5));
+                    }
+                    Output::Commit(summary) => {
+                        commits += 1;
+                        prop_assert!(summary.n_uploads >= 2);
+                        prop_assert!(summary.failure.is_none());
+                        r.stored(Ok(()));
+                    }
+                }
+            }
+            let o = order(r.phase());
+            prop_assert!(o >= last, "phase went back");
+            last = o;
+        }
+        prop_assert!(computes <= 1 && commits <= 1);
+        prop_assert!(commits <= computes);
+        if let Phase::Failed(_) = r.phase() {
+            prop_assert_eq!(commits, 0);
+        }
+    }
+}

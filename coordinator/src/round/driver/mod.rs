@@ -443,3 +443,6 @@ pub(crate) fn initial_model(spec: &TaskSpec) -> ModelBlob {
     };
     ModelBlob::new(ModelVersion(0), values)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,142 @@
+//! Driver tests under paused time: deadlines pass instantly and deterministically.
+
+use crate::round::{Assignment, TrainSummary, Upload};
+use crate::store::MemoryStore;
+use crate::tasks::Tasks;
+use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
+use fedretail_core::optim::ServerOptimizer;
+use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn spec(rounds: u64) -> TaskSpec {
+    TaskSpec {
+        name: "t".into(),
+        model: ModelSpec::Bench { n_params: 3 },
+        plan: TrainingPlan {
+            rounds,
+            cohort_size: 2,
+            min_clients: 2,
+            local_epochs: 1,
+            clip_norm: 1.0,
+            server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+            eval_every: 0,
+            eval_fraction: 1.0,
+            select_timeout_secs: 5.0,
+            configure_timeout_secs: 10.0,
+            collect_timeout_secs: 20.0,
+            evaluate_timeout_secs: 30.0,
+            seed: 1,
+            weight_by_examples: false,
+        },
+    }
+}
+
+struct Fixture {
+    handle: crate::round::RoundHandle,
+    store: Arc<MemoryStore>,
+    clients: [ClientId; 2],
+    _cancel: CancellationToken,
+}
+
+async fn start(rounds: u64) -> Fixture {
+    let store = Arc::new(MemoryStore::new());
+    let cancel = CancellationToken::new();
+    let config = super::DriverConfig { liveness_timeout: Duration::from_secs(600) };
+    let (tasks, _drivers) = Tasks::resume(store.clone(), config, cancel.clone()).unwrap();
+    let id = tasks.create(spec(rounds)).unwrap();
+    let handle = tasks.get(id).unwrap();
+    let a = handle.enroll("a".into()).await.unwrap();
+    let b = handle.enroll("b".into()).await.unwrap();
+    Fixture { handle, store, clients: [a, b], _cancel: cancel }
+}
+
+async fn train(f: &Fixture, client: ClientId) -> RoundId {
+    match f.handle.poll(client, Duration::from_secs(1)).await.unwrap() {
+        Assignment::Train { round, version, n_params: 3, .. } => {
+            assert_eq!(version, ModelVersion(0));
+            round
+        }
+        other => panic!("expected a training assignment, got {other:?}"),
+    }
+}
+
+async fn send(f: &Fixture, client: ClientId, round: RoundId, values: Vec<f32>) {
+    f.handle.begin_upload(client, round).await.unwrap();
+    let upload = Upload { client, round, values, weight: 1.0, summary: TrainSummary::default() };
+    f.handle.upload(upload).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_that_misses_its_quorum_fails_and_applies_nothing() {
+    let f = start(1).await;
+    let round = train(&f, f.clients[0]).await;
+    assert_eq!(train(&f, f.clients[1]).await, round);
+    send(&f, f.clients[0], round, vec![0.5, 0.0, 0.0]).await;
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let status = f.handle.status(10).await.unwrap();
+    assert_eq!((status.committed_rounds, status.failed_rounds), (0, 1));
+    assert_eq!(status.model_version, ModelVersion(0));
+    let failed = status.rounds.iter().find(|r| r.round == round).unwrap();
+    assert_eq!(failed.failure.as_deref(), Some("collect deadline passed with 1 of the 2 required uploads"));
+    assert_eq!(f.handle.latest_model().await.unwrap().values, vec![0.0; 3], "nothing applied");
+    // The next round starts with a fresh id; the stale one is refused.
+    let next = train(&f, f.clients[0]).await;
+    assert!(next > round);
+    assert!(matches!(
+        f.handle.begin_upload(f.clients[0], round).await,
+        Err(crate::round::Reject::StaleRound { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_round_applies_the_mean_and_the_task_finishes() {
+    let f = start(1).await;
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![0.5, 0.0, 0.25]).await;
+    send(&f, f.clients[1], round, vec![0.0, 0.5, 0.25]).await;
+    // The last round evaluates; nobody reports, so its deadline commits it.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let status = f.handle.status(10).await.unwrap();
+    assert_eq!(status.committed_rounds, 1);
+    assert_eq!(status.state, crate::round::TaskState::Finished);
+    let model = f.handle.latest_model().await.unwrap();
+    assert_eq!((model.version, model.values.clone()), (ModelVersion(1), vec![0.25, 0.25, 0.25]));
+    assert!(matches!(f.handle.poll(f.clients[0], Duration::ZERO).await.unwrap(), Assignment::Finished { .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_fails_the_round_and_the_next_one_commits() {
+    let f = start(2).await;
+    f.store.fail_next_commits(1);
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![0.5, 0.0, 0.0]).await;
+    send(&f, f.clients[1], round, vec![0.5, 0.0, 0.0]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = f.handle.status(10).await.unwrap();
+    assert_eq!((status.committed_rounds, status.failed_rounds), (0, 1));
+    assert!(status.rounds[1].failure.as_deref().unwrap().starts_with("could not commit"), "{:?}", status.rounds);
+    assert_eq!(f.handle.latest_model().await.unwrap().version, ModelVersion(0));
+
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![0.5, 0.0, 0.0]).await;
+    send(&f, f.clients[1], round, vec![0.5, 0.0, 0.0]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = f.handle.status(10).await.unwrap();
+    assert_eq!(status.committed_rounds, 1);
+    assert_eq!(f.handle.latest_model().await.unwrap().values, vec![0.5, 0.0, 0.0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_clients_are_refused() {
+    let f = start(1).await;
+    let stranger = ClientId(12345);
+    assert_eq!(
+        f.handle.poll(stranger, Duration::ZERO).await,
+        Err(crate::round::Reject::UnknownClient(stranger))
+    );
+}
