@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "fedretail-client", version, about = "Trains a fedretail task on one store's data; only clipped model updates leave")]
+#[command(
+    name = "fedretail-client",
+    version,
+    about = "Trains a fedretail task on one store's data; only clipped model updates leave"
+)]
 struct Cli {
     /// Coordinator URL.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -46,7 +50,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            #[allow(clippy::print_stderr)] // reason: the error must reach the user even with logging filtered
+            #[allow(clippy::print_stderr)]
+            // reason: the error must reach the user even with logging filtered
             {
                 eprintln!("error: {e:#}");
             }
@@ -56,9 +61,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    anyhow::ensure!((0.0..1.0).contains(&cli.holdout), "--holdout must be in [0, 1), got {}", cli.holdout);
+    anyhow::ensure!(
+        (0.0..1.0).contains(&cli.holdout),
+        "--holdout must be in [0, 1), got {}",
+        cli.holdout
+    );
     anyhow::ensure!(cli.max_backoff_secs > 0.0, "--max-backoff-secs must be positive");
-    let rows = fedretail_client::data::csv::load_ratings(&cli.ratings).context("loading ratings")?;
+    let rows =
+        fedretail_client::data::csv::load_ratings(&cli.ratings).context("loading ratings")?;
     let ratings = StoreRatings::from_rows(&rows, cli.holdout, cli.seed);
     tracing::info!(
         path = %cli.ratings.display(),
@@ -67,7 +77,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         held_out = ratings.data.test.len(),
         "ratings loaded"
     );
-    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    std::fs::create_dir_all(&cli.state_dir)
+        .with_context(|| format!("creating {}", cli.state_dir.display()))?;
     let transport = GrpcTransport::new(&cli.coordinator)?;
     let config = ParticipantConfig {
         task: cli.task,

@@ -7,7 +7,9 @@
 use crate::audit_log::{AuditLog, Entry};
 use crate::data::StoreRatings;
 use crate::personal;
-use crate::transport::{Assignment, Enrollment, EvalPlan, TrainPlan, Transport, TransportError, UpdateSummary};
+use crate::transport::{
+    Assignment, Enrollment, EvalPlan, TrainPlan, Transport, TransportError, UpdateSummary,
+};
 use fedretail_core::model::Model;
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::{MfLocal, MfModel, user_seed};
@@ -80,6 +82,7 @@ pub struct Outcome {
     pub reason: String,
 }
 
+#[allow(clippy::large_enum_variant)] // reason: one value per participant; boxing buys nothing
 enum Trainer {
     Mf { model: MfModel, ratings: StoreRatings, local: MfLocal },
     Bench,
@@ -97,7 +100,10 @@ pub struct Participant<T: Transport> {
 
 impl<T: Transport> std::fmt::Debug for Participant<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Participant").field("config", &self.config).field("outcome", &self.outcome).finish()
+        f.debug_struct("Participant")
+            .field("config", &self.config)
+            .field("outcome", &self.outcome)
+            .finish()
     }
 }
 
@@ -111,7 +117,8 @@ struct Backoff {
 impl Backoff {
     fn next(&mut self) -> Duration {
         self.attempt += 1;
-        let base = Duration::from_millis(250).saturating_mul(1 << self.attempt.min(10)).min(self.max);
+        let base =
+            Duration::from_millis(250).saturating_mul(1 << self.attempt.min(10)).min(self.max);
         base.mul_f64(self.rng.random_range(0.8..1.2))
     }
 }
@@ -126,7 +133,12 @@ impl<T: Transport> Participant<T> {
             data: Some(data),
             trainer: None,
             audit,
-            outcome: Outcome { rounds_trained: 0, evaluations: 0, state: String::new(), reason: String::new() },
+            outcome: Outcome {
+                rounds_trained: 0,
+                evaluations: 0,
+                state: String::new(),
+                reason: String::new(),
+            },
         }
     }
 
@@ -219,7 +231,12 @@ impl<T: Transport> Participant<T> {
     }
 
     /// Logs the outage and sleeps; returns false if cancelled meanwhile.
-    async fn wait(&mut self, backoff: &mut Backoff, error: &TransportError, cancel: &CancellationToken) -> bool {
+    async fn wait(
+        &mut self,
+        backoff: &mut Backoff,
+        error: &TransportError,
+        cancel: &CancellationToken,
+    ) -> bool {
         let delay = backoff.next();
         tracing::warn!(
             peer = %self.transport.peer(),
@@ -240,7 +257,10 @@ impl<T: Transport> Participant<T> {
         if self.trainer.is_some() {
             return Ok(());
         }
-        let incompatible = |message: String| ParticipantError::Incompatible { task: self.config.task.clone(), message };
+        let incompatible = |message: String| ParticipantError::Incompatible {
+            task: self.config.task.clone(),
+            message,
+        };
         let data = self.data.take().expect("prepare runs once before the trainer exists");
         self.trainer = Some(match (&enrollment.model, data) {
             (ModelSpec::MatrixFactorization(spec), LocalData::Ratings(ratings)) => {
@@ -250,7 +270,10 @@ impl<T: Transport> Participant<T> {
                 let local = match &self.config.state_dir {
                     Some(dir) => match personal::load(dir, &ratings.user_keys, fresh.clone())? {
                         Some(saved) => {
-                            tracing::info!(users = ratings.user_keys.len(), "personal parameters loaded");
+                            tracing::info!(
+                                users = ratings.user_keys.len(),
+                                "personal parameters loaded"
+                            );
                             saved
                         }
                         None => fresh,
@@ -261,7 +284,9 @@ impl<T: Transport> Participant<T> {
             }
             (ModelSpec::Bench { .. }, _) => Trainer::Bench,
             (ModelSpec::MatrixFactorization(_), LocalData::None) => {
-                return Err(incompatible("the task trains a recommender, and this store has no ratings".into()));
+                return Err(incompatible(
+                    "the task trains a recommender, and this store has no ratings".into(),
+                ));
             }
         });
         Ok(())
@@ -297,7 +322,13 @@ impl<T: Transport> Participant<T> {
         let norm = update.norm_before_clip();
         self.transport.upload(e, plan.round_id, update, summary).await?;
         self.outcome.rounds_trained += 1;
-        tracing::info!(round_id = plan.round_id, n_examples, train_loss = loss, norm_before_clip = norm, "update uploaded");
+        tracing::info!(
+            round_id = plan.round_id,
+            n_examples,
+            train_loss = loss,
+            norm_before_clip = norm,
+            "update uploaded"
+        );
         Ok(())
     }
 
@@ -306,7 +337,9 @@ impl<T: Transport> Participant<T> {
         let trainer = self.trainer.take().expect("prepared at enrolment");
         let (trainer, sums) = tokio::task::spawn_blocking(move || {
             let sums = match &trainer {
-                Trainer::Mf { model, ratings, local } => model.evaluate(&global, local, &ratings.data, plan.seed),
+                Trainer::Mf { model, ratings, local } => {
+                    model.evaluate(&global, local, &ratings.data, plan.seed)
+                }
                 Trainer::Bench => EvalSums::default(),
             };
             (trainer, sums)
@@ -341,7 +374,8 @@ impl<T: Transport> Participant<T> {
     }
 
     fn save_personal(&self) {
-        if let (Some(dir), Some(Trainer::Mf { ratings, local, .. })) = (&self.config.state_dir, &self.trainer)
+        if let (Some(dir), Some(Trainer::Mf { ratings, local, .. })) =
+            (&self.config.state_dir, &self.trainer)
             && let Err(err) = personal::save(dir, &ratings.user_keys, local)
         {
             tracing::error!(%err, "could not save personal parameters");
@@ -351,7 +385,12 @@ impl<T: Transport> Participant<T> {
 
 /// Trains locally from `global` and returns the change of the global parameters only, with the
 /// example count and mean loss. Local (user) parameters are updated in place and stay here.
-fn local_delta(trainer: &mut Trainer, global: Vec<f32>, epochs: u32, seed: u64) -> (Vec<f32>, usize, f64) {
+fn local_delta(
+    trainer: &mut Trainer,
+    global: Vec<f32>,
+    epochs: u32,
+    seed: u64,
+) -> (Vec<f32>, usize, f64) {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
     match trainer {
         Trainer::Mf { model, ratings, local } => {

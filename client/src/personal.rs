@@ -74,7 +74,11 @@ pub fn save(dir: &Path, user_keys: &[String], local: &MfLocal) -> Result<(), Per
 /// # Errors
 ///
 /// I/O errors, or a file of another dimension or shape.
-pub fn load(dir: &Path, user_keys: &[String], mut fresh: MfLocal) -> Result<Option<MfLocal>, PersonalError> {
+pub fn load(
+    dir: &Path,
+    user_keys: &[String],
+    mut fresh: MfLocal,
+) -> Result<Option<MfLocal>, PersonalError> {
     let path = dir.join(FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -90,7 +94,11 @@ pub fn load(dir: &Path, user_keys: &[String], mut fresh: MfLocal) -> Result<Opti
     for (u, key) in user_keys.iter().enumerate() {
         if let Some(v) = disk.users.get(key) {
             if v.len() != dim + 1 {
-                return Err(corrupt(format!("user {key:?} has {} values, expected {}", v.len(), dim + 1)));
+                return Err(corrupt(format!(
+                    "user {key:?} has {} values, expected {}",
+                    v.len(),
+                    dim + 1
+                )));
             }
             fresh.user_bias[u] = v[0];
             fresh.user_factors.row_mut(u).iter_mut().zip(&v[1..]).for_each(|(x, y)| *x = *y);
@@ -104,7 +112,10 @@ mod tests {
     use super::*;
 
     fn local(n: usize, dim: usize, fill: f32) -> MfLocal {
-        MfLocal { user_bias: vec![fill; n], user_factors: ndarray::Array2::from_elem((n, dim), fill) }
+        MfLocal {
+            user_bias: vec![fill; n],
+            user_factors: ndarray::Array2::from_elem((n, dim), fill),
+        }
     }
 
     #[test]
@@ -121,7 +132,9 @@ mod tests {
         assert_eq!(got.user_bias, vec![0.5, 9.0]);
         assert_eq!(got.user_factors[[0, 2]], -1.5);
         assert_eq!(got.user_factors[[1, 0]], 9.0);
-        assert!(load(tempfile::tempdir().unwrap().path(), &keys2, local(2, 3, 0.0)).unwrap().is_none());
+        assert!(
+            load(tempfile::tempdir().unwrap().path(), &keys2, local(2, 3, 0.0)).unwrap().is_none()
+        );
         let err = load(dir.path(), &keys2, local(2, 4, 0.0)).unwrap_err().to_string();
         assert!(err.ends_with("saved for dimension 3, the task uses 4"), "{err}");
     }

@@ -119,7 +119,9 @@ impl From<tonic::Status> for TransportError {
                 TransportError::Unavailable(format!("{}: {message}", s.code()))
             }
             Code::Unauthenticated => TransportError::UnknownClient(message),
-            Code::NotFound if message.starts_with("no task") => TransportError::TaskNotFound(message),
+            Code::NotFound if message.starts_with("no task") => {
+                TransportError::TaskNotFound(message)
+            }
             code => TransportError::Rejected { code: format!("{code:?}"), message },
         }
     }
@@ -131,7 +133,11 @@ pub trait Transport: Send {
     /// Who is at the other end, for log lines.
     fn peer(&self) -> String;
     /// Enrols with a task.
-    fn enroll(&mut self, task: &str, store: &str) -> impl Future<Output = Result<Enrollment, TransportError>> + Send;
+    fn enroll(
+        &mut self,
+        task: &str,
+        store: &str,
+    ) -> impl Future<Output = Result<Enrollment, TransportError>> + Send;
     /// Waits for the next assignment (a long poll).
     fn next_assignment(
         &mut self,
@@ -208,11 +214,15 @@ impl Transport for GrpcTransport {
             client_version: env!("CARGO_PKG_VERSION").into(),
         };
         let r = self.client.enroll(self.request(req, Duration::ZERO)).await?.into_inner();
-        let model = r.model.ok_or_else(|| TransportError::Protocol("enrolment without a model spec".into()))?;
+        let model = r
+            .model
+            .ok_or_else(|| TransportError::Protocol("enrolment without a model spec".into()))?;
         Ok(Enrollment {
             client_id: r.client_id,
             task_id: r.task_id,
-            model: model.try_into().map_err(|e: fedretail_proto::convert::ConvertError| TransportError::Protocol(e.to_string()))?,
+            model: model.try_into().map_err(|e: fedretail_proto::convert::ConvertError| {
+                TransportError::Protocol(e.to_string())
+            })?,
             poll_timeout: Duration::from_millis(r.poll_timeout_ms),
         })
     }
@@ -220,12 +230,16 @@ impl Transport for GrpcTransport {
     async fn next_assignment(&mut self, e: &Enrollment) -> Result<Assignment, TransportError> {
         use pb::next_assignment_response::Assignment as A;
         let req = pb::NextAssignmentRequest { client_id: e.client_id, task_id: e.task_id };
-        let r = self.client.next_assignment(self.request(req, e.poll_timeout * 2)).await?.into_inner();
+        let r =
+            self.client.next_assignment(self.request(req, e.poll_timeout * 2)).await?.into_inner();
         Ok(match r.assignment {
             None | Some(A::Wait(_)) => Assignment::Wait,
             Some(A::Train(t)) => {
                 if t.encoding != pb::UpdateEncoding::Float32Le as i32 {
-                    return Err(TransportError::Protocol(format!("unsupported update encoding {}", t.encoding)));
+                    return Err(TransportError::Protocol(format!(
+                        "unsupported update encoding {}",
+                        t.encoding
+                    )));
                 }
                 Assignment::Train(TrainPlan {
                     round_id: t.round_id,
@@ -244,16 +258,30 @@ impl Transport for GrpcTransport {
                 seed: v.round_seed,
             }),
             Some(A::Finished(f)) => Assignment::Finished {
-                state: pb::TaskState::try_from(f.state).map_or("unknown".into(), |s| s.as_str_name().to_lowercase()),
+                state: pb::TaskState::try_from(f.state).map_or("unknown".into(), |s| {
+                    s.as_str_name().trim_start_matches("TASK_STATE_").to_lowercase()
+                }),
                 reason: f.reason,
             },
-            Some(other) => return Err(TransportError::Protocol(format!("unsupported assignment {other:?}"))),
+            Some(other) => {
+                return Err(TransportError::Protocol(format!("unsupported assignment {other:?}")));
+            }
         })
     }
 
-    async fn fetch_model(&mut self, e: &Enrollment, version: u64, n_params: usize) -> Result<Vec<f32>, TransportError> {
-        let req = pb::FetchModelRequest { client_id: e.client_id, task_id: e.task_id, model_version: version };
-        let mut stream = self.client.fetch_model(self.request(req, Duration::ZERO)).await?.into_inner();
+    async fn fetch_model(
+        &mut self,
+        e: &Enrollment,
+        version: u64,
+        n_params: usize,
+    ) -> Result<Vec<f32>, TransportError> {
+        let req = pb::FetchModelRequest {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            model_version: version,
+        };
+        let mut stream =
+            self.client.fetch_model(self.request(req, Duration::ZERO)).await?.into_inner();
         let mut reassembler = Reassembler::new(n_params);
         let mut sha = Vec::new();
         while let Some(chunk) = stream.next().await {
@@ -267,9 +295,13 @@ impl Transport for GrpcTransport {
             if !chunk.sha256.is_empty() {
                 sha = chunk.sha256;
             }
-            reassembler.push(chunk.offset as usize, &chunk.data).map_err(|e| TransportError::Protocol(e.to_string()))?;
+            reassembler
+                .push(chunk.offset as usize, &chunk.data)
+                .map_err(|e| TransportError::Protocol(e.to_string()))?;
         }
-        reassembler.finish(Some(&sha)).map_err(|e| TransportError::Protocol(format!("model download: {e}")))
+        reassembler
+            .finish(Some(&sha))
+            .map_err(|e| TransportError::Protocol(format!("model download: {e}")))
     }
 
     async fn upload(
@@ -305,16 +337,26 @@ impl Transport for GrpcTransport {
             let end = (start + CHUNK_PARAMS).min(values.len());
             let mut data = Vec::with_capacity((end - start) * 4);
             encode_f32s(&values[start..end], &mut data);
-            pb::UploadUpdateRequest { part: Some(Part::Chunk(pb::UploadChunk { offset: start as u64, data })) }
+            pb::UploadUpdateRequest {
+                part: Some(Part::Chunk(pb::UploadChunk { offset: start as u64, data })),
+            }
         });
-        let stream = tokio_stream::iter([pb::UploadUpdateRequest { part: Some(Part::Header(header)) }])
-            .chain(chunks)
-            .chain(tokio_stream::iter([pb::UploadUpdateRequest { part: Some(Part::Trailer(trailer)) }]));
+        let stream =
+            tokio_stream::iter([pb::UploadUpdateRequest { part: Some(Part::Header(header)) }])
+                .chain(chunks)
+                .chain(tokio_stream::iter([pb::UploadUpdateRequest {
+                    part: Some(Part::Trailer(trailer)),
+                }]));
         self.client.upload_update(self.request(stream, Duration::ZERO)).await?;
         Ok(())
     }
 
-    async fn report(&mut self, e: &Enrollment, round_id: u64, sums: EvalSums) -> Result<(), TransportError> {
+    async fn report(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        sums: EvalSums,
+    ) -> Result<(), TransportError> {
         let req = pb::ReportMetricsRequest {
             client_id: e.client_id,
             task_id: e.task_id,

@@ -91,7 +91,8 @@ impl RawConfig {
     ///
     /// [`ConfigError::Parse`] with the parser's line and column.
     pub fn from_toml(text: &str, path: &str) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
+        toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
     }
 
     /// Checks every value.
@@ -102,13 +103,19 @@ impl RawConfig {
     pub fn validate(self, path: &str) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
         if !(self.poll_timeout_secs > 0.0 && self.poll_timeout_secs <= 300.0) {
-            return Err(invalid(format!("poll_timeout_secs must be in (0, 300], got {}", self.poll_timeout_secs)));
+            return Err(invalid(format!(
+                "poll_timeout_secs must be in (0, 300], got {}",
+                self.poll_timeout_secs
+            )));
         }
         if self.max_concurrent_uploads == 0 {
             return Err(invalid("max_concurrent_uploads must be at least 1".into()));
         }
         if self.max_message_bytes < 2 << 20 {
-            return Err(invalid(format!("max_message_bytes must be at least 2 MiB, got {}", self.max_message_bytes)));
+            return Err(invalid(format!(
+                "max_message_bytes must be at least 2 MiB, got {}",
+                self.max_message_bytes
+            )));
         }
         let mut names = std::collections::BTreeSet::new();
         for task in &self.tasks {
@@ -134,7 +141,8 @@ impl RawConfig {
 /// Any [`ConfigError`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
     RawConfig::from_toml(&text, &shown)?.validate(&shown)
 }
 
@@ -179,7 +187,10 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let config = RawConfig::from_toml(EXAMPLE, "example.toml").unwrap().validate("example.toml").unwrap();
+        let config = RawConfig::from_toml(EXAMPLE, "example.toml")
+            .unwrap()
+            .validate("example.toml")
+            .unwrap();
         assert_eq!(config.tasks.len(), 1);
         assert_eq!(config.tasks[0].model.n_params(), 1 + 1682 * 51);
     }
@@ -191,7 +202,11 @@ mod tests {
         let err = RawConfig::from_toml("colour = 1\n", "c.toml").unwrap_err().to_string();
         assert!(err.contains("unknown field `colour`"), "{err}");
         let bad = EXAMPLE.replace("min_clients = 2", "min_clients = 3");
-        let err = RawConfig::from_toml(&bad, "c.toml").unwrap().validate("c.toml").unwrap_err().to_string();
+        let err = RawConfig::from_toml(&bad, "c.toml")
+            .unwrap()
+            .validate("c.toml")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "c.toml: task \"movielens\": invalid task spec: plan.cohort_size: 2 is below min_clients 3"

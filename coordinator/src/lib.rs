@@ -139,7 +139,10 @@ pub async fn run_with_store(
         .add_service(health_service)
         .add_service(training)
         .add_service(admin)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            signal,
+        )
         .await;
     cancel.cancel();
     let failed = supervisor.await.unwrap_or(true);

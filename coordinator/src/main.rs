@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "fedretail-coordinator", version, about = "Runs federated training tasks for fedretail store clients")]
+#[command(
+    name = "fedretail-coordinator",
+    version,
+    about = "Runs federated training tasks for fedretail store clients"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,7 +38,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            #[allow(clippy::print_stderr)] // reason: the error must reach the user even with logging filtered
+            #[allow(clippy::print_stderr)]
+            // reason: the error must reach the user even with logging filtered
             {
                 eprintln!("error: {e:#}");
             }
@@ -57,7 +62,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config, listen } => {
-            let mut config = fedretail_coordinator::config::load(&config).context("loading the config")?;
+            let mut config =
+                fedretail_coordinator::config::load(&config).context("loading the config")?;
             if let Some(listen) = listen {
                 config.listen = listen;
             }
@@ -66,7 +72,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("binding {}", config.listen))?;
-                fedretail_coordinator::run(config, listener, shutdown_signal()).await.context("coordinator")
+                fedretail_coordinator::run(config, listener, shutdown_signal())
+                    .await
+                    .context("coordinator")
             })
         }
     }
@@ -76,13 +84,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -42,8 +42,13 @@ impl Tasks {
     ) -> Result<(Arc<Tasks>, mpsc::UnboundedReceiver<JoinHandle<()>>), StoreError> {
         // Unbounded is fine here: one message per task ever created.
         let (drivers, rx) = mpsc::unbounded_channel();
-        let tasks =
-            Arc::new(Tasks { store: store.clone(), config, cancel, handles: Mutex::new(BTreeMap::new()), drivers });
+        let tasks = Arc::new(Tasks {
+            store: store.clone(),
+            config,
+            cancel,
+            handles: Mutex::new(BTreeMap::new()),
+            drivers,
+        });
         for stored in store.tasks()? {
             let snapshot = store.load(stored.id)?.ok_or(StoreError::UnknownTask(stored.id))?;
             tracing::info!(task_id = %stored.id, name = %stored.spec.name, state = stored.state.as_str(), "resuming task");
@@ -60,8 +65,15 @@ impl Tasks {
         snapshot: crate::store::Snapshot,
     ) -> RoundHandle {
         let name = spec.name.clone();
-        let (handle, join) =
-            driver::spawn(id, Arc::new(spec), state, snapshot, self.store.clone(), self.config, self.cancel.clone());
+        let (handle, join) = driver::spawn(
+            id,
+            Arc::new(spec),
+            state,
+            snapshot,
+            self.store.clone(),
+            self.config,
+            self.cancel.clone(),
+        );
         let _ = self.drivers.send(join);
         self.lock().insert(id, (name, handle.clone()));
         handle
@@ -92,7 +104,10 @@ impl Tasks {
     ///
     /// [`Reject::UnknownTask`].
     pub fn get(&self, id: TaskId) -> Result<RoundHandle, Reject> {
-        self.lock().get(&id).map(|(_, h)| h.clone()).ok_or_else(|| Reject::UnknownTask(id.to_string()))
+        self.lock()
+            .get(&id)
+            .map(|(_, h)| h.clone())
+            .ok_or_else(|| Reject::UnknownTask(id.to_string()))
     }
 
     /// The task with this name.

@@ -177,13 +177,19 @@ mod tests {
         agg.add(&[3.0, 6.0], 3.0).unwrap();
         assert_eq!(agg.mean(), vec![2.5, 5.0]);
         assert_eq!(agg.add(&[1.0], 1.0), Err(AggregateError::WrongShape { expected: 2, got: 1 }));
-        assert_eq!(agg.add(&[1.0, 1.0], f64::NAN).unwrap_err().to_string(), "weight NaN is not a finite non-negative number");
+        assert_eq!(
+            agg.add(&[1.0, 1.0], f64::NAN).unwrap_err().to_string(),
+            "weight NaN is not a finite non-negative number"
+        );
         assert_eq!(agg.n_updates(), 2);
     }
 
     #[test]
     fn validate_finds_shape_nan_and_unclipped() {
-        assert_eq!(validate(&[1.0], 2, 1.0), Err(AggregateError::WrongShape { expected: 2, got: 1 }));
+        assert_eq!(
+            validate(&[1.0], 2, 1.0),
+            Err(AggregateError::WrongShape { expected: 2, got: 1 })
+        );
         assert_eq!(validate(&[f32::NAN, 0.0], 2, 1.0), Err(AggregateError::NonFinite));
         assert_eq!(validate(&[f32::INFINITY, 0.0], 2, 1.0), Err(AggregateError::NonFinite));
         assert!(matches!(validate(&[3.0, 4.0], 2, 1.0), Err(AggregateError::NotClipped { .. })));

@@ -52,7 +52,9 @@ impl ServerOptimizer {
             }
             ServerOptimizer::FedAdam { learning_rate, beta1, beta2, tau } => {
                 if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
-                    return Err(format!("beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}"));
+                    return Err(format!(
+                        "beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}"
+                    ));
                 }
                 if !(tau > 0.0 && tau.is_finite()) {
                     return Err(format!("tau must be positive, got {tau}"));
@@ -102,7 +104,8 @@ pub fn apply(opt: &ServerOptimizer, state: &mut OptimizerState, model: &mut [f32
         ServerOptimizer::FedAdam { learning_rate, beta1, beta2, tau } => {
             state.m.resize(model.len(), 0.0);
             state.v.resize(model.len(), 0.0);
-            for (((x, d), m), v) in model.iter_mut().zip(delta).zip(&mut state.m).zip(&mut state.v) {
+            for (((x, d), m), v) in model.iter_mut().zip(delta).zip(&mut state.m).zip(&mut state.v)
+            {
                 *m = beta1 * *m + (1.0 - beta1) * d;
                 *v = beta2 * *v + (1.0 - beta2) * d * d;
                 *x += learning_rate * *m / (v.sqrt() + tau);
@@ -118,7 +121,12 @@ mod tests {
     #[test]
     fn fedavg_steps_by_the_learning_rate() {
         let mut x = vec![1.0, 2.0];
-        apply(&ServerOptimizer::FedAvg { learning_rate: 0.5 }, &mut OptimizerState::default(), &mut x, &[2.0, -2.0]);
+        apply(
+            &ServerOptimizer::FedAvg { learning_rate: 0.5 },
+            &mut OptimizerState::default(),
+            &mut x,
+            &[2.0, -2.0],
+        );
         assert_eq!(x, vec![2.0, 1.0]);
     }
 
@@ -135,7 +143,8 @@ mod tests {
 
     #[test]
     fn fedadam_first_step_moves_by_about_the_learning_rate() {
-        let opt = ServerOptimizer::FedAdam { learning_rate: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
+        let opt =
+            ServerOptimizer::FedAdam { learning_rate: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
         let mut st = OptimizerState::default();
         let mut x = vec![0.0, 0.0];
         apply(&opt, &mut st, &mut x, &[4.0, -4.0]);

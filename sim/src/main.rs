@@ -6,7 +6,11 @@ use fedretail_sim::scenario::{self, RunArgs};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "fedretail-sim", version, about = "Simulates fedretail federated training on real data")]
+#[command(
+    name = "fedretail-sim",
+    version,
+    about = "Simulates fedretail federated training on real data"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -36,7 +40,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            #[allow(clippy::print_stderr)] // reason: the error must reach the user even with logging filtered
+            #[allow(clippy::print_stderr)]
+            // reason: the error must reach the user even with logging filtered
             {
                 eprintln!("error: {e:#}");
             }
@@ -49,7 +54,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let command = cli.command.unwrap_or_else(|| {
         use clap::FromArgMatches;
-        let matches = <RunArgs as clap::Args>::augment_args(clap::Command::new("run")).get_matches_from(["run"]);
+        let matches = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"))
+            .get_matches_from(["run"]);
         Command::Run(Box::new(RunArgs::from_arg_matches(&matches).expect("defaults parse")))
     });
     match command {

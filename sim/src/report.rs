@@ -54,7 +54,12 @@ pub struct StoreRow {
 
 impl From<&StoreData> for StoreRow {
     fn from(s: &StoreData) -> StoreRow {
-        StoreRow { name: s.name.clone(), users: s.users.len(), train: s.data.train.len(), test: s.data.test.len() }
+        StoreRow {
+            name: s.name.clone(),
+            users: s.users.len(),
+            train: s.data.train.len(),
+            test: s.data.test.len(),
+        }
     }
 }
 
@@ -147,24 +152,51 @@ pub fn to_markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "{} ratings ({} train, {} test, seeded random split, seed {}), {} clients, {} rounds, {} local epochs, cohort {}.\n",
-        r.n_ratings, r.n_train, r.n_test, r.seed, r.n_clients, r.rounds, r.spec.plan.local_epochs, r.spec.plan.cohort_size
+        r.n_ratings,
+        r.n_train,
+        r.n_test,
+        r.seed,
+        r.n_clients,
+        r.rounds,
+        r.spec.plan.local_epochs,
+        r.spec.plan.cohort_size
     );
-    let _ = writeln!(s, "| method | RMSE | MAE | HR@10 | NDCG@10 |\n| --- | --- | --- | --- | --- |");
+    let _ =
+        writeln!(s, "| method | RMSE | MAE | HR@10 | NDCG@10 |\n| --- | --- | --- | --- | --- |");
     for (name, m) in [
         ("federated", &r.federated),
         (&*format!("central (pooled, {} epochs)", r.reference_epochs), &r.central),
         (&*format!("local-only ({} epochs)", r.reference_epochs), &r.local_only),
     ] {
-        let _ = writeln!(s, "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |", m.rmse, m.mae, m.hr_at_10, m.ndcg_at_10);
+        let _ = writeln!(
+            s,
+            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            m.rmse, m.mae, m.hr_at_10, m.ndcg_at_10
+        );
     }
     let gap = (r.federated.rmse / r.central.rmse - 1.0) * 100.0;
-    let _ = writeln!(s, "\nFederated RMSE is {gap:+.2} % relative to central; {} rounds failed.\n", r.failed_rounds);
-    let _ = writeln!(s, "## Learning curve\n\n| round | test RMSE | HR@10 | train loss |\n| --- | --- | --- | --- |");
+    let _ = writeln!(
+        s,
+        "\nFederated RMSE is {gap:+.2} % relative to central; {} rounds failed.\n",
+        r.failed_rounds
+    );
+    let _ = writeln!(
+        s,
+        "## Learning curve\n\n| round | test RMSE | HR@10 | train loss |\n| --- | --- | --- | --- |"
+    );
     for h in r.history.iter().filter(|h| h.eval.is_some()) {
         let e = h.eval.expect("filtered");
-        let _ = writeln!(s, "| {} | {:.4} | {:.4} | {:.4} |", h.index, e.rmse(), e.hr_at_10(), h.train_loss);
+        let _ = writeln!(
+            s,
+            "| {} | {:.4} | {:.4} | {:.4} |",
+            h.index,
+            e.rmse(),
+            e.hr_at_10(),
+            h.train_loss
+        );
     }
-    let _ = writeln!(s, "\n## Clients\n\n| client | users | train | test |\n| --- | --- | --- | --- |");
+    let _ =
+        writeln!(s, "\n## Clients\n\n| client | users | train | test |\n| --- | --- | --- | --- |");
     for st in &r.stores {
         let _ = writeln!(s, "| {} | {} | {} | {} |", st.name, st.users, st.train, st.test);
     }

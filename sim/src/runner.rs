@@ -55,7 +55,9 @@ impl LocalCoordinator {
     ///
     /// If the port cannot be bound.
     pub async fn start(poll_timeout: Duration) -> anyhow::Result<LocalCoordinator> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a loopback port")?;
         let addr = listener.local_addr()?;
         let config = fedretail_coordinator::config::Config {
             listen: addr,
@@ -67,7 +69,8 @@ impl LocalCoordinator {
         let stop = CancellationToken::new();
         let signal = stop.clone();
         let join = tokio::spawn(async move {
-            fedretail_coordinator::run(config, listener, async move { signal.cancelled().await }).await
+            fedretail_coordinator::run(config, listener, async move { signal.cancelled().await })
+                .await
         });
         Ok(LocalCoordinator { addr, stop, join })
     }
@@ -94,7 +97,7 @@ impl LocalCoordinator {
 ///
 /// Connection failures.
 pub async fn admin(url: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    Ok(AdminClient::connect(url.to_string()).await.with_context(|| format!("connecting to {url}"))?)
+    AdminClient::connect(url.to_string()).await.with_context(|| format!("connecting to {url}"))
 }
 
 /// Runs `spec` with one participant per entry of `clients` against `coordinator`, reporting
@@ -129,11 +132,13 @@ pub async fn run_federated(
             max_backoff: Duration::from_secs(2),
         };
         let cancel = cancel.clone();
-        participants.spawn(async move { Participant::new(transport, config, data).run(cancel).await });
+        participants
+            .spawn(async move { Participant::new(transport, config, data).run(cancel).await });
     }
 
     let status = loop {
-        let status = admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 1 }).await?.into_inner();
+        let status =
+            admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 1 }).await?.into_inner();
         progress.set_position(status.committed_rounds);
         if let Some(rmse) = status.rounds.iter().filter_map(|r| r.eval).find(|e| e.n_ratings > 0) {
             let e = EvalSums::try_from(rmse).unwrap_or_default();
@@ -169,7 +174,8 @@ pub async fn run_federated(
     }
 
     let all = status.committed_rounds + status.failed_rounds + 1;
-    let status = admin.get_task(pb::GetTaskRequest { task_id, max_rounds: all as u32 }).await?.into_inner();
+    let status =
+        admin.get_task(pb::GetTaskRequest { task_id, max_rounds: all as u32 }).await?.into_inner();
     let mut rounds: Vec<RoundRecord> = status
         .rounds
         .iter()
@@ -185,6 +191,7 @@ pub async fn run_federated(
     for (i, r) in rounds.iter_mut().enumerate() {
         r.index = i as u64 + 1;
     }
-    let final_eval = rounds.last().and_then(|r| r.eval).context("the last round has no evaluation")?;
+    let final_eval =
+        rounds.last().and_then(|r| r.eval).context("the last round has no evaluation")?;
     Ok(FederatedResult { rounds, failed_rounds: status.failed_rounds, final_eval, outcomes })
 }

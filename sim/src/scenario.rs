@@ -111,7 +111,9 @@ impl RunArgs {
         match self.server_optimizer {
             OptimizerKind::FedAvg => ServerOptimizer::FedAvg { learning_rate },
             OptimizerKind::FedAvgM => ServerOptimizer::FedAvgM { learning_rate, momentum: 0.9 },
-            OptimizerKind::FedAdam => ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 },
+            OptimizerKind::FedAdam => {
+                ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
+            }
         }
     }
 }
@@ -207,7 +209,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
 
     // The references train on blocking threads while the federation runs.
     let references = {
-        let (mf, stores_ref, epochs, seed) = (mf.clone(), stores.clone(), args.reference_epochs, args.seed);
+        let (mf, stores_ref, epochs, seed) =
+            (mf.clone(), stores.clone(), args.reference_epochs, args.seed);
         tokio::task::spawn_blocking(move || {
             let central = baselines::train_alone(&mf, &central_data, epochs, seed);
             let local = baselines::local_only(&mf, &stores_ref, epochs, seed);
@@ -220,14 +223,17 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     } else {
         let bar = indicatif::ProgressBar::new(args.rounds);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] round {pos}/{len} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] round {pos}/{len} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar
     };
     let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
-    let clients = stores.iter().map(|s| (s.name.clone(), LocalData::Ratings(store_ratings(s)))).collect();
+    let clients =
+        stores.iter().map(|s| (s.name.clone(), LocalData::Ratings(store_ratings(s)))).collect();
     let started = tokio::time::Instant::now();
     let federated = run_federated(&coordinator, &spec, clients, &progress).await;
     let wall = started.elapsed();
@@ -260,7 +266,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
 
 /// A store's data in the shape the client library takes.
 pub fn store_ratings(store: &StoreData) -> StoreRatings {
-    StoreRatings { user_keys: store.users.iter().map(u32::to_string).collect(), data: store.data.clone() }
+    StoreRatings {
+        user_keys: store.users.iter().map(u32::to_string).collect(),
+        data: store.data.clone(),
+    }
 }
 
 /// Writes `report.json` and `report.md` into `dir`.
@@ -270,8 +279,10 @@ pub fn store_ratings(store: &StoreData) -> StoreRatings {
 /// I/O errors.
 pub fn write_report(dir: &std::path::Path, report: &Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = serde_json::to_string_pretty(&report::to_json(report)).expect("plain data serialises");
-    std::fs::write(dir.join("report.json"), json + "\n").with_context(|| format!("writing {}", dir.display()))?;
+    let json =
+        serde_json::to_string_pretty(&report::to_json(report)).expect("plain data serialises");
+    std::fs::write(dir.join("report.json"), json + "\n")
+        .with_context(|| format!("writing {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), report::to_markdown(report))
         .with_context(|| format!("writing {}", dir.display()))?;
     Ok(())

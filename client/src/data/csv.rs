@@ -106,10 +106,12 @@ pub fn read_ratings(reader: impl std::io::Read, path: &Path) -> Result<Vec<CsvRa
         return Err(CsvError::Empty { path: path.into() });
     }
     let column = |name: &'static str| {
-        header.iter().position(|h| h.eq_ignore_ascii_case(name)).ok_or_else(|| CsvError::MissingColumn {
-            path: path.into(),
-            column: name,
-            header: header.iter().collect::<Vec<_>>().join(","),
+        header.iter().position(|h| h.eq_ignore_ascii_case(name)).ok_or_else(|| {
+            CsvError::MissingColumn {
+                path: path.into(),
+                column: name,
+                header: header.iter().collect::<Vec<_>>().join(","),
+            }
         })
     };
     let (user, item, rating) = (column("user_id")?, column("item_id")?, column("rating")?);
@@ -118,24 +120,38 @@ pub fn read_ratings(reader: impl std::io::Read, path: &Path) -> Result<Vec<CsvRa
     let mut record = csv::StringRecord::new();
     while rdr.read_record(&mut record).map_err(row_err)? {
         let line = record.position().map_or(0, csv::Position::line);
-        let bad = |column: &'static str, message: String| CsvError::BadValue { path: path.into(), line, column, message };
+        let bad = |column: &'static str, message: String| CsvError::BadValue {
+            path: path.into(),
+            line,
+            column,
+            message,
+        };
         let field = |i: usize| record.get(i).unwrap_or("");
         let user_id = field(user);
         if user_id.is_empty() {
             return Err(bad("user_id", "is empty".into()));
         }
-        let item_id: u32 = field(item).parse().map_err(|_| bad("item_id", format!("{:?} is not a non-negative integer", field(item))))?;
-        let value: f32 = field(rating).parse().map_err(|_| bad("rating", format!("{:?} is not a number", field(rating))))?;
+        let item_id: u32 = field(item).parse().map_err(|_| {
+            bad("item_id", format!("{:?} is not a non-negative integer", field(item)))
+        })?;
+        let value: f32 = field(rating)
+            .parse()
+            .map_err(|_| bad("rating", format!("{:?} is not a number", field(rating))))?;
         if !value.is_finite() {
             return Err(bad("rating", format!("{value} is not finite")));
         }
         let ts = match timestamp {
-            Some(i) if !field(i).is_empty() => {
-                field(i).parse().map_err(|_| bad("timestamp", format!("{:?} is not an integer", field(i))))?
-            }
+            Some(i) if !field(i).is_empty() => field(i)
+                .parse()
+                .map_err(|_| bad("timestamp", format!("{:?} is not an integer", field(i))))?,
             _ => 0,
         };
-        out.push(CsvRating { user: user_id.to_string(), item: item_id, rating: value, timestamp: ts });
+        out.push(CsvRating {
+            user: user_id.to_string(),
+            item: item_id,
+            rating: value,
+            timestamp: ts,
+        });
     }
     if out.is_empty() {
         return Err(CsvError::Empty { path: path.into() });
@@ -152,7 +168,12 @@ pub fn write_ratings(path: &Path, ratings: &[CsvRating]) -> std::io::Result<()> 
     let mut w = csv::Writer::from_path(path)?;
     w.write_record(["user_id", "item_id", "rating", "timestamp"])?;
     for r in ratings {
-        w.write_record([r.user.clone(), r.item.to_string(), r.rating.to_string(), r.timestamp.to_string()])?;
+        w.write_record([
+            r.user.clone(),
+            r.item.to_string(),
+            r.rating.to_string(),
+            r.timestamp.to_string(),
+        ])?;
     }
     w.flush()
 }
@@ -188,13 +209,17 @@ mod tests {
         assert_eq!(err, "store.csv:4: column \"rating\": \"abc\" is not a number");
         let err = read("user_id,item_id,rating\n1,-2,3\n").unwrap_err().to_string();
         assert_eq!(err, "store.csv:2: column \"item_id\": \"-2\" is not a non-negative integer");
-        let err = read("user_id,item_id,rating,timestamp\n1,2,3,yesterday\n").unwrap_err().to_string();
+        let err =
+            read("user_id,item_id,rating,timestamp\n1,2,3,yesterday\n").unwrap_err().to_string();
         assert_eq!(err, "store.csv:2: column \"timestamp\": \"yesterday\" is not an integer");
     }
 
     #[test]
     fn empty_files_and_ragged_rows_are_explained() {
-        assert_eq!(read("").unwrap_err().to_string(), "store.csv: no ratings (the file is empty or has only a header)");
+        assert_eq!(
+            read("").unwrap_err().to_string(),
+            "store.csv: no ratings (the file is empty or has only a header)"
+        );
         assert_eq!(
             read("user_id,item_id,rating\n").unwrap_err().to_string(),
             "store.csv: no ratings (the file is empty or has only a header)"

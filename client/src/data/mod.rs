@@ -27,11 +27,23 @@ impl StoreRatings {
             *v = i as u32;
         }
         let user_keys: Vec<String> = index.keys().map(|k| k.to_string()).collect();
-        let mut data = MfData { user_seeds: user_keys.iter().map(|k| user_seed(k)).collect(), ..MfData::default() };
+        let mut data = MfData {
+            user_seeds: user_keys.iter().map(|k| user_seed(k)).collect(),
+            ..MfData::default()
+        };
         let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
         for r in rows {
-            let rating = Rating { user: index[r.user.as_str()], item: r.item, value: r.rating, timestamp: r.timestamp };
-            if rng.random_bool(holdout_fraction.clamp(0.0, 1.0)) { data.test.push(rating) } else { data.train.push(rating) }
+            let rating = Rating {
+                user: index[r.user.as_str()],
+                item: r.item,
+                value: r.rating,
+                timestamp: r.timestamp,
+            };
+            if rng.random_bool(holdout_fraction.clamp(0.0, 1.0)) {
+                data.test.push(rating)
+            } else {
+                data.train.push(rating)
+            }
         }
         StoreRatings { user_keys, data }
     }

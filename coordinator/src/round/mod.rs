@@ -154,7 +154,9 @@ impl TaskState {
 
     /// Parses [`TaskState::as_str`].
     pub fn parse(s: &str) -> Option<TaskState> {
-        [TaskState::Running, TaskState::Finished, TaskState::Failed].into_iter().find(|t| t.as_str() == s)
+        [TaskState::Running, TaskState::Finished, TaskState::Failed]
+            .into_iter()
+            .find(|t| t.as_str() == s)
     }
 }
 
@@ -256,14 +258,44 @@ impl ModelBlob {
 /// Requests to a task's driver. Each carries its reply channel.
 #[derive(Debug)]
 pub(crate) enum Request {
-    Enroll { store_name: String, reply: oneshot::Sender<Result<ClientId, Reject>> },
-    Poll { client: ClientId, reply: oneshot::Sender<Result<Assignment, Reject>> },
-    Model { client: ClientId, version: ModelVersion, reply: oneshot::Sender<Result<Arc<ModelBlob>, Reject>> },
-    LatestModel { reply: oneshot::Sender<Arc<ModelBlob>> },
-    BeginUpload { client: ClientId, round: RoundId, reply: oneshot::Sender<Result<(usize, f32), Reject>> },
-    Upload { upload: Upload, reply: oneshot::Sender<Result<(), Reject>> },
-    Report { client: ClientId, round: RoundId, sums: EvalSums, reply: oneshot::Sender<Result<(), Reject>> },
-    Status { max_rounds: usize, reply: oneshot::Sender<TaskStatus> },
+    Enroll {
+        store_name: String,
+        reply: oneshot::Sender<Result<ClientId, Reject>>,
+    },
+    Poll {
+        client: ClientId,
+        reply: oneshot::Sender<Result<Assignment, Reject>>,
+    },
+    Model {
+        client: ClientId,
+        version: ModelVersion,
+        reply: oneshot::Sender<Result<Arc<ModelBlob>, Reject>>,
+    },
+    LatestModel {
+        reply: oneshot::Sender<Arc<ModelBlob>>,
+    },
+    BeginUpload {
+        client: ClientId,
+        round: RoundId,
+        reply: oneshot::Sender<Result<(usize, f32), Reject>>,
+    },
+    Rejected {
+        round: RoundId,
+    },
+    Upload {
+        upload: Upload,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
+    Report {
+        client: ClientId,
+        round: RoundId,
+        sums: EvalSums,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
+    Status {
+        max_rounds: usize,
+        reply: oneshot::Sender<TaskStatus>,
+    },
 }
 
 /// The way into a running task: a bounded queue to its driver, with a reply per request.
@@ -305,7 +337,11 @@ impl RoundHandle {
     }
 
     /// One model version, for a client of this task.
-    pub async fn model(&self, client: ClientId, version: ModelVersion) -> Result<Arc<ModelBlob>, Reject> {
+    pub async fn model(
+        &self,
+        client: ClientId,
+        version: ModelVersion,
+    ) -> Result<Arc<ModelBlob>, Reject> {
         self.ask(|reply| Request::Model { client, version, reply }).await?
     }
 
@@ -315,8 +351,17 @@ impl RoundHandle {
     }
 
     /// Checks that `client` may upload for `round`; returns the expected size and clip norm.
-    pub async fn begin_upload(&self, client: ClientId, round: RoundId) -> Result<(usize, f32), Reject> {
+    pub async fn begin_upload(
+        &self,
+        client: ClientId,
+        round: RoundId,
+    ) -> Result<(usize, f32), Reject> {
         self.ask(|reply| Request::BeginUpload { client, round, reply }).await?
+    }
+
+    /// Tells the round that the service refused a request for it (malformed stream, checksum).
+    pub async fn rejected(&self, round: RoundId) {
+        let _ = self.tx.send(Request::Rejected { round }).await;
     }
 
     /// Hands over a complete upload.
@@ -325,7 +370,12 @@ impl RoundHandle {
     }
 
     /// Reports evaluation sums.
-    pub async fn report(&self, client: ClientId, round: RoundId, sums: EvalSums) -> Result<(), Reject> {
+    pub async fn report(
+        &self,
+        client: ClientId,
+        round: RoundId,
+        sums: EvalSums,
+    ) -> Result<(), Reject> {
         self.ask(|reply| Request::Report { client, round, sums, reply }).await?
     }
 

@@ -32,8 +32,12 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateTaskRequest>,
     ) -> Result<Response<pb::CreateTaskResponse>, Status> {
-        let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let spec = TaskSpec::try_from(spec).map_err(|e| Status::invalid_argument(format!("invalid task spec: {e}")))?;
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let spec = TaskSpec::try_from(spec)
+            .map_err(|e| Status::invalid_argument(format!("invalid task spec: {e}")))?;
         let tasks = self.tasks.clone();
         let created = tokio::task::spawn_blocking(move || tasks.create(spec))
             .await
@@ -48,7 +52,10 @@ impl Admin for AdminService {
         }
     }
 
-    async fn get_task(&self, request: Request<pb::GetTaskRequest>) -> Result<Response<pb::TaskStatus>, Status> {
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::TaskStatus>, Status> {
         let req = request.into_inner();
         let handle = self.tasks.get(TaskId(req.task_id)).map_err(|r| to_status(&r))?;
         let max_rounds = if req.max_rounds == 0 { DEFAULT_ROUNDS } else { req.max_rounds as usize };
@@ -74,11 +81,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ExportModelRequest>,
     ) -> Result<Response<Self::ExportModelStream>, Status> {
-        let handle = self.tasks.get(TaskId(request.into_inner().task_id)).map_err(|r| to_status(&r))?;
+        let handle =
+            self.tasks.get(TaskId(request.into_inner().task_id)).map_err(|r| to_status(&r))?;
         let status = handle.status(0).await.map_err(|r| to_status(&r))?;
         let blob = handle.latest_model().await.map_err(|r| to_status(&r))?;
         let mut spec = Some(pb::TaskSpec::from(status.spec.as_ref()));
-        let stream = model_chunks(blob).map(move |chunk| Ok(pb::ExportModelChunk { chunk: Some(chunk), spec: spec.take() }));
+        let stream = model_chunks(blob)
+            .map(move |chunk| Ok(pb::ExportModelChunk { chunk: Some(chunk), spec: spec.take() }));
         Ok(Response::new(Box::pin(stream)))
     }
 }

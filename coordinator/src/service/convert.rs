@@ -19,24 +19,32 @@ impl From<Assignment> for pb::NextAssignmentResponse {
         use pb::next_assignment_response::Assignment as A;
         let assignment = match a {
             Assignment::Wait => A::Wait(pb::Wait { retry_after_ms: 0 }),
-            Assignment::Train { round, version, n_params, local_epochs, clip_norm, round_seed, upload_timeout } => {
-                A::Train(pb::TrainAssignment {
-                    round_id: round.0,
-                    model_version: version.0,
-                    n_params: n_params as u64,
-                    local_epochs,
-                    clip_norm,
-                    round_seed,
-                    upload_timeout_ms: upload_timeout.as_millis() as u64,
-                    encoding: pb::UpdateEncoding::Float32Le.into(),
-                })
-            }
-            Assignment::Evaluate { round, version, n_params, seed } => A::Evaluate(pb::EvaluateAssignment {
+            Assignment::Train {
+                round,
+                version,
+                n_params,
+                local_epochs,
+                clip_norm,
+                round_seed,
+                upload_timeout,
+            } => A::Train(pb::TrainAssignment {
                 round_id: round.0,
                 model_version: version.0,
                 n_params: n_params as u64,
-                round_seed: seed,
+                local_epochs,
+                clip_norm,
+                round_seed,
+                upload_timeout_ms: upload_timeout.as_millis() as u64,
+                encoding: pb::UpdateEncoding::Float32Le.into(),
             }),
+            Assignment::Evaluate { round, version, n_params, seed } => {
+                A::Evaluate(pb::EvaluateAssignment {
+                    round_id: round.0,
+                    model_version: version.0,
+                    n_params: n_params as u64,
+                    round_seed: seed,
+                })
+            }
             Assignment::Finished { state, reason } => {
                 A::Finished(pb::TaskFinished { state: pb::TaskState::from(state).into(), reason })
             }

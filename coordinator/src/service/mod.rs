@@ -32,17 +32,74 @@ pub struct TrainingService {
 }
 
 impl TrainingService {
-    pub(crate) fn new(tasks: Arc<Tasks>, poll_timeout: Duration, max_concurrent_uploads: usize) -> TrainingService {
-        TrainingService { tasks, poll_timeout, upload_permits: Arc::new(Semaphore::new(max_concurrent_uploads)) }
+    pub(crate) fn new(
+        tasks: Arc<Tasks>,
+        poll_timeout: Duration,
+        max_concurrent_uploads: usize,
+    ) -> TrainingService {
+        TrainingService {
+            tasks,
+            poll_timeout,
+            upload_permits: Arc::new(Semaphore::new(max_concurrent_uploads)),
+        }
     }
 
     fn task(&self, id: u64) -> Result<RoundHandle, Status> {
         self.tasks.get(TaskId(id)).map_err(|r| to_status(&r))
     }
+
+    /// Reads the chunks and trailer of an upload whose header was accepted, holding one of the
+    /// staging permits while it does.
+    async fn receive(
+        &self,
+        stream: &mut Streaming<pb::UploadUpdateRequest>,
+        client: ClientId,
+        round: RoundId,
+        n_params: usize,
+        announced: u64,
+        weight: f64,
+    ) -> Result<Upload, Status> {
+        use pb::upload_update_request::Part;
+        let malformed = |m: String| to_status(&Reject::Malformed(m));
+        if announced as usize != n_params {
+            return Err(to_status(&Reject::WrongShape {
+                expected: n_params,
+                got: announced as usize,
+            }));
+        }
+        let _permit =
+            self.upload_permits.acquire().await.map_err(|_| to_status(&Reject::ShuttingDown))?;
+        let mut reassembler = Reassembler::new(n_params);
+        let trailer = loop {
+            match stream.message().await? {
+                Some(pb::UploadUpdateRequest { part: Some(Part::Chunk(c)) }) => {
+                    reassembler
+                        .push(c.offset as usize, &c.data)
+                        .map_err(|e| malformed(e.to_string()))?;
+                }
+                Some(pb::UploadUpdateRequest { part: Some(Part::Trailer(t)) }) => break t,
+                Some(_) => {
+                    return Err(malformed("expected an UploadChunk or UploadTrailer".into()));
+                }
+                None => return Err(malformed("the stream ended before the UploadTrailer".into())),
+            }
+        };
+        let values =
+            reassembler.finish(Some(&trailer.sha256)).map_err(|e| malformed(e.to_string()))?;
+        let s = trailer.summary.unwrap_or_default();
+        let summary = TrainSummary {
+            n_examples: s.n_examples,
+            train_loss: s.train_loss,
+            norm_before_clip: s.norm_before_clip,
+        };
+        Ok(Upload { client, round, values, weight, summary })
+    }
 }
 
 /// Streams a model in chunks of [`CHUNK_PARAMS`], encoding each chunk only when it is sent.
-pub(crate) fn model_chunks(blob: Arc<crate::round::ModelBlob>) -> impl Stream<Item = pb::ModelChunk> + Send {
+pub(crate) fn model_chunks(
+    blob: Arc<crate::round::ModelBlob>,
+) -> impl Stream<Item = pb::ModelChunk> + Send {
     let n_chunks = blob.values.len().div_ceil(CHUNK_PARAMS).max(1);
     tokio_stream::iter(0..n_chunks).map(move |i| {
         let start = i * CHUNK_PARAMS;
@@ -62,7 +119,10 @@ pub(crate) fn model_chunks(blob: Arc<crate::round::ModelBlob>) -> impl Stream<It
 #[tonic::async_trait]
 impl Training for TrainingService {
     #[tracing::instrument(skip_all, fields(task = %request.get_ref().task_name, store = %request.get_ref().store_name))]
-    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
         let req = request.into_inner();
         let handle = self.tasks.by_name(&req.task_name).map_err(|r| to_status(&r))?;
         let client = handle.enroll(req.store_name).await.map_err(|r| to_status(&r))?;
@@ -81,8 +141,10 @@ impl Training for TrainingService {
     ) -> Result<Response<pb::NextAssignmentResponse>, Status> {
         let req = request.into_inner();
         let handle = self.task(req.task_id)?;
-        let assignment =
-            handle.poll(ClientId(req.client_id), self.poll_timeout).await.map_err(|r| to_status(&r))?;
+        let assignment = handle
+            .poll(ClientId(req.client_id), self.poll_timeout)
+            .await
+            .map_err(|r| to_status(&r))?;
         Ok(Response::new(assignment.into()))
     }
 
@@ -114,38 +176,31 @@ impl Training for TrainingService {
         };
         let (client, round) = (ClientId(header.client_id), RoundId(header.round_id));
         if header.encoding != pb::UpdateEncoding::Float32Le as i32 {
-            return Err(malformed(format!("encoding {} is not supported for this task", header.encoding)));
+            return Err(malformed(format!(
+                "encoding {} is not supported for this task",
+                header.encoding
+            )));
         }
         let handle = self.task(header.task_id)?;
-        let (n_params, _clip) = handle.begin_upload(client, round).await.map_err(|r| to_status(&r))?;
-        if header.n_params as usize != n_params {
-            return Err(to_status(&Reject::WrongShape { expected: n_params, got: header.n_params as usize }));
-        }
-        let _permit = self.upload_permits.acquire().await.map_err(|_| to_status(&Reject::ShuttingDown))?;
-        let mut reassembler = Reassembler::new(n_params);
-        let trailer = loop {
-            match stream.message().await? {
-                Some(pb::UploadUpdateRequest { part: Some(Part::Chunk(c)) }) => {
-                    reassembler.push(c.offset as usize, &c.data).map_err(|e| malformed(e.to_string()))?;
-                }
-                Some(pb::UploadUpdateRequest { part: Some(Part::Trailer(t)) }) => break t,
-                Some(_) => return Err(malformed("expected an UploadChunk or UploadTrailer".into())),
-                None => return Err(malformed("the stream ended before the UploadTrailer".into())),
+        let (n_params, _clip) =
+            handle.begin_upload(client, round).await.map_err(|r| to_status(&r))?;
+        // From here on a refusal happens in this service, not the round: tell the round, so its
+        // count of rejected requests is complete.
+        let received = self
+            .receive(&mut stream, client, round, n_params, header.n_params, header.weight)
+            .await;
+        let upload = match received {
+            Ok(upload) => upload,
+            Err(status) => {
+                handle.rejected(round).await;
+                return Err(status);
             }
         };
-        let values = reassembler.finish(Some(&trailer.sha256)).map_err(|e| malformed(e.to_string()))?;
-        let s = trailer.summary.unwrap_or_default();
-        let summary = TrainSummary {
-            n_examples: s.n_examples,
-            train_loss: s.train_loss,
-            norm_before_clip: s.norm_before_clip,
-        };
-        let weight = header.weight;
-        handle
-            .upload(Upload { client, round, values, weight, summary })
-            .await
-            .map_err(|r| to_status(&r))?;
-        Ok(Response::new(pb::UploadUpdateResponse { round_id: round.0, n_params_received: n_params as u64 }))
+        handle.upload(upload).await.map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::UploadUpdateResponse {
+            round_id: round.0,
+            n_params_received: n_params as u64,
+        }))
     }
 
     async fn report_metrics(
@@ -154,11 +209,15 @@ impl Training for TrainingService {
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let req = request.into_inner();
         let handle = self.task(req.task_id)?;
-        let sums = req.sums.ok_or_else(|| to_status(&Reject::Malformed("sums is required".into())))?;
+        let sums =
+            req.sums.ok_or_else(|| to_status(&Reject::Malformed("sums is required".into())))?;
         let sums = sums.try_into().map_err(|e: fedretail_proto::convert::ConvertError| {
             to_status(&Reject::Malformed(e.to_string()))
         })?;
-        handle.report(ClientId(req.client_id), RoundId(req.round_id), sums).await.map_err(|r| to_status(&r))?;
+        handle
+            .report(ClientId(req.client_id), RoundId(req.round_id), sums)
+            .await
+            .map_err(|r| to_status(&r))?;
         Ok(Response::new(pb::ReportMetricsResponse {}))
     }
 
@@ -176,7 +235,10 @@ impl Training for TrainingService {
         Err(Status::unimplemented("secure aggregation is not available in this version"))
     }
 
-    async fn unmask(&self, _request: Request<pb::UnmaskRequest>) -> Result<Response<pb::UnmaskResponse>, Status> {
+    async fn unmask(
+        &self,
+        _request: Request<pb::UnmaskRequest>,
+    ) -> Result<Response<pb::UnmaskResponse>, Status> {
         Err(Status::unimplemented("secure aggregation is not available in this version"))
     }
 }

@@ -8,12 +8,15 @@ pub(crate) fn to_status(reject: &Reject) -> Status {
     let code = match reject {
         Reject::UnknownClient(_) => Code::Unauthenticated,
         Reject::UnknownTask(_) | Reject::NoSuchModel(_) => Code::NotFound,
-        Reject::TaskEnded | Reject::StaleRound { .. } | Reject::WrongPhase { .. } => Code::FailedPrecondition,
+        Reject::TaskEnded | Reject::StaleRound { .. } | Reject::WrongPhase { .. } => {
+            Code::FailedPrecondition
+        }
         Reject::NotInCohort(_) => Code::PermissionDenied,
         Reject::Duplicate(_) => Code::AlreadyExists,
-        Reject::WrongShape { .. } | Reject::NonFinite | Reject::NotClipped { .. } | Reject::Malformed(_) => {
-            Code::InvalidArgument
-        }
+        Reject::WrongShape { .. }
+        | Reject::NonFinite
+        | Reject::NotClipped { .. }
+        | Reject::Malformed(_) => Code::InvalidArgument,
         Reject::ShuttingDown => Code::Unavailable,
     };
     Status::new(code, reject.to_string())

@@ -47,7 +47,8 @@ impl Store for MemoryStore {
         }
         inner.next_task += 1;
         let id = TaskId(inner.next_task);
-        let task = StoredTask { id, spec: spec.clone(), state: TaskState::Running, reason: String::new() };
+        let task =
+            StoredTask { id, spec: spec.clone(), state: TaskState::Running, reason: String::new() };
         let snapshot = Snapshot {
             model: initial,
             optimizer: OptimizerState::default(),
@@ -79,7 +80,8 @@ impl Store for MemoryStore {
             inner.failing_commits -= 1;
             return Err(StoreError::Backend("injected commit failure".into()));
         }
-        let (_, snap) = inner.tasks.get_mut(&record.task).ok_or(StoreError::UnknownTask(record.task))?;
+        let (_, snap) =
+            inner.tasks.get_mut(&record.task).ok_or(StoreError::UnknownTask(record.task))?;
         snap.model = record.model;
         snap.optimizer = record.optimizer;
         snap.committed_rounds += 1;
@@ -95,7 +97,12 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn set_task_state(&self, task: TaskId, state: TaskState, reason: &str) -> Result<(), StoreError> {
+    fn set_task_state(
+        &self,
+        task: TaskId,
+        state: TaskState,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let (t, _) = inner.tasks.get_mut(&task).ok_or(StoreError::UnknownTask(task))?;
         t.state = state;

@@ -120,5 +120,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     ///
     /// [`StoreError::UnknownTask`]; backend errors.
-    fn set_task_state(&self, task: TaskId, state: TaskState, reason: &str) -> Result<(), StoreError>;
+    fn set_task_state(
+        &self,
+        task: TaskId,
+        state: TaskState,
+        reason: &str,
+    ) -> Result<(), StoreError>;
 }

@@ -48,5 +48,11 @@ pub trait Model {
     ) -> TrainStats;
 
     /// Evaluates on the held-out part of `data`; `seed` fixes any sampling (ranking negatives).
-    fn evaluate(&self, global: &[f32], local: &Self::Local, data: &Self::Data, seed: u64) -> EvalSums;
+    fn evaluate(
+        &self,
+        global: &[f32],
+        local: &Self::Local,
+        data: &Self::Data,
+        seed: u64,
+    ) -> EvalSums;
 }

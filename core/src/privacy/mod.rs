@@ -44,7 +44,10 @@ impl ClippedUpdate {
 ///
 /// If `clip_norm` is not positive and finite (validated task plans never do this).
 pub fn clip(mut values: Vec<f32>, clip_norm: f32) -> ClippedUpdate {
-    assert!(clip_norm.is_finite() && clip_norm > 0.0, "clip_norm must be positive, got {clip_norm}");
+    assert!(
+        clip_norm.is_finite() && clip_norm > 0.0,
+        "clip_norm must be positive, got {clip_norm}"
+    );
     for v in &mut values {
         if !v.is_finite() {
             *v = 0.0;

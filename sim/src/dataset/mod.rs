@@ -56,7 +56,11 @@ pub struct StoreData {
 }
 
 /// A seeded random split of the ratings: `test_fraction` of them held out.
-pub fn split(ratings: &[RawRating], test_fraction: f64, seed: u64) -> (Vec<RawRating>, Vec<RawRating>) {
+pub fn split(
+    ratings: &[RawRating],
+    test_fraction: f64,
+    seed: u64,
+) -> (Vec<RawRating>, Vec<RawRating>) {
     let mut shuffled = ratings.to_vec();
     shuffled.shuffle(&mut rand::rngs::ChaCha8Rng::seed_from_u64(seed));
     let n_test = (ratings.len() as f64 * test_fraction).round() as usize;
@@ -73,7 +77,9 @@ pub fn partition(
 ) -> Vec<StoreData> {
     let store_of = |user: u32| -> String {
         match how {
-            Partition::Region => dataset.user_region.get(&user).cloned().unwrap_or_else(|| "unknown".into()),
+            Partition::Region => {
+                dataset.user_region.get(&user).cloned().unwrap_or_else(|| "unknown".into())
+            }
             Partition::Device => format!("user-{user:05}"),
         }
     };
@@ -97,7 +103,8 @@ pub fn partition(
         for r in ratings {
             let (name, local) = &local_index[&r.user];
             let store = stores.get_mut(name).expect("every user has a store");
-            let rating = Rating { user: *local, item: r.item, value: r.value, timestamp: r.timestamp };
+            let rating =
+                Rating { user: *local, item: r.item, value: r.value, timestamp: r.timestamp };
             if is_test { store.data.test.push(rating) } else { store.data.train.push(rating) }
         }
     }
@@ -107,7 +114,8 @@ pub fn partition(
 /// All ratings pooled into one "store": the central (non-federated) reference.
 pub fn pooled(dataset: &RatingsDataset, train: &[RawRating], test: &[RawRating]) -> StoreData {
     let mut all = partition(dataset, train, test, Partition::Device);
-    let mut pooled = StoreData { name: "central".into(), users: Vec::new(), data: MfData::default() };
+    let mut pooled =
+        StoreData { name: "central".into(), users: Vec::new(), data: MfData::default() };
     for store in all.drain(..) {
         let offset = pooled.users.len() as u32;
         pooled.users.extend(&store.users);
@@ -125,7 +133,12 @@ mod tests {
 
     fn tiny() -> RatingsDataset {
         let ratings = (0..40u32)
-            .map(|k| RawRating { user: k % 4, item: k % 7, value: (k % 5 + 1) as f32, timestamp: i64::from(k) })
+            .map(|k| RawRating {
+                user: k % 4,
+                item: k % 7,
+                value: (k % 5 + 1) as f32,
+                timestamp: i64::from(k),
+            })
             .collect();
         let user_region = [(0, "zip-1"), (1, "zip-1"), (2, "zip-9"), (3, "non-us")]
             .into_iter()
@@ -156,6 +169,9 @@ mod tests {
         assert_eq!(n, 40);
         assert_eq!(partition(&d, &train, &test, Partition::Device).len(), 4);
         let central = pooled(&d, &train, &test);
-        assert_eq!((central.data.train.len(), central.data.test.len(), central.users.len()), (30, 10, 4));
+        assert_eq!(
+            (central.data.train.len(), central.data.test.len(), central.users.len()),
+            (30, 10, 4)
+        );
     }
 }

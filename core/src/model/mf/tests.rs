@@ -29,11 +29,16 @@ fn sgd_step_follows_the_finite_difference_gradient() {
     let mut q1 = Array1::from(q0.to_vec());
     sgd_step(&mut mu1, &mut bu1, &mut bi1, p1.view_mut(), q1.view_mut(), r, lr, reg);
 
-    let loss = |mu: f32, bu: f32, bi: f32, p: &[f32], q: &[f32]| rating_loss(mu, bu, bi, p, q, r, reg);
+    let loss =
+        |mu: f32, bu: f32, bi: f32, p: &[f32], q: &[f32]| rating_loss(mu, bu, bi, p, q, r, reg);
     let fd = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * f64::from(h));
     let check = |name: &str, moved: f32, start: f32, grad: f64| {
         let step = f64::from(moved - start);
-        assert!((step + f64::from(lr) * grad).abs() < 2e-6, "{name}: step {step}, -lr*grad {}", -f64::from(lr) * grad);
+        assert!(
+            (step + f64::from(lr) * grad).abs() < 2e-6,
+            "{name}: step {step}, -lr*grad {}",
+            -f64::from(lr) * grad
+        );
     };
     check("mu", mu1, mu, fd(&|d| loss(mu + d, bu, bi, &p0, &q0)));
     check("b_u", bu1, bu, fd(&|d| loss(mu, bu + d, bi, &p0, &q0)));
@@ -57,13 +62,18 @@ fn sgd_step_follows_the_finite_difference_gradient() {
 /// Low-rank synthetic ratings: `3 + u_k · v_k` rounded to the scale.
 fn synthetic(n_users: usize, n_items: usize, per_user: usize, seed: u64) -> MfData {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
-    let uf: Vec<[f32; 2]> = (0..n_users).map(|_| [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)]).collect();
-    let vf: Vec<[f32; 2]> = (0..n_items).map(|_| [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)]).collect();
-    let mut data = MfData { user_seeds: (0..n_users as u64).map(|u| user_seed(&u.to_string())).collect(), ..MfData::default() };
-    for u in 0..n_users {
+    let uf: Vec<[f32; 2]> =
+        (0..n_users).map(|_| [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)]).collect();
+    let vf: Vec<[f32; 2]> =
+        (0..n_items).map(|_| [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)]).collect();
+    let mut data = MfData {
+        user_seeds: (0..n_users as u64).map(|u| user_seed(&u.to_string())).collect(),
+        ..MfData::default()
+    };
+    for (u, uf_u) in uf.iter().enumerate() {
         for j in 0..per_user {
             let i = (u * 7 + j * 13) % n_items;
-            let value = (3.0 + 1.5 * (uf[u][0] * vf[i][0] + uf[u][1] * vf[i][1])).clamp(1.0, 5.0);
+            let value = (3.0 + 1.5 * (uf_u[0] * vf[i][0] + uf_u[1] * vf[i][1])).clamp(1.0, 5.0);
             let r = Rating { user: u as u32, item: i as u32, value, timestamp: j as i64 };
             if j % 5 == 0 { data.test.push(r) } else { data.train.push(r) }
         }

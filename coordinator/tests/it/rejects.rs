@@ -1,0 +1,175 @@
+//! Every kind of bad request gets its precise gRPC status, and the round goes on.
+
+use crate::support::{bench_task, create_task, start_coordinator, task_status};
+use fedretail_proto::pb;
+use fedretail_proto::pb::training_client::TrainingClient;
+use pb::upload_update_request::Part;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn enroll(t: &mut TrainingClient<Channel>, task: &str, store: &str) -> pb::EnrollResponse {
+    let req = pb::EnrollRequest {
+        task_name: task.into(),
+        store_name: store.into(),
+        client_version: "test".into(),
+    };
+    t.enroll(req).await.unwrap().into_inner()
+}
+
+async fn poll(
+    t: &mut TrainingClient<Channel>,
+    e: &pb::EnrollResponse,
+) -> Result<pb::NextAssignmentResponse, tonic::Status> {
+    t.next_assignment(pb::NextAssignmentRequest { client_id: e.client_id, task_id: e.task_id })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// An upload as a client would stream it; `n_params` and `sha` can lie.
+async fn upload(
+    t: &mut TrainingClient<Channel>,
+    e: &pb::EnrollResponse,
+    round_id: u64,
+    n_params: u64,
+    values: &[f32],
+    sha: Option<Vec<u8>>,
+) -> Result<(), Code> {
+    let data = bytes(values);
+    let sha =
+        sha.unwrap_or_else(|| ring::digest::digest(&ring::digest::SHA256, &data).as_ref().to_vec());
+    let header = pb::UploadHeader {
+        client_id: e.client_id,
+        task_id: e.task_id,
+        round_id,
+        n_params,
+        encoding: pb::UpdateEncoding::Float32Le.into(),
+        weight: 1.0,
+    };
+    let messages = vec![
+        pb::UploadUpdateRequest { part: Some(Part::Header(header)) },
+        pb::UploadUpdateRequest { part: Some(Part::Chunk(pb::UploadChunk { offset: 0, data })) },
+        pb::UploadUpdateRequest {
+            part: Some(Part::Trailer(pb::UploadTrailer { sha256: sha, summary: None })),
+        },
+    ];
+    t.upload_update(tokio_stream::iter(messages)).await.map(|_| ()).map_err(|s| s.code())
+}
+
+fn train_round(a: &pb::NextAssignmentResponse) -> u64 {
+    match &a.assignment {
+        Some(pb::next_assignment_response::Assignment::Train(t)) => t.round_id,
+        other => panic!("expected a training assignment, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn each_reject_has_its_status_code_and_the_round_goes_on() {
+    let c = start_coordinator().await;
+    let task_id = create_task(&c.url, &bench_task("rejects", 4, 1, 2)).await.unwrap();
+    let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();
+    let a = enroll(&mut t, "rejects", "a").await;
+    let b = enroll(&mut t, "rejects", "b").await;
+    let round = train_round(&poll(&mut t, &a).await.unwrap());
+    assert_eq!(train_round(&poll(&mut t, &b).await.unwrap()), round);
+    let late = enroll(&mut t, "rejects", "late").await;
+
+    let good = [0.1f32, 0.2, 0.3, 0.4];
+    let stranger = pb::EnrollResponse { client_id: 42, ..a };
+    assert_eq!(poll(&mut t, &stranger).await.unwrap_err().code(), Code::Unauthenticated);
+    let lost = pb::EnrollResponse { task_id: 999, ..a };
+    assert_eq!(poll(&mut t, &lost).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        upload(&mut t, &a, round, 3, &good[..3], None).await,
+        Err(Code::InvalidArgument),
+        "wrong shape"
+    );
+    assert_eq!(
+        upload(&mut t, &a, round, 4, &[f32::NAN, 0.0, 0.0, 0.0], None).await,
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        upload(&mut t, &a, round, 4, &[1.0, 1.0, 0.0, 0.0], None).await,
+        Err(Code::InvalidArgument),
+        "unclipped"
+    );
+    assert_eq!(
+        upload(&mut t, &a, round, 4, &good, Some(vec![0; 32])).await,
+        Err(Code::InvalidArgument),
+        "checksum"
+    );
+    assert_eq!(
+        upload(&mut t, &a, round + 100, 4, &good, None).await,
+        Err(Code::FailedPrecondition),
+        "stale"
+    );
+    assert_eq!(
+        upload(&mut t, &late, round, 4, &good, None).await,
+        Err(Code::PermissionDenied),
+        "not in cohort"
+    );
+    let no_header = t
+        .upload_update(tokio_stream::iter(vec![pb::UploadUpdateRequest {
+            part: Some(Part::Chunk(pb::UploadChunk { offset: 0, data: bytes(&good) })),
+        }]))
+        .await;
+    assert_eq!(no_header.unwrap_err().code(), Code::InvalidArgument);
+    let no_sums = t.report_metrics(pb::ReportMetricsRequest {
+        client_id: a.client_id,
+        task_id,
+        round_id: round,
+        sums: None,
+    });
+    assert_eq!(no_sums.await.unwrap_err().code(), Code::InvalidArgument);
+
+    assert_eq!(upload(&mut t, &a, round, 4, &good, None).await, Ok(()));
+    assert_eq!(
+        upload(&mut t, &a, round, 4, &good, None).await,
+        Err(Code::AlreadyExists),
+        "duplicate"
+    );
+    assert_eq!(upload(&mut t, &b, round, 4, &good, None).await, Ok(()), "the round went on");
+
+    let status = task_status(&c.url, task_id).await;
+    let current = status.rounds.iter().find(|r| r.round_id == round).unwrap();
+    assert_eq!(current.n_uploads, 2);
+    assert_eq!(current.n_rejected, 7);
+    assert_ne!(current.phase, "Failed");
+}
+
+#[tokio::test]
+async fn admin_rejects_invalid_and_duplicate_tasks_and_health_is_serving() {
+    let c = start_coordinator().await;
+    let mut bad = bench_task("bad", 4, 1, 2);
+    bad.plan.min_clients = 3;
+    let err = create_task(&c.url, &bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("plan.cohort_size"), "{}", err.message());
+    create_task(&c.url, &bench_task("dup", 4, 1, 2)).await.unwrap();
+    assert_eq!(
+        create_task(&c.url, &bench_task("dup", 4, 1, 2)).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();
+    let req = pb::EnrollRequest {
+        task_name: "nope".into(),
+        store_name: "s".into(),
+        client_version: String::new(),
+    };
+    assert_eq!(t.enroll(req).await.unwrap_err().code(), Code::NotFound);
+
+    let channel = Channel::from_shared(c.url.clone()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let served = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "fedretail.v1.Training".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        served.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}

@@ -1,0 +1,74 @@
+//! Test fixtures: a coordinator on `127.0.0.1:0`, stopped when the fixture is dropped.
+
+use fedretail_coordinator::config::Config;
+use fedretail_core::optim::ServerOptimizer;
+use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_proto::pb;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) struct TestCoordinator {
+    pub(crate) url: String,
+    stop: CancellationToken,
+}
+
+impl Drop for TestCoordinator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Binds first, then serves, so clients can connect at once.
+pub(crate) async fn start_coordinator() -> TestCoordinator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config {
+        listen: addr,
+        poll_timeout: Duration::from_millis(500),
+        max_concurrent_uploads: 4,
+        max_message_bytes: 4 << 20,
+        tasks: Vec::new(),
+    };
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        fedretail_coordinator::run(config, listener, signal.cancelled_owned()).await.unwrap()
+    });
+    TestCoordinator { url: format!("http://{addr}"), stop }
+}
+
+pub(crate) fn plan(rounds: u64, cohort: u32) -> TrainingPlan {
+    TrainingPlan {
+        rounds,
+        cohort_size: cohort,
+        min_clients: cohort,
+        local_epochs: 1,
+        clip_norm: 1.0,
+        server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+        eval_every: 0,
+        eval_fraction: 1.0,
+        select_timeout_secs: 60.0,
+        configure_timeout_secs: 60.0,
+        collect_timeout_secs: 60.0,
+        evaluate_timeout_secs: 60.0,
+        seed: 3,
+        weight_by_examples: true,
+    }
+}
+
+pub(crate) fn bench_task(name: &str, n_params: usize, rounds: u64, cohort: u32) -> TaskSpec {
+    TaskSpec { name: name.into(), model: ModelSpec::Bench { n_params }, plan: plan(rounds, cohort) }
+}
+
+pub(crate) async fn create_task(url: &str, spec: &TaskSpec) -> Result<u64, tonic::Status> {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
+    admin
+        .create_task(pb::CreateTaskRequest { spec: Some(spec.into()) })
+        .await
+        .map(|r| r.into_inner().task_id)
+}
+
+pub(crate) async fn task_status(url: &str, task_id: u64) -> pb::TaskStatus {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
+    admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 100 }).await.unwrap().into_inner()
+}
