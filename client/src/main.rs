@@ -79,15 +79,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("creating {}", cli.state_dir.display()))?;
-    let transport = GrpcTransport::new(&cli.coordinator)?;
     let config = ParticipantConfig {
-        task: cli.task,
+        task: cli.task.clone(),
         store_name: cli.store,
         state_dir: Some(cli.state_dir),
         max_backoff: Duration::from_secs_f64(cli.max_backoff_secs),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
+        // The channel spawns its connection task, so it is built inside the runtime.
+        let transport = GrpcTransport::new(&cli.coordinator)?;
         let cancel = tokio_util::sync::CancellationToken::new();
         let stop = cancel.clone();
         tokio::spawn(async move {

@@ -179,6 +179,7 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// A transport to `url` (for example `http://127.0.0.1:50051`). Connects lazily, so an
     /// unreachable coordinator shows up as [`TransportError::Unavailable`] on the first call.
+    /// Call it inside a tokio runtime: the channel spawns its connection task.
     ///
     /// # Errors
     ///

@@ -164,7 +164,7 @@ regularization = 0.1
 init_std = 0.1
 
 [task.plan]
-rounds = 100
+rounds = 30
 cohort_size = 2                 # clients sampled per round
 min_clients = 2                 # quorum: fewer acks or uploads fail the round
 local_epochs = 2

@@ -7,7 +7,7 @@
 //! - [`runner`]: an in-process coordinator and one gRPC client per store on loopback.
 //! - [`scenario`]: a run's options, the run itself, and where its report goes.
 //! - [`report`]: `report.json` and `report.md`.
-//! - [`bench`]: transport and aggregation benchmarks.
+//! - [`mod@bench`]: transport and aggregation benchmarks.
 
 pub mod baselines;
 pub mod bench;

@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// Dataset.
     #[arg(long, value_enum, default_value = "movielens")]
     pub scenario: ScenarioKind,
-    /// Directory for report.json and report.md (default: out/<scenario>).
+    /// Directory for report.json and report.md (default: `out/SCENARIO`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Seed of the split, the model, the cohorts and local training.

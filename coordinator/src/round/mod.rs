@@ -1,4 +1,4 @@
-//! Rounds of a task: the pure state machine ([`machine`]), its async driver ([`driver`]) and
+//! Rounds of a task: the pure state machine (`machine`), its async driver (`driver`) and
 //! [`RoundHandle`], the only way in for gRPC handlers and the simulator.
 //!
 //! ```text
