@@ -3,7 +3,7 @@
 use fedretail_core::plan::TaskSpec;
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A config that cannot be used.
@@ -51,6 +51,9 @@ pub struct RawConfig {
     /// Largest gRPC message accepted.
     #[serde(default = "default_message_bytes")]
     pub max_message_bytes: usize,
+    /// SQLite file for tasks, committed rounds and models; without it nothing survives a restart.
+    #[serde(default)]
+    pub store: Option<PathBuf>,
     /// Tasks created at start-up unless a task of that name exists.
     #[serde(default, rename = "task")]
     pub tasks: Vec<TaskSpec>,
@@ -80,6 +83,8 @@ pub struct Config {
     pub max_concurrent_uploads: usize,
     /// Largest gRPC message accepted.
     pub max_message_bytes: usize,
+    /// SQLite file, or `None` for an in-memory store.
+    pub store: Option<PathBuf>,
     /// Tasks created at start-up.
     pub tasks: Vec<TaskSpec>,
 }
@@ -129,6 +134,7 @@ impl RawConfig {
             poll_timeout: Duration::from_secs_f64(self.poll_timeout_secs),
             max_concurrent_uploads: self.max_concurrent_uploads,
             max_message_bytes: self.max_message_bytes,
+            store: self.store,
             tasks: self.tasks,
         })
     }
@@ -151,6 +157,7 @@ pub const EXAMPLE: &str = r#"# fedretail-coordinator config
 listen = "127.0.0.1:50051"
 poll_timeout_secs = 10.0        # how long a client's NextAssignment call is held open
 max_concurrent_uploads = 16     # bounds staging memory: 16 x model size
+store = "coordinator.db"        # SQLite: tasks, committed rounds and models survive restarts
 
 [[task]]
 name = "movielens"

@@ -6,7 +6,7 @@
 //! - [`run`]: wires store, tasks, gRPC services and shutdown together.
 //! - `round/`: the pure round state machine, its async driver and [`round::RoundHandle`].
 //! - [`tasks`]: the registry of tasks and their handles.
-//! - [`store`]: the [`store::Store`] trait and its in-memory implementation.
+//! - [`store`]: the [`store::Store`] trait, SQLite and in-memory.
 //! - `service/`: the `Training` and `Admin` gRPC services; the only place `pb` types meet the
 //!   coordinator's domain types.
 
@@ -22,7 +22,7 @@ use fedretail_proto::pb::training_server::TrainingServer;
 use round::driver::DriverConfig;
 use std::future::Future;
 use std::sync::Arc;
-use store::{MemoryStore, Store, StoreError};
+use store::{MemoryStore, SqliteStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -48,7 +48,8 @@ pub enum RunError {
     DriverPanicked,
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves, with an in-memory store.
+/// Serves the coordinator on `listener` until `shutdown` resolves, with the store the config
+/// names (SQLite), or an in-memory one.
 ///
 /// # Errors
 ///
@@ -58,7 +59,22 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    run_with_store(config, Arc::new(MemoryStore::new()), listener, shutdown).await
+    let store: Arc<dyn Store> = match &config.store {
+        Some(path) => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Backend(e.to_string()))??;
+            Arc::new(store)
+        }
+        None => {
+            tracing::warn!(
+                "no `store` configured: tasks and models are kept in memory and lost on restart"
+            );
+            Arc::new(MemoryStore::new())
+        }
+    };
+    run_with_store(config, store, listener, shutdown).await
 }
 
 /// [`run`] with a given store.

@@ -286,6 +286,7 @@ pub async fn serve_coordinator() -> anyhow::Result<()> {
         poll_timeout: std::time::Duration::from_secs(5),
         max_concurrent_uploads: 16,
         max_message_bytes: 8 << 20,
+        store: None,
         tasks: Vec::new(),
     };
     {

@@ -64,6 +64,7 @@ impl LocalCoordinator {
             poll_timeout,
             max_concurrent_uploads: 16,
             max_message_bytes: 8 << 20,
+            store: None,
             tasks: Vec::new(),
         };
         let stop = CancellationToken::new();

@@ -52,7 +52,16 @@ async fn the_default_movielens_run_meets_the_accuracy_targets() {
     let r = scenario::run(&args).await.unwrap();
     assert_eq!(r.n_clients, 11);
     assert!(r.federated.rmse <= 0.935, "federated RMSE {}", r.federated.rmse);
-    assert!(r.federated.rmse <= 1.01 * r.central.rmse, "federated {} vs central {}", r.federated.rmse, r.central.rmse);
-    assert!(r.local_only.rmse > r.federated.rmse + 0.03, "local-only {} should be clearly worse", r.local_only.rmse);
+    assert!(
+        r.federated.rmse <= 1.01 * r.central.rmse,
+        "federated {} vs central {}",
+        r.federated.rmse,
+        r.central.rmse
+    );
+    assert!(
+        r.local_only.rmse > r.federated.rmse + 0.03,
+        "local-only {} should be clearly worse",
+        r.local_only.rmse
+    );
     assert_eq!(r.failed_rounds, 0);
 }

@@ -12,8 +12,20 @@ struct Cli {
 fn args(out: &std::path::Path) -> RunArgs {
     let out = out.to_str().unwrap();
     Cli::parse_from([
-        "sim", "--scenario", "synthetic", "--rounds", "6", "--eval-every", "3", "--dim", "8", "--reference-epochs", "6",
-        "--quiet", "--out", out,
+        "sim",
+        "--scenario",
+        "synthetic",
+        "--rounds",
+        "6",
+        "--eval-every",
+        "3",
+        "--dim",
+        "8",
+        "--reference-epochs",
+        "6",
+        "--quiet",
+        "--out",
+        out,
     ])
     .args
 }
@@ -28,7 +40,11 @@ async fn a_seeded_run_writes_the_same_report_twice() {
         scenario::write_report(&args.out_dir(), &report).unwrap();
     }
     let text = std::fs::read_to_string(a.join("report.json")).unwrap();
-    assert_eq!(text, std::fs::read_to_string(b.join("report.json")).unwrap(), "deterministic given a seed");
+    assert_eq!(
+        text,
+        std::fs::read_to_string(b.join("report.json")).unwrap(),
+        "deterministic given a seed"
+    );
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     for method in ["federated", "central", "local_only"] {
         for metric in ["rmse", "hr_at_10", "ndcg_at_10"] {
@@ -41,6 +57,10 @@ async fn a_seeded_run_writes_the_same_report_twice() {
     assert_eq!(json["federated"]["history"].as_array().unwrap().len(), 6);
     let rmse = |m: &str| json[m]["test"]["rmse"].as_f64().unwrap();
     let first = json["federated"]["history"][2]["test"]["rmse"].as_f64().unwrap();
-    assert!(rmse("federated") < first, "later rounds improve on round 3: {first} -> {}", rmse("federated"));
+    assert!(
+        rmse("federated") < first,
+        "later rounds improve on round 3: {first} -> {}",
+        rmse("federated")
+    );
     assert!(std::fs::read_to_string(a.join("report.md")).unwrap().contains("| federated |"));
 }

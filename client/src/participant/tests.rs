@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::transport::{EvalPlan, TrainPlan, UpdateSummary};
-use fedretail_core::privacy::ClippedUpdate;
 use fedretail_core::model::mf::{MfData, MfSpec, Rating};
+use fedretail_core::privacy::ClippedUpdate;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -37,7 +37,12 @@ impl Transport for Fake {
             .pop_front()
             .unwrap_or(Ok(Assignment::Finished { state: "finished".into(), reason: "done".into() }))
     }
-    async fn fetch_model(&mut self, _e: &Enrollment, _v: u64, n: usize) -> Result<Vec<f32>, TransportError> {
+    async fn fetch_model(
+        &mut self,
+        _e: &Enrollment,
+        _v: u64,
+        n: usize,
+    ) -> Result<Vec<f32>, TransportError> {
         assert_eq!(n, self.model.len());
         Ok(self.model.clone())
     }
@@ -48,18 +53,32 @@ impl Transport for Fake {
         update: ClippedUpdate,
         _summary: UpdateSummary,
     ) -> Result<(), TransportError> {
-        let logged = self.audit_dir.as_deref().map_or(0, |d| AuditLog::new(d).read().unwrap().len());
+        let logged =
+            self.audit_dir.as_deref().map_or(0, |d| AuditLog::new(d).read().unwrap().len());
         self.record.lock().unwrap().uploads.push((update.into_values(), logged));
         Ok(())
     }
-    async fn report(&mut self, _e: &Enrollment, _round: u64, sums: EvalSums) -> Result<(), TransportError> {
+    async fn report(
+        &mut self,
+        _e: &Enrollment,
+        _round: u64,
+        sums: EvalSums,
+    ) -> Result<(), TransportError> {
         self.record.lock().unwrap().reports.push(sums);
         Ok(())
     }
 }
 
 fn spec() -> MfSpec {
-    MfSpec { n_items: 10, dim: 2, learning_rate: 0.05, regularization: 0.01, init_std: 0.1, rating_min: 1.0, rating_max: 5.0 }
+    MfSpec {
+        n_items: 10,
+        dim: 2,
+        learning_rate: 0.05,
+        regularization: 0.01,
+        init_std: 0.1,
+        rating_min: 1.0,
+        rating_max: 5.0,
+    }
 }
 
 fn enrollment() -> Enrollment {
@@ -73,7 +92,9 @@ fn enrollment() -> Enrollment {
 
 fn ratings() -> StoreRatings {
     let user_keys = vec!["alice".to_string(), "bob".to_string()];
-    let train = (0..20).map(|k| Rating { user: k % 2, item: k % 10, value: 1.0 + (k % 5) as f32, timestamp: 0 }).collect();
+    let train = (0..20)
+        .map(|k| Rating { user: k % 2, item: k % 10, value: 1.0 + (k % 5) as f32, timestamp: 0 })
+        .collect();
     let test = vec![Rating { user: 0, item: 3, value: 4.0, timestamp: 1 }];
     StoreRatings { data: MfData { user_seeds: vec![1, 2], train, test }, user_keys }
 }
@@ -115,10 +136,22 @@ fn participant(
 #[tokio::test]
 async fn updates_are_clipped_global_only_and_logged_before_they_leave() {
     let dir = tempfile::tempdir().unwrap();
-    let eval = Assignment::Evaluate(EvalPlan { round_id: 1, model_version: 1, n_params: spec().n_global(), seed: 3 });
-    let (p, record) = participant(Some(dir.path()), vec![], vec![Ok(train(1)), Ok(Assignment::Wait), Ok(eval), Ok(train(2))]);
+    let eval = Assignment::Evaluate(EvalPlan {
+        round_id: 1,
+        model_version: 1,
+        n_params: spec().n_global(),
+        seed: 3,
+    });
+    let (p, record) = participant(
+        Some(dir.path()),
+        vec![],
+        vec![Ok(train(1)), Ok(Assignment::Wait), Ok(eval), Ok(train(2))],
+    );
     let outcome = p.run(CancellationToken::new()).await.unwrap();
-    assert_eq!((outcome.rounds_trained, outcome.evaluations, outcome.state.as_str()), (2, 1, "finished"));
+    assert_eq!(
+        (outcome.rounds_trained, outcome.evaluations, outcome.state.as_str()),
+        (2, 1, "finished")
+    );
     let record = record.lock().unwrap();
     assert_eq!(record.uploads.len(), 2);
     for (k, (values, logged_when_sent)) in record.uploads.iter().enumerate() {
@@ -170,6 +203,9 @@ async fn data_that_does_not_fit_the_task_is_refused_before_anything_is_sent() {
     }
     let (p, record) = participant(None, vec![Ok(e)], vec![Ok(train(1))]);
     let err = p.run(CancellationToken::new()).await.unwrap_err().to_string();
-    assert_eq!(err, "the store's data does not fit task \"t\": item id 5 is not below the task's n_items 5");
+    assert_eq!(
+        err,
+        "the store's data does not fit task \"t\": item id 5 is not below the task's n_items 5"
+    );
     assert!(record.lock().unwrap().uploads.is_empty());
 }

@@ -3,8 +3,10 @@
 //! The trait is synchronous, like SQLite; the driver calls it on a blocking thread.
 
 mod memory;
+mod sqlite;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 
 use crate::round::{ModelBlob, RoundSummary, TaskState};
 use fedretail_core::ids::{RoundId, TaskId};

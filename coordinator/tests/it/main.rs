@@ -1,5 +1,6 @@
 //! Coordinator integration tests over real gRPC on loopback: one binary, several modules.
 
+mod crash_resume;
 mod happy_path;
 mod rejects;
 mod support;

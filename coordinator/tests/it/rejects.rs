@@ -7,7 +7,11 @@ use pb::upload_update_request::Part;
 use tonic::Code;
 use tonic::transport::Channel;
 
-async fn enroll(t: &mut TrainingClient<Channel>, task: &str, store: &str) -> pb::EnrollResponse {
+pub(crate) async fn enroll(
+    t: &mut TrainingClient<Channel>,
+    task: &str,
+    store: &str,
+) -> pb::EnrollResponse {
     let req = pb::EnrollRequest {
         task_name: task.into(),
         store_name: store.into(),
@@ -16,7 +20,7 @@ async fn enroll(t: &mut TrainingClient<Channel>, task: &str, store: &str) -> pb:
     t.enroll(req).await.unwrap().into_inner()
 }
 
-async fn poll(
+pub(crate) async fn poll(
     t: &mut TrainingClient<Channel>,
     e: &pb::EnrollResponse,
 ) -> Result<pb::NextAssignmentResponse, tonic::Status> {
@@ -30,7 +34,7 @@ fn bytes(values: &[f32]) -> Vec<u8> {
 }
 
 /// An upload as a client would stream it; `n_params` and `sha` can lie.
-async fn upload(
+pub(crate) async fn upload(
     t: &mut TrainingClient<Channel>,
     e: &pb::EnrollResponse,
     round_id: u64,
@@ -59,7 +63,7 @@ async fn upload(
     t.upload_update(tokio_stream::iter(messages)).await.map(|_| ()).map_err(|s| s.code())
 }
 
-fn train_round(a: &pb::NextAssignmentResponse) -> u64 {
+pub(crate) fn train_round(a: &pb::NextAssignmentResponse) -> u64 {
     match &a.assignment {
         Some(pb::next_assignment_response::Assignment::Train(t)) => t.round_id,
         other => panic!("expected a training assignment, got {other:?}"),

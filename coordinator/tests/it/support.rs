@@ -10,6 +10,15 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct TestCoordinator {
     pub(crate) url: String,
     stop: CancellationToken,
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestCoordinator {
+    /// Shuts down and waits until the coordinator has stopped.
+    pub(crate) async fn stop(mut self) {
+        self.stop.cancel();
+        self.join.take().unwrap().await.unwrap();
+    }
 }
 
 impl Drop for TestCoordinator {
@@ -20,6 +29,11 @@ impl Drop for TestCoordinator {
 
 /// Binds first, then serves, so clients can connect at once.
 pub(crate) async fn start_coordinator() -> TestCoordinator {
+    start_coordinator_with(None).await
+}
+
+/// [`start_coordinator`] with an SQLite store at `store`.
+pub(crate) async fn start_coordinator_with(store: Option<std::path::PathBuf>) -> TestCoordinator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = Config {
@@ -27,14 +41,15 @@ pub(crate) async fn start_coordinator() -> TestCoordinator {
         poll_timeout: Duration::from_millis(500),
         max_concurrent_uploads: 4,
         max_message_bytes: 4 << 20,
+        store,
         tasks: Vec::new(),
     };
     let stop = CancellationToken::new();
     let signal = stop.clone();
-    tokio::spawn(async move {
+    let join = tokio::spawn(async move {
         fedretail_coordinator::run(config, listener, signal.cancelled_owned()).await.unwrap()
     });
-    TestCoordinator { url: format!("http://{addr}"), stop }
+    TestCoordinator { url: format!("http://{addr}"), stop, join: Some(join) }
 }
 
 pub(crate) fn plan(rounds: u64, cohort: u32) -> TrainingPlan {

@@ -1,0 +1,396 @@
+//! The SQLite [`Store`]: one file, one transaction per commit, so a crash leaves either the
+//! old or the new round, never half of one.
+
+use super::{CommitRecord, Snapshot, Store, StoreError, StoredTask};
+use crate::round::{ModelBlob, RoundSummary, TaskState};
+use fedretail_core::ids::{ModelVersion, RoundId, TaskId};
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::optim::OptimizerState;
+use fedretail_core::plan::TaskSpec;
+use fedretail_core::update::{decode_f32s, encode_f32s};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec TEXT NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    task_id INTEGER PRIMARY KEY REFERENCES tasks(id), version INTEGER NOT NULL, model BLOB NOT NULL,
+    opt_m BLOB NOT NULL, opt_v BLOB NOT NULL, opt_t INTEGER NOT NULL,
+    committed_rounds INTEGER NOT NULL, failed_rounds INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id), idx INTEGER NOT NULL,
+    committed INTEGER NOT NULL, cohort_size INTEGER NOT NULL, n_uploads INTEGER NOT NULL,
+    n_rejected INTEGER NOT NULL, failure TEXT, model_version INTEGER NOT NULL, mean_train_loss REAL NOT NULL,
+    eval_n_ratings INTEGER, eval_squared_error REAL, eval_absolute_error REAL,
+    eval_n_ranked INTEGER, eval_hits REAL, eval_ndcg REAL
+);
+";
+
+/// A store in one SQLite file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn blob(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_f32s(values, &mut out);
+    out
+}
+
+fn floats(bytes: &[u8]) -> Result<Vec<f32>, StoreError> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    decode_f32s(bytes, &mut out).map_err(backend)?;
+    Ok(out)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path`.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened or is not a fedretail database.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn insert_round(
+    tx: &rusqlite::Transaction<'_>,
+    task: TaskId,
+    s: &RoundSummary,
+) -> Result<(), StoreError> {
+    let e = s.eval;
+    tx.execute(
+        "INSERT OR REPLACE INTO rounds VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        params![
+            s.round.0 as i64,
+            task.0 as i64,
+            s.index as i64,
+            s.failure.is_none(),
+            s.cohort_size,
+            s.n_uploads,
+            s.n_rejected,
+            s.failure,
+            s.model_version.0 as i64,
+            s.mean_train_loss,
+            e.map(|e| e.n_ratings as i64),
+            e.map(|e| e.squared_error),
+            e.map(|e| e.absolute_error),
+            e.map(|e| e.n_ranked as i64),
+            e.map(|e| e.hits_at_10),
+            e.map(|e| e.ndcg_at_10),
+        ],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn create_task(&self, spec: &TaskSpec, initial: Arc<ModelBlob>) -> Result<TaskId, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(backend)?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT id FROM tasks WHERE name = ?1", [&spec.name], |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        if exists.is_some() {
+            return Err(StoreError::DuplicateTask(spec.name.clone()));
+        }
+        let json = serde_json::to_string(spec).map_err(backend)?;
+        tx.execute(
+            "INSERT INTO tasks (name, spec, state, reason) VALUES (?1, ?2, 'running', '')",
+            params![spec.name, json],
+        )
+        .map_err(backend)?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO snapshots VALUES (?1, ?2, ?3, x'', x'', 0, 0, 0)",
+            params![id, initial.version.0 as i64, blob(&initial.values)],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(TaskId(id as u64))
+    }
+
+    fn tasks(&self) -> Result<Vec<StoredTask>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT id, spec, state, reason FROM tasks ORDER BY id")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?))
+            })
+            .map_err(backend)?;
+        let mut tasks = Vec::new();
+        for row in rows {
+            let (id, spec, state, reason) = row.map_err(backend)?;
+            tasks.push(StoredTask {
+                id: TaskId(id as u64),
+                spec: serde_json::from_str(&spec)
+                    .map_err(|e| backend(format!("task {id}: {e}")))?,
+                state: TaskState::parse(&state)
+                    .ok_or_else(|| backend(format!("task {id}: unknown state {state:?}")))?,
+                reason,
+            });
+        }
+        Ok(tasks)
+    }
+
+    fn load(&self, task: TaskId) -> Result<Option<Snapshot>, StoreError> {
+        let conn = self.lock();
+        let row = conn
+            .query_row(
+                "SELECT version, model, opt_m, opt_v, opt_t, committed_rounds, failed_rounds FROM snapshots WHERE task_id = ?1",
+                [task.0 as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(backend)?;
+        let Some((version, model, m, v, t, committed, failed)) = row else { return Ok(None) };
+        let mut stmt = conn
+            .prepare(
+                "SELECT round_id, idx, committed, cohort_size, n_uploads, n_rejected, failure, model_version,
+                        mean_train_loss, eval_n_ratings, eval_squared_error, eval_absolute_error, eval_n_ranked,
+                        eval_hits, eval_ndcg
+                 FROM rounds WHERE task_id = ?1 ORDER BY round_id",
+            )
+            .map_err(backend)?;
+        let history = stmt
+            .query_map([task.0 as i64], |r| {
+                let eval = match r.get::<_, Option<i64>>(9)? {
+                    Some(n_ratings) => Some(EvalSums {
+                        n_ratings: n_ratings as u64,
+                        squared_error: r.get(10)?,
+                        absolute_error: r.get(11)?,
+                        n_ranked: r.get::<_, i64>(12)? as u64,
+                        hits_at_10: r.get(13)?,
+                        ndcg_at_10: r.get(14)?,
+                    }),
+                    None => None,
+                };
+                Ok(RoundSummary {
+                    round: RoundId(r.get::<_, i64>(0)? as u64),
+                    index: r.get::<_, i64>(1)? as u64,
+                    phase: if r.get::<_, bool>(2)? { "Committed" } else { "Failed" },
+                    cohort_size: r.get(3)?,
+                    n_uploads: r.get(4)?,
+                    n_rejected: r.get(5)?,
+                    failure: r.get(6)?,
+                    eval,
+                    model_version: ModelVersion(r.get::<_, i64>(7)? as u64),
+                    mean_train_loss: r.get(8)?,
+                })
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        Ok(Some(Snapshot {
+            model: Arc::new(ModelBlob::new(ModelVersion(version as u64), floats(&model)?)),
+            optimizer: OptimizerState { m: floats(&m)?, v: floats(&v)?, t: t as u64 },
+            committed_rounds: committed as u64,
+            failed_rounds: failed as u64,
+            history,
+        }))
+    }
+
+    fn next_round_id(&self) -> Result<RoundId, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(backend)?;
+        tx.execute(
+            "INSERT INTO counters VALUES ('round', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1",
+            [],
+        )
+        .map_err(backend)?;
+        let id: i64 = tx
+            .query_row("SELECT value FROM counters WHERE name = 'round'", [], |r| r.get(0))
+            .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(RoundId(id as u64))
+    }
+
+    fn commit(&self, record: CommitRecord) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(backend)?;
+        let changed = tx
+            .execute(
+                "UPDATE snapshots SET version = ?2, model = ?3, opt_m = ?4, opt_v = ?5, opt_t = ?6,
+                        committed_rounds = committed_rounds + 1
+                 WHERE task_id = ?1",
+                params![
+                    record.task.0 as i64,
+                    record.model.version.0 as i64,
+                    blob(&record.model.values),
+                    blob(&record.optimizer.m),
+                    blob(&record.optimizer.v),
+                    record.optimizer.t as i64,
+                ],
+            )
+            .map_err(backend)?;
+        if changed != 1 {
+            return Err(StoreError::UnknownTask(record.task));
+        }
+        insert_round(&tx, record.task, &record.summary)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn record_failure(&self, task: TaskId, summary: &RoundSummary) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(backend)?;
+        let changed = tx
+            .execute(
+                "UPDATE snapshots SET failed_rounds = failed_rounds + 1 WHERE task_id = ?1",
+                [task.0 as i64],
+            )
+            .map_err(backend)?;
+        if changed != 1 {
+            return Err(StoreError::UnknownTask(task));
+        }
+        insert_round(&tx, task, summary)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn set_task_state(
+        &self,
+        task: TaskId,
+        state: TaskState,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .lock()
+            .execute(
+                "UPDATE tasks SET state = ?2, reason = ?3 WHERE id = ?1",
+                params![task.0 as i64, state.as_str(), reason],
+            )
+            .map_err(backend)?;
+        if changed != 1 {
+            return Err(StoreError::UnknownTask(task));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedretail_core::optim::ServerOptimizer;
+    use fedretail_core::plan::{ModelSpec, TrainingPlan};
+
+    fn spec(name: &str) -> TaskSpec {
+        TaskSpec {
+            name: name.into(),
+            model: ModelSpec::Bench { n_params: 2 },
+            plan: TrainingPlan {
+                rounds: 2,
+                cohort_size: 1,
+                min_clients: 1,
+                local_epochs: 1,
+                clip_norm: 1.0,
+                server_optimizer: ServerOptimizer::FedAvgM { learning_rate: 1.0, momentum: 0.5 },
+                eval_every: 0,
+                eval_fraction: 1.0,
+                select_timeout_secs: 1.0,
+                configure_timeout_secs: 1.0,
+                collect_timeout_secs: 1.0,
+                evaluate_timeout_secs: 1.0,
+                seed: 0,
+                weight_by_examples: true,
+            },
+        }
+    }
+
+    fn summary(round: u64, failure: Option<&str>) -> RoundSummary {
+        RoundSummary {
+            round: RoundId(round),
+            index: if failure.is_some() { 0 } else { 1 },
+            phase: if failure.is_some() { "Failed" } else { "Committed" },
+            cohort_size: 1,
+            n_uploads: 1,
+            n_rejected: 2,
+            failure: failure.map(str::to_string),
+            eval: failure.is_none().then_some(EvalSums {
+                n_ratings: 4,
+                squared_error: 1.0,
+                ..EvalSums::default()
+            }),
+            model_version: ModelVersion(1),
+            mean_train_loss: 0.5,
+        }
+    }
+
+    #[test]
+    fn everything_committed_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let id = store
+                .create_task(&spec("a"), Arc::new(ModelBlob::new(ModelVersion(0), vec![0.0, 0.0])))
+                .unwrap();
+            assert!(matches!(
+                store.create_task(
+                    &spec("a"),
+                    Arc::new(ModelBlob::new(ModelVersion(0), vec![0.0, 0.0]))
+                ),
+                Err(StoreError::DuplicateTask(_))
+            ));
+            assert_eq!(store.next_round_id().unwrap(), RoundId(1));
+            store.record_failure(id, &summary(1, Some("collect deadline passed"))).unwrap();
+            assert_eq!(store.next_round_id().unwrap(), RoundId(2));
+            let optimizer = OptimizerState { m: vec![0.5, 0.25], v: Vec::new(), t: 1 };
+            let model = Arc::new(ModelBlob::new(ModelVersion(1), vec![1.5, -2.0]));
+            store
+                .commit(CommitRecord { task: id, summary: summary(2, None), model, optimizer })
+                .unwrap();
+            store.set_task_state(id, TaskState::Finished, "all 2 rounds committed").unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let tasks = store.tasks().unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!((tasks[0].spec.clone(), tasks[0].state), (spec("a"), TaskState::Finished));
+        let snap = store.load(tasks[0].id).unwrap().unwrap();
+        assert_eq!(
+            (snap.model.version, snap.model.values.clone()),
+            (ModelVersion(1), vec![1.5, -2.0])
+        );
+        assert_eq!(snap.optimizer, OptimizerState { m: vec![0.5, 0.25], v: Vec::new(), t: 1 });
+        assert_eq!((snap.committed_rounds, snap.failed_rounds), (1, 1));
+        assert_eq!(
+            snap.history,
+            vec![summary(1, Some("collect deadline passed")), summary(2, None)]
+        );
+        assert_eq!(store.next_round_id().unwrap(), RoundId(3), "round ids are never reused");
+        assert!(store.load(TaskId(9)).unwrap().is_none());
+    }
+}
