@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 /// Why an update was not added. The round goes on without it.
-#[derive(Debug, Error, PartialEq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum AggregateError {
     /// The update has the wrong number of parameters.
     #[error("update has {got} parameters, expected {expected}")]

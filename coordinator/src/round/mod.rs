@@ -59,25 +59,9 @@ pub enum Reject {
     /// The client already uploaded (or reported) in this round.
     #[error("{0} already uploaded in this round")]
     Duplicate(ClientId),
-    /// The update does not have the model's shape.
-    #[error("update has {got} parameters, expected {expected}")]
-    WrongShape {
-        /// Model size.
-        expected: usize,
-        /// Update size.
-        got: usize,
-    },
-    /// NaN or infinite values.
-    #[error("update holds non-finite values")]
-    NonFinite,
-    /// The update exceeds the clipping norm.
-    #[error("update norm {norm:.6} exceeds the clipping norm {clip_norm}")]
-    NotClipped {
-        /// Its norm.
-        norm: f64,
-        /// The bound.
-        clip_norm: f32,
-    },
+    /// The update is unusable: wrong shape, non-finite values, or not clipped.
+    #[error(transparent)]
+    InvalidUpdate(#[from] fedretail_core::aggregate::AggregateError),
     /// The request is malformed (bad chunks, checksum, missing header).
     #[error("malformed request: {0}")]
     Malformed(String),

@@ -6,6 +6,7 @@ mod status;
 
 use crate::round::{Reject, RoundHandle, TrainSummary, Upload};
 use crate::tasks::Tasks;
+use fedretail_core::aggregate::AggregateError;
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId, TaskId};
 use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
 use fedretail_proto::pb;
@@ -62,10 +63,8 @@ impl TrainingService {
         use pb::upload_update_request::Part;
         let malformed = |m: String| to_status(&Reject::Malformed(m));
         if announced as usize != n_params {
-            return Err(to_status(&Reject::WrongShape {
-                expected: n_params,
-                got: announced as usize,
-            }));
+            let wrong = AggregateError::WrongShape { expected: n_params, got: announced as usize };
+            return Err(to_status(&Reject::InvalidUpdate(wrong)));
         }
         let _permit =
             self.upload_permits.acquire().await.map_err(|_| to_status(&Reject::ShuttingDown))?;

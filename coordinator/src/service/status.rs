@@ -13,10 +13,7 @@ pub(crate) fn to_status(reject: &Reject) -> Status {
         }
         Reject::NotInCohort(_) => Code::PermissionDenied,
         Reject::Duplicate(_) => Code::AlreadyExists,
-        Reject::WrongShape { .. }
-        | Reject::NonFinite
-        | Reject::NotClipped { .. }
-        | Reject::Malformed(_) => Code::InvalidArgument,
+        Reject::InvalidUpdate(_) | Reject::Malformed(_) => Code::InvalidArgument,
         Reject::ShuttingDown => Code::Unavailable,
     };
     Status::new(code, reject.to_string())

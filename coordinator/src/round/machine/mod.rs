@@ -2,7 +2,7 @@
 //! no wire types. The driver feeds it requests and time, and executes what it asks for.
 
 use super::{Assignment, Reject, RoundSummary, TrainSummary, Upload};
-use fedretail_core::aggregate::{AggregateError, Aggregator, validate};
+use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::TaskSpec;
@@ -339,17 +339,10 @@ impl Round {
 
     fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
         self.check_upload(upload.client, upload.round)?;
-        validate(&upload.values, self.n_params, self.spec.plan.clip_norm).map_err(|e| match e {
-            AggregateError::WrongShape { expected, got } => Reject::WrongShape { expected, got },
-            AggregateError::NonFinite => Reject::NonFinite,
-            AggregateError::NotClipped { norm, clip_norm } => {
-                Reject::NotClipped { norm, clip_norm }
-            }
-            AggregateError::BadWeight(w) => Reject::Malformed(format!("weight {w}")),
-        })?;
+        validate(&upload.values, self.n_params, self.spec.plan.clip_norm)?;
         let weight = if self.spec.plan.weight_by_examples { upload.weight } else { 1.0 };
         let sum = self.sum.as_mut().expect("Configuring and Collecting hold the sum");
-        sum.add(&upload.values, weight).map_err(|e| Reject::Malformed(e.to_string()))?;
+        sum.add(&upload.values, weight)?;
         let TrainSummary { n_examples, train_loss, .. } = upload.summary;
         if train_loss.is_finite() {
             self.loss_sum += train_loss * n_examples as f64;

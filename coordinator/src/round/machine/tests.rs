@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::round::{Assignment, Reject, TrainSummary, Upload};
+use fedretail_core::aggregate::AggregateError;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
 use proptest::prelude::*;
@@ -158,15 +159,15 @@ fn bad_uploads_are_rejected_precisely_and_the_round_goes_on() {
     let round = RoundId(9);
     assert_eq!(
         r.upload(t0, upload(1, round, vec![0.0; 3])),
-        Err(Reject::WrongShape { expected: 4, got: 3 })
+        Err(Reject::InvalidUpdate(AggregateError::WrongShape { expected: 4, got: 3 }))
     );
     assert_eq!(
         r.upload(t0, upload(1, round, vec![f32::NAN, 0.0, 0.0, 0.0])),
-        Err(Reject::NonFinite)
+        Err(Reject::InvalidUpdate(AggregateError::NonFinite))
     );
     assert!(matches!(
         r.upload(t0, upload(1, round, vec![1.0, 1.0, 0.0, 0.0])),
-        Err(Reject::NotClipped { .. })
+        Err(Reject::InvalidUpdate(AggregateError::NotClipped { .. }))
     ));
     assert!(matches!(r.upload(t0, good(1, RoundId(8))), Err(Reject::StaleRound { .. })));
     assert_eq!(r.upload(t0, good(5, round)), Err(Reject::NotInCohort(ClientId(5))));
