@@ -29,6 +29,90 @@ enum Command {
     },
     /// Prints a commented example config.
     ExampleConfig,
+    /// Privacy accounting with the coordinator's own accountant; prints one JSON object.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// ε after some rounds of the Poisson-subsampled Gaussian mechanism (RDP accountant).
+    Epsilon {
+        /// Poisson sampling rate q per round.
+        #[arg(long, required_unless_present = "schedule", conflicts_with = "schedule")]
+        sampling_rate: Option<f64>,
+        /// Noise multiplier z (noise standard deviation / clipping norm).
+        #[arg(long, required_unless_present = "schedule", conflicts_with = "schedule")]
+        noise_multiplier: Option<f64>,
+        /// Rounds.
+        #[arg(long, required_unless_present = "schedule", conflicts_with = "schedule")]
+        rounds: Option<u64>,
+        /// JSON list of phases: [{"sampling_rate": q, "noise_multiplier": z, "rounds": t}, ...].
+        #[arg(long)]
+        schedule: Option<PathBuf>,
+        /// δ.
+        #[arg(long)]
+        delta: f64,
+    },
+    /// The smallest noise multiplier that keeps `rounds` rounds within ε at δ.
+    Calibrate {
+        /// Target ε.
+        #[arg(long)]
+        target_epsilon: f64,
+        /// Poisson sampling rate q per round.
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Rounds.
+        #[arg(long)]
+        rounds: u64,
+        /// δ.
+        #[arg(long)]
+        delta: f64,
+    },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Phase {
+    sampling_rate: f64,
+    noise_multiplier: f64,
+    rounds: u64,
+}
+
+fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
+    use fedretail_core::privacy::accountant::{Accountant, Charge, RdpAccountant, calibrate_noise};
+    let accountant = RdpAccountant::default();
+    Ok(match command {
+        PrivacyCommand::Epsilon { sampling_rate, noise_multiplier, rounds, schedule, delta } => {
+            let charges = match schedule {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let phases: Vec<Phase> = serde_json::from_str(&text)
+                        .with_context(|| format!("parsing {}", path.display()))?;
+                    phases
+                        .into_iter()
+                        .map(|p| Charge {
+                            sampling_rate: p.sampling_rate,
+                            noise_multiplier: p.noise_multiplier,
+                            rounds: p.rounds,
+                        })
+                        .collect()
+                }
+                None => vec![Charge {
+                    sampling_rate: sampling_rate.context("--sampling-rate is required")?,
+                    noise_multiplier: noise_multiplier.context("--noise-multiplier is required")?,
+                    rounds: rounds.context("--rounds is required")?,
+                }],
+            };
+            let e = accountant.epsilon(&charges, delta)?;
+            serde_json::json!({ "epsilon": e.epsilon, "order": e.order })
+        }
+        PrivacyCommand::Calibrate { target_epsilon, sampling_rate, rounds, delta } => {
+            let z = calibrate_noise(&accountant, sampling_rate, rounds, target_epsilon, delta)?;
+            serde_json::json!({ "noise_multiplier": z })
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -37,7 +121,6 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             #[allow(clippy::print_stderr)]
             // reason: the error must reach the user even with logging filtered
             {
@@ -59,6 +142,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExampleConfig => {
             use std::io::Write;
             std::io::stdout().write_all(fedretail_coordinator::config::EXAMPLE.as_bytes())?;
+            Ok(())
+        }
+        Command::Privacy(command) => {
+            use std::io::Write;
+            let value = privacy(command)?;
+            writeln!(std::io::stdout(), "{value}")?;
             Ok(())
         }
         Command::Serve { config, listen } => {

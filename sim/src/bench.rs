@@ -36,6 +36,8 @@ pub enum BenchCommand {
     /// Streaming aggregation throughput against this machine's memory-copy bandwidth, for
     /// K in {10, 100, 1000} updates of D in {1e5, 1e6} float32 values.
     Aggregate,
+    /// Time to compute ε with the RDP accountant for T = 10⁴ rounds (and a two-phase schedule).
+    Accountant,
 }
 
 /// Writes MovieLens stores as CSV.
@@ -82,6 +84,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             bench_round(clients, params, rounds).await?
         }
         BenchCommand::Aggregate => tokio::task::spawn_blocking(bench_aggregate).await?,
+        BenchCommand::Accountant => tokio::task::spawn_blocking(bench_accountant).await??,
     };
     #[allow(clippy::print_stdout)] // reason: the benchmark's result goes to stdout
     {
@@ -255,6 +258,47 @@ fn bench_aggregate() -> String {
         }
     }
     rows
+}
+
+/// Best-of-20 wall time of one ε computation, for a few (q, z, T) with T = 10⁴.
+fn bench_accountant() -> anyhow::Result<String> {
+    use fedretail_core::privacy::accountant::{Accountant, Charge, RdpAccountant};
+    let acc = RdpAccountant::default();
+    let mut rows = String::from(
+        "| charges | ε | order | best ms | mean ms |\n| --- | --- | --- | --- | --- |\n",
+    );
+    let cases: [&[Charge]; 4] = [
+        &[Charge { sampling_rate: 0.01, noise_multiplier: 1.1, rounds: 10_000 }],
+        &[Charge { sampling_rate: 0.001, noise_multiplier: 0.8, rounds: 10_000 }],
+        &[Charge { sampling_rate: 0.5, noise_multiplier: 5.0, rounds: 10_000 }],
+        &[
+            Charge { sampling_rate: 0.01, noise_multiplier: 1.1, rounds: 5_000 },
+            Charge { sampling_rate: 0.05, noise_multiplier: 2.0, rounds: 5_000 },
+        ],
+    ];
+    for charges in cases {
+        let mut times = Vec::new();
+        let mut e = None;
+        for _ in 0..20 {
+            let t = tokio::time::Instant::now();
+            e = Some(acc.epsilon(charges, 1e-5)?);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let e = e.expect("20 runs");
+        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let desc: Vec<String> = charges
+            .iter()
+            .map(|c| format!("q={} z={} T={}", c.sampling_rate, c.noise_multiplier, c.rounds))
+            .collect();
+        rows.push_str(&format!(
+            "| {} | {:.4} | {} | {best:.2} | {mean:.2} |\n",
+            desc.join(" + "),
+            e.epsilon,
+            e.order
+        ));
+    }
+    Ok(rows)
 }
 
 /// Bytes copied per second by `copy_from_slice` of a 512 MiB buffer, best of five.

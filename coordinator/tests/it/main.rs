@@ -2,5 +2,6 @@
 
 mod crash_resume;
 mod happy_path;
+mod privacy_cli;
 mod rejects;
 mod support;
