@@ -3,5 +3,7 @@
 
 pub mod accountant;
 mod clip;
+pub mod noise;
+pub mod sampling;
 
 pub use clip::{ClippedUpdate, clip};
