@@ -85,6 +85,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// SQLite file, or `None` for an in-memory store.
     pub store: Option<PathBuf>,
+    /// Draw cohorts and privacy noise from task seeds instead of the OS: for the simulator only.
+    /// The TOML config cannot set it.
+    pub deterministic: bool,
     /// Tasks created at start-up.
     pub tasks: Vec<TaskSpec>,
 }
@@ -135,6 +138,7 @@ impl RawConfig {
             max_concurrent_uploads: self.max_concurrent_uploads,
             max_message_bytes: self.max_message_bytes,
             store: self.store,
+            deterministic: false,
             tasks: self.tasks,
         })
     }

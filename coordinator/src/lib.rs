@@ -89,7 +89,10 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let cancel = CancellationToken::new();
-    let driver_config = DriverConfig { liveness_timeout: config.poll_timeout * 3 };
+    let driver_config = DriverConfig {
+        liveness_timeout: config.poll_timeout * 3,
+        deterministic: config.deterministic,
+    };
     let (tasks, mut drivers) = tasks::Tasks::resume(store, driver_config, cancel.clone())?;
     for spec in config.tasks {
         if !tasks.contains_name(&spec.name) {

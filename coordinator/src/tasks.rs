@@ -88,8 +88,28 @@ impl Tasks {
     /// # Errors
     ///
     /// An invalid spec, a duplicate name, or a store failure.
-    pub fn create(&self, spec: TaskSpec) -> Result<TaskId, CreateTaskError> {
+    pub fn create(&self, mut spec: TaskSpec) -> Result<TaskId, CreateTaskError> {
         spec.validate()?;
+        if let Some(privacy) = spec.privacy.as_mut()
+            && privacy.noise_multiplier.is_none()
+        {
+            use fedretail_core::privacy::accountant::{RdpAccountant, calibrate_noise};
+            let z = calibrate_noise(
+                &RdpAccountant::default(),
+                privacy.sampling_rate,
+                spec.plan.rounds,
+                privacy.target_epsilon,
+                privacy.delta,
+            )
+            .map_err(|e| SpecError { field: "privacy.target_epsilon", message: e.to_string() })?;
+            tracing::info!(
+                noise_multiplier = z,
+                epsilon = privacy.target_epsilon,
+                rounds = spec.plan.rounds,
+                "noise calibrated"
+            );
+            privacy.noise_multiplier = Some(z);
+        }
         let initial = Arc::new(driver::initial_model(&spec));
         let id = self.store.create_task(&spec, initial)?;
         let snapshot = self.store.load(id)?.ok_or(StoreError::UnknownTask(id))?;

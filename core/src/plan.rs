@@ -139,6 +139,9 @@ pub struct TaskSpec {
     pub model: ModelSpec,
     /// The plan.
     pub plan: TrainingPlan,
+    /// Differential privacy, if the task has it.
+    #[serde(default)]
+    pub privacy: Option<crate::privacy::PrivacySpec>,
 }
 
 impl TaskSpec {
@@ -191,6 +194,37 @@ impl TaskSpec {
                 format!("must be in (0, 1], got {}", p.eval_fraction),
             ));
         }
+        if let Some(privacy) = &self.privacy {
+            if !(privacy.target_epsilon > 0.0 && privacy.target_epsilon.is_finite()) {
+                return Err(bad(
+                    "privacy.target_epsilon",
+                    format!("must be positive, got {}", privacy.target_epsilon),
+                ));
+            }
+            if !(privacy.delta > 0.0 && privacy.delta < 1.0) {
+                return Err(bad(
+                    "privacy.delta",
+                    format!("must be in (0, 1), got {}", privacy.delta),
+                ));
+            }
+            if !(privacy.sampling_rate > 0.0 && privacy.sampling_rate <= 1.0) {
+                return Err(bad(
+                    "privacy.sampling_rate",
+                    format!("must be in (0, 1], got {}", privacy.sampling_rate),
+                ));
+            }
+            if let Some(z) = privacy.noise_multiplier
+                && !(z > 0.0 && z.is_finite())
+            {
+                return Err(bad("privacy.noise_multiplier", format!("must be positive, got {z}")));
+            }
+            if p.weight_by_examples {
+                return Err(bad(
+                    "plan.weight_by_examples",
+                    "must be false under differential privacy: example counts would weight the sum by private data",
+                ));
+            }
+        }
         for (field, secs) in [
             ("plan.select_timeout_secs", p.select_timeout_secs),
             ("plan.configure_timeout_secs", p.configure_timeout_secs),
@@ -213,6 +247,7 @@ mod tests {
         TaskSpec {
             name: "t".into(),
             model: ModelSpec::Bench { n_params: 4 },
+            privacy: None,
             plan: TrainingPlan {
                 rounds: 3,
                 cohort_size: 3,

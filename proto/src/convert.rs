@@ -8,6 +8,74 @@ use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+
+impl From<PrivacyUnit> for pb::PrivacyUnit {
+    fn from(u: PrivacyUnit) -> pb::PrivacyUnit {
+        match u {
+            PrivacyUnit::Client => pb::PrivacyUnit::Client,
+        }
+    }
+}
+
+impl From<NoisePlacement> for pb::NoisePlacement {
+    fn from(p: NoisePlacement) -> pb::NoisePlacement {
+        match p {
+            NoisePlacement::Central => pb::NoisePlacement::Central,
+        }
+    }
+}
+
+impl From<&PrivacySpec> for pb::PrivacySpec {
+    fn from(p: &PrivacySpec) -> pb::PrivacySpec {
+        pb::PrivacySpec {
+            unit: pb::PrivacyUnit::from(p.unit).into(),
+            noise_placement: pb::NoisePlacement::from(p.noise_placement).into(),
+            target_epsilon: p.target_epsilon,
+            delta: p.delta,
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: p.noise_multiplier.unwrap_or(0.0),
+        }
+    }
+}
+
+impl TryFrom<pb::PrivacySpec> for PrivacySpec {
+    type Error = ConvertError;
+    fn try_from(p: pb::PrivacySpec) -> Result<PrivacySpec, ConvertError> {
+        let unit = match pb::PrivacyUnit::try_from(p.unit) {
+            Ok(pb::PrivacyUnit::Client) => PrivacyUnit::Client,
+            _ => {
+                return Err(ConvertError {
+                    field: "privacy.unit",
+                    message: format!(
+                        "unit {} is not supported by this coordinator (client is)",
+                        p.unit
+                    ),
+                });
+            }
+        };
+        let noise_placement = match pb::NoisePlacement::try_from(p.noise_placement) {
+            Ok(pb::NoisePlacement::Central) => NoisePlacement::Central,
+            _ => {
+                return Err(ConvertError {
+                    field: "privacy.noise_placement",
+                    message: format!(
+                        "placement {} is not supported by this coordinator (central is)",
+                        p.noise_placement
+                    ),
+                });
+            }
+        };
+        Ok(PrivacySpec {
+            unit,
+            noise_placement,
+            target_epsilon: p.target_epsilon,
+            delta: p.delta,
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: (p.noise_multiplier != 0.0).then_some(p.noise_multiplier),
+        })
+    }
+}
 
 /// A message lacks a required field or holds an unusable value.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -132,6 +200,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
                 seed: p.seed,
                 weight_by_examples: p.weight_by_examples,
             }),
+            privacy: spec.privacy.as_ref().map(Into::into),
         }
     }
 }
@@ -163,6 +232,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 seed: p.seed,
                 weight_by_examples: p.weight_by_examples,
             },
+            privacy: t.privacy.map(TryInto::try_into).transpose()?,
         })
     }
 }
@@ -249,8 +319,16 @@ mod tests {
                 collect_timeout_secs: 60.0,
                 evaluate_timeout_secs: 20.0,
                 seed: 42,
-                weight_by_examples: true,
+                weight_by_examples: false,
             },
+            privacy: Some(PrivacySpec {
+                unit: PrivacyUnit::Client,
+                noise_placement: NoisePlacement::Central,
+                target_epsilon: 2.0,
+                delta: 1e-5,
+                sampling_rate: 0.25,
+                noise_multiplier: Some(1.3),
+            }),
         };
         let wire: pb::TaskSpec = (&spec).into();
         assert_eq!(TaskSpec::try_from(wire).unwrap(), spec);
@@ -258,8 +336,13 @@ mod tests {
 
     #[test]
     fn missing_and_hostile_fields_are_named() {
-        let err = TaskSpec::try_from(pb::TaskSpec { name: "x".into(), model: None, plan: None })
-            .unwrap_err();
+        let err = TaskSpec::try_from(pb::TaskSpec {
+            name: "x".into(),
+            model: None,
+            plan: None,
+            privacy: None,
+        })
+        .unwrap_err();
         assert_eq!(err.to_string(), "plan: is required");
         let err =
             EvalSums::try_from(pb::EvalSums { squared_error: f64::NAN, ..Default::default() })

@@ -137,6 +137,7 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
     let spec = TaskSpec {
         name: "bench".into(),
         model: ModelSpec::Bench { n_params: params },
+        privacy: None,
         plan: TrainingPlan {
             rounds: rounds + 1,
             cohort_size: clients,
@@ -331,6 +332,7 @@ pub async fn serve_coordinator() -> anyhow::Result<()> {
         max_concurrent_uploads: 16,
         max_message_bytes: 8 << 20,
         store: None,
+        deterministic: true,
         tasks: Vec::new(),
     };
     {

@@ -65,6 +65,7 @@ impl LocalCoordinator {
             max_concurrent_uploads: 16,
             max_message_bytes: 8 << 20,
             store: None,
+            deterministic: true,
             tasks: Vec::new(),
         };
         let stop = CancellationToken::new();

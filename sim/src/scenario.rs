@@ -159,6 +159,7 @@ pub fn task_spec(args: &RunArgs, mf: &MfSpec, n_clients: usize) -> TaskSpec {
     TaskSpec {
         name: format!("sim-{:?}-{}", args.scenario, args.seed).to_lowercase(),
         model: ModelSpec::MatrixFactorization(mf.clone()),
+        privacy: None,
         plan: TrainingPlan {
             rounds: args.rounds,
             cohort_size: cohort,

@@ -124,6 +124,8 @@ pub enum TaskState {
     Finished,
     /// Stopped by an error.
     Failed,
+    /// Stopped because the next round would exceed the privacy budget.
+    BudgetExhausted,
 }
 
 impl TaskState {
@@ -133,12 +135,13 @@ impl TaskState {
             TaskState::Running => "running",
             TaskState::Finished => "finished",
             TaskState::Failed => "failed",
+            TaskState::BudgetExhausted => "budget_exhausted",
         }
     }
 
     /// Parses [`TaskState::as_str`].
     pub fn parse(s: &str) -> Option<TaskState> {
-        [TaskState::Running, TaskState::Finished, TaskState::Failed]
+        [TaskState::Running, TaskState::Finished, TaskState::Failed, TaskState::BudgetExhausted]
             .into_iter()
             .find(|t| t.as_str() == s)
     }
@@ -218,6 +221,31 @@ pub struct TaskStatus {
     pub phase: &'static str,
     /// Newest rounds first.
     pub rounds: Vec<RoundSummary>,
+    /// What the task has spent, for tasks with differential privacy.
+    pub privacy: Option<PrivacyReport>,
+}
+
+/// The privacy a task's newest model carries: every charged round, composed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyReport {
+    /// ε spent so far at `delta` (RDP accountant).
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The budget.
+    pub target_epsilon: f64,
+    /// The protected unit.
+    pub unit: fedretail_core::privacy::PrivacyUnit,
+    /// Where noise is added.
+    pub noise_placement: fedretail_core::privacy::NoisePlacement,
+    /// Rounds charged.
+    pub rounds: u64,
+    /// q per round.
+    pub sampling_rate: f64,
+    /// z per round.
+    pub noise_multiplier: f64,
+    /// C.
+    pub clip_norm: f32,
 }
 
 /// A model version's parameters and checksum, shared without copying.

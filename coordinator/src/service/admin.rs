@@ -86,8 +86,14 @@ impl Admin for AdminService {
         let status = handle.status(0).await.map_err(|r| to_status(&r))?;
         let blob = handle.latest_model().await.map_err(|r| to_status(&r))?;
         let mut spec = Some(pb::TaskSpec::from(status.spec.as_ref()));
-        let stream = model_chunks(blob)
-            .map(move |chunk| Ok(pb::ExportModelChunk { chunk: Some(chunk), spec: spec.take() }));
+        let mut privacy = status.privacy.as_ref().map(pb::PrivacyReport::from);
+        let stream = model_chunks(blob).map(move |chunk| {
+            Ok(pb::ExportModelChunk {
+                chunk: Some(chunk),
+                spec: spec.take(),
+                privacy: privacy.take(),
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

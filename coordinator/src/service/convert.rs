@@ -1,7 +1,23 @@
 //! Conversions between `pb` messages and the coordinator's domain types that only the
 //! coordinator needs (assignments, task status). Shared ones live in `fedretail_proto::convert`.
 
-use crate::round::{Assignment, RoundSummary, TaskState, TaskStatus};
+use crate::round::{Assignment, PrivacyReport, RoundSummary, TaskState, TaskStatus};
+
+impl From<&PrivacyReport> for pb::PrivacyReport {
+    fn from(p: &PrivacyReport) -> pb::PrivacyReport {
+        pb::PrivacyReport {
+            epsilon: p.epsilon,
+            delta: p.delta,
+            unit: pb::PrivacyUnit::from(p.unit).into(),
+            noise_placement: pb::NoisePlacement::from(p.noise_placement).into(),
+            rounds: p.rounds,
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: p.noise_multiplier,
+            clip_norm: p.clip_norm,
+            target_epsilon: p.target_epsilon,
+        }
+    }
+}
 use fedretail_proto::pb;
 
 impl From<TaskState> for pb::TaskState {
@@ -10,6 +26,7 @@ impl From<TaskState> for pb::TaskState {
             TaskState::Running => pb::TaskState::Running,
             TaskState::Finished => pb::TaskState::Finished,
             TaskState::Failed => pb::TaskState::Failed,
+            TaskState::BudgetExhausted => pb::TaskState::BudgetExhausted,
         }
     }
 }
@@ -82,6 +99,7 @@ impl From<&TaskStatus> for pb::TaskStatus {
             connected_clients: t.connected_clients,
             phase: t.phase.to_string(),
             rounds: t.rounds.iter().map(Into::into).collect(),
+            privacy: t.privacy.as_ref().map(Into::into),
         }
     }
 }

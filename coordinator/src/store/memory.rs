@@ -5,6 +5,7 @@ use crate::round::{ModelBlob, RoundSummary, TaskState};
 use fedretail_core::ids::{RoundId, TaskId};
 use fedretail_core::optim::OptimizerState;
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::LedgerEntry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -55,6 +56,7 @@ impl Store for MemoryStore {
             committed_rounds: 0,
             failed_rounds: 0,
             history: Vec::new(),
+            ledger: Vec::new(),
         };
         inner.tasks.insert(id, (task, snapshot));
         Ok(id)
@@ -86,6 +88,13 @@ impl Store for MemoryStore {
         snap.optimizer = record.optimizer;
         snap.committed_rounds += 1;
         snap.history.push(record.summary);
+        Ok(())
+    }
+
+    fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let (_, snap) = inner.tasks.get_mut(&task).ok_or(StoreError::UnknownTask(task))?;
+        snap.ledger.push(*entry);
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use crate::round::{ModelBlob, RoundSummary, TaskState};
 use fedretail_core::ids::{RoundId, TaskId};
 use fedretail_core::optim::OptimizerState;
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::LedgerEntry;
 use std::sync::Arc;
 
 /// A store operation failed.
@@ -54,6 +55,8 @@ pub struct Snapshot {
     pub failed_rounds: u64,
     /// Newest rounds last.
     pub history: Vec<RoundSummary>,
+    /// Every privacy charge, oldest first (rounds that crashed after their charge included).
+    pub ledger: Vec<LedgerEntry>,
 }
 
 /// Everything one committed round writes, in one transaction.
@@ -110,7 +113,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend errors; then nothing was written.
     fn commit(&self, record: CommitRecord) -> Result<(), StoreError>;
 
-    /// Records a failed round (no model, no charge).
+    /// Durably records a round's privacy charge. Called when the round's noise is drawn and
+    /// before anything derived from the noised sum leaves the coordinator.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors; then the round must release nothing.
+    fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError>;
+
+    /// Records a failed round (no model; a charge already made stays).
     ///
     /// # Errors
     ///

@@ -7,6 +7,7 @@ use fedretail_core::ids::{ModelVersion, RoundId, TaskId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::optim::OptimizerState;
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::{LedgerEntry, PrivacyUnit};
 use fedretail_core::update::{decode_f32s, encode_f32s};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -24,6 +25,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
     task_id INTEGER PRIMARY KEY REFERENCES tasks(id), version INTEGER NOT NULL, model BLOB NOT NULL,
     opt_m BLOB NOT NULL, opt_v BLOB NOT NULL, opt_t INTEGER NOT NULL,
     committed_rounds INTEGER NOT NULL, failed_rounds INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    round_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id),
+    sampling_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, clip_norm REAL NOT NULL, unit TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id), idx INTEGER NOT NULL,
@@ -216,12 +221,49 @@ impl Store for SqliteStore {
             .map_err(backend)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend)?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT round_id, sampling_rate, noise_multiplier, clip_norm, unit FROM ledger
+                 WHERE task_id = ?1 ORDER BY round_id",
+            )
+            .map_err(backend)?;
+        let ledger = stmt
+            .query_map([task.0 as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, f64>(1)?,
+                    r.get::<_, f64>(2)?,
+                    r.get::<_, f64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(backend)?
+            .map(|row| {
+                let (round, q, z, c, unit) = row.map_err(backend)?;
+                let unit = match unit.as_str() {
+                    "client" => PrivacyUnit::Client,
+                    other => {
+                        return Err(backend(format!(
+                            "ledger of round {round}: unknown unit {other:?}"
+                        )));
+                    }
+                };
+                Ok(LedgerEntry {
+                    round: RoundId(round as u64),
+                    sampling_rate: q,
+                    noise_multiplier: z,
+                    clip_norm: c as f32,
+                    unit,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Some(Snapshot {
             model: Arc::new(ModelBlob::new(ModelVersion(version as u64), floats(&model)?)),
             optimizer: OptimizerState { m: floats(&m)?, v: floats(&v)?, t: t as u64 },
             committed_rounds: committed as u64,
             failed_rounds: failed as u64,
             history,
+            ledger,
         }))
     }
 
@@ -263,6 +305,26 @@ impl Store for SqliteStore {
         }
         insert_round(&tx, record.task, &record.summary)?;
         tx.commit().map_err(backend)
+    }
+
+    fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError> {
+        let unit = match entry.unit {
+            PrivacyUnit::Client => "client",
+        };
+        self.lock()
+            .execute(
+                "INSERT INTO ledger VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    entry.round.0 as i64,
+                    task.0 as i64,
+                    entry.sampling_rate,
+                    entry.noise_multiplier,
+                    f64::from(entry.clip_norm),
+                    unit
+                ],
+            )
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn record_failure(&self, task: TaskId, summary: &RoundSummary) -> Result<(), StoreError> {
@@ -327,6 +389,7 @@ mod tests {
                 seed: 0,
                 weight_by_examples: true,
             },
+            privacy: None,
         }
     }
 
@@ -374,6 +437,14 @@ mod tests {
                 .commit(CommitRecord { task: id, summary: summary(2, None), model, optimizer })
                 .unwrap();
             store.set_task_state(id, TaskState::Finished, "all 2 rounds committed").unwrap();
+            let entry = LedgerEntry {
+                round: RoundId(2),
+                sampling_rate: 0.5,
+                noise_multiplier: 1.25,
+                clip_norm: 0.5,
+                unit: PrivacyUnit::Client,
+            };
+            store.charge(id, &entry).unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         let tasks = store.tasks().unwrap();
@@ -391,6 +462,8 @@ mod tests {
             vec![summary(1, Some("collect deadline passed")), summary(2, None)]
         );
         assert_eq!(store.next_round_id().unwrap(), RoundId(3), "round ids are never reused");
+        assert_eq!(snap.ledger.len(), 1);
+        assert_eq!((snap.ledger[0].round, snap.ledger[0].noise_multiplier), (RoundId(2), 1.25));
         assert!(store.load(TaskId(9)).unwrap().is_none());
     }
 }

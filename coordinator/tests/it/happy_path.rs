@@ -52,6 +52,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
             rating_max: 5.0,
         }),
         plan: p,
+        privacy: None,
     };
     let task_id = create_task(&c.url, &spec).await.unwrap();
     let state = tempfile::tempdir().unwrap();

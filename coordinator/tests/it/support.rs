@@ -42,6 +42,7 @@ pub(crate) async fn start_coordinator_with(store: Option<std::path::PathBuf>) ->
         max_concurrent_uploads: 4,
         max_message_bytes: 4 << 20,
         store,
+        deterministic: false,
         tasks: Vec::new(),
     };
     let stop = CancellationToken::new();
@@ -72,7 +73,12 @@ pub(crate) fn plan(rounds: u64, cohort: u32) -> TrainingPlan {
 }
 
 pub(crate) fn bench_task(name: &str, n_params: usize, rounds: u64, cohort: u32) -> TaskSpec {
-    TaskSpec { name: name.into(), model: ModelSpec::Bench { n_params }, plan: plan(rounds, cohort) }
+    TaskSpec {
+        name: name.into(),
+        model: ModelSpec::Bench { n_params },
+        plan: plan(rounds, cohort),
+        privacy: None,
+    }
 }
 
 pub(crate) async fn create_task(url: &str, spec: &TaskSpec) -> Result<u64, tonic::Status> {

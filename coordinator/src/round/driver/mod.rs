@@ -2,7 +2,7 @@
 //! turns requests, time and finished jobs into calls on the pure machine, and executes what the
 //! machine asks for (compute on a blocking thread, commits to the store).
 
-use super::machine::{FailReason, Output, Phase, Round};
+use super::machine::{FailReason, Noising, Output, Phase, Round, derive_seed};
 use super::{
     Assignment, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState, TaskStatus,
 };
@@ -11,6 +11,10 @@ use fedretail_core::aggregate::Aggregator;
 use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
 use fedretail_core::optim::{self, OptimizerState};
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::LedgerEntry;
+use fedretail_core::privacy::accountant::{Accountant, Charge, RdpAccountant, admits};
+use fedretail_core::privacy::noise;
+use rand::SeedableRng;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +34,9 @@ const INBOX: usize = 1024;
 pub(crate) struct DriverConfig {
     /// A client that has not polled for this long is no longer connected.
     pub(crate) liveness_timeout: Duration,
+    /// Cohort sampling and privacy noise from the task seed (simulations only); otherwise both
+    /// come from the OS random source, so nobody can predict who is sampled or what noise is drawn.
+    pub(crate) deterministic: bool,
 }
 
 struct ClientEntry {
@@ -38,7 +45,9 @@ struct ClientEntry {
 }
 
 enum JobResult {
-    Computed(Arc<ModelBlob>, OptimizerState),
+    Computed(Arc<ModelBlob>, OptimizerState, Option<LedgerEntry>),
+    /// The privacy charge could not be written: nothing may be released.
+    NotCharged(String),
     Stored(Result<(), String>),
 }
 
@@ -60,6 +69,8 @@ struct Driver {
     job: Option<JoinHandle<JobResult>>,
     changes: watch::Sender<u64>,
     last_phase: (u64, &'static str),
+    /// Every privacy charge of this task, oldest first.
+    ledger: Vec<LedgerEntry>,
 }
 
 /// Starts the driver of `task` from its snapshot; returns the handle and the driver's join handle.
@@ -87,6 +98,7 @@ pub(crate) fn spawn(
         committed_rounds: snapshot.committed_rounds,
         failed_rounds: snapshot.failed_rounds,
         history: snapshot.history.into_iter().rev().take(HISTORY).rev().collect(),
+        ledger: snapshot.ledger,
         clients: BTreeMap::new(),
         round: None,
         job: None,
@@ -147,6 +159,33 @@ impl Driver {
         if self.round.is_some() || self.state != TaskState::Running {
             return;
         }
+        if let Some(privacy) = &self.spec.privacy {
+            let z =
+                privacy.noise_multiplier.expect("tasks with privacy are calibrated at creation");
+            let next =
+                Charge { sampling_rate: privacy.sampling_rate, noise_multiplier: z, rounds: 1 };
+            let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
+            let accountant = RdpAccountant::default();
+            match admits(&accountant, &charges, next, privacy.target_epsilon, privacy.delta) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let spent =
+                        accountant.epsilon(&charges, privacy.delta).map_or(f64::NAN, |e| e.epsilon);
+                    let reason = format!(
+                        "privacy budget exhausted: {} rounds charged spend epsilon {spent:.4}; one more would exceed {} at delta {}",
+                        charges.len(),
+                        privacy.target_epsilon,
+                        privacy.delta
+                    );
+                    self.end_task(TaskState::BudgetExhausted, reason).await;
+                    return;
+                }
+                Err(e) => {
+                    self.end_task(TaskState::Failed, format!("privacy accounting: {e}")).await;
+                    return;
+                }
+            }
+        }
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.next_round_id())
             .await
@@ -155,8 +194,14 @@ impl Driver {
             Ok(id) => {
                 let index = self.committed_rounds + 1;
                 tracing::info!(round_id = %id, index, "round starts: selecting");
+                let seed = if self.config.deterministic {
+                    derive_seed(self.spec.plan.seed, index)
+                } else {
+                    use rand::RngExt;
+                    noise::os_seeded().random()
+                };
                 self.round =
-                    Some(Round::new(id, index, self.spec.clone(), self.model.version, now));
+                    Some(Round::new(id, index, self.spec.clone(), self.model.version, now, seed));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot allocate a round id; task fails");
@@ -273,7 +318,7 @@ impl Driver {
         round.tick(now, &connected);
         for output in round.take_outputs() {
             match output {
-                Output::Compute(sum) => self.start_compute(sum),
+                Output::Compute(sum, noising) => self.start_compute(sum, noising),
                 Output::Commit(summary) => self.start_commit(summary),
             }
         }
@@ -299,15 +344,41 @@ impl Driver {
         }
     }
 
-    fn start_compute(&mut self, sum: Aggregator) {
+    /// Aggregating, Noising and Applying, on a blocking thread. Under privacy the noise is drawn
+    /// and the charge written durably before the candidate model exists: nothing derived from
+    /// the noised sum can leave the coordinator uncharged.
+    fn start_compute(&mut self, sum: Aggregator, noising: Option<Noising>) {
         let base = self.model.clone();
         let mut optimizer = self.optimizer.clone();
         let server = self.spec.plan.server_optimizer;
+        let (store, task) = (self.store.clone(), self.task);
+        let mut rng = if self.config.deterministic {
+            rand::rngs::ChaCha20Rng::seed_from_u64(
+                self.spec.plan.seed ^ noising.map_or(0, |n| n.charge.round.0),
+            )
+        } else {
+            noise::os_seeded()
+        };
         self.job = Some(tokio::task::spawn_blocking(move || {
-            let delta = sum.mean();
+            let (delta, charged) = match noising {
+                None => (sum.mean(), None),
+                Some(n) => {
+                    let mut noised = sum.sum().to_vec();
+                    noise::add_gaussian(&mut noised, n.std, &mut rng);
+                    if let Err(e) = store.charge(task, &n.charge) {
+                        return JobResult::NotCharged(e.to_string());
+                    }
+                    let divisor = n.expected_count.max(f64::MIN_POSITIVE);
+                    (noised.iter().map(|v| (v / divisor) as f32).collect(), Some(n.charge))
+                }
+            };
             let mut values = base.values.clone();
             optim::apply(&server, &mut optimizer, &mut values, &delta);
-            JobResult::Computed(Arc::new(ModelBlob::new(base.version.next(), values)), optimizer)
+            JobResult::Computed(
+                Arc::new(ModelBlob::new(base.version.next(), values)),
+                optimizer,
+                charged,
+            )
         }));
     }
 
@@ -326,7 +397,15 @@ impl Driver {
         let connected = self.connected(now);
         let Some(round) = self.round.as_mut() else { return };
         match result {
-            JobResult::Computed(blob, optimizer) => {
+            JobResult::NotCharged(e) => {
+                tracing::error!(error = %e, "could not write the privacy charge; the round releases nothing");
+                round.fail(FailReason::Store(format!("privacy charge: {e}")));
+            }
+            JobResult::Computed(blob, optimizer, charged) => {
+                // The charge is durable whatever happens to the round from here on.
+                if let Some(entry) = charged {
+                    self.ledger.push(entry);
+                }
                 // The round may have failed (shutdown) while the job ran: then drop the result.
                 if *round.phase() == Phase::Aggregating {
                     let version = blob.version;
@@ -432,7 +511,27 @@ impl Driver {
             connected_clients: self.connected(now).len() as u32,
             phase: self.round.as_ref().map_or("Idle", |r| r.phase().name()),
             rounds,
+            privacy: self.privacy_report(),
         }
+    }
+
+    fn privacy_report(&self) -> Option<super::PrivacyReport> {
+        let p = self.spec.privacy.as_ref()?;
+        let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
+        let epsilon = RdpAccountant::default()
+            .epsilon(&charges, p.delta)
+            .map_or(f64::INFINITY, |e| e.epsilon);
+        Some(super::PrivacyReport {
+            epsilon,
+            delta: p.delta,
+            target_epsilon: p.target_epsilon,
+            unit: p.unit,
+            noise_placement: p.noise_placement,
+            rounds: self.ledger.len() as u64,
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: p.noise_multiplier.unwrap_or(f64::NAN),
+            clip_norm: self.spec.plan.clip_norm,
+        })
     }
 }
 

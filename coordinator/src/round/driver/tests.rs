@@ -14,6 +14,7 @@ fn spec(rounds: u64) -> TaskSpec {
     TaskSpec {
         name: "t".into(),
         model: ModelSpec::Bench { n_params: 3 },
+        privacy: None,
         plan: TrainingPlan {
             rounds,
             cohort_size: 2,
@@ -43,7 +44,8 @@ struct Fixture {
 async fn start(rounds: u64) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let cancel = CancellationToken::new();
-    let config = super::DriverConfig { liveness_timeout: Duration::from_secs(600) };
+    let config =
+        super::DriverConfig { liveness_timeout: Duration::from_secs(600), deterministic: true };
     let (tasks, _drivers) = Tasks::resume(store.clone(), config, cancel.clone()).unwrap();
     let id = tasks.create(spec(rounds)).unwrap();
     let handle = tasks.get(id).unwrap();

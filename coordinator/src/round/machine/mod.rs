@@ -6,6 +6,7 @@ use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::sampling::poisson;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 /// Why a round failed. A failed round applies nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum FailReason {
+    TooFewSampled { sampled: usize, min: u32 },
     TooFewAcks { acked: usize, min: u32 },
     TooFewUploads { uploaded: usize, min: u32 },
     Store(String),
@@ -24,6 +26,9 @@ pub(crate) enum FailReason {
 impl std::fmt::Display for FailReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            FailReason::TooFewSampled { sampled, min } => {
+                write!(f, "Poisson sampling drew {sampled} clients, fewer than the {min} required")
+            }
             FailReason::TooFewAcks { acked, min } => {
                 write!(f, "configure deadline passed with {acked} of the {min} required clients")
             }
@@ -77,9 +82,21 @@ impl Phase {
 #[derive(Debug)]
 pub(crate) enum Output {
     /// Turn the sum into the next model (off the reactor), then call [`Round::computed`].
-    Compute(Aggregator),
+    /// With privacy, noise is added to the sum and the round charged durably first.
+    Compute(Aggregator, Option<Noising>),
     /// Persist the round, then call [`Round::stored`].
     Commit(RoundSummary),
+}
+
+/// What the Noising step needs: the noise, the divisor and the charge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Noising {
+    /// Standard deviation of the Gaussian noise added to each coordinate of the sum (z·C).
+    pub(crate) std: f64,
+    /// The sum is divided by q × |connected|, the expected cohort size (not the realised one).
+    pub(crate) expected_count: f64,
+    /// The ledger entry to write before anything derived from the noised sum leaves.
+    pub(crate) charge: fedretail_core::privacy::LedgerEntry,
 }
 
 /// One round of a task.
@@ -106,18 +123,22 @@ pub(crate) struct Round {
     reported: BTreeSet<ClientId>,
     eval: EvalSums,
     outputs: Vec<Output>,
+    /// Under privacy: q × |connected| at selection.
+    expected_count: f64,
 }
 
 impl Round {
+    /// A round that samples its cohort with `seed` (see [`derive_seed`] for simulations; the
+    /// coordinator otherwise uses OS randomness, so nobody can predict who is sampled).
     pub(crate) fn new(
         id: RoundId,
         index: u64,
         spec: Arc<TaskSpec>,
         base: ModelVersion,
         now: Instant,
+        seed: u64,
     ) -> Round {
         let n_params = spec.model.n_params();
-        let seed = spec.plan.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let deadline = now + spec.plan.select_timeout();
         Round {
             id,
@@ -139,6 +160,7 @@ impl Round {
             reported: BTreeSet::new(),
             eval: EvalSums::default(),
             outputs: Vec::new(),
+            expected_count: 0.0,
         }
     }
 
@@ -203,8 +225,24 @@ impl Round {
                 let enough = connected.len() >= plan.cohort_size as usize;
                 let settle = now >= deadline && connected.len() >= plan.min_clients as usize;
                 if enough || settle {
-                    let n = connected.len().min(plan.cohort_size as usize);
-                    self.cohort = sample(connected, n, self.seed).into_iter().collect();
+                    if let Some(privacy) = &self.spec.privacy {
+                        // The sampling the accountant assumes: each client independently with
+                        // probability q (core::privacy::sampling).
+                        let mut pool = connected.to_vec();
+                        pool.sort_unstable();
+                        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(self.seed);
+                        let drawn = poisson(&pool, privacy.sampling_rate, &mut rng);
+                        self.expected_count = drawn.expected_count;
+                        self.cohort = drawn.members.into_iter().collect();
+                        if self.cohort.len() < plan.min_clients as usize {
+                            let sampled = self.cohort.len();
+                            self.fail(FailReason::TooFewSampled { sampled, min: plan.min_clients });
+                            return;
+                        }
+                    } else {
+                        let n = connected.len().min(plan.cohort_size as usize);
+                        self.cohort = sample(connected, n, self.seed).into_iter().collect();
+                    }
                     self.sum = Some(Aggregator::new(self.n_params));
                     self.phase = Phase::Configuring { deadline: now + plan.configure_timeout() };
                 }
@@ -340,6 +378,7 @@ impl Round {
     fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
         self.check_upload(upload.client, upload.round)?;
         validate(&upload.values, self.n_params, self.spec.plan.clip_norm)?;
+        // Under privacy every clipped update counts once (validation forbids example weights).
         let weight = if self.spec.plan.weight_by_examples { upload.weight } else { 1.0 };
         let sum = self.sum.as_mut().expect("Configuring and Collecting hold the sum");
         sum.add(&upload.values, weight)?;
@@ -364,7 +403,22 @@ impl Round {
     fn aggregate(&mut self) {
         let sum = self.sum.take().expect("the sum is taken once");
         self.phase = Phase::Aggregating;
-        self.outputs.push(Output::Compute(sum));
+        let noising = self.spec.privacy.as_ref().map(|p| {
+            let z = p.noise_multiplier.expect("tasks with privacy are calibrated at creation");
+            let clip_norm = self.spec.plan.clip_norm;
+            Noising {
+                std: z * f64::from(clip_norm),
+                expected_count: self.expected_count,
+                charge: fedretail_core::privacy::LedgerEntry {
+                    round: self.id,
+                    sampling_rate: p.sampling_rate,
+                    noise_multiplier: z,
+                    clip_norm,
+                    unit: p.unit,
+                },
+            }
+        });
+        self.outputs.push(Output::Compute(sum, noising));
     }
 
     /// The driver computed candidate model `version`. `connected` are the clients that may be
@@ -447,6 +501,11 @@ impl Round {
             self.phase = Phase::Failed(reason);
         }
     }
+}
+
+/// The deterministic per-round seed of a simulation: the task seed mixed with the round index.
+pub(crate) fn derive_seed(task_seed: u64, index: u64) -> u64 {
+    task_seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// `n` of `clients`, uniformly without replacement, deterministic for a seed and a client set.

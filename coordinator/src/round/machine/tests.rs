@@ -14,6 +14,7 @@ fn spec(cohort: u32, min: u32, rounds: u64) -> Arc<TaskSpec> {
     Arc::new(TaskSpec {
         name: "t".into(),
         model: ModelSpec::Bench { n_params: N },
+        privacy: None,
         plan: TrainingPlan {
             rounds,
             cohort_size: cohort,
@@ -53,7 +54,14 @@ fn good(client: u64, round: RoundId) -> Upload {
 
 /// A round past selection, with every cohort member having fetched its plan.
 fn collecting(cohort: u32, min: u32, rounds: u64, t0: Instant) -> Round {
-    let mut r = Round::new(RoundId(9), 1, spec(cohort, min, rounds), ModelVersion(3), t0);
+    let mut r = Round::new(
+        RoundId(9),
+        1,
+        spec(cohort, min, rounds),
+        ModelVersion(3),
+        t0,
+        derive_seed(7, 1),
+    );
     r.tick(t0, &clients(u64::from(cohort)));
     for c in clients(u64::from(cohort)) {
         assert!(matches!(r.poll(t0, c), Assignment::Train { .. }));
@@ -65,7 +73,7 @@ fn collecting(cohort: u32, min: u32, rounds: u64, t0: Instant) -> Round {
 #[test]
 fn selecting_waits_for_the_cohort_then_settles_for_the_quorum_at_its_deadline() {
     let t0 = Instant::now();
-    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0);
+    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0, derive_seed(7, 1));
     r.tick(t0, &clients(1));
     assert!(matches!(r.phase(), Phase::Selecting { .. }));
     r.tick(t0 + Duration::from_secs(1), &clients(2));
@@ -82,7 +90,8 @@ fn selecting_waits_for_the_cohort_then_settles_for_the_quorum_at_its_deadline() 
 fn the_cohort_is_a_seeded_sample_without_replacement() {
     let t0 = Instant::now();
     let pick = |order: Vec<ClientId>| {
-        let mut r = Round::new(RoundId(1), 1, spec(3, 3, 1), ModelVersion(0), t0);
+        let mut r =
+            Round::new(RoundId(1), 1, spec(3, 3, 1), ModelVersion(0), t0, derive_seed(7, 1));
         r.tick(t0, &order);
         r.cohort.clone()
     };
@@ -91,7 +100,7 @@ fn the_cohort_is_a_seeded_sample_without_replacement() {
     reversed.reverse();
     assert_eq!(a, pick(reversed), "arrival order does not matter");
     assert_eq!(a.len(), 3);
-    let mut r = Round::new(RoundId(1), 2, spec(3, 3, 2), ModelVersion(0), t0);
+    let mut r = Round::new(RoundId(1), 2, spec(3, 3, 2), ModelVersion(0), t0, derive_seed(7, 2));
     r.tick(t0, &clients(10));
     assert_ne!(r.cohort, a, "another round index draws another cohort");
 }
@@ -99,7 +108,7 @@ fn the_cohort_is_a_seeded_sample_without_replacement() {
 #[test]
 fn configure_deadline_without_quorum_fails_and_applies_nothing() {
     let t0 = Instant::now();
-    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0);
+    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0, derive_seed(7, 1));
     r.tick(t0, &clients(3));
     assert!(matches!(r.poll(t0, ClientId(1)), Assignment::Train { .. }));
     r.tick(t0 + Duration::from_secs(10), &clients(3));
@@ -111,7 +120,7 @@ fn configure_deadline_without_quorum_fails_and_applies_nothing() {
 #[test]
 fn configure_deadline_with_quorum_drops_the_silent_clients() {
     let t0 = Instant::now();
-    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0);
+    let mut r = Round::new(RoundId(1), 1, spec(3, 2, 1), ModelVersion(0), t0, derive_seed(7, 1));
     r.tick(t0, &clients(3));
     let members: Vec<ClientId> = r.cohort.iter().copied().collect();
     r.poll(t0, members[0]);
@@ -145,7 +154,7 @@ fn collect_deadline_with_quorum_aggregates_what_arrived() {
     r.upload(t0, upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
     r.tick(t0 + Duration::from_secs(20), &clients(3));
     let outputs = r.take_outputs();
-    let [Output::Compute(sum)] = &outputs[..] else {
+    let [Output::Compute(sum, None)] = &outputs[..] else {
         panic!("expected one compute, got {outputs:?}")
     };
     assert_eq!(sum.n_updates(), 2);
@@ -251,7 +260,7 @@ proptest! {
     fn random_interleavings_keep_the_invariants(events in proptest::collection::vec(event(), 1..60)) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut r = Round::new(RoundId(1), 1, spec(4, 2, 1), ModelVersion(0), t0);
+        let mut r = Round::new(RoundId(1), 1, spec(4, 2, 1), ModelVersion(0), t0, derive_seed(7, 1));
         let (mut computes, mut commits) = (0, 0);
         let order = |p: &Phase| match p {
             Phase::Selecting { .. } => 0, Phase::Configuring { .. } => 1, Phase::Collecting { .. } => 2,
@@ -272,7 +281,7 @@ proptest! {
             r.tick(now, &clients(5));
             for out in r.take_outputs() {
                 match out {
-                    Output::Compute(sum) => {
+                    Output::Compute(sum, _) => {
                         computes += 1;
                         prop_assert!(sum.n_updates() >= 2, "compute without quorum");
                         r.computed(now, ModelVersion(1), &clients(5));
