@@ -2,10 +2,12 @@
 
 use crate::round::{Assignment, TrainSummary, Upload};
 use crate::store::MemoryStore;
+use crate::store::Store;
 use crate::tasks::Tasks;
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -42,12 +44,29 @@ struct Fixture {
 }
 
 async fn start(rounds: u64) -> Fixture {
+    start_with(spec(rounds)).await
+}
+
+fn private_spec(rounds: u64) -> TaskSpec {
+    let mut s = spec(rounds);
+    s.privacy = Some(PrivacySpec {
+        unit: PrivacyUnit::Client,
+        noise_placement: NoisePlacement::Central,
+        target_epsilon: 5.0,
+        delta: 1e-5,
+        sampling_rate: 1.0,
+        noise_multiplier: None,
+    });
+    s
+}
+
+async fn start_with(spec: TaskSpec) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let cancel = CancellationToken::new();
     let config =
         super::DriverConfig { liveness_timeout: Duration::from_secs(600), deterministic: true };
     let (tasks, _drivers) = Tasks::resume(store.clone(), config, cancel.clone()).unwrap();
-    let id = tasks.create(spec(rounds)).unwrap();
+    let id = tasks.create(spec).unwrap();
     let handle = tasks.get(id).unwrap();
     let a = handle.enroll("a".into()).await.unwrap();
     let b = handle.enroll("b".into()).await.unwrap();
@@ -151,4 +170,58 @@ async fn unknown_clients_are_refused() {
         f.handle.poll(stranger, Duration::ZERO).await,
         Err(crate::round::Reject::UnknownClient(stranger))
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_private_round_is_charged_before_its_model_can_be_fetched() {
+    let f = start_with(private_spec(1)).await;
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![0.5, 0.0, 0.25]).await;
+    send(&f, f.clients[1], round, vec![0.0, 0.5, 0.25]).await;
+    // The first moment anything derived from the noised sum is reachable: the evaluation.
+    let version = match f.handle.poll(f.clients[0], Duration::from_secs(1)).await.unwrap() {
+        Assignment::Evaluate { version, .. } => version,
+        other => panic!("expected an evaluation, got {other:?}"),
+    };
+    let task = f.handle.task();
+    let ledger = f.store.load(task).unwrap().unwrap().ledger;
+    assert_eq!(ledger.len(), 1, "charged before the candidate could be fetched");
+    assert_eq!(ledger[0].round, round);
+    assert!(ledger[0].noise_multiplier > 0.5, "calibrated z {}", ledger[0].noise_multiplier);
+    let candidate = f.handle.model(f.clients[0], version).await.unwrap();
+    // The exact mean (sum / expected count 2) would be [0.25, 0.25, 0.25]; noise of standard
+    // deviation z·C / 2 per coordinate moves it.
+    assert_ne!(candidate.values, vec![0.25, 0.25, 0.25]);
+    let status = f.handle.status(1).await.unwrap();
+    let report = status.privacy.unwrap();
+    assert_eq!(report.rounds, 1);
+    assert!(report.epsilon > 0.0 && report.epsilon <= report.target_epsilon, "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn charged_rounds_that_fail_still_count_and_the_budget_ends_the_task() {
+    let f = start_with(private_spec(2)).await;
+    // Round 1 is charged, then its commit fails: the charge stays.
+    f.store.fail_next_commits(1);
+    for _ in 0..2 {
+        let round = train(&f, f.clients[0]).await;
+        train(&f, f.clients[1]).await;
+        send(&f, f.clients[0], round, vec![0.1, 0.0, 0.0]).await;
+        send(&f, f.clients[1], round, vec![0.1, 0.0, 0.0]).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = f.handle.status(10).await.unwrap();
+    assert_eq!((status.committed_rounds, status.failed_rounds), (1, 1));
+    assert_eq!(status.state, crate::round::TaskState::BudgetExhausted, "{}", status.state_reason);
+    assert!(
+        status.state_reason.starts_with("privacy budget exhausted: 2 rounds charged"),
+        "{}",
+        status.state_reason
+    );
+    assert_eq!(status.privacy.unwrap().rounds, 2);
+    assert!(matches!(
+        f.handle.poll(f.clients[0], Duration::ZERO).await.unwrap(),
+        Assignment::Finished { .. }
+    ));
 }
