@@ -96,6 +96,8 @@ pub struct Report {
     pub local_only: MethodResult,
     /// Failed rounds.
     pub failed_rounds: u64,
+    /// The privacy the federated model carries, if the run had DP.
+    pub privacy: Option<crate::runner::PrivacyOutcome>,
     /// Committed rounds.
     pub history: Vec<RoundRecord>,
     /// Stores.
@@ -141,6 +143,11 @@ pub fn to_json(r: &Report) -> Value {
         "federated": { "failed_rounds": r.failed_rounds, "history": history, "test": method(&r.federated)["test"] },
         "central": method(&r.central),
         "local_only": method(&r.local_only),
+        "privacy": r.privacy.as_ref().map(|p| json!({
+            "epsilon": round4(p.epsilon), "delta": p.delta, "unit": p.unit, "noise_placement": p.noise_placement,
+            "noise_multiplier": round4(p.noise_multiplier), "sampling_rate": p.sampling_rate, "rounds": p.rounds,
+            "clip_norm": p.clip_norm,
+        })),
         "stores": r.stores.iter().map(|s| json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test})).collect::<Vec<_>>(),
     })
 }
@@ -180,6 +187,20 @@ pub fn to_markdown(r: &Report) -> String {
         "\nFederated RMSE is {gap:+.2} % relative to central; {} rounds failed.\n",
         r.failed_rounds
     );
+    if let Some(p) = &r.privacy {
+        let _ = writeln!(
+            s,
+            "Privacy ({} level, {} noise): epsilon {:.4} at delta {} over {} charged rounds; q = {}, z = {:.4}, C = {}.\n",
+            p.unit,
+            p.noise_placement,
+            p.epsilon,
+            p.delta,
+            p.rounds,
+            p.sampling_rate,
+            p.noise_multiplier,
+            p.clip_norm
+        );
+    }
     let _ = writeln!(
         s,
         "## Learning curve\n\n| round | test RMSE | HR@10 | train loss |\n| --- | --- | --- | --- |"

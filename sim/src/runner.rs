@@ -37,6 +37,29 @@ pub struct FederatedResult {
     pub final_eval: EvalSums,
     /// How each participant ended.
     pub outcomes: Vec<Outcome>,
+    /// What the final model spent, for tasks with differential privacy.
+    pub privacy: Option<PrivacyOutcome>,
+}
+
+/// The privacy report of the final model, as the coordinator computed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyOutcome {
+    /// ε spent.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The protected unit (`client`).
+    pub unit: String,
+    /// Where noise was added (`central`).
+    pub noise_placement: String,
+    /// z.
+    pub noise_multiplier: f64,
+    /// q.
+    pub sampling_rate: f64,
+    /// Rounds charged.
+    pub rounds: u64,
+    /// C.
+    pub clip_norm: f32,
 }
 
 /// A coordinator running in this process on `127.0.0.1:0`.
@@ -193,7 +216,32 @@ pub async fn run_federated(
     for (i, r) in rounds.iter_mut().enumerate() {
         r.index = i as u64 + 1;
     }
-    let final_eval =
-        rounds.last().and_then(|r| r.eval).context("the last round has no evaluation")?;
-    Ok(FederatedResult { rounds, failed_rounds: status.failed_rounds, final_eval, outcomes })
+    let final_eval = rounds.last().and_then(|r| r.eval).unwrap_or_else(|| {
+        tracing::warn!(
+            "the last round has no evaluation (every store's predictions were non-finite?)"
+        );
+        EvalSums::default()
+    });
+    let privacy = status.privacy.map(|p| PrivacyOutcome {
+        epsilon: p.epsilon,
+        delta: p.delta,
+        unit: pb::PrivacyUnit::try_from(p.unit).map_or("unknown".into(), |u| {
+            u.as_str_name().trim_start_matches("PRIVACY_UNIT_").to_lowercase()
+        }),
+        noise_placement: pb::NoisePlacement::try_from(p.noise_placement)
+            .map_or("unknown".into(), |u| {
+                u.as_str_name().trim_start_matches("NOISE_PLACEMENT_").to_lowercase()
+            }),
+        noise_multiplier: p.noise_multiplier,
+        sampling_rate: p.sampling_rate,
+        rounds: p.rounds,
+        clip_norm: p.clip_norm,
+    });
+    Ok(FederatedResult {
+        rounds,
+        failed_rounds: status.failed_rounds,
+        final_eval,
+        outcomes,
+        privacy,
+    })
 }

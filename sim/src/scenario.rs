@@ -12,6 +12,7 @@ use fedretail_client::participant::LocalData;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -93,6 +94,27 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Differential privacy: the protected unit. Without it, training has no noise.
+    #[arg(long, value_enum)]
+    pub privacy_unit: Option<PrivacyUnitArg>,
+    /// Privacy budget ε for the whole run (with --privacy-unit).
+    #[arg(long, requires = "privacy_unit")]
+    pub target_epsilon: Option<f64>,
+    /// δ of the guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// Poisson sampling rate of clients per round (with --privacy-unit client).
+    #[arg(long, default_value_t = 1.0)]
+    pub sampling_rate: f64,
+}
+
+/// `--privacy-unit` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrivacyUnitArg {
+    /// Each store or device (DP-FedAvg).
+    Client,
+    /// Each customer inside a store (not implemented yet).
+    Customer,
 }
 
 impl RunArgs {
@@ -150,6 +172,28 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
     })
 }
 
+/// The task's privacy settings from the options.
+///
+/// # Errors
+///
+/// Customer-level privacy (not implemented yet) or a missing --target-epsilon.
+pub fn privacy_spec(args: &RunArgs) -> anyhow::Result<Option<PrivacySpec>> {
+    let Some(unit) = args.privacy_unit else { return Ok(None) };
+    anyhow::ensure!(
+        unit == PrivacyUnitArg::Client,
+        "--privacy-unit customer is not implemented yet; use --privacy-unit client"
+    );
+    let target_epsilon = args.target_epsilon.context("--privacy-unit needs --target-epsilon")?;
+    Ok(Some(PrivacySpec {
+        unit: PrivacyUnit::Client,
+        noise_placement: NoisePlacement::Central,
+        target_epsilon,
+        delta: args.delta,
+        sampling_rate: args.sampling_rate,
+        noise_multiplier: None,
+    }))
+}
+
 /// The task the coordinator runs.
 pub fn task_spec(args: &RunArgs, mf: &MfSpec, n_clients: usize) -> TaskSpec {
     let cohort = args.cohort_size.unwrap_or(match args.partition {
@@ -204,7 +248,13 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         rating_min: 1.0,
         rating_max: 5.0,
     };
-    let spec = task_spec(args, &mf, stores.len());
+    let mut spec = task_spec(args, &mf, stores.len());
+    if let Some(privacy) = privacy_spec(args)? {
+        // Under DP every clipped update counts once, and a Poisson cohort may be any size.
+        spec.plan.weight_by_examples = false;
+        spec.plan.min_clients = 1;
+        spec.privacy = Some(privacy);
+    }
     spec.validate().context("the scenario's task")?;
     tracing::info!(dataset = %data.name, ratings = data.ratings.len(), clients = stores.len(), "scenario loaded");
 
@@ -260,6 +310,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         central: MethodResult::from(&central),
         local_only: MethodResult::from(&local_only),
         failed_rounds: federated.failed_rounds,
+        privacy: federated.privacy,
         history: federated.rounds,
         stores: stores.iter().map(StoreRow::from).collect(),
     })

@@ -64,3 +64,42 @@ async fn a_seeded_run_writes_the_same_report_twice() {
     );
     assert!(std::fs::read_to_string(a.join("report.md")).unwrap().contains("| federated |"));
 }
+
+/// A run with client-level DP carries the coordinator's privacy report, within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_run_reports_what_it_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = Cli::parse_from([
+        "sim",
+        "--scenario",
+        "synthetic",
+        "--rounds",
+        "4",
+        "--dim",
+        "4",
+        "--reference-epochs",
+        "2",
+        "--quiet",
+        "--out",
+        out,
+        "--privacy-unit",
+        "client",
+        "--target-epsilon",
+        "4",
+        "--sampling-rate",
+        "0.5",
+    ])
+    .args;
+    let report = scenario::run(&args).await.unwrap();
+    let p = report.privacy.expect("a privacy report");
+    assert_eq!((p.unit.as_str(), p.noise_placement.as_str()), ("client", "central"));
+    assert_eq!(p.sampling_rate, 0.5);
+    assert!(p.epsilon > 0.0 && p.epsilon <= 4.0, "epsilon {}", p.epsilon);
+    assert!(p.rounds >= 4, "every committed round was charged: {}", p.rounds);
+    assert!(p.noise_multiplier > 0.5);
+    let customer =
+        Cli::parse_from(["sim", "--privacy-unit", "customer", "--target-epsilon", "1"]).args;
+    let err = scenario::privacy_spec(&customer).unwrap_err().to_string();
+    assert!(err.contains("not implemented yet"), "{err}");
+}

@@ -347,6 +347,18 @@ impl<T: Transport> Participant<T> {
         .await
         .expect("local evaluation panicked");
         self.trainer = Some(trainer);
+        // A diverged model predicts NaN or infinity; such sums would be refused, and the round
+        // would wait out its deadline. Report that nothing could be scored instead.
+        let finite = [sums.squared_error, sums.absolute_error, sums.hits_at_10, sums.ndcg_at_10];
+        let sums = if finite.iter().all(|v| v.is_finite()) {
+            sums
+        } else {
+            tracing::warn!(
+                round_id = plan.round_id,
+                "the model's predictions are not finite; reporting no scored ratings"
+            );
+            EvalSums::default()
+        };
         self.audit(&Entry::Metrics {
             task_id: e.task_id,
             round_id: plan.round_id,
