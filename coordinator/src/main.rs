@@ -156,6 +156,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
+            if config.store.is_none() {
+                tracing::warn!(
+                    "no `store` in the config: tasks and models are kept in memory and lost on restart"
+                );
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(config.listen)
