@@ -95,15 +95,23 @@ fn rounds_that_would_exceed_the_budget_are_refused() {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-    /// ε never falls when rounds or the sampling rate grow, or when noise shrinks.
+    /// ε never falls when rounds grow; nor, in the regime budgets live in (ε <= 50), when the
+    /// sampling rate grows or the noise shrinks.
+    ///
+    /// Far beyond it the reported bound is not monotone in q: with z = 1.056 and T = 468,
+    /// q = 0.85 gives ε = 278.19 and q = 0.9 gives 273.35, in dp-accounting 0.6.0 exactly as here.
+    /// Both are valid upper bounds (fractional-order terms are taken in absolute value); they
+    /// are just not equally loose. Found by this property in CI.
     #[test]
     fn epsilon_grows_with_rounds_and_sampling_rate(q in 0.001f64..0.9, z in 0.6f64..4.0, t in 1u64..2000) {
         let acc = RdpAccountant::default();
         let eps = |q: f64, z: f64, t: u64| acc.epsilon(&[charge(q, z, t)], 1e-5).unwrap().epsilon;
         let base = eps(q, z, t);
         prop_assert!(eps(q, z, t + 1) >= base);
-        prop_assert!(eps((q * 1.1).min(1.0), z, t) >= base);
-        prop_assert!(eps(q, z * 0.9, t) >= base);
+        if base <= 50.0 {
+            prop_assert!(eps((q * 1.1).min(1.0), z, t) >= base);
+            prop_assert!(eps(q, z * 0.9, t) >= base);
+        }
     }
 
     /// Splitting a stretch of rounds into two charges changes nothing: RDP composes additively.
@@ -114,4 +122,13 @@ proptest! {
         let split = acc.epsilon(&[charge(q, z, a), charge(q, z, b)], 1e-5).unwrap().epsilon;
         prop_assert!((whole - split).abs() <= 1e-9 * whole.max(1.0));
     }
+}
+
+/// The high-ε non-monotonicity noted above, pinned to dp-accounting's own values.
+#[test]
+fn far_beyond_any_budget_the_bound_follows_dp_accounting() {
+    let acc = RdpAccountant::default();
+    let eps = |q: f64| acc.epsilon(&[charge(q, 1.05581413145591, 468)], 1e-5).unwrap().epsilon;
+    assert!((eps(0.85) - 278.1898732480583).abs() < 1e-6);
+    assert!((eps(0.9) - 273.35266874469977).abs() < 1e-6);
 }
