@@ -259,7 +259,7 @@ impl Driver {
             Request::Upload { upload, reply } => {
                 let client = upload.client;
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
-                    Some(r) => r.upload(now, upload),
+                    Some(r) => r.upload(upload),
                     None => Err(Reject::StaleRound { got: upload.round, current: "none".into() }),
                 });
                 log_reject(client, "upload", &result);

@@ -365,13 +365,12 @@ impl Round {
     }
 
     /// Validates a complete upload and adds it to the sum. One bad upload never fails the round.
-    pub(crate) fn upload(&mut self, now: Instant, upload: Upload) -> Result<(), Reject> {
+    pub(crate) fn upload(&mut self, upload: Upload) -> Result<(), Reject> {
         let result = self.try_add(upload);
         match &result {
             Ok(()) => self.maybe_aggregate(),
             Err(_) => self.n_rejected += 1,
         }
-        let _ = now;
         result
     }
 

@@ -128,8 +128,8 @@ fn configure_deadline_with_quorum_drops_the_silent_clients() {
     r.tick(t0 + Duration::from_secs(10), &clients(3));
     assert!(matches!(r.phase(), Phase::Collecting { .. }));
     assert_eq!(r.begin_upload(members[2], RoundId(1)), Err(Reject::NotInCohort(members[2])));
-    r.upload(t0, good(members[0].0, RoundId(1))).unwrap();
-    r.upload(t0, good(members[1].0, RoundId(1))).unwrap();
+    r.upload(good(members[0].0, RoundId(1))).unwrap();
+    r.upload(good(members[1].0, RoundId(1))).unwrap();
     assert_eq!(*r.phase(), Phase::Aggregating, "everyone left in the cohort uploaded");
 }
 
@@ -137,7 +137,7 @@ fn configure_deadline_with_quorum_drops_the_silent_clients() {
 fn collect_deadline_without_quorum_fails_and_applies_nothing() {
     let t0 = Instant::now();
     let mut r = collecting(3, 2, 1, t0);
-    r.upload(t0, good(1, RoundId(9))).unwrap();
+    r.upload(good(1, RoundId(9))).unwrap();
     r.tick(t0 + Duration::from_secs(19), &clients(3));
     assert!(matches!(r.phase(), Phase::Collecting { .. }));
     r.tick(t0 + Duration::from_secs(20), &clients(3));
@@ -150,8 +150,8 @@ fn collect_deadline_without_quorum_fails_and_applies_nothing() {
 fn collect_deadline_with_quorum_aggregates_what_arrived() {
     let t0 = Instant::now();
     let mut r = collecting(3, 2, 1, t0);
-    r.upload(t0, good(1, RoundId(9))).unwrap();
-    r.upload(t0, upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
+    r.upload(good(1, RoundId(9))).unwrap();
+    r.upload(upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
     r.tick(t0 + Duration::from_secs(20), &clients(3));
     let outputs = r.take_outputs();
     let [Output::Compute(sum, None)] = &outputs[..] else {
@@ -167,24 +167,24 @@ fn bad_uploads_are_rejected_precisely_and_the_round_goes_on() {
     let mut r = collecting(2, 2, 1, t0);
     let round = RoundId(9);
     assert_eq!(
-        r.upload(t0, upload(1, round, vec![0.0; 3])),
+        r.upload(upload(1, round, vec![0.0; 3])),
         Err(Reject::InvalidUpdate(AggregateError::WrongShape { expected: 4, got: 3 }))
     );
     assert_eq!(
-        r.upload(t0, upload(1, round, vec![f32::NAN, 0.0, 0.0, 0.0])),
+        r.upload(upload(1, round, vec![f32::NAN, 0.0, 0.0, 0.0])),
         Err(Reject::InvalidUpdate(AggregateError::NonFinite))
     );
     assert!(matches!(
-        r.upload(t0, upload(1, round, vec![1.0, 1.0, 0.0, 0.0])),
+        r.upload(upload(1, round, vec![1.0, 1.0, 0.0, 0.0])),
         Err(Reject::InvalidUpdate(AggregateError::NotClipped { .. }))
     ));
-    assert!(matches!(r.upload(t0, good(1, RoundId(8))), Err(Reject::StaleRound { .. })));
-    assert_eq!(r.upload(t0, good(5, round)), Err(Reject::NotInCohort(ClientId(5))));
-    r.upload(t0, good(1, round)).unwrap();
-    assert_eq!(r.upload(t0, good(1, round)), Err(Reject::Duplicate(ClientId(1))));
+    assert!(matches!(r.upload(good(1, RoundId(8))), Err(Reject::StaleRound { .. })));
+    assert_eq!(r.upload(good(5, round)), Err(Reject::NotInCohort(ClientId(5))));
+    r.upload(good(1, round)).unwrap();
+    assert_eq!(r.upload(good(1, round)), Err(Reject::Duplicate(ClientId(1))));
     assert_eq!(r.begin_upload(ClientId(1), round), Err(Reject::Duplicate(ClientId(1))));
     assert_eq!(r.begin_upload(ClientId(2), round), Ok((N, 1.0)));
-    r.upload(t0, good(2, round)).unwrap();
+    r.upload(good(2, round)).unwrap();
     assert_eq!(*r.phase(), Phase::Aggregating);
     assert_eq!(r.summary().n_rejected, 7);
     assert_eq!(r.summary().n_uploads, 2);
@@ -194,8 +194,8 @@ fn bad_uploads_are_rejected_precisely_and_the_round_goes_on() {
 fn evaluation_then_commit_and_metrics_are_optional() {
     let t0 = Instant::now();
     let mut r = collecting(2, 2, 1, t0);
-    r.upload(t0, good(1, RoundId(9))).unwrap();
-    r.upload(t0, good(2, RoundId(9))).unwrap();
+    r.upload(good(1, RoundId(9))).unwrap();
+    r.upload(good(2, RoundId(9))).unwrap();
     r.take_outputs();
     r.computed(t0, ModelVersion(4), &clients(2));
     assert!(matches!(r.phase(), Phase::Evaluating { .. }), "the last round evaluates");
@@ -224,8 +224,8 @@ fn evaluation_then_commit_and_metrics_are_optional() {
 fn rounds_that_do_not_evaluate_commit_at_once() {
     let t0 = Instant::now();
     let mut r = collecting(2, 2, 5, t0);
-    r.upload(t0, good(1, RoundId(9))).unwrap();
-    r.upload(t0, good(2, RoundId(9))).unwrap();
+    r.upload(good(1, RoundId(9))).unwrap();
+    r.upload(good(2, RoundId(9))).unwrap();
     r.take_outputs();
     r.computed(t0, ModelVersion(4), &clients(2));
     assert!(matches!(r.take_outputs()[..], [Output::Commit(_)]));
@@ -274,7 +274,7 @@ proptest! {
                 Event::Poll(c) => { r.poll(now, ClientId(c)); }
                 Event::Upload(c, ok) => {
                     let values = if ok { vec![0.1; N] } else { vec![f32::NAN; N] };
-                    let _ = r.upload(now, upload(c, RoundId(1), values));
+                    let _ = r.upload(upload(c, RoundId(1), values));
                 }
                 Event::Report(c) => { let _ = r.report(ClientId(c), RoundId(1), &EvalSums::default()); }
             }
