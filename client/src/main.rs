@@ -80,6 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("creating {}", cli.state_dir.display()))?;
     let config = ParticipantConfig {
+        seeded_privacy: false,
         task: cli.task.clone(),
         store_name: cli.store,
         state_dir: Some(cli.state_dir),

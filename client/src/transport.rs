@@ -3,7 +3,7 @@
 
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::ModelSpec;
-use fedretail_core::privacy::ClippedUpdate;
+use fedretail_core::privacy::Contribution;
 use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
 use fedretail_proto::pb;
 use fedretail_proto::pb::training_client::TrainingClient;
@@ -43,6 +43,23 @@ pub struct TrainPlan {
     pub round_seed: u64,
     /// Time left to upload.
     pub upload_timeout: Duration,
+    /// What differential privacy asks of this client; `None` without privacy.
+    pub privacy: Option<TrainPrivacy>,
+}
+
+/// A round's privacy instructions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainPrivacy {
+    /// Customer unit: sum one clipped contribution per Poisson-sampled customer.
+    pub per_customer: bool,
+    /// Customer unit: the customers' sampling rate.
+    pub sampling_rate: f64,
+    /// Standard deviation of the noise this client adds (0: the coordinator adds it).
+    pub noise_std: f64,
+    /// Adaptive clipping: report the count of unclipped contributions.
+    pub report_unclipped: bool,
+    /// Noise this client adds to that count.
+    pub count_noise_std: f64,
 }
 
 /// An evaluation assignment.
@@ -76,7 +93,8 @@ pub enum Assignment {
     },
 }
 
-/// What accompanies an update: facts about local training, all aggregate.
+/// What accompanies an update: facts about local training, all aggregate. Under privacy the
+/// participant zeroes the example count and loss (they depend on the data and are not noised).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateSummary {
     /// FedAvg weight (local example count).
@@ -150,12 +168,13 @@ pub trait Transport: Send {
         version: u64,
         n_params: usize,
     ) -> impl Future<Output = Result<Vec<f32>, TransportError>> + Send;
-    /// Uploads a clipped update. Only a [`ClippedUpdate`] can be sent.
+    /// Uploads an update. Only a [`Contribution`] (clipped, per update or per customer, and
+    /// noised where the task says so) can be sent.
     fn upload(
         &mut self,
         enrollment: &Enrollment,
         round_id: u64,
-        update: ClippedUpdate,
+        update: Contribution,
         summary: UpdateSummary,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
     /// Reports evaluation sums.
@@ -250,6 +269,13 @@ impl Transport for GrpcTransport {
                     clip_norm: t.clip_norm,
                     round_seed: t.round_seed,
                     upload_timeout: Duration::from_millis(t.upload_timeout_ms),
+                    privacy: t.privacy.map(|p| TrainPrivacy {
+                        per_customer: p.per_customer,
+                        sampling_rate: p.sampling_rate,
+                        noise_std: p.noise_std,
+                        report_unclipped: p.report_unclipped,
+                        count_noise_std: p.count_noise_std,
+                    }),
                 })
             }
             Some(A::Evaluate(v)) => Assignment::Evaluate(EvalPlan {
@@ -309,11 +335,12 @@ impl Transport for GrpcTransport {
         &mut self,
         e: &Enrollment,
         round_id: u64,
-        update: ClippedUpdate,
+        update: Contribution,
         summary: UpdateSummary,
     ) -> Result<(), TransportError> {
         use pb::upload_update_request::Part;
-        let norm_before_clip = update.norm_before_clip();
+        let norm_before_clip = if update.is_private() { 0.0 } else { update.norm_before_clip() };
+        let unclipped = update.unclipped();
         let values = Arc::new(update.into_values());
         let sha256 = fedretail_core::update::sha256_f32s(&values).to_vec();
         let header = pb::UploadHeader {
@@ -330,6 +357,7 @@ impl Transport for GrpcTransport {
                 n_examples: summary.n_examples as u64,
                 train_loss: summary.train_loss,
                 norm_before_clip,
+                unclipped,
             }),
         };
         let n_chunks = values.len().div_ceil(CHUNK_PARAMS);

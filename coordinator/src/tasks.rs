@@ -109,6 +109,8 @@ impl Tasks {
                 "noise calibrated"
             );
             privacy.noise_multiplier = Some(z);
+            // Adaptive clipping's count noise must leave room for the update noise.
+            spec.validate()?;
         }
         let initial = Arc::new(driver::initial_model(&spec));
         let id = self.store.create_task(&spec, initial)?;

@@ -213,6 +213,51 @@ impl TaskSpec {
                     format!("must be in (0, 1], got {}", privacy.sampling_rate),
                 ));
             }
+            if privacy.unit == crate::privacy::PrivacyUnit::Customer {
+                if !matches!(self.model, ModelSpec::MatrixFactorization(_)) {
+                    return Err(bad(
+                        "privacy.unit",
+                        "customer-level privacy needs a model with customers (the recommender)",
+                    ));
+                }
+                if privacy.population.is_none_or(|n| n == 0) {
+                    return Err(bad(
+                        "privacy.population",
+                        "customer-level privacy needs the number of customers across stores",
+                    ));
+                }
+            }
+            if let Some(a) = &privacy.adaptive_clipping {
+                if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                    return Err(bad(
+                        "privacy.adaptive_clipping.target_quantile",
+                        format!("must be in (0, 1), got {}", a.target_quantile),
+                    ));
+                }
+                if !(a.learning_rate > 0.0 && a.learning_rate.is_finite()) {
+                    return Err(bad(
+                        "privacy.adaptive_clipping.learning_rate",
+                        format!("must be positive, got {}", a.learning_rate),
+                    ));
+                }
+                if !(a.count_noise_std > 0.0 && a.count_noise_std.is_finite()) {
+                    return Err(bad(
+                        "privacy.adaptive_clipping.count_noise_std",
+                        format!("must be positive, got {}", a.count_noise_std),
+                    ));
+                }
+                if let Some(z) = privacy.noise_multiplier
+                    && a.update_noise_multiplier(z).is_none()
+                {
+                    return Err(bad(
+                        "privacy.adaptive_clipping.count_noise_std",
+                        format!(
+                            "2 x {} must exceed the noise multiplier {z}: the count would spend the whole budget",
+                            a.count_noise_std
+                        ),
+                    ));
+                }
+            }
             if let Some(z) = privacy.noise_multiplier
                 && !(z > 0.0 && z.is_finite())
             {

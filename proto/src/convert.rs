@@ -8,12 +8,13 @@ use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
-use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+use fedretail_core::privacy::{AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit};
 
 impl From<PrivacyUnit> for pb::PrivacyUnit {
     fn from(u: PrivacyUnit) -> pb::PrivacyUnit {
         match u {
             PrivacyUnit::Client => pb::PrivacyUnit::Client,
+            PrivacyUnit::Customer => pb::PrivacyUnit::Customer,
         }
     }
 }
@@ -22,6 +23,8 @@ impl From<NoisePlacement> for pb::NoisePlacement {
     fn from(p: NoisePlacement) -> pb::NoisePlacement {
         match p {
             NoisePlacement::Central => pb::NoisePlacement::Central,
+            NoisePlacement::Distributed => pb::NoisePlacement::Distributed,
+            NoisePlacement::Local => pb::NoisePlacement::Local,
         }
     }
 }
@@ -35,6 +38,12 @@ impl From<&PrivacySpec> for pb::PrivacySpec {
             delta: p.delta,
             sampling_rate: p.sampling_rate,
             noise_multiplier: p.noise_multiplier.unwrap_or(0.0),
+            population: p.population.unwrap_or(0),
+            adaptive_clipping: p.adaptive_clipping.as_ref().map(|a| pb::AdaptiveClipping {
+                target_quantile: a.target_quantile,
+                learning_rate: a.learning_rate,
+                count_noise_std: a.count_noise_std,
+            }),
         }
     }
 }
@@ -44,23 +53,23 @@ impl TryFrom<pb::PrivacySpec> for PrivacySpec {
     fn try_from(p: pb::PrivacySpec) -> Result<PrivacySpec, ConvertError> {
         let unit = match pb::PrivacyUnit::try_from(p.unit) {
             Ok(pb::PrivacyUnit::Client) => PrivacyUnit::Client,
+            Ok(pb::PrivacyUnit::Customer) => PrivacyUnit::Customer,
             _ => {
                 return Err(ConvertError {
                     field: "privacy.unit",
-                    message: format!(
-                        "unit {} is not supported by this coordinator (client is)",
-                        p.unit
-                    ),
+                    message: format!("unit {} is not one of client, customer", p.unit),
                 });
             }
         };
         let noise_placement = match pb::NoisePlacement::try_from(p.noise_placement) {
             Ok(pb::NoisePlacement::Central) => NoisePlacement::Central,
+            Ok(pb::NoisePlacement::Distributed) => NoisePlacement::Distributed,
+            Ok(pb::NoisePlacement::Local) => NoisePlacement::Local,
             _ => {
                 return Err(ConvertError {
                     field: "privacy.noise_placement",
                     message: format!(
-                        "placement {} is not supported by this coordinator (central is)",
+                        "placement {} is not one of central, distributed, local",
                         p.noise_placement
                     ),
                 });
@@ -73,6 +82,12 @@ impl TryFrom<pb::PrivacySpec> for PrivacySpec {
             delta: p.delta,
             sampling_rate: p.sampling_rate,
             noise_multiplier: (p.noise_multiplier != 0.0).then_some(p.noise_multiplier),
+            population: (p.population != 0).then_some(p.population),
+            adaptive_clipping: p.adaptive_clipping.map(|a| AdaptiveClipping {
+                target_quantile: a.target_quantile,
+                learning_rate: a.learning_rate,
+                count_noise_std: a.count_noise_std,
+            }),
         })
     }
 }
@@ -107,6 +122,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
                     init_std: mf.init_std,
                     rating_min: mf.rating_min,
                     rating_max: mf.rating_max,
+                    init_mean: mf.init_mean,
                 })
             }
             ModelSpec::Bench { n_params } => {
@@ -130,6 +146,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                     init_std: mf.init_std,
                     rating_min: mf.rating_min,
                     rating_max: mf.rating_max,
+                    init_mean: mf.init_mean,
                 })
             }
             pb::model_spec::Kind::Bench(b) => {
@@ -299,6 +316,7 @@ mod tests {
                 init_std: 0.1,
                 rating_min: 1.0,
                 rating_max: 5.0,
+                init_mean: 0.0,
             }),
             plan: TrainingPlan {
                 rounds: 100,
@@ -328,6 +346,12 @@ mod tests {
                 delta: 1e-5,
                 sampling_rate: 0.25,
                 noise_multiplier: Some(1.3),
+                population: Some(943),
+                adaptive_clipping: Some(AdaptiveClipping {
+                    target_quantile: 0.5,
+                    learning_rate: 0.2,
+                    count_noise_std: 5.0,
+                }),
             }),
         };
         let wire: pb::TaskSpec = (&spec).into();

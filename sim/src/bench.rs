@@ -170,6 +170,7 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
             store_name: format!("bench-{c}"),
             state_dir: None,
             max_backoff: std::time::Duration::from_secs(1),
+            seeded_privacy: true,
         };
         let cancel = cancel.clone();
         participants.spawn(async move {

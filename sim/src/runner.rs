@@ -155,6 +155,8 @@ pub async fn run_federated(
             store_name: name,
             state_dir: None,
             max_backoff: Duration::from_secs(2),
+            // The simulator repeats runs exactly; see ParticipantConfig::seeded_privacy.
+            seeded_privacy: true,
         };
         let cancel = cancel.clone();
         participants

@@ -12,7 +12,7 @@ use fedretail_client::participant::LocalData;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
-use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+use fedretail_core::privacy::{AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,36 +49,37 @@ pub struct RunArgs {
     /// Seed of the split, the model, the cohorts and local training.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Federated rounds.
-    #[arg(long, default_value_t = 100)]
-    pub rounds: u64,
+    /// Federated rounds [default: 100; 30 with --privacy-unit customer].
+    #[arg(long)]
+    pub rounds: Option<u64>,
     /// One client per region (store) or per user (device).
     #[arg(long, value_enum, default_value = "region")]
     pub partition: Partition,
     /// Clients per round (default: every store in region mode, 100 in device mode).
     #[arg(long)]
     pub cohort_size: Option<u32>,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 2)]
-    pub local_epochs: u32,
-    /// Latent dimension of the recommender.
-    #[arg(long, default_value_t = 50)]
-    pub dim: usize,
-    /// Local SGD learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    pub learning_rate: f32,
-    /// L2 regularisation.
-    #[arg(long, default_value_t = 0.1)]
-    pub regularization: f32,
+    /// Local epochs per round [default: 2; 5 with --privacy-unit customer].
+    #[arg(long)]
+    pub local_epochs: Option<u32>,
+    /// Latent dimension of the recommender [default: 50; 1 with --privacy-unit customer].
+    #[arg(long)]
+    pub dim: Option<usize>,
+    /// Local SGD learning rate [default: 0.01].
+    #[arg(long)]
+    pub learning_rate: Option<f32>,
+    /// L2 regularisation [default: 0.1; 0.02 with --privacy-unit customer].
+    #[arg(long)]
+    pub regularization: Option<f32>,
     /// Server optimiser.
     #[arg(long, value_enum, default_value = "fed-avg")]
     pub server_optimizer: OptimizerKind,
-    /// Server learning rate.
-    #[arg(long, default_value_t = 1.0)]
-    pub server_lr: f32,
-    /// L2 clipping norm of each update.
-    #[arg(long, default_value_t = 5.0)]
-    pub clip_norm: f32,
+    /// Server learning rate [default: 1; 10 with --privacy-unit customer].
+    #[arg(long)]
+    pub server_lr: Option<f32>,
+    /// L2 clipping norm of each update (per customer under --privacy-unit customer) [default:
+    /// 5; 0.25 with --privacy-unit customer].
+    #[arg(long)]
+    pub clip_norm: Option<f32>,
     /// Evaluate every this many rounds (and after the last).
     #[arg(long, default_value_t = 10)]
     pub eval_every: u32,
@@ -103,8 +104,49 @@ pub struct RunArgs {
     /// δ of the guarantee.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
-    /// Poisson sampling rate of clients per round (with --privacy-unit client).
-    #[arg(long, default_value_t = 1.0)]
+    /// Poisson sampling rate per round: of stores (client unit) or of customers in every store
+    /// (customer unit) [default: 1 for client, 0.3 for customer].
+    #[arg(long)]
+    pub sampling_rate: Option<f64>,
+    /// Where the noise is added.
+    #[arg(long, value_enum, default_value = "central")]
+    pub noise_placement: PlacementArg,
+    /// Adaptive clipping (Andrew et al. 2021) towards this quantile of the contributions' norms,
+    /// starting from --clip-norm; its count noise takes a share of the budget.
+    #[arg(long, requires = "privacy_unit")]
+    pub adaptive_clipping: Option<f64>,
+}
+
+/// `--noise-placement` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlacementArg {
+    /// At the coordinator.
+    Central,
+    /// A share at every client; the quorum's shares add up to the full noise.
+    Distributed,
+    /// The full noise at every client.
+    Local,
+}
+
+/// The training hyper-parameters of a run: the options, or defaults that depend on the privacy
+/// unit (customer-level DP trains a smaller model with more local work; see BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hyper {
+    /// Rounds.
+    pub rounds: u64,
+    /// Local epochs.
+    pub local_epochs: u32,
+    /// Latent dimension.
+    pub dim: usize,
+    /// Local learning rate.
+    pub learning_rate: f32,
+    /// Regularisation.
+    pub regularization: f32,
+    /// Server learning rate.
+    pub server_lr: f32,
+    /// Clipping norm.
+    pub clip_norm: f32,
+    /// Sampling rate (privacy only).
     pub sampling_rate: f64,
 }
 
@@ -113,11 +155,32 @@ pub struct RunArgs {
 pub enum PrivacyUnitArg {
     /// Each store or device (DP-FedAvg).
     Client,
-    /// Each customer inside a store (not implemented yet).
+    /// Each customer inside a store: per-customer clipped contributions, summed in the store.
     Customer,
 }
 
 impl RunArgs {
+    /// The hyper-parameters this run uses.
+    pub fn hyper(&self) -> Hyper {
+        let customer = self.privacy_unit == Some(PrivacyUnitArg::Customer);
+        Hyper {
+            rounds: self.rounds.unwrap_or(if customer { 30 } else { 100 }),
+            local_epochs: self.local_epochs.unwrap_or(if customer { 5 } else { 2 }),
+            dim: self.dim.unwrap_or(if customer { 1 } else { 50 }),
+            learning_rate: self.learning_rate.unwrap_or(0.01),
+            regularization: self.regularization.unwrap_or(if customer { 0.02 } else { 0.1 }),
+            server_lr: self.server_lr.unwrap_or(if customer { 10.0 } else { 1.0 }),
+            clip_norm: self.clip_norm.unwrap_or(if customer { 0.25 } else { 5.0 }),
+            sampling_rate: self.sampling_rate.unwrap_or(if customer { 0.3 } else { 1.0 }),
+        }
+    }
+
+    /// The hyper-parameters of the central and local-only references: the non-private
+    /// defaults, or the options where given, so every run is compared with the same references.
+    pub fn reference_hyper(&self) -> Hyper {
+        RunArgs { privacy_unit: None, ..self.clone() }.hyper()
+    }
+
     /// The output directory.
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
@@ -129,7 +192,7 @@ impl RunArgs {
     }
 
     fn server_optimizer(&self) -> ServerOptimizer {
-        let learning_rate = self.server_lr;
+        let learning_rate = self.hyper().server_lr;
         match self.server_optimizer {
             OptimizerKind::FedAvg => ServerOptimizer::FedAvg { learning_rate },
             OptimizerKind::FedAvgM => ServerOptimizer::FedAvgM { learning_rate, momentum: 0.9 },
@@ -172,25 +235,39 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
     })
 }
 
-/// The task's privacy settings from the options.
+/// The task's privacy settings from the options; `population` is the number of customers
+/// across stores (the customer unit's public divisor).
 ///
 /// # Errors
 ///
-/// Customer-level privacy (not implemented yet) or a missing --target-epsilon.
-pub fn privacy_spec(args: &RunArgs) -> anyhow::Result<Option<PrivacySpec>> {
+/// A missing --target-epsilon.
+pub fn privacy_spec(args: &RunArgs, population: usize) -> anyhow::Result<Option<PrivacySpec>> {
     let Some(unit) = args.privacy_unit else { return Ok(None) };
-    anyhow::ensure!(
-        unit == PrivacyUnitArg::Client,
-        "--privacy-unit customer is not implemented yet; use --privacy-unit client"
-    );
     let target_epsilon = args.target_epsilon.context("--privacy-unit needs --target-epsilon")?;
+    let sampling_rate = args.hyper().sampling_rate;
+    let unit = match unit {
+        PrivacyUnitArg::Client => PrivacyUnit::Client,
+        PrivacyUnitArg::Customer => PrivacyUnit::Customer,
+    };
+    // Andrew et al. suggest count noise of about a twentieth of the expected contributions.
+    let expected = sampling_rate * population as f64;
     Ok(Some(PrivacySpec {
-        unit: PrivacyUnit::Client,
-        noise_placement: NoisePlacement::Central,
+        unit,
+        noise_placement: match args.noise_placement {
+            PlacementArg::Central => NoisePlacement::Central,
+            PlacementArg::Distributed => NoisePlacement::Distributed,
+            PlacementArg::Local => NoisePlacement::Local,
+        },
         target_epsilon,
         delta: args.delta,
-        sampling_rate: args.sampling_rate,
+        sampling_rate,
         noise_multiplier: None,
+        population: (unit == PrivacyUnit::Customer).then_some(population as u64),
+        adaptive_clipping: args.adaptive_clipping.map(|target_quantile| AdaptiveClipping {
+            target_quantile,
+            learning_rate: 0.2,
+            count_noise_std: (expected / 20.0).max(1.0),
+        }),
     }))
 }
 
@@ -200,16 +277,17 @@ pub fn task_spec(args: &RunArgs, mf: &MfSpec, n_clients: usize) -> TaskSpec {
         Partition::Region => n_clients as u32,
         Partition::Device => 100.min(n_clients as u32),
     });
+    let hyper = args.hyper();
     TaskSpec {
         name: format!("sim-{:?}-{}", args.scenario, args.seed).to_lowercase(),
         model: ModelSpec::MatrixFactorization(mf.clone()),
         privacy: None,
         plan: TrainingPlan {
-            rounds: args.rounds,
+            rounds: hyper.rounds,
             cohort_size: cohort,
             min_clients: cohort,
-            local_epochs: args.local_epochs,
-            clip_norm: args.clip_norm,
+            local_epochs: hyper.local_epochs,
+            clip_norm: hyper.clip_norm,
             server_optimizer: args.server_optimizer(),
             eval_every: args.eval_every,
             eval_fraction: 1.0,
@@ -239,20 +317,31 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let (train, test) = dataset::split(&data.ratings, args.test_fraction, args.seed);
     let stores = dataset::partition(&data, &train, &test, args.partition);
     let central_data = dataset::pooled(&data, &train, &test);
-    let mf = MfSpec {
+    let mf_spec = |h: Hyper, init_mean| MfSpec {
         n_items: data.n_items,
-        dim: args.dim,
-        learning_rate: args.learning_rate,
-        regularization: args.regularization,
+        dim: h.dim,
+        learning_rate: h.learning_rate,
+        regularization: h.regularization,
         init_std: 0.1,
         rating_min: 1.0,
         rating_max: 5.0,
+        init_mean,
     };
+    let population = stores.iter().map(|s| s.users.len()).sum();
+    let privacy = privacy_spec(args, population)?;
+    // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
+    // rating scale, a choice made without looking at the data.
+    let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
+    let mf = mf_spec(args.hyper(), if customer { 3.0 } else { 0.0 });
+    let reference_mf = mf_spec(args.reference_hyper(), 0.0);
     let mut spec = task_spec(args, &mf, stores.len());
-    if let Some(privacy) = privacy_spec(args)? {
-        // Under DP every clipped update counts once, and a Poisson cohort may be any size.
+    if let Some(privacy) = privacy {
+        // Under DP every clipped update counts once. A Poisson cohort of stores may be any
+        // size; with customers sampled inside stores, every store takes part.
         spec.plan.weight_by_examples = false;
-        spec.plan.min_clients = 1;
+        if privacy.unit == PrivacyUnit::Client {
+            spec.plan.min_clients = 1;
+        }
         spec.privacy = Some(privacy);
     }
     spec.validate().context("the scenario's task")?;
@@ -261,7 +350,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     // The references train on blocking threads while the federation runs.
     let references = {
         let (mf, stores_ref, epochs, seed) =
-            (mf.clone(), stores.clone(), args.reference_epochs, args.seed);
+            (reference_mf, stores.clone(), args.reference_epochs, args.seed);
         tokio::task::spawn_blocking(move || {
             let central = baselines::train_alone(&mf, &central_data, epochs, seed);
             let local = baselines::local_only(&mf, &stores_ref, epochs, seed);
@@ -272,7 +361,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let progress = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        let bar = indicatif::ProgressBar::new(args.rounds);
+        let bar = indicatif::ProgressBar::new(spec.plan.rounds);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{elapsed_precise} [{bar:40}] round {pos}/{len} {msg}",
@@ -292,14 +381,18 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     progress.finish_and_clear();
     let federated = federated?;
     let (central, local_only) = references.await?;
-    tracing::info!(seconds = wall.as_secs_f64(), rounds = args.rounds, "federated run finished");
+    tracing::info!(
+        seconds = wall.as_secs_f64(),
+        rounds = spec.plan.rounds,
+        "federated run finished"
+    );
 
     Ok(Report {
         scenario: args.scenario,
         dataset: data.name.clone(),
         seed: args.seed,
         partition: args.partition,
-        rounds: args.rounds,
+        rounds: spec.plan.rounds,
         n_clients: stores.len(),
         n_ratings: data.ratings.len(),
         n_train: train.len(),

@@ -98,8 +98,46 @@ async fn a_private_run_reports_what_it_spent() {
     assert!(p.epsilon > 0.0 && p.epsilon <= 4.0, "epsilon {}", p.epsilon);
     assert!(p.rounds >= 4, "every committed round was charged: {}", p.rounds);
     assert!(p.noise_multiplier > 0.5);
-    let customer =
-        Cli::parse_from(["sim", "--privacy-unit", "customer", "--target-epsilon", "1"]).args;
-    let err = scenario::privacy_spec(&customer).unwrap_err().to_string();
-    assert!(err.contains("not implemented yet"), "{err}");
+}
+
+/// Customer-level DP with distributed noise and adaptive clipping, end to end over gRPC: the
+/// report names the unit and placement, the ledger holds every round within the budget, and
+/// adaptive clipping moved the clipping norm from where it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_level_run_with_distributed_noise_and_adaptive_clipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = Cli::parse_from([
+        "sim",
+        "--scenario",
+        "synthetic",
+        "--rounds",
+        "5",
+        "--reference-epochs",
+        "2",
+        "--quiet",
+        "--out",
+        out,
+        "--privacy-unit",
+        "customer",
+        "--target-epsilon",
+        "8",
+        "--noise-placement",
+        "distributed",
+        "--adaptive-clipping",
+        "0.5",
+        "--clip-norm",
+        "2",
+    ])
+    .args;
+    let report = scenario::run(&args).await.unwrap();
+    let p = report.privacy.expect("a privacy report");
+    assert_eq!((p.unit.as_str(), p.noise_placement.as_str()), ("customer", "distributed"));
+    assert_eq!(p.sampling_rate, 0.3);
+    assert_eq!(p.rounds, 5);
+    assert!(p.epsilon > 0.0 && p.epsilon <= 8.0, "epsilon {}", p.epsilon);
+    // Contributions are far below a norm of 2, so the unclipped fraction is about 1 and the
+    // norm shrinks geometrically from the second round on.
+    assert!(p.clip_norm < 2.0 * (-0.2f32 * 0.4 * 3.0).exp(), "clip norm {}", p.clip_norm);
+    assert!(report.federated.rmse.is_finite());
 }

@@ -3,6 +3,12 @@
 //! What leaves the store: the enrolment (task and store name), clipped updates of the *global*
 //! parameters with their example count and mean loss, and evaluation *sums*. User ids, ratings
 //! and user parameters never do; every item sent is in the audit log before it is sent.
+//!
+//! Under differential privacy the update is a [`Contribution`]: the whole update clipped
+//! (client unit) or the sum of per-customer clipped contributions of Poisson-sampled customers
+//! (customer unit), noised here when the task places noise at the clients. The example count,
+//! loss and pre-clipping norm are then not sent at all (they depend on the data and carry no
+//! noise); only the noised count of unclipped contributions is, when adaptive clipping asks.
 
 use crate::audit_log::{AuditLog, Entry};
 use crate::data::StoreRatings;
@@ -12,9 +18,9 @@ use crate::transport::{
 };
 use fedretail_core::model::Model;
 use fedretail_core::model::metrics::EvalSums;
-use fedretail_core::model::mf::{MfLocal, MfModel, user_seed};
+use fedretail_core::model::mf::{MfLocal, MfModel, RatingsByUser, user_seed};
 use fedretail_core::plan::ModelSpec;
-use fedretail_core::privacy::clip;
+use fedretail_core::privacy::{Contribution, clip, noise};
 use rand::{RngExt, SeedableRng};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +37,10 @@ pub struct ParticipantConfig {
     pub state_dir: Option<PathBuf>,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Simulation only: draw customer sampling and privacy noise from the round's seed instead
+    /// of the OS random source, so runs repeat. Anyone who knows the seed can predict both, so
+    /// no deployed client sets this (the binary has no option for it).
+    pub seeded_privacy: bool,
 }
 
 /// The participant's data.
@@ -84,7 +94,7 @@ pub struct Outcome {
 
 #[allow(clippy::large_enum_variant)] // reason: one value per participant; boxing buys nothing
 enum Trainer {
-    Mf { model: MfModel, ratings: StoreRatings, local: MfLocal },
+    Mf { model: MfModel, ratings: StoreRatings, local: MfLocal, by_user: RatingsByUser },
     Bench,
 }
 
@@ -280,7 +290,8 @@ impl<T: Transport> Participant<T> {
                     },
                     None => fresh,
                 };
-                Trainer::Mf { model, ratings, local }
+                let by_user = RatingsByUser::new(&ratings.data);
+                Trainer::Mf { model, ratings, local, by_user }
             }
             (ModelSpec::Bench { .. }, _) => Trainer::Bench,
             (ModelSpec::MatrixFactorization(_), LocalData::None) => {
@@ -296,18 +307,18 @@ impl<T: Transport> Participant<T> {
         let global = self.transport.fetch_model(e, plan.model_version, plan.n_params).await?;
         let seed = plan.round_seed ^ user_seed(&self.config.store_name);
         let trainer = self.trainer.take().expect("prepared at enrolment");
-        let epochs = plan.local_epochs;
-        let (trainer, delta, n_examples, loss) = tokio::task::spawn_blocking(move || {
+        let seeded = self.config.seeded_privacy;
+        let job_plan = plan.clone();
+        let (trainer, update, summary) = tokio::task::spawn_blocking(move || {
             let mut trainer = trainer;
-            let (delta, n, loss) = local_delta(&mut trainer, global, epochs, seed);
-            (trainer, delta, n, loss)
+            let (update, summary) = contribution(&mut trainer, global, &job_plan, seed, seeded);
+            (trainer, update, summary)
         })
         .await
         .expect("local training panicked");
         self.trainer = Some(trainer);
         self.save_personal();
-        let update = clip(delta, plan.clip_norm);
-        let summary = UpdateSummary { n_examples, train_loss: loss };
+        let UpdateSummary { n_examples, train_loss: loss } = summary;
         self.audit(&Entry::Update {
             task_id: e.task_id,
             round_id: plan.round_id,
@@ -337,7 +348,7 @@ impl<T: Transport> Participant<T> {
         let trainer = self.trainer.take().expect("prepared at enrolment");
         let (trainer, sums) = tokio::task::spawn_blocking(move || {
             let sums = match &trainer {
-                Trainer::Mf { model, ratings, local } => {
+                Trainer::Mf { model, ratings, local, .. } => {
                     model.evaluate(&global, local, &ratings.data, plan.seed)
                 }
                 Trainer::Bench => EvalSums::default(),
@@ -395,6 +406,51 @@ impl<T: Transport> Participant<T> {
     }
 }
 
+/// Trains locally from `global` and returns what may be uploaded (module docs) with its summary.
+fn contribution(
+    trainer: &mut Trainer,
+    global: Vec<f32>,
+    plan: &TrainPlan,
+    seed: u64,
+    seeded_privacy: bool,
+) -> (Contribution, UpdateSummary) {
+    let Some(privacy) = plan.privacy else {
+        let (delta, n_examples, train_loss) = local_delta(trainer, global, plan.local_epochs, seed);
+        let mut update = Contribution::clipped(clip(delta, plan.clip_norm));
+        update.forget_unclipped();
+        return (update, UpdateSummary { n_examples, train_loss });
+    };
+    // Customer sampling and noise must be unpredictable to the coordinator.
+    let mut rng = if seeded_privacy {
+        rand::rngs::ChaCha20Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15)
+    } else {
+        noise::os_seeded()
+    };
+    let mut update = match trainer {
+        Trainer::Mf { model, ratings, local, by_user } if privacy.per_customer => {
+            Contribution::customers(model.customer_round(
+                &global,
+                local,
+                &ratings.data,
+                by_user,
+                privacy.sampling_rate,
+                plan.local_epochs,
+                plan.clip_norm,
+                &mut rng,
+            ))
+        }
+        _ => {
+            let (delta, _, _) = local_delta(trainer, global, plan.local_epochs, seed);
+            Contribution::clipped(clip(delta, plan.clip_norm))
+        }
+    };
+    if !privacy.report_unclipped {
+        update.forget_unclipped();
+    }
+    update.add_noise(privacy.noise_std, privacy.count_noise_std, &mut rng);
+    (update, UpdateSummary { n_examples: 0, train_loss: 0.0 })
+}
+
 /// Trains locally from `global` and returns the change of the global parameters only, with the
 /// example count and mean loss. Local (user) parameters are updated in place and stay here.
 fn local_delta(
@@ -405,7 +461,7 @@ fn local_delta(
 ) -> (Vec<f32>, usize, f64) {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
     match trainer {
-        Trainer::Mf { model, ratings, local } => {
+        Trainer::Mf { model, ratings, local, .. } => {
             let mut trained = global.clone();
             let stats = model.train(&mut trained, local, &ratings.data, epochs, &mut rng);
             let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();

@@ -3,7 +3,7 @@
 use super::*;
 use crate::transport::{EvalPlan, TrainPlan, UpdateSummary};
 use fedretail_core::model::mf::{MfData, MfSpec, Rating};
-use fedretail_core::privacy::ClippedUpdate;
+use fedretail_core::privacy::Contribution;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -50,7 +50,7 @@ impl Transport for Fake {
         &mut self,
         _e: &Enrollment,
         _round: u64,
-        update: ClippedUpdate,
+        update: Contribution,
         _summary: UpdateSummary,
     ) -> Result<(), TransportError> {
         let logged =
@@ -78,6 +78,7 @@ fn spec() -> MfSpec {
         init_std: 0.1,
         rating_min: 1.0,
         rating_max: 5.0,
+        init_mean: 0.0,
     }
 }
 
@@ -108,6 +109,7 @@ fn train(round_id: u64) -> Assignment {
         clip_norm: 0.05,
         round_seed: 9,
         upload_timeout: Duration::from_secs(60),
+        privacy: None,
     })
 }
 
@@ -129,6 +131,7 @@ fn participant(
         store_name: "store".into(),
         state_dir: dir.map(Path::to_path_buf),
         max_backoff: Duration::from_secs(4),
+        seeded_privacy: false,
     };
     (Participant::new(fake, config, LocalData::Ratings(ratings())), record)
 }

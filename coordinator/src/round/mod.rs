@@ -94,6 +94,8 @@ pub enum Assignment {
         round_seed: u64,
         /// Time left to upload.
         upload_timeout: Duration,
+        /// What differential privacy asks of the client.
+        privacy: Option<TrainPrivacy>,
     },
     /// Evaluate a model version on held-out data.
     Evaluate {
@@ -154,8 +156,26 @@ pub struct TrainSummary {
     pub n_examples: u64,
     /// Mean training loss.
     pub train_loss: f64,
-    /// Update norm before clipping.
+    /// Update norm before clipping (0 under privacy).
     pub norm_before_clip: f64,
+    /// Adaptive clipping: the client's (noised, where it adds noise) count of unclipped
+    /// contributions.
+    pub unclipped: f64,
+}
+
+/// A round's privacy instructions to one client (see `fedretail.proto`, `TrainPrivacy`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainPrivacy {
+    /// Customer unit.
+    pub per_customer: bool,
+    /// Customer unit: the customers' sampling rate.
+    pub sampling_rate: f64,
+    /// Noise the client adds to its update.
+    pub noise_std: f64,
+    /// Adaptive clipping: report the unclipped count.
+    pub report_unclipped: bool,
+    /// Noise the client adds to that count.
+    pub count_noise_std: f64,
 }
 
 /// A complete upload, reassembled and checksummed by the service.

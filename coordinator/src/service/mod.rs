@@ -90,6 +90,7 @@ impl TrainingService {
             n_examples: s.n_examples,
             train_loss: s.train_loss,
             norm_before_clip: s.norm_before_clip,
+            unclipped: s.unclipped,
         };
         Ok(Upload { client, round, values, weight, summary })
     }

@@ -242,6 +242,7 @@ impl Store for SqliteStore {
                 let (round, q, z, c, unit) = row.map_err(backend)?;
                 let unit = match unit.as_str() {
                     "client" => PrivacyUnit::Client,
+                    "customer" => PrivacyUnit::Customer,
                     other => {
                         return Err(backend(format!(
                             "ledger of round {round}: unknown unit {other:?}"
@@ -310,6 +311,7 @@ impl Store for SqliteStore {
     fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError> {
         let unit = match entry.unit {
             PrivacyUnit::Client => "client",
+            PrivacyUnit::Customer => "customer",
         };
         self.lock()
             .execute(

@@ -50,6 +50,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
             init_std: 0.1,
             rating_min: 1.0,
             rating_max: 5.0,
+            init_mean: 0.0,
         }),
         plan: p,
         privacy: None,
@@ -66,6 +67,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
             store_name: format!("store-{s}"),
             state_dir: Some(dir),
             max_backoff: Duration::from_millis(200),
+            seeded_privacy: false,
         };
         let participant = Participant::new(
             GrpcTransport::new(&c.url).unwrap(),

@@ -3,10 +3,12 @@
 
 pub mod accountant;
 mod clip;
+mod contribution;
 pub mod noise;
 pub mod sampling;
 
 pub use clip::{ClippedUpdate, clip};
+pub use contribution::Contribution;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,14 +18,71 @@ use serde::{Deserialize, Serialize};
 pub enum PrivacyUnit {
     /// Each store or device (DP-FedAvg, McMahan et al. 2018): a client's whole update is clipped.
     Client,
+    /// Each customer inside a store: the store sums one clipped contribution per sampled
+    /// customer ([`crate::model::mf::CustomerSum`]).
+    Customer,
 }
 
 /// Where the Gaussian noise is added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NoisePlacement {
-    /// At the coordinator, once per round, to the sum of clipped updates.
+    /// At the coordinator, once per round, to the sum of clipped updates. The coordinator is
+    /// trusted with the un-noised updates.
     Central,
+    /// Each client adds a share: noise of standard deviation `z·C / sqrt(min_clients)`, so any
+    /// round that reaches its quorum carries at least the full `z·C` in its sum. Dropouts above
+    /// the quorum only add noise; a round below it fails and releases nothing.
+    Distributed,
+    /// Each client adds the full `z·C` to its own contribution (for comparison: the sum carries
+    /// n times the variance it needs).
+    Local,
+}
+
+impl NoisePlacement {
+    /// Standard deviation of the noise one client adds to its contribution, given the round's
+    /// `z·C` and the quorum; 0 when the coordinator adds the noise.
+    pub fn client_share(self, round_std: f64, min_clients: u32) -> f64 {
+        match self {
+            NoisePlacement::Central => 0.0,
+            NoisePlacement::Distributed => round_std / f64::from(min_clients.max(1)).sqrt(),
+            NoisePlacement::Local => round_std,
+        }
+    }
+}
+
+/// Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive
+/// clipping"): after each round the clipping norm moves geometrically towards the
+/// `target_quantile` of the contributions' norms, estimated from noised counts of unclipped
+/// contributions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipping {
+    /// γ: the fraction of contributions that should stay unclipped (0.5 = median).
+    pub target_quantile: f64,
+    /// η_C: `C ← C · exp(-η_C (b̄ - γ))`.
+    pub learning_rate: f64,
+    /// σ_b: standard deviation of the noise on the round's count of unclipped contributions.
+    /// The count's sensitivity is 1, so the round's guarantee is that of the Gaussian mechanism
+    /// with `z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2)` (Andrew et al., Theorem 1): the task's calibrated z
+    /// is split, and the update noise uses `z_Δ` ([`AdaptiveClipping::update_noise_multiplier`]).
+    pub count_noise_std: f64,
+}
+
+impl AdaptiveClipping {
+    /// `z_Δ` such that updates noised with `z_Δ` and counts with `σ_b` together spend exactly
+    /// what `z` alone would; `None` when σ_b is too small for any `z_Δ` (`2σ_b ≤ z`).
+    pub fn update_noise_multiplier(&self, z: f64) -> Option<f64> {
+        let rest = z.powi(-2) - (2.0 * self.count_noise_std).powi(-2);
+        (rest > 0.0).then(|| rest.powf(-0.5))
+    }
+
+    /// The next clipping norm from this round's noised unclipped fraction `b̄`.
+    pub fn next_clip_norm(&self, clip_norm: f32, unclipped_fraction: f64) -> f32 {
+        let next = f64::from(clip_norm)
+            * (-self.learning_rate * (unclipped_fraction - self.target_quantile)).exp();
+        next.clamp(1e-6, 1e6) as f32
+    }
 }
 
 /// A task's differential-privacy settings.
@@ -44,6 +103,14 @@ pub struct PrivacySpec {
     /// `plan.rounds` rounds stay within `target_epsilon`); `None` until then.
     #[serde(default)]
     pub noise_multiplier: Option<f64>,
+    /// Customer unit: the number of customers across all stores, a public figure the operator
+    /// states. The round's sum is divided by `q × population`, the expected number of sampled
+    /// customers; a data-dependent divisor would leak. A wrong figure only rescales the step.
+    #[serde(default)]
+    pub population: Option<u64>,
+    /// Adaptive clipping; without it the plan's clipping norm is fixed.
+    #[serde(default)]
+    pub adaptive_clipping: Option<AdaptiveClipping>,
 }
 
 /// One round's charge in the ledger: what the accountant needs, and what the report shows.

@@ -45,7 +45,9 @@ struct ClientEntry {
 }
 
 enum JobResult {
-    Computed(Arc<ModelBlob>, OptimizerState, Option<LedgerEntry>),
+    /// The candidate, the optimiser state, the charge written, and adaptive clipping's next
+    /// clipping norm.
+    Computed(Arc<ModelBlob>, OptimizerState, Option<LedgerEntry>, Option<f32>),
     /// The privacy charge could not be written: nothing may be released.
     NotCharged(String),
     Stored(Result<(), String>),
@@ -71,6 +73,10 @@ struct Driver {
     last_phase: (u64, &'static str),
     /// Every privacy charge of this task, oldest first.
     ledger: Vec<LedgerEntry>,
+    /// The clipping norm of the next round: the plan's, or adaptive clipping's latest. After a
+    /// restart adaptive clipping resumes from the last charged round's norm (the step computed
+    /// from that round is not stored; it is one step of a slow-moving estimate).
+    clip_norm: f32,
 }
 
 /// Starts the driver of `task` from its snapshot; returns the handle and the driver's join handle.
@@ -85,7 +91,13 @@ pub(crate) fn spawn(
 ) -> (RoundHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(INBOX);
     let (changes, changes_rx) = watch::channel(0);
+    let adaptive = spec.privacy.as_ref().is_some_and(|p| p.adaptive_clipping.is_some());
+    let clip_norm = match snapshot.ledger.last() {
+        Some(last) if adaptive => last.clip_norm,
+        _ => spec.plan.clip_norm,
+    };
     let driver = Driver {
+        clip_norm,
         task,
         spec,
         store,
@@ -200,8 +212,10 @@ impl Driver {
                     use rand::RngExt;
                     noise::os_seeded().random()
                 };
-                self.round =
-                    Some(Round::new(id, index, self.spec.clone(), self.model.version, now, seed));
+                let mut round =
+                    Round::new(id, index, self.spec.clone(), self.model.version, now, seed);
+                round.set_clip_norm(self.clip_norm);
+                self.round = Some(round);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot allocate a round id; task fails");
@@ -354,22 +368,29 @@ impl Driver {
         let (store, task) = (self.store.clone(), self.task);
         let mut rng = if self.config.deterministic {
             rand::rngs::ChaCha20Rng::seed_from_u64(
-                self.spec.plan.seed ^ noising.map_or(0, |n| n.charge.round.0),
+                self.spec.plan.seed ^ noising.as_ref().map_or(0, |n| n.charge.round.0),
             )
         } else {
             noise::os_seeded()
         };
         self.job = Some(tokio::task::spawn_blocking(move || {
-            let (delta, charged) = match noising {
-                None => (sum.mean(), None),
+            let (delta, charged, next_clip) = match noising {
+                None => (sum.mean(), None, None),
                 Some(n) => {
                     let mut noised = sum.sum().to_vec();
                     noise::add_gaussian(&mut noised, n.std, &mut rng);
+                    let next_clip = n.adapt.map(|(count, count_std, rule)| {
+                        let mut count = [count];
+                        noise::add_gaussian(&mut count, count_std, &mut rng);
+                        let fraction = count[0] / n.expected_count.max(f64::MIN_POSITIVE);
+                        rule.next_clip_norm(n.charge.clip_norm, fraction)
+                    });
                     if let Err(e) = store.charge(task, &n.charge) {
                         return JobResult::NotCharged(e.to_string());
                     }
                     let divisor = n.expected_count.max(f64::MIN_POSITIVE);
-                    (noised.iter().map(|v| (v / divisor) as f32).collect(), Some(n.charge))
+                    let delta = noised.iter().map(|v| (v / divisor) as f32).collect();
+                    (delta, Some(n.charge), next_clip)
                 }
             };
             let mut values = base.values.clone();
@@ -378,6 +399,7 @@ impl Driver {
                 Arc::new(ModelBlob::new(base.version.next(), values)),
                 optimizer,
                 charged,
+                next_clip,
             )
         }));
     }
@@ -401,10 +423,14 @@ impl Driver {
                 tracing::error!(error = %e, "could not write the privacy charge; the round releases nothing");
                 round.fail(FailReason::Store(format!("privacy charge: {e}")));
             }
-            JobResult::Computed(blob, optimizer, charged) => {
+            JobResult::Computed(blob, optimizer, charged, next_clip) => {
                 // The charge is durable whatever happens to the round from here on.
                 if let Some(entry) = charged {
                     self.ledger.push(entry);
+                }
+                if let Some(c) = next_clip {
+                    tracing::debug!(clip_norm = c, "adaptive clipping: next clipping norm");
+                    self.clip_norm = c;
                 }
                 // The round may have failed (shutdown) while the job ran: then drop the result.
                 if *round.phase() == Phase::Aggregating {
@@ -530,7 +556,7 @@ impl Driver {
             rounds: self.ledger.len() as u64,
             sampling_rate: p.sampling_rate,
             noise_multiplier: p.noise_multiplier.unwrap_or(f64::NAN),
-            clip_norm: self.spec.plan.clip_norm,
+            clip_norm: self.ledger.last().map_or(self.spec.plan.clip_norm, |e| e.clip_norm),
         })
     }
 }

@@ -56,6 +56,8 @@ fn private_spec(rounds: u64) -> TaskSpec {
         delta: 1e-5,
         sampling_rate: 1.0,
         noise_multiplier: None,
+        population: None,
+        adaptive_clipping: None,
     });
     s
 }

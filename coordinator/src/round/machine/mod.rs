@@ -1,12 +1,13 @@
 //! The pure round state machine: no `.await`, no clock reads (`now` is passed in), no store and
 //! no wire types. The driver feeds it requests and time, and executes what it asks for.
 
-use super::{Assignment, Reject, RoundSummary, TrainSummary, Upload};
+use super::{Assignment, Reject, RoundSummary, TrainPrivacy, TrainSummary, Upload};
 use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::TaskSpec;
 use fedretail_core::privacy::sampling::poisson;
+use fedretail_core::privacy::{NoisePlacement, PrivacyUnit};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use std::collections::BTreeSet;
@@ -89,12 +90,17 @@ pub(crate) enum Output {
 }
 
 /// What the Noising step needs: the noise, the divisor and the charge.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Noising {
-    /// Standard deviation of the Gaussian noise added to each coordinate of the sum (z·C).
+    /// Standard deviation of the Gaussian noise the coordinator adds to each coordinate of the
+    /// sum: z·C under central placement, 0 where the clients add it.
     pub(crate) std: f64,
-    /// The sum is divided by q × |connected|, the expected cohort size (not the realised one).
+    /// The expected number of contributions: q × |connected| (client unit) or q × population
+    /// (customer unit). The sum is divided by it, not by the realised count.
     pub(crate) expected_count: f64,
+    /// Adaptive clipping: the sum of the clients' unclipped counts, the noise the coordinator
+    /// adds to it, and the rule that turns it into the next clipping norm.
+    pub(crate) adapt: Option<(f64, f64, fedretail_core::privacy::AdaptiveClipping)>,
     /// The ledger entry to write before anything derived from the noised sum leaves.
     pub(crate) charge: fedretail_core::privacy::LedgerEntry,
 }
@@ -123,8 +129,23 @@ pub(crate) struct Round {
     reported: BTreeSet<ClientId>,
     eval: EvalSums,
     outputs: Vec<Output>,
-    /// Under privacy: q × |connected| at selection.
+    /// Under privacy: the expected number of contributions (see [`Noising`]).
     expected_count: f64,
+    /// This round's clipping norm (the plan's, or adaptive clipping's latest).
+    clip_norm: f32,
+    /// Adaptive clipping: the sum of the uploads' unclipped counts.
+    unclipped_sum: f64,
+}
+
+/// A round's noise under privacy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RoundNoise {
+    /// z charged to the ledger.
+    z: f64,
+    /// z·C for the update sum (z_Δ·C under adaptive clipping).
+    update_std: f64,
+    /// σ_b for the unclipped count, 0 without adaptive clipping.
+    count_std: f64,
 }
 
 impl Round {
@@ -143,7 +164,6 @@ impl Round {
         Round {
             id,
             index,
-            spec,
             base,
             n_params,
             seed,
@@ -161,7 +181,41 @@ impl Round {
             eval: EvalSums::default(),
             outputs: Vec::new(),
             expected_count: 0.0,
+            clip_norm: spec.plan.clip_norm,
+            unclipped_sum: 0.0,
+            spec,
         }
+    }
+
+    /// Sets this round's clipping norm (adaptive clipping); call before Selecting ends.
+    pub(crate) fn set_clip_norm(&mut self, clip_norm: f32) {
+        self.clip_norm = clip_norm;
+    }
+
+    fn noise(&self) -> Option<RoundNoise> {
+        let p = self.spec.privacy.as_ref()?;
+        let z = p.noise_multiplier.expect("tasks with privacy are calibrated at creation");
+        let (z_update, count_std) = match &p.adaptive_clipping {
+            Some(a) => (
+                a.update_noise_multiplier(z).expect("validated at creation: 2 sigma_b > z"),
+                a.count_noise_std,
+            ),
+            None => (z, 0.0),
+        };
+        Some(RoundNoise { z, update_std: z_update * f64::from(self.clip_norm), count_std })
+    }
+
+    fn train_privacy(&self) -> Option<TrainPrivacy> {
+        let p = self.spec.privacy.as_ref()?;
+        let noise = self.noise()?;
+        let quorum = self.spec.plan.min_clients;
+        Some(TrainPrivacy {
+            per_customer: p.unit == PrivacyUnit::Customer,
+            sampling_rate: p.sampling_rate,
+            noise_std: p.noise_placement.client_share(noise.update_std, quorum),
+            report_unclipped: p.adaptive_clipping.is_some(),
+            count_noise_std: p.noise_placement.client_share(noise.count_std, quorum),
+        })
     }
 
     pub(crate) fn phase(&self) -> &Phase {
@@ -225,7 +279,16 @@ impl Round {
                 let enough = connected.len() >= plan.cohort_size as usize;
                 let settle = now >= deadline && connected.len() >= plan.min_clients as usize;
                 if enough || settle {
-                    if let Some(privacy) = &self.spec.privacy {
+                    if let Some(privacy) = &self.spec.privacy
+                        && privacy.unit == PrivacyUnit::Customer
+                    {
+                        // Every store takes part; the stores sample their customers, and the
+                        // average divides by the expected number of sampled customers.
+                        self.cohort = connected.iter().copied().collect();
+                        self.expected_count = privacy.sampling_rate
+                            * privacy.population.expect("validated: customer unit has a population")
+                                as f64;
+                    } else if let Some(privacy) = &self.spec.privacy {
                         // The sampling the accountant assumes: each client independently with
                         // probability q (core::privacy::sampling).
                         let mut pool = connected.to_vec();
@@ -292,9 +355,10 @@ impl Round {
                     version: self.base,
                     n_params: self.n_params,
                     local_epochs: plan.local_epochs,
-                    clip_norm: plan.clip_norm,
+                    clip_norm: self.clip_norm,
                     round_seed: self.seed,
                     upload_timeout: upload_deadline.saturating_duration_since(now),
+                    privacy: self.train_privacy(),
                 };
                 if let Phase::Configuring { .. } = self.phase
                     && self.acked.len() == self.cohort.len()
@@ -376,7 +440,19 @@ impl Round {
 
     fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
         self.check_upload(upload.client, upload.round)?;
-        validate(&upload.values, self.n_params, self.spec.plan.clip_norm)?;
+        // Only a single clipped, un-noised update has a norm the coordinator can check.
+        let bound = match &self.spec.privacy {
+            None => self.clip_norm,
+            Some(p)
+                if p.unit == PrivacyUnit::Client
+                    && p.noise_placement == NoisePlacement::Central =>
+            {
+                self.clip_norm
+            }
+            Some(_) => f32::INFINITY,
+        };
+        validate(&upload.values, self.n_params, bound)?;
+        self.unclipped_sum += upload.summary.unclipped;
         // Under privacy every clipped update counts once (validation forbids example weights).
         let weight = if self.spec.plan.weight_by_examples { upload.weight } else { 1.0 };
         let sum = self.sum.as_mut().expect("Configuring and Collecting hold the sum");
@@ -403,11 +479,16 @@ impl Round {
         let sum = self.sum.take().expect("the sum is taken once");
         self.phase = Phase::Aggregating;
         let noising = self.spec.privacy.as_ref().map(|p| {
-            let z = p.noise_multiplier.expect("tasks with privacy are calibrated at creation");
-            let clip_norm = self.spec.plan.clip_norm;
+            let noise = self.noise().expect("privacy has noise");
+            let (z, clip_norm) = (noise.z, self.clip_norm);
+            let central = p.noise_placement == NoisePlacement::Central;
             Noising {
-                std: z * f64::from(clip_norm),
+                std: if central { noise.update_std } else { 0.0 },
                 expected_count: self.expected_count,
+                adapt: p
+                    .adaptive_clipping
+                    .clone()
+                    .map(|a| (self.unclipped_sum, if central { noise.count_std } else { 0.0 }, a)),
                 charge: fedretail_core::privacy::LedgerEntry {
                     round: self.id,
                     sampling_rate: p.sampling_rate,

@@ -9,6 +9,10 @@
 //!
 //! Global layout: `[μ, b_0 .. b_{n_items-1}, q_0 (dim values), .., q_{n_items-1}]`.
 
+mod customer;
+
+pub use customer::{CustomerSum, RatingsByUser};
+
 use super::metrics::EvalSums;
 use super::{Model, TrainStats};
 use crate::plan::SpecError;
@@ -41,6 +45,10 @@ pub struct MfSpec {
     /// Highest rating.
     #[serde(default = "five")]
     pub rating_max: f32,
+    /// Initial global mean μ (a prior, not computed from data). Customer-level rounds keep μ at
+    /// this value: each customer's own bias absorbs their offset (see `customer.rs`).
+    #[serde(default)]
+    pub init_mean: f32,
 }
 
 fn one() -> f32 {
@@ -86,6 +94,9 @@ impl MfSpec {
                 "model.regularization",
                 format!("must be >= 0, got {}", self.regularization),
             );
+        }
+        if !self.init_mean.is_finite() {
+            return err("model.init_mean", format!("must be finite, got {}", self.init_mean));
         }
         if !(self.init_std >= 0.0 && self.init_std.is_finite()) {
             return err("model.init_std", format!("must be >= 0, got {}", self.init_std));
@@ -271,6 +282,7 @@ impl Model for MfModel {
             Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
         let mut global = vec![0.0; self.n_global()];
         let g = self.split_mut(&mut global);
+        *g.mu = self.spec.init_mean;
         for q in g.item_factors {
             *q = normal.sample(rng);
         }

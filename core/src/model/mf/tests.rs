@@ -12,6 +12,7 @@ fn spec(n_items: usize, dim: usize) -> MfSpec {
         init_std: 0.1,
         rating_min: 1.0,
         rating_max: 5.0,
+        init_mean: 0.0,
     }
 }
 
