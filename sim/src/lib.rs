@@ -7,6 +7,7 @@
 //! - [`runner`]: an in-process coordinator and one gRPC client per store on loopback.
 //! - [`scenario`]: a run's options, the run itself, and where its report goes.
 //! - [`report`]: `report.json` and `report.md`.
+//! - [`sweep`]: the privacy–utility curve over ε, with its plot.
 //! - [`mod@bench`]: transport and aggregation benchmarks.
 
 pub mod baselines;
@@ -15,3 +16,4 @@ pub mod dataset;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod sweep;

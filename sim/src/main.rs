@@ -21,6 +21,9 @@ enum Command {
     /// Runs a scenario: federated training over loopback gRPC against central and local-only
     /// references; writes report.json and report.md.
     Run(Box<RunArgs>),
+    /// Runs the scenario at every ε of --epsilons (and without privacy for `inf`); writes
+    /// sweep.json, sweep.md and sweep.svg (RMSE against ε with the references).
+    Sweep(Box<fedretail_sim::sweep::SweepArgs>),
     /// Writes each store's ratings as CSV files for `fedretail-client` (the README's tour).
     ExportStores(fedretail_sim::bench::ExportArgs),
     /// Benchmarks.
@@ -66,6 +69,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = fedretail_sim::report::to_markdown(&report);
             let table: String = summary.lines().take(9).map(|l| format!("{l}\n")).collect();
             println_out(&format!("{table}\nreport: {}", dir.join("report.md").display()));
+            Ok(())
+        }),
+        Command::Sweep(args) => runtime.block_on(async {
+            let sweep = fedretail_sim::sweep::run(&args).await?;
+            println_out(&fedretail_sim::sweep::markdown(&sweep));
             Ok(())
         }),
         Command::ExportStores(args) => fedretail_sim::bench::export_stores(&args),

@@ -49,7 +49,7 @@ pub struct RunArgs {
     /// Seed of the split, the model, the cohorts and local training.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Federated rounds [default: 100; 30 with --privacy-unit customer].
+    /// Federated rounds [default: 100; with --privacy-unit customer 25 below ε = 4, else 50].
     #[arg(long)]
     pub rounds: Option<u64>,
     /// One client per region (store) or per user (device).
@@ -73,7 +73,8 @@ pub struct RunArgs {
     /// Server optimiser.
     #[arg(long, value_enum, default_value = "fed-avg")]
     pub server_optimizer: OptimizerKind,
-    /// Server learning rate [default: 1; 10 with --privacy-unit customer].
+    /// Server learning rate [default: 1; with --privacy-unit customer 10 below ε = 4, 20 below
+    /// ε = 8, else 30].
     #[arg(long)]
     pub server_lr: Option<f32>,
     /// L2 clipping norm of each update (per customer under --privacy-unit customer) [default:
@@ -163,13 +164,21 @@ impl RunArgs {
     /// The hyper-parameters this run uses.
     pub fn hyper(&self) -> Hyper {
         let customer = self.privacy_unit == Some(PrivacyUnitArg::Customer);
+        // Customer-level DP: a larger budget affords more rounds and larger server steps
+        // (measured on ML-100K; BENCHMARKS.md, "Customer-level DP").
+        let epsilon = self.target_epsilon.unwrap_or(f64::INFINITY);
+        let (private_rounds, private_lr) = match epsilon {
+            e if e >= 8.0 => (50, 30.0),
+            e if e >= 4.0 => (50, 20.0),
+            _ => (25, 10.0),
+        };
         Hyper {
-            rounds: self.rounds.unwrap_or(if customer { 30 } else { 100 }),
+            rounds: self.rounds.unwrap_or(if customer { private_rounds } else { 100 }),
             local_epochs: self.local_epochs.unwrap_or(if customer { 5 } else { 2 }),
             dim: self.dim.unwrap_or(if customer { 1 } else { 50 }),
             learning_rate: self.learning_rate.unwrap_or(0.01),
             regularization: self.regularization.unwrap_or(if customer { 0.02 } else { 0.1 }),
-            server_lr: self.server_lr.unwrap_or(if customer { 10.0 } else { 1.0 }),
+            server_lr: self.server_lr.unwrap_or(if customer { private_lr } else { 1.0 }),
             clip_norm: self.clip_norm.unwrap_or(if customer { 0.25 } else { 5.0 }),
             sampling_rate: self.sampling_rate.unwrap_or(if customer { 0.3 } else { 1.0 }),
         }

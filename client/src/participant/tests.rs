@@ -212,3 +212,67 @@ async fn data_that_does_not_fit_the_task_is_refused_before_anything_is_sent() {
     );
     assert!(record.lock().unwrap().uploads.is_empty());
 }
+
+/// Customer-level privacy: what the transport is handed holds no user parameter, no user key and
+/// no single customer's contribution. Every byte the participant gives the transport (enrolment
+/// strings, update values as the wire encodes them, evaluation sums) is searched for each
+/// customer's personal parameters (every adjacent pair of values: 8 bytes, so a chance match is
+/// negligible) and ids.
+#[tokio::test]
+async fn customer_level_uploads_hold_only_the_sum_of_clipped_contributions() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = |round_id| {
+        let Assignment::Train(mut plan) = train(round_id) else { unreachable!() };
+        plan.privacy = Some(crate::transport::TrainPrivacy {
+            per_customer: true,
+            sampling_rate: 1.0,
+            noise_std: 0.0,
+            report_unclipped: false,
+            count_noise_std: 0.0,
+        });
+        Assignment::Train(plan)
+    };
+    let eval = Assignment::Evaluate(EvalPlan {
+        round_id: 2,
+        model_version: 1,
+        n_params: spec().n_global(),
+        seed: 3,
+    });
+    let (p, record) =
+        participant(Some(dir.path()), vec![], vec![Ok(private(1)), Ok(private(2)), Ok(eval)]);
+    p.run(CancellationToken::new()).await.unwrap();
+    let record = record.lock().unwrap();
+    assert_eq!(record.uploads.len(), 2, "one vector per round, not one per customer");
+
+    let mut sent: Vec<u8> = b"tstore".to_vec();
+    for (values, _) in &record.uploads {
+        // Both customers are sampled (q = 1) and each contribution is clipped to C = 0.05, in
+        // different directions: the norm shows a sum of two, not one contribution.
+        let norm = fedretail_core::update::l2_norm(values);
+        assert!(norm > 0.05 * 1.01 && norm <= 0.1 * (1.0 + 1e-6), "norm {norm}");
+        values.iter().for_each(|v| sent.extend(v.to_le_bytes()));
+    }
+    for s in &record.reports {
+        for v in [s.squared_error, s.absolute_error, s.hits_at_10, s.ndcg_at_10] {
+            sent.extend(v.to_le_bytes());
+        }
+    }
+    let data = ratings();
+    let model = MfModel::new(spec());
+    let local = personal::load(dir.path(), &data.user_keys, model.init_local(&data.data, None))
+        .unwrap()
+        .expect("saved after training");
+    for (u, key) in data.user_keys.iter().enumerate() {
+        assert!(!sent.windows(key.len()).any(|w| w == key.as_bytes()), "user key {key} sent");
+        let mut personal = vec![local.user_bias[u]];
+        personal.extend(local.user_factors.row(u).iter());
+        assert!(personal.iter().any(|&v| v != 0.0), "trained parameters to look for");
+        for pair in personal.windows(2) {
+            let needle: Vec<u8> = pair.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(
+                !sent.windows(8).any(|w| w == needle.as_slice()),
+                "user {key}'s parameters {pair:?} appear in what was sent"
+            );
+        }
+    }
+}
