@@ -3,7 +3,7 @@
 
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::ModelSpec;
-use fedretail_core::privacy::Contribution;
+use fedretail_core::privacy::{Contribution, TrainPrivacy};
 use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
 use fedretail_proto::pb;
 use fedretail_proto::pb::training_client::TrainingClient;
@@ -45,21 +45,6 @@ pub struct TrainPlan {
     pub upload_timeout: Duration,
     /// What differential privacy asks of this client; `None` without privacy.
     pub privacy: Option<TrainPrivacy>,
-}
-
-/// A round's privacy instructions.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TrainPrivacy {
-    /// Customer unit: sum one clipped contribution per Poisson-sampled customer.
-    pub per_customer: bool,
-    /// Customer unit: the customers' sampling rate.
-    pub sampling_rate: f64,
-    /// Standard deviation of the noise this client adds (0: the coordinator adds it).
-    pub noise_std: f64,
-    /// Adaptive clipping: report the count of unclipped contributions.
-    pub report_unclipped: bool,
-    /// Noise this client adds to that count.
-    pub count_noise_std: f64,
 }
 
 /// An evaluation assignment.
@@ -269,13 +254,7 @@ impl Transport for GrpcTransport {
                     clip_norm: t.clip_norm,
                     round_seed: t.round_seed,
                     upload_timeout: Duration::from_millis(t.upload_timeout_ms),
-                    privacy: t.privacy.map(|p| TrainPrivacy {
-                        per_customer: p.per_customer,
-                        sampling_rate: p.sampling_rate,
-                        noise_std: p.noise_std,
-                        report_unclipped: p.report_unclipped,
-                        count_noise_std: p.count_noise_std,
-                    }),
+                    privacy: t.privacy.map(Into::into),
                 })
             }
             Some(A::Evaluate(v)) => Assignment::Evaluate(EvalPlan {

@@ -8,7 +8,9 @@ use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
-use fedretail_core::privacy::{AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit};
+use fedretail_core::privacy::{
+    AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit, TrainPrivacy,
+};
 
 impl From<PrivacyUnit> for pb::PrivacyUnit {
     fn from(u: PrivacyUnit) -> pb::PrivacyUnit {
@@ -25,6 +27,30 @@ impl From<NoisePlacement> for pb::NoisePlacement {
             NoisePlacement::Central => pb::NoisePlacement::Central,
             NoisePlacement::Distributed => pb::NoisePlacement::Distributed,
             NoisePlacement::Local => pb::NoisePlacement::Local,
+        }
+    }
+}
+
+impl From<TrainPrivacy> for pb::TrainPrivacy {
+    fn from(p: TrainPrivacy) -> pb::TrainPrivacy {
+        pb::TrainPrivacy {
+            per_customer: p.per_customer,
+            sampling_rate: p.sampling_rate,
+            noise_std: p.noise_std,
+            report_unclipped: p.report_unclipped,
+            count_noise_std: p.count_noise_std,
+        }
+    }
+}
+
+impl From<pb::TrainPrivacy> for TrainPrivacy {
+    fn from(p: pb::TrainPrivacy) -> TrainPrivacy {
+        TrainPrivacy {
+            per_customer: p.per_customer,
+            sampling_rate: p.sampling_rate,
+            noise_std: p.noise_std,
+            report_unclipped: p.report_unclipped,
+            count_noise_std: p.count_noise_std,
         }
     }
 }

@@ -9,25 +9,14 @@ struct Cli {
     args: RunArgs,
 }
 
+/// A quiet synthetic run writing into `out`, with `options` added.
+fn synthetic(out: &std::path::Path, options: &[&str]) -> RunArgs {
+    let base = ["sim", "--scenario", "synthetic", "--quiet", "--out", out.to_str().unwrap()];
+    Cli::parse_from(base.iter().chain(options)).args
+}
+
 fn args(out: &std::path::Path) -> RunArgs {
-    let out = out.to_str().unwrap();
-    Cli::parse_from([
-        "sim",
-        "--scenario",
-        "synthetic",
-        "--rounds",
-        "6",
-        "--eval-every",
-        "3",
-        "--dim",
-        "8",
-        "--reference-epochs",
-        "6",
-        "--quiet",
-        "--out",
-        out,
-    ])
-    .args
+    synthetic(out, &["--rounds", "6", "--eval-every", "3", "--dim", "8", "--reference-epochs", "6"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,28 +58,23 @@ async fn a_seeded_run_writes_the_same_report_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_run_reports_what_it_spent() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().to_str().unwrap();
-    let args = Cli::parse_from([
-        "sim",
-        "--scenario",
-        "synthetic",
-        "--rounds",
-        "4",
-        "--dim",
-        "4",
-        "--reference-epochs",
-        "2",
-        "--quiet",
-        "--out",
-        out,
-        "--privacy-unit",
-        "client",
-        "--target-epsilon",
-        "4",
-        "--sampling-rate",
-        "0.5",
-    ])
-    .args;
+    let args = synthetic(
+        dir.path(),
+        &[
+            "--rounds",
+            "4",
+            "--dim",
+            "4",
+            "--reference-epochs",
+            "2",
+            "--privacy-unit",
+            "client",
+            "--target-epsilon",
+            "4",
+            "--sampling-rate",
+            "0.5",
+        ],
+    );
     let report = scenario::run(&args).await.unwrap();
     let p = report.privacy.expect("a privacy report");
     assert_eq!((p.unit.as_str(), p.noise_placement.as_str()), ("client", "central"));
@@ -106,30 +90,25 @@ async fn a_private_run_reports_what_it_spent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_level_run_with_distributed_noise_and_adaptive_clipping() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().to_str().unwrap();
-    let args = Cli::parse_from([
-        "sim",
-        "--scenario",
-        "synthetic",
-        "--rounds",
-        "5",
-        "--reference-epochs",
-        "2",
-        "--quiet",
-        "--out",
-        out,
-        "--privacy-unit",
-        "customer",
-        "--target-epsilon",
-        "8",
-        "--noise-placement",
-        "distributed",
-        "--adaptive-clipping",
-        "0.5",
-        "--clip-norm",
-        "2",
-    ])
-    .args;
+    let args = synthetic(
+        dir.path(),
+        &[
+            "--rounds",
+            "5",
+            "--reference-epochs",
+            "2",
+            "--privacy-unit",
+            "customer",
+            "--target-epsilon",
+            "8",
+            "--noise-placement",
+            "distributed",
+            "--adaptive-clipping",
+            "0.5",
+            "--clip-norm",
+            "2",
+        ],
+    );
     let report = scenario::run(&args).await.unwrap();
     let p = report.privacy.expect("a privacy report");
     assert_eq!((p.unit.as_str(), p.noise_placement.as_str()), ("customer", "distributed"));

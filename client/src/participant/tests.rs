@@ -223,7 +223,7 @@ async fn customer_level_uploads_hold_only_the_sum_of_clipped_contributions() {
     let dir = tempfile::tempdir().unwrap();
     let private = |round_id| {
         let Assignment::Train(mut plan) = train(round_id) else { unreachable!() };
-        plan.privacy = Some(crate::transport::TrainPrivacy {
+        plan.privacy = Some(fedretail_core::privacy::TrainPrivacy {
             per_customer: true,
             sampling_rate: 1.0,
             noise_std: 0.0,

@@ -95,7 +95,7 @@ pub enum Assignment {
         /// Time left to upload.
         upload_timeout: Duration,
         /// What differential privacy asks of the client.
-        privacy: Option<TrainPrivacy>,
+        privacy: Option<fedretail_core::privacy::TrainPrivacy>,
     },
     /// Evaluate a model version on held-out data.
     Evaluate {
@@ -161,21 +161,6 @@ pub struct TrainSummary {
     /// Adaptive clipping: the client's (noised, where it adds noise) count of unclipped
     /// contributions.
     pub unclipped: f64,
-}
-
-/// A round's privacy instructions to one client (see `fedretail.proto`, `TrainPrivacy`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TrainPrivacy {
-    /// Customer unit.
-    pub per_customer: bool,
-    /// Customer unit: the customers' sampling rate.
-    pub sampling_rate: f64,
-    /// Noise the client adds to its update.
-    pub noise_std: f64,
-    /// Adaptive clipping: report the unclipped count.
-    pub report_unclipped: bool,
-    /// Noise the client adds to that count.
-    pub count_noise_std: f64,
 }
 
 /// A complete upload, reassembled and checksummed by the service.

@@ -46,13 +46,7 @@ impl From<Assignment> for pb::NextAssignmentResponse {
                 upload_timeout,
                 privacy,
             } => A::Train(pb::TrainAssignment {
-                privacy: privacy.map(|p| pb::TrainPrivacy {
-                    per_customer: p.per_customer,
-                    sampling_rate: p.sampling_rate,
-                    noise_std: p.noise_std,
-                    report_unclipped: p.report_unclipped,
-                    count_noise_std: p.count_noise_std,
-                }),
+                privacy: privacy.map(Into::into),
                 round_id: round.0,
                 model_version: version.0,
                 n_params: n_params as u64,

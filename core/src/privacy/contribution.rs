@@ -50,9 +50,11 @@ impl Contribution {
         count_std: f64,
         rng: &mut R,
     ) {
-        let mut wide: Vec<f64> = self.values.iter().map(|&v| f64::from(v)).collect();
-        super::noise::add_gaussian(&mut wide, std, rng);
-        self.values = wide.into_iter().map(|v| v as f32).collect();
+        if std > 0.0 {
+            let mut wide: Vec<f64> = self.values.iter().map(|&v| f64::from(v)).collect();
+            super::noise::add_gaussian(&mut wide, std, rng);
+            self.values = wide.into_iter().map(|v| v as f32).collect();
+        }
         let mut count = [self.unclipped];
         super::noise::add_gaussian(&mut count, count_std, rng);
         self.unclipped = count[0];

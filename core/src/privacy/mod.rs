@@ -51,6 +51,23 @@ impl NoisePlacement {
     }
 }
 
+/// What differential privacy asks of one client in one round (`TrainPrivacy` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainPrivacy {
+    /// Customer unit: sum one clipped contribution per Poisson-sampled customer; otherwise clip
+    /// the whole update.
+    pub per_customer: bool,
+    /// Customer unit: the customers' sampling rate.
+    pub sampling_rate: f64,
+    /// Standard deviation of the noise the client adds to its update (0: the coordinator adds
+    /// it).
+    pub noise_std: f64,
+    /// Adaptive clipping: report the count of unclipped contributions.
+    pub report_unclipped: bool,
+    /// Noise the client adds to that count.
+    pub count_noise_std: f64,
+}
+
 /// Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive
 /// clipping"): after each round the clipping norm moves geometrically towards the
 /// `target_quantile` of the contributions' norms, estimated from noised counts of unclipped

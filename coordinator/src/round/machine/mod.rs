@@ -1,13 +1,13 @@
 //! The pure round state machine: no `.await`, no clock reads (`now` is passed in), no store and
 //! no wire types. The driver feeds it requests and time, and executes what it asks for.
 
-use super::{Assignment, Reject, RoundSummary, TrainPrivacy, TrainSummary, Upload};
+use super::{Assignment, Reject, RoundSummary, TrainSummary, Upload};
 use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::TaskSpec;
 use fedretail_core::privacy::sampling::poisson;
-use fedretail_core::privacy::{NoisePlacement, PrivacyUnit};
+use fedretail_core::privacy::{NoisePlacement, PrivacyUnit, TrainPrivacy};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use std::collections::BTreeSet;

@@ -141,7 +141,6 @@ impl MfModel {
             for (mut row, &i) in rows.axis_iter_mut(Axis(0)).zip(&items) {
                 row.assign(&factors.row(i as usize));
             }
-            let start = (bias.clone(), rows.clone());
             let is_sampled = sampled[u];
             order.clear();
             order.extend_from_slice(ratings);
@@ -182,9 +181,13 @@ impl MfModel {
             if !is_sampled {
                 continue;
             }
-            // The contribution: change of μ, of the items' biases and of their factor rows.
-            let d_bias = &bias - &start.0;
-            let d_rows = &rows - &start.1;
+            // The contribution: change of the items' biases and of their factor rows, measured
+            // against the global model the copies started from.
+            let d_bias = bias - &Array1::from_iter(items.iter().map(|&i| global[1 + i as usize]));
+            let mut d_rows = rows;
+            for (mut row, &i) in d_rows.axis_iter_mut(Axis(0)).zip(&items) {
+                row -= &factors.row(i as usize);
+            }
             let sq = |a: f32| f64::from(a) * f64::from(a);
             let norm = (d_bias.iter().map(|&v| sq(v)).sum::<f64>()
                 + d_rows.iter().map(|&v| sq(v)).sum::<f64>())
