@@ -149,6 +149,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
                     rating_min: mf.rating_min,
                     rating_max: mf.rating_max,
                     init_mean: mf.init_mean,
+                    local_item_offsets: mf.local_item_offsets.unwrap_or(0.0),
                 })
             }
             ModelSpec::Bench { n_params } => {
@@ -173,6 +174,8 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                     rating_min: mf.rating_min,
                     rating_max: mf.rating_max,
                     init_mean: mf.init_mean,
+                    local_item_offsets: (mf.local_item_offsets != 0.0)
+                        .then_some(mf.local_item_offsets),
                 })
             }
             pb::model_spec::Kind::Bench(b) => {
@@ -343,6 +346,7 @@ mod tests {
                 rating_min: 1.0,
                 rating_max: 5.0,
                 init_mean: 0.0,
+                local_item_offsets: Some(5.0),
             }),
             plan: TrainingPlan {
                 rounds: 100,

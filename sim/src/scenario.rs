@@ -109,6 +109,10 @@ pub struct RunArgs {
     /// (customer unit) [default: 1 for client, 0.3 for customer].
     #[arg(long)]
     pub sampling_rate: Option<f64>,
+    /// Store-local item offsets with this shrinkage λ (fitted and used only inside each store;
+    /// see `MfSpec::local_item_offsets`) [default: none; 20 with --privacy-unit customer].
+    #[arg(long)]
+    pub local_item_offsets: Option<f32>,
     /// Where the noise is added.
     #[arg(long, value_enum, default_value = "central")]
     pub noise_placement: PlacementArg,
@@ -149,6 +153,8 @@ pub struct Hyper {
     pub clip_norm: f32,
     /// Sampling rate (privacy only).
     pub sampling_rate: f64,
+    /// Store-local item offsets' λ.
+    pub local_item_offsets: Option<f32>,
 }
 
 /// `--privacy-unit` values.
@@ -181,6 +187,7 @@ impl RunArgs {
             server_lr: self.server_lr.unwrap_or(if customer { private_lr } else { 1.0 }),
             clip_norm: self.clip_norm.unwrap_or(if customer { 0.25 } else { 5.0 }),
             sampling_rate: self.sampling_rate.unwrap_or(if customer { 0.3 } else { 1.0 }),
+            local_item_offsets: self.local_item_offsets.or(customer.then_some(20.0)),
         }
     }
 
@@ -335,6 +342,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         rating_min: 1.0,
         rating_max: 5.0,
         init_mean,
+        local_item_offsets: h.local_item_offsets,
     };
     let population = stores.iter().map(|s| s.users.len()).sum();
     let privacy = privacy_spec(args, population)?;

@@ -79,6 +79,7 @@ fn spec() -> MfSpec {
         rating_min: 1.0,
         rating_max: 5.0,
         init_mean: 0.0,
+        local_item_offsets: None,
     }
 }
 

@@ -51,6 +51,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
             rating_min: 1.0,
             rating_max: 5.0,
             init_mean: 0.0,
+            local_item_offsets: None,
         }),
         plan: p,
         privacy: None,

@@ -49,6 +49,12 @@ pub struct MfSpec {
     /// this value: each customer's own bias absorbs their offset (see `customer.rs`).
     #[serde(default)]
     pub init_mean: f32,
+    /// Store-local item offsets: when set to λ, every store corrects its predictions with
+    /// `o_i = Σ residual / (n_i + λ)` over its own training ratings of item `i` (residuals of
+    /// the global-plus-personal model). The offsets are fitted where predictions are made and
+    /// never leave the store, and no update depends on them, so they cost no privacy.
+    #[serde(default)]
+    pub local_item_offsets: Option<f32>,
 }
 
 fn one() -> f32 {
@@ -94,6 +100,11 @@ impl MfSpec {
                 "model.regularization",
                 format!("must be >= 0, got {}", self.regularization),
             );
+        }
+        if let Some(lambda) = self.local_item_offsets
+            && !(lambda > 0.0 && lambda.is_finite())
+        {
+            return err("model.local_item_offsets", format!("must be positive, got {lambda}"));
         }
         if !self.init_mean.is_finite() {
             return err("model.init_mean", format!("must be finite, got {}", self.init_mean));
@@ -208,9 +219,22 @@ impl MfModel {
         global[0] + local.user_bias[u] + global[1 + i] + local.user_factors.row(u).dot(&q)
     }
 
-    /// Predicted rating, clamped to the rating scale.
-    pub fn predict_clamped(&self, global: &[f32], local: &MfLocal, user: u32, item: u32) -> f32 {
-        self.predict(global, local, user, item).clamp(self.spec.rating_min, self.spec.rating_max)
+    /// The store-local item offsets for `data` ([`MfSpec::local_item_offsets`]), or `None` when
+    /// the task has none.
+    pub fn local_item_offsets(
+        &self,
+        global: &[f32],
+        local: &MfLocal,
+        data: &MfData,
+    ) -> Option<Vec<f32>> {
+        let lambda = f64::from(self.spec.local_item_offsets?);
+        let mut sums = vec![(0f64, 0f64); self.spec.n_items];
+        for r in &data.train {
+            let s = &mut sums[r.item as usize];
+            s.0 += f64::from(r.value - self.predict(global, local, r.user, r.item));
+            s.1 += 1.0;
+        }
+        Some(sums.into_iter().map(|(residual, n)| (residual / (n + lambda)) as f32).collect())
     }
 
     /// Checks that every rating's user and item fall in range.
@@ -341,9 +365,15 @@ impl Model for MfModel {
     }
 
     fn evaluate(&self, global: &[f32], local: &MfLocal, data: &MfData, seed: u64) -> EvalSums {
+        let offsets = self.local_item_offsets(global, local, data);
+        let predict = |user, item: u32| {
+            self.predict(global, local, user, item)
+                + offsets.as_ref().map_or(0.0, |o| o[item as usize])
+        };
         let mut sums = EvalSums::default();
         for r in &data.test {
-            sums.add_rating(self.predict_clamped(global, local, r.user, r.item), r.value);
+            let p = predict(r.user, r.item).clamp(self.spec.rating_min, self.spec.rating_max);
+            sums.add_rating(p, r.value);
         }
         // Leave-one-out ranking: each user's newest held-out item against N_NEGATIVES items the
         // user never rated, sampled with a seed fixed by the user, so every method ranks the
@@ -377,9 +407,8 @@ impl Model for MfModel {
                     negatives.push(item);
                 }
             }
-            let pos = self.predict(global, local, t.user, t.item);
-            let rank =
-                negatives.iter().filter(|&&i| self.predict(global, local, t.user, i) > pos).count();
+            let pos = predict(t.user, t.item);
+            let rank = negatives.iter().filter(|&&i| predict(t.user, i) > pos).count();
             sums.add_rank(rank);
         }
         sums

@@ -13,6 +13,7 @@ fn spec(n_items: usize, dim: usize) -> MfSpec {
         rating_min: 1.0,
         rating_max: 5.0,
         init_mean: 0.0,
+        local_item_offsets: None,
     }
 }
 
@@ -138,4 +139,30 @@ fn out_of_range_items_are_reported() {
         test: vec![],
     };
     assert_eq!(model.check_data(&data).unwrap_err(), "item id 5 is not below the task's n_items 5");
+}
+
+/// Store-local item offsets are the shrunken mean residual of the store's own training ratings,
+/// and only a spec that asks for them changes predictions.
+#[test]
+fn local_item_offsets_shrink_the_store_residual() {
+    let rating = |user, item, value| Rating { user, item, value, timestamp: 0 };
+    let data = MfData {
+        user_seeds: vec![1, 2],
+        // Item 0 is rated 4 by both users, item 1 never.
+        train: vec![rating(0, 0, 4.0), rating(1, 0, 4.0)],
+        test: vec![rating(0, 0, 4.0)],
+    };
+    let mut s = spec(2, 1);
+    s.init_std = 0.0;
+    let plain = MfModel::new(s.clone());
+    let global = vec![3.0, 0.0, 0.0, 0.0, 0.0]; // μ = 3, no biases, zero factors
+    let local = plain.init_local(&data, None);
+    assert_eq!(plain.local_item_offsets(&global, &local, &data), None);
+    s.local_item_offsets = Some(2.0);
+    let model = MfModel::new(s);
+    // Two residuals of 1 shrunk by λ = 2: 2 / (2 + 2).
+    assert_eq!(model.local_item_offsets(&global, &local, &data), Some(vec![0.5, 0.0]));
+    let (before, after) =
+        (plain.evaluate(&global, &local, &data, 0), model.evaluate(&global, &local, &data, 0));
+    assert!((before.rmse() - 1.0).abs() < 1e-9 && (after.rmse() - 0.5).abs() < 1e-9);
 }
