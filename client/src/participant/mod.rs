@@ -226,8 +226,13 @@ impl<T: Transport> Participant<T> {
                         }
                     }
                     Err(e) => {
-                        // Rejected or malformed: this round goes on without us; so do we.
+                        // Rejected or malformed: this round goes on without us; so do we. The
+                        // coordinator may offer the same round again at once (a rejected upload
+                        // may be retried), so back off rather than retrain in a tight loop.
                         tracing::warn!(error = %e, "request refused; waiting for the next round");
+                        if !self.wait(&mut backoff, &e, &cancel).await {
+                            return Ok(self.cancelled());
+                        }
                     }
                 }
             }
@@ -248,13 +253,12 @@ impl<T: Transport> Participant<T> {
         cancel: &CancellationToken,
     ) -> bool {
         let delay = backoff.next();
-        tracing::warn!(
-            peer = %self.transport.peer(),
-            %error,
-            retry_in = format!("{:.1}s", delay.as_secs_f64()),
-            attempt = backoff.attempt,
-            "coordinator not reachable; retrying"
-        );
+        let retry_in = format!("{:.1}s", delay.as_secs_f64());
+        if matches!(error, TransportError::Unavailable(_) | TransportError::TaskNotFound(_)) {
+            tracing::warn!(peer = %self.transport.peer(), %error, retry_in, attempt = backoff.attempt, "coordinator not reachable; retrying");
+        } else {
+            tracing::debug!(retry_in, attempt = backoff.attempt, "backing off after a refusal");
+        }
         tokio::select! {
             () = cancel.cancelled() => false,
             () = tokio::time::sleep(delay) => true,

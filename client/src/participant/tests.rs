@@ -277,3 +277,20 @@ async fn customer_level_uploads_hold_only_the_sum_of_clipped_contributions() {
         }
     }
 }
+
+/// A refused request is followed by a backoff, not an immediate retry: the coordinator may offer
+/// the same round again at once, and retraining in a tight loop would only repeat the refusal.
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_backs_off_before_polling_again() {
+    let refused = Err(TransportError::Rejected {
+        code: "InvalidArgument".into(),
+        message: "update holds non-finite values".into(),
+    });
+    let (p, record) = participant(None, vec![], vec![refused, Ok(train(1))]);
+    let start = tokio::time::Instant::now();
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.rounds_trained, 1);
+    assert_eq!(record.lock().unwrap().uploads.len(), 1);
+    // The first backoff step is 500 ms with ±20 % jitter.
+    assert!(start.elapsed() >= Duration::from_millis(400), "waited {:?}", start.elapsed());
+}
