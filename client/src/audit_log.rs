@@ -53,6 +53,8 @@ pub enum Entry {
         hits_at_10: f64,
         /// Sum of NDCG@10.
         ndcg_at_10: f64,
+        /// Sum of actual values (demand forecasts).
+        actual_sum: f64,
     },
 }
 

@@ -3,6 +3,7 @@
 //! This is a persisted and configuration format (TOML in the coordinator's config, JSON in its
 //! store), so it derives serde. `TaskSpec::validate` is the one place that checks it.
 
+use crate::model::demand::DemandSpec;
 use crate::model::mf::MfSpec;
 use crate::optim::ServerOptimizer;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,8 @@ pub enum ModelSpec {
         /// Parameter count.
         n_params: usize,
     },
+    /// Weekly demand forecasting ([`crate::model::demand`]).
+    Demand(DemandSpec),
 }
 
 impl ModelSpec {
@@ -42,6 +45,7 @@ impl ModelSpec {
         match self {
             ModelSpec::MatrixFactorization(mf) => mf.n_global(),
             ModelSpec::Bench { n_params } => *n_params,
+            ModelSpec::Demand(d) => d.n_global(),
         }
     }
 }
@@ -156,6 +160,7 @@ impl TaskSpec {
         }
         match &self.model {
             ModelSpec::MatrixFactorization(mf) => mf.validate()?,
+            ModelSpec::Demand(d) => d.validate()?,
             ModelSpec::Bench { n_params } => {
                 if *n_params == 0 || *n_params > 1 << 30 {
                     return Err(bad(

@@ -5,6 +5,7 @@
 
 use crate::pb;
 use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::model::demand::{DemandLoss, DemandSpec};
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
@@ -155,6 +156,18 @@ impl From<&ModelSpec> for pb::ModelSpec {
             ModelSpec::Bench { n_params } => {
                 pb::model_spec::Kind::Bench(pb::BenchModel { n_params: *n_params as u64 })
             }
+            ModelSpec::Demand(d) => pb::model_spec::Kind::Demand(pb::DemandModel {
+                groups: d.groups.clone(),
+                first_test_week: d.first_test_week,
+                horizon: d.horizon,
+                harmonics: d.harmonics,
+                learning_rate: d.learning_rate,
+                regularization: d.regularization,
+                loss: match d.loss {
+                    DemandLoss::Poisson => pb::DemandLoss::Poisson,
+                    DemandLoss::Log1pSquared => pb::DemandLoss::Log1pSquared,
+                } as i32,
+            }),
         };
         pb::ModelSpec { kind: Some(kind) }
     }
@@ -181,6 +194,24 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
             pb::model_spec::Kind::Bench(b) => {
                 ModelSpec::Bench { n_params: to_usize("model.n_params", b.n_params)? }
             }
+            pb::model_spec::Kind::Demand(d) => ModelSpec::Demand(DemandSpec {
+                loss: match pb::DemandLoss::try_from(d.loss) {
+                    Ok(pb::DemandLoss::Poisson) => DemandLoss::Poisson,
+                    Ok(pb::DemandLoss::Log1pSquared) => DemandLoss::Log1pSquared,
+                    _ => {
+                        return Err(ConvertError {
+                            field: "model.loss",
+                            message: format!("unknown demand loss {}", d.loss),
+                        });
+                    }
+                },
+                groups: d.groups,
+                first_test_week: d.first_test_week,
+                horizon: d.horizon,
+                harmonics: d.harmonics,
+                learning_rate: d.learning_rate,
+                regularization: d.regularization,
+            }),
         })
     }
 }
@@ -292,6 +323,7 @@ impl From<&EvalSums> for pb::EvalSums {
             n_ranked: e.n_ranked,
             hits_at_10: e.hits_at_10,
             ndcg_at_10: e.ndcg_at_10,
+            actual_sum: e.actual_sum,
         }
     }
 }
@@ -304,6 +336,7 @@ impl TryFrom<pb::EvalSums> for EvalSums {
             ("sums.absolute_error", e.absolute_error),
             ("sums.hits_at_10", e.hits_at_10),
             ("sums.ndcg_at_10", e.ndcg_at_10),
+            ("sums.actual_sum", e.actual_sum),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(ConvertError {
@@ -325,6 +358,7 @@ impl TryFrom<pb::EvalSums> for EvalSums {
             n_ranked: e.n_ranked,
             hits_at_10: e.hits_at_10,
             ndcg_at_10: e.ndcg_at_10,
+            actual_sum: e.actual_sum,
         })
     }
 }

@@ -37,7 +37,7 @@ pub enum CsvError {
         source: std::io::Error,
     },
     /// The file is empty or has only a header.
-    #[error("{path}: no ratings (the file is empty or has only a header)")]
+    #[error("{path}: no data rows (the file is empty or has only a header)")]
     Empty {
         /// The file.
         path: PathBuf,
@@ -63,6 +63,16 @@ pub enum CsvError {
         column: &'static str,
         /// What is wrong.
         message: String,
+    },
+    /// The header names a column the format does not have.
+    #[error("{path}:1: unknown column {column:?} (expected {expected})")]
+    UnknownColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column as written.
+        column: String,
+        /// The columns the format has.
+        expected: &'static str,
     },
     /// A row is not valid CSV (for example a wrong number of fields).
     #[error("{path}:{line}: {message}")]
@@ -94,13 +104,7 @@ pub fn load_ratings(path: &Path) -> Result<Vec<CsvRating>, CsvError> {
 /// See [`CsvError`].
 pub fn read_ratings(reader: impl std::io::Read, path: &Path) -> Result<Vec<CsvRating>, CsvError> {
     let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
-    let row_err = |e: csv::Error| match e.position() {
-        Some(p) => CsvError::BadRow { path: path.into(), line: p.line(), message: e.to_string() },
-        None => match e.into_kind() {
-            csv::ErrorKind::Io(source) => CsvError::Io { path: path.into(), source },
-            other => CsvError::BadRow { path: path.into(), line: 0, message: format!("{other:?}") },
-        },
-    };
+    let row_err = |e| row_error(e, path);
     let header = rdr.headers().map_err(row_err)?.clone();
     if header.is_empty() || header.iter().all(str::is_empty) {
         return Err(CsvError::Empty { path: path.into() });
@@ -157,6 +161,17 @@ pub fn read_ratings(reader: impl std::io::Read, path: &Path) -> Result<Vec<CsvRa
         return Err(CsvError::Empty { path: path.into() });
     }
     Ok(out)
+}
+
+/// A CSV-level error (I/O, ragged row) as a [`CsvError`] naming `path` and the line.
+pub(crate) fn row_error(e: csv::Error, path: &Path) -> CsvError {
+    match e.position() {
+        Some(p) => CsvError::BadRow { path: path.into(), line: p.line(), message: e.to_string() },
+        None => match e.into_kind() {
+            csv::ErrorKind::Io(source) => CsvError::Io { path: path.into(), source },
+            other => CsvError::BadRow { path: path.into(), line: 0, message: format!("{other:?}") },
+        },
+    }
 }
 
 /// Writes ratings in the format [`load_ratings`] reads.
@@ -218,11 +233,11 @@ mod tests {
     fn empty_files_and_ragged_rows_are_explained() {
         assert_eq!(
             read("").unwrap_err().to_string(),
-            "store.csv: no ratings (the file is empty or has only a header)"
+            "store.csv: no data rows (the file is empty or has only a header)"
         );
         assert_eq!(
             read("user_id,item_id,rating\n").unwrap_err().to_string(),
-            "store.csv: no ratings (the file is empty or has only a header)"
+            "store.csv: no data rows (the file is empty or has only a header)"
         );
         let err = read("user_id,item_id,rating\n1,2\n").unwrap_err().to_string();
         assert!(err.starts_with("store.csv:2: "), "{err}");

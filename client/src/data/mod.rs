@@ -1,6 +1,7 @@
 //! A store's data, ready for local training.
 
 pub mod csv;
+pub mod sales;
 
 use csv::CsvRating;
 use fedretail_core::model::mf::{MfData, Rating, user_seed};

@@ -12,11 +12,13 @@
 
 use crate::audit_log::{AuditLog, Entry};
 use crate::data::StoreRatings;
+use crate::data::sales::StoreSales;
 use crate::personal;
 use crate::transport::{
     Assignment, Enrollment, EvalPlan, TrainPlan, Transport, TransportError, UpdateSummary,
 };
 use fedretail_core::model::Model;
+use fedretail_core::model::demand::{DemandData, DemandLocal, DemandModel};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::{MfLocal, MfModel, RatingsByUser, user_seed};
 use fedretail_core::plan::ModelSpec;
@@ -48,6 +50,8 @@ pub struct ParticipantConfig {
 pub enum LocalData {
     /// A store's ratings, for the recommender.
     Ratings(StoreRatings),
+    /// A store's weekly sales, for demand forecasting.
+    Sales(StoreSales),
     /// No data: only benchmark tasks (opaque parameter vectors) can be joined.
     None,
 }
@@ -90,11 +94,16 @@ pub struct Outcome {
     pub state: String,
     /// Why it ended.
     pub reason: String,
+    /// The store's name.
+    pub store_name: String,
+    /// The store's own last evaluation (what it reported), if it evaluated.
+    pub last_eval: Option<EvalSums>,
 }
 
 #[allow(clippy::large_enum_variant)] // reason: one value per participant; boxing buys nothing
 enum Trainer {
     Mf { model: MfModel, ratings: StoreRatings, local: MfLocal, by_user: RatingsByUser },
+    Demand { model: DemandModel, data: DemandData, local: DemandLocal },
     Bench,
 }
 
@@ -137,6 +146,7 @@ impl<T: Transport> Participant<T> {
     /// A participant for `config.task` with this transport and data.
     pub fn new(transport: T, config: ParticipantConfig, data: LocalData) -> Participant<T> {
         let audit = config.state_dir.as_deref().map(AuditLog::new);
+        let store_name = config.store_name.clone();
         Participant {
             transport,
             config,
@@ -148,6 +158,8 @@ impl<T: Transport> Participant<T> {
                 evaluations: 0,
                 state: String::new(),
                 reason: String::new(),
+                store_name,
+                last_eval: None,
             },
         }
     }
@@ -297,10 +309,32 @@ impl<T: Transport> Participant<T> {
                 let by_user = RatingsByUser::new(&ratings.data);
                 Trainer::Mf { model, ratings, local, by_user }
             }
+            (ModelSpec::Demand(spec), LocalData::Sales(sales)) => {
+                let model = DemandModel::new(spec.clone());
+                let (data, unknown) = sales.to_data(&spec.groups);
+                if !unknown.is_empty() {
+                    tracing::warn!(groups = ?unknown, "the task does not model these product groups; their sales are left out");
+                }
+                if data.series.is_empty() {
+                    return Err(incompatible(format!(
+                        "the store sells none of the task's product groups ({})",
+                        spec.groups.join(", ")
+                    )));
+                }
+                model.check_data(&data).map_err(incompatible)?;
+                tracing::info!(series = data.series.len(), weeks = data.n_weeks(), "weekly sales ready");
+                let local = model.init_local(&data, None);
+                Trainer::Demand { model, data, local }
+            }
             (ModelSpec::Bench { .. }, _) => Trainer::Bench,
-            (ModelSpec::MatrixFactorization(_), LocalData::None) => {
+            (ModelSpec::MatrixFactorization(_), _) => {
                 return Err(incompatible(
                     "the task trains a recommender, and this store has no ratings".into(),
+                ));
+            }
+            (ModelSpec::Demand(_), _) => {
+                return Err(incompatible(
+                    "the task forecasts demand, and this store has no sales".into(),
                 ));
             }
         });
@@ -355,6 +389,9 @@ impl<T: Transport> Participant<T> {
                 Trainer::Mf { model, ratings, local, .. } => {
                     model.evaluate(&global, local, &ratings.data, plan.seed)
                 }
+                Trainer::Demand { model, data, local } => {
+                    model.evaluate(&global, local, data, plan.seed)
+                }
                 Trainer::Bench => EvalSums::default(),
             };
             (trainer, sums)
@@ -364,7 +401,13 @@ impl<T: Transport> Participant<T> {
         self.trainer = Some(trainer);
         // A diverged model predicts NaN or infinity; such sums would be refused, and the round
         // would wait out its deadline. Report that nothing could be scored instead.
-        let finite = [sums.squared_error, sums.absolute_error, sums.hits_at_10, sums.ndcg_at_10];
+        let finite = [
+            sums.squared_error,
+            sums.absolute_error,
+            sums.hits_at_10,
+            sums.ndcg_at_10,
+            sums.actual_sum,
+        ];
         let sums = if finite.iter().all(|v| v.is_finite()) {
             sums
         } else {
@@ -383,9 +426,11 @@ impl<T: Transport> Participant<T> {
             absolute_error: sums.absolute_error,
             hits_at_10: sums.hits_at_10,
             ndcg_at_10: sums.ndcg_at_10,
+            actual_sum: sums.actual_sum,
         })?;
         self.transport.report(e, plan.round_id, sums).await?;
         self.outcome.evaluations += 1;
+        self.outcome.last_eval = Some(sums);
         Ok(())
     }
 
@@ -468,6 +513,12 @@ fn local_delta(
         Trainer::Mf { model, ratings, local, .. } => {
             let mut trained = global.clone();
             let stats = model.train(&mut trained, local, &ratings.data, epochs, &mut rng);
+            let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();
+            (delta, stats.n_examples, stats.mean_loss)
+        }
+        Trainer::Demand { model, data, local } => {
+            let mut trained = global.clone();
+            let stats = model.train(&mut trained, local, data, epochs, &mut rng);
             let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();
             (delta, stats.n_examples, stats.mean_loss)
         }

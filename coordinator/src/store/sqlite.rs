@@ -35,9 +35,13 @@ CREATE TABLE IF NOT EXISTS rounds (
     committed INTEGER NOT NULL, cohort_size INTEGER NOT NULL, n_uploads INTEGER NOT NULL,
     n_rejected INTEGER NOT NULL, failure TEXT, model_version INTEGER NOT NULL, mean_train_loss REAL NOT NULL,
     eval_n_ratings INTEGER, eval_squared_error REAL, eval_absolute_error REAL,
-    eval_n_ranked INTEGER, eval_hits REAL, eval_ndcg REAL
+    eval_n_ranked INTEGER, eval_hits REAL, eval_ndcg REAL, eval_actual_sum REAL
 );
 ";
+
+/// Columns added after a database format was first released: (table, column, type). Databases
+/// created before them gain them on opening.
+const ADDED_COLUMNS: [(&str, &str, &str); 1] = [("rounds", "eval_actual_sum", "REAL")];
 
 /// A store in one SQLite file.
 #[derive(Debug)]
@@ -70,8 +74,22 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let at = |e: rusqlite::Error| StoreError::Backend(format!("{}: {e}", path.display()));
+        conn.execute_batch(SCHEMA).map_err(at)?;
+        for (table, column, kind) in ADDED_COLUMNS {
+            let present: bool = conn
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                    [column],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(at)?
+                > 0;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                    .map_err(at)?;
+            }
+        }
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -87,7 +105,7 @@ fn insert_round(
 ) -> Result<(), StoreError> {
     let e = s.eval;
     tx.execute(
-        "INSERT OR REPLACE INTO rounds VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        "INSERT OR REPLACE INTO rounds VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             s.round.0 as i64,
             task.0 as i64,
@@ -105,6 +123,7 @@ fn insert_round(
             e.map(|e| e.n_ranked as i64),
             e.map(|e| e.hits_at_10),
             e.map(|e| e.ndcg_at_10),
+            e.map(|e| e.actual_sum),
         ],
     )
     .map_err(backend)?;
@@ -188,7 +207,7 @@ impl Store for SqliteStore {
             .prepare(
                 "SELECT round_id, idx, committed, cohort_size, n_uploads, n_rejected, failure, model_version,
                         mean_train_loss, eval_n_ratings, eval_squared_error, eval_absolute_error, eval_n_ranked,
-                        eval_hits, eval_ndcg
+                        eval_hits, eval_ndcg, eval_actual_sum
                  FROM rounds WHERE task_id = ?1 ORDER BY round_id",
             )
             .map_err(backend)?;
@@ -202,6 +221,7 @@ impl Store for SqliteStore {
                         n_ranked: r.get::<_, i64>(12)? as u64,
                         hits_at_10: r.get(13)?,
                         ndcg_at_10: r.get(14)?,
+                        actual_sum: r.get::<_, Option<f64>>(15)?.unwrap_or(0.0),
                     }),
                     None => None,
                 };
@@ -407,6 +427,7 @@ mod tests {
             eval: failure.is_none().then_some(EvalSums {
                 n_ratings: 4,
                 squared_error: 1.0,
+                actual_sum: 7.0,
                 ..EvalSums::default()
             }),
             model_version: ModelVersion(1),

@@ -82,9 +82,9 @@ async fn each_reject_has_its_status_code_and_the_round_goes_on() {
     let late = enroll(&mut t, "rejects", "late").await;
 
     let good = [0.1f32, 0.2, 0.3, 0.4];
-    let stranger = pb::EnrollResponse { client_id: 42, ..a };
+    let stranger = pb::EnrollResponse { client_id: 42, ..a.clone() };
     assert_eq!(poll(&mut t, &stranger).await.unwrap_err().code(), Code::Unauthenticated);
-    let lost = pb::EnrollResponse { task_id: 999, ..a };
+    let lost = pb::EnrollResponse { task_id: 999, ..a.clone() };
     assert_eq!(poll(&mut t, &lost).await.unwrap_err().code(), Code::NotFound);
     assert_eq!(
         upload(&mut t, &a, round, 3, &good[..3], None).await,

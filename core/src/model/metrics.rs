@@ -16,6 +16,8 @@ pub struct EvalSums {
     pub hits_at_10: f64,
     /// Sum over ranked users of NDCG@10.
     pub ndcg_at_10: f64,
+    /// Sum of the actual values (demand forecasts: units sold), the denominator of WAPE.
+    pub actual_sum: f64,
 }
 
 impl EvalSums {
@@ -27,6 +29,12 @@ impl EvalSums {
         self.n_ranked += other.n_ranked;
         self.hits_at_10 += other.hits_at_10;
         self.ndcg_at_10 += other.ndcg_at_10;
+        self.actual_sum += other.actual_sum;
+    }
+
+    /// Weighted absolute percentage error, `Σ|ŷ - y| / Σ y` (NaN when nothing sold).
+    pub fn wape(&self) -> f64 {
+        self.absolute_error / self.actual_sum
     }
 
     /// Root mean squared error (NaN without ratings).
@@ -55,6 +63,12 @@ impl EvalSums {
         self.n_ratings += 1;
         self.squared_error += e * e;
         self.absolute_error += e.abs();
+    }
+
+    /// Adds one demand forecast (counted in `n_ratings`) and its actual value.
+    pub fn add_forecast(&mut self, predicted: f32, actual: f32) {
+        self.add_rating(predicted, actual);
+        self.actual_sum += f64::from(actual);
     }
 
     /// Adds one user's ranking outcome: `rank` is the 0-based position of the held-out item
@@ -86,5 +100,12 @@ mod tests {
         assert_eq!(a.mae(), 2.0);
         assert_eq!(a.hr_at_10(), 2.0 / 3.0);
         assert!((a.ndcg_at_10() - (1.0 + 0.5) / 3.0).abs() < 1e-12);
+        let mut f = EvalSums::default();
+        f.add_forecast(3.0, 4.0);
+        let mut g = EvalSums::default();
+        g.add_forecast(0.0, 2.0);
+        f.merge(&g);
+        assert_eq!(f.wape(), 3.0 / 6.0);
+        assert_eq!(f.mae(), 1.5);
     }
 }

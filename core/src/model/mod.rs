@@ -6,6 +6,7 @@
 //! same value serves the coordinator (which holds the global vector), every client (which holds
 //! its local state) and the simulator's central and local-only baselines.
 
+pub mod demand;
 pub mod metrics;
 pub mod mf;
 

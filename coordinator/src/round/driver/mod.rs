@@ -584,6 +584,9 @@ pub(crate) fn initial_model(spec: &TaskSpec) -> ModelBlob {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(spec.plan.seed);
     let values = match &spec.model {
         ModelSpec::MatrixFactorization(mf) => MfModel::new(mf.clone()).init_global(&mut rng),
+        ModelSpec::Demand(d) => {
+            fedretail_core::model::demand::DemandModel::new(d.clone()).init_global(&mut rng)
+        }
         ModelSpec::Bench { n_params } => vec![0.0; *n_params],
     };
     ModelBlob::new(ModelVersion(0), values)

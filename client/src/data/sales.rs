@@ -1,0 +1,337 @@
+//! A store's sales, for demand forecasting: the CSV a store exports, and its weekly series.
+//!
+//! Format: a header row, then one sale (or price record) per row. The columns are exactly
+//! these, in any order; any other column is an error, so a misspelt one is not silently
+//! dropped:
+//!
+//! | column | meaning |
+//! | --- | --- |
+//! | `date` | day of the sale, `YYYY-MM-DD` |
+//! | `store` | the store's name (a file may hold several stores; the client keeps its own) |
+//! | `product` | the product group (the task's `groups`, e.g. a sub-category) |
+//! | `quantity` | units sold, a number ≥ 0 (0 records a price or discount without a sale) |
+//! | `price` | unit list price, a number ≥ 0 (read and checked; the model does not use it yet) |
+//! | `discount` | fraction off the list price, in `[0, 1)` |
+//!
+//! ```text
+//! date,store,product,quantity,price,discount
+//! 2017-01-02,Springfield,Binders,3,12.99,0.2
+//! 2017-01-04,Springfield,Paper,1,5.50,0
+//! ```
+//!
+//! Sales are summed per Monday-to-Sunday week ([`week_of_day`]) and product group. A week's
+//! discount is the mean over its rows weighted by `max(quantity, 1)`; weeks without rows
+//! have none (NaN).
+
+use super::csv::{CsvError, row_error};
+use fedretail_core::model::demand::{DemandData, Series, week_of_day};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The columns of the format, in the order [`write_sales`] writes them.
+pub const COLUMNS: [&str; 6] = ["date", "store", "product", "quantity", "price", "discount"];
+
+/// One row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SalesRow {
+    /// Days since 1970-01-01.
+    pub day: i64,
+    /// Store name.
+    pub store: String,
+    /// Product group.
+    pub product: String,
+    /// Units sold.
+    pub quantity: f32,
+    /// Unit list price.
+    pub price: f32,
+    /// Fraction off the list price.
+    pub discount: f32,
+}
+
+/// Reads every row of `path`.
+///
+/// # Errors
+///
+/// See [`CsvError`]: each names the file and, where it applies, the line.
+pub fn load_sales(path: &Path) -> Result<Vec<SalesRow>, CsvError> {
+    let file =
+        std::fs::File::open(path).map_err(|source| CsvError::Io { path: path.into(), source })?;
+    read_sales(file, path)
+}
+
+/// [`load_sales`] from any reader; `path` names it in errors.
+///
+/// # Errors
+///
+/// See [`CsvError`].
+pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRow>, CsvError> {
+    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
+    let header = rdr.headers().map_err(|e| row_error(e, path))?.clone();
+    if header.is_empty() || header.iter().all(str::is_empty) {
+        return Err(CsvError::Empty { path: path.into() });
+    }
+    let expected = "date,store,product,quantity,price,discount";
+    if let Some(unknown) =
+        header.iter().find(|h| !COLUMNS.iter().any(|c| c.eq_ignore_ascii_case(h)))
+    {
+        return Err(CsvError::UnknownColumn { path: path.into(), column: unknown.into(), expected });
+    }
+    let mut index = [0usize; 6];
+    for (slot, name) in index.iter_mut().zip(COLUMNS) {
+        *slot = header.iter().position(|h| h.eq_ignore_ascii_case(name)).ok_or_else(|| {
+            CsvError::MissingColumn {
+                path: path.into(),
+                column: name,
+                header: header.iter().collect::<Vec<_>>().join(","),
+            }
+        })?;
+    }
+    let mut out = Vec::new();
+    let mut record = csv::StringRecord::new();
+    while rdr.read_record(&mut record).map_err(|e| row_error(e, path))? {
+        let line = record.position().map_or(0, csv::Position::line);
+        let bad = |column: &'static str, message: String| CsvError::BadValue {
+            path: path.into(),
+            line,
+            column,
+            message,
+        };
+        let field = |k: usize| record.get(index[k]).unwrap_or("");
+        let date: jiff::civil::Date = field(0).parse().map_err(|e| {
+            bad("date", format!("{:?} is not a date of the form YYYY-MM-DD ({e})", field(0)))
+        })?;
+        let day = i64::from(
+            date.since(jiff::civil::date(1970, 1, 1))
+                .map_err(|e| bad("date", e.to_string()))?
+                .get_days(),
+        );
+        let text = |k: usize, column: &'static str| {
+            let v = field(k);
+            if v.is_empty() { Err(bad(column, "is empty".into())) } else { Ok(v.to_string()) }
+        };
+        let number = |k: usize, column: &'static str| -> Result<f32, CsvError> {
+            let v: f32 =
+                field(k).parse().map_err(|_| bad(column, format!("{:?} is not a number", field(k))))?;
+            if !v.is_finite() {
+                return Err(bad(column, format!("{v} is not finite")));
+            }
+            if v < 0.0 {
+                return Err(bad(column, format!("{v} is negative")));
+            }
+            Ok(v)
+        };
+        let discount = number(5, "discount")?;
+        if discount >= 1.0 {
+            return Err(bad("discount", format!("{discount} is not a fraction below 1")));
+        }
+        out.push(SalesRow {
+            day,
+            store: text(1, "store")?,
+            product: text(2, "product")?,
+            quantity: number(3, "quantity")?,
+            price: number(4, "price")?,
+            discount,
+        });
+    }
+    if out.is_empty() {
+        return Err(CsvError::Empty { path: path.into() });
+    }
+    Ok(out)
+}
+
+/// Writes rows in the format [`load_sales`] reads.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn write_sales(path: &Path, rows: &[SalesRow]) -> std::io::Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    w.write_record(COLUMNS)?;
+    for r in rows {
+        let date = jiff::civil::date(1970, 1, 1)
+            .checked_add(jiff::Span::new().days(r.day))
+            .map_err(std::io::Error::other)?;
+        w.write_record([
+            date.to_string(),
+            r.store.clone(),
+            r.product.clone(),
+            r.quantity.to_string(),
+            r.price.to_string(),
+            r.discount.to_string(),
+        ])?;
+    }
+    w.flush()
+}
+
+/// One store's weekly sales per product group. Group names stay strings until a task says
+/// which groups it models ([`StoreSales::to_data`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreSales {
+    /// Week index of the first week.
+    pub first_week: i64,
+    /// Weeks covered.
+    pub n_weeks: usize,
+    /// Per product group: units per week and the week's discount (NaN without rows).
+    pub groups: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+}
+
+impl StoreSales {
+    /// Aggregates rows by week and product group over `weeks` (inclusive week indices), or
+    /// over the rows' own first to last week. Rows outside `weeks` are dropped.
+    pub fn from_rows<'a>(
+        rows: impl IntoIterator<Item = &'a SalesRow>,
+        weeks: Option<(i64, i64)>,
+    ) -> StoreSales {
+        let rows: Vec<&SalesRow> = rows.into_iter().collect();
+        let (first, last) = weeks.unwrap_or_else(|| {
+            let w = rows.iter().map(|r| week_of_day(r.day));
+            (w.clone().min().unwrap_or(0), w.max().unwrap_or(-1))
+        });
+        let n_weeks = (last - first + 1).max(0) as usize;
+        let mut sums: BTreeMap<String, (Vec<f32>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        for r in rows {
+            let week = week_of_day(r.day) - first;
+            if !(0..n_weeks as i64).contains(&week) {
+                continue;
+            }
+            let e = sums.entry(r.product.clone()).or_insert_with(|| {
+                (vec![0.0; n_weeks], vec![0.0; n_weeks], vec![0.0; n_weeks])
+            });
+            let (w, weight) = (week as usize, f64::from(r.quantity.max(1.0)));
+            e.0[w] += r.quantity;
+            e.1[w] += weight * f64::from(r.discount);
+            e.2[w] += weight;
+        }
+        let groups = sums
+            .into_iter()
+            .map(|(name, (units, discount, weight))| {
+                let mean = discount
+                    .iter()
+                    .zip(&weight)
+                    .map(|(d, w)| if *w > 0.0 { (d / w) as f32 } else { f32::NAN })
+                    .collect();
+                (name, (units, mean))
+            })
+            .collect();
+        StoreSales { first_week: first, n_weeks, groups }
+    }
+
+    /// The series of the task's `groups` that this store sells, as the model's data (one
+    /// store), and the store's groups the task does not model (left out).
+    pub fn to_data(&self, groups: &[String]) -> (DemandData, Vec<String>) {
+        let index: BTreeMap<&str, u32> =
+            groups.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
+        let mut series = Vec::new();
+        let mut unknown = Vec::new();
+        for (name, (units, discount)) in &self.groups {
+            match index.get(name.as_str()) {
+                Some(&group) => series.push(Series {
+                    store: 0,
+                    group,
+                    units: units.clone(),
+                    discount: discount.clone(),
+                }),
+                None => unknown.push(name.clone()),
+            }
+        }
+        (DemandData { first_week: self.first_week, n_stores: 1, series }, unknown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<Vec<SalesRow>, CsvError> {
+        read_sales(text.as_bytes(), Path::new("sales.csv"))
+    }
+
+    const HEADER: &str = "date,store,product,quantity,price,discount\n";
+
+    #[test]
+    fn reads_rows_in_any_column_order() {
+        let rows = read("discount,price,quantity,product,store,date\n0.2,10,3,Paper,S1,1970-01-06\n")
+            .unwrap();
+        assert_eq!(
+            rows[0],
+            SalesRow {
+                day: 5,
+                store: "S1".into(),
+                product: "Paper".into(),
+                quantity: 3.0,
+                price: 10.0,
+                discount: 0.2
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let err = read(&format!("{HEADER}2017-01-02,S,P,1,2,0\n2017-02-30,S,P,1,2,0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("sales.csv:3: column \"date\": \"2017-02-30\" is not a date of the form YYYY-MM-DD"),
+            "{err}"
+        );
+        let err = read(&format!("{HEADER}01/02/2017,S,P,1,2,0\n")).unwrap_err().to_string();
+        assert!(err.starts_with("sales.csv:2: column \"date\": \"01/02/2017\""), "{err}");
+        let err = read(&format!("{HEADER}2017-01-02,S,P,-1,2,0\n")).unwrap_err().to_string();
+        assert_eq!(err, "sales.csv:2: column \"quantity\": -1 is negative");
+        let err = read(&format!("{HEADER}2017-01-02,S,P,1,2,1.5\n")).unwrap_err().to_string();
+        assert_eq!(err, "sales.csv:2: column \"discount\": 1.5 is not a fraction below 1");
+        let err = read(&format!("{HEADER}2017-01-02,,P,1,2,0\n")).unwrap_err().to_string();
+        assert_eq!(err, "sales.csv:2: column \"store\": is empty");
+        let err = read("date,store,product,quantity,price,discount,colour\n2017-01-02,S,P,1,2,0,red\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "sales.csv:1: unknown column \"colour\" (expected date,store,product,quantity,price,discount)"
+        );
+        let err = read("date,store,product,quantity,price\n2017-01-02,S,P,1,2\n").unwrap_err().to_string();
+        assert!(err.starts_with("sales.csv:1: missing column \"discount\""), "{err}");
+        assert!(read(HEADER).unwrap_err().to_string().contains("no data rows"));
+    }
+
+    #[test]
+    fn weeks_sum_units_and_average_discounts() {
+        // 1970-01-05 (day 4) is the Monday of week 0; day 11 starts week 1.
+        let row = |day, product: &str, quantity, discount| SalesRow {
+            day,
+            store: "S".into(),
+            product: product.into(),
+            quantity,
+            price: 1.0,
+            discount,
+        };
+        let rows = [row(4, "A", 1.0, 0.0), row(10, "A", 3.0, 0.4), row(18, "B", 2.0, 0.1)];
+        let sales = StoreSales::from_rows(&rows, None);
+        assert_eq!((sales.first_week, sales.n_weeks), (0, 3));
+        let (units, discount) = &sales.groups["A"];
+        assert_eq!(units, &vec![4.0, 0.0, 0.0]);
+        assert!((discount[0] - 0.3).abs() < 1e-6);
+        assert!(discount[1].is_nan());
+        let (data, unknown) = sales.to_data(&["B".into(), "C".into()]);
+        assert_eq!(unknown, vec!["A".to_string()]);
+        assert_eq!(data.series.len(), 1);
+        assert_eq!(data.series[0].group, 0);
+        assert_eq!(data.series[0].units, vec![0.0, 0.0, 2.0]);
+    }
+
+    #[test]
+    fn written_files_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.csv");
+        let rows = vec![SalesRow {
+            day: 17_000,
+            store: "Main, St".into(),
+            product: "Paper".into(),
+            quantity: 2.0,
+            price: 3.5,
+            discount: 0.25,
+        }];
+        write_sales(&path, &rows).unwrap();
+        assert_eq!(load_sales(&path).unwrap(), rows);
+    }
+}

@@ -1,0 +1,544 @@
+//! Weekly demand forecasting per (store, product group): a generalised linear model whose
+//! coefficients are shared by every store (federated) and whose store and store-group levels
+//! stay in the store, as user factors do in the recommender.
+//!
+//! For series `s` (store `k`, group `g`) and target week `t`, with `ℓ(y) = ln(1 + y)`:
+//!
+//! ```text
+//! η = β₀ + b_g + a_k + a_s + Σ_j w_j ℓ(y_{t-j}) + Σ_j m_j [t-j before the data]
+//!     + Σ_W v_W ℓ(mean of the last W weeks) + d · (last observed discount)
+//!     + Σ_h (c_h sin(2πht/P) + c'_h cos(2πht/P))
+//! ```
+//!
+//! with lags `j ∈ {1, 2, 4, 52}`, windows `W ∈ {13, 52}` and `P` the mean year in weeks.
+//! `β₀, w, m, v, d, c, b` are global; the store level `a_k` and series level `a_s` are local.
+//!
+//! Two losses, picked per task ([`DemandLoss`]): Poisson deviance (`ŷ = e^η`, the mean) and
+//! squared error on `ℓ(y)` (`ŷ = e^η - 1`, nearer the median for intermittent series). Both are
+//! L2-regularised with λ on every parameter but `β₀`. Measurements on Superstore decide the
+//! default (BENCHMARKS.md, "Demand forecasting").
+//!
+//! Forecasts are recursive: horizon `h > 1` feeds the forecasts of the earlier horizons in as
+//! lags. Evaluation is rolling-origin: every week from [`DemandSpec::first_test_week`] on is a
+//! target, forecast from every origin 1 to `horizon` weeks before it, using only what was
+//! known at the origin. Nothing in a series from the test weeks is ever trained on.
+//!
+//! Discount enters lagged (the last discount observed before the target week and no later than
+//! the origin): in order lines a discount is observed only when something sold, so the same
+//! week's discount would leak the target.
+
+#[cfg(test)]
+mod tests;
+
+use super::metrics::EvalSums;
+use super::{Model, TrainStats};
+use crate::plan::SpecError;
+use rand::Rng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+/// Lags of the target used as features, in weeks.
+pub const LAGS: [usize; 4] = [1, 2, 4, 52];
+/// Trailing windows whose mean is a feature, in weeks.
+pub const WINDOWS: [usize; 2] = [13, 52];
+/// The mean Gregorian year in weeks: the period of the seasonal terms.
+pub const YEAR_WEEKS: f64 = 365.2425 / 7.0;
+/// Largest linear predictor used; keeps `e^η` finite while training diverges.
+const MAX_ETA: f32 = 12.0;
+
+/// Index of the week holding `day` (days since 1970-01-01), weeks starting on Monday; week 0
+/// starts on Monday 1970-01-05.
+pub fn week_of_day(day: i64) -> i64 {
+    (day - 4).div_euclid(7)
+}
+
+/// The training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DemandLoss {
+    /// Poisson deviance with a log link: forecasts the mean.
+    Poisson,
+    /// Squared error on `ln(1 + y)`: forecasts the back-transformed mean of the log.
+    Log1pSquared,
+}
+
+/// Hyper-parameters of the demand model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemandSpec {
+    /// Product groups; a series' group is an index into this list.
+    pub groups: Vec<String>,
+    /// The first held-out week ([`week_of_day`]); earlier weeks are training targets.
+    pub first_test_week: i64,
+    /// Forecast horizons evaluated: 1 to this many weeks ahead.
+    pub horizon: u32,
+    /// Seasonal harmonics (sine and cosine pairs of the year).
+    pub harmonics: u32,
+    /// SGD step size.
+    pub learning_rate: f32,
+    /// L2 regularisation λ.
+    pub regularization: f32,
+    /// Loss.
+    pub loss: DemandLoss,
+}
+
+impl DemandSpec {
+    /// Index of the first group effect in the global vector.
+    fn group_offset(&self) -> usize {
+        FIXED + 2 * self.harmonics as usize
+    }
+
+    /// Length of the global vector.
+    pub fn n_global(&self) -> usize {
+        self.group_offset() + self.groups.len()
+    }
+
+    /// Checks ranges.
+    ///
+    /// # Errors
+    ///
+    /// [`SpecError`] naming the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let err = |field, message: String| Err(SpecError { field, message });
+        if self.groups.is_empty() || self.groups.len() > 1_000_000 {
+            return err(
+                "model.groups",
+                format!("must hold 1 to 1e6 groups, got {}", self.groups.len()),
+            );
+        }
+        let mut sorted: Vec<&String> = self.groups.iter().collect();
+        sorted.sort();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return err("model.groups", format!("group {:?} is listed twice", w[0]));
+        }
+        if !(1..=52).contains(&self.horizon) {
+            return err("model.horizon", format!("must be in 1..=52, got {}", self.horizon));
+        }
+        if self.harmonics > 26 {
+            return err("model.harmonics", format!("must be at most 26, got {}", self.harmonics));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            return err(
+                "model.learning_rate",
+                format!("must be in (0, 1), got {}", self.learning_rate),
+            );
+        }
+        if !(self.regularization >= 0.0 && self.regularization.is_finite()) {
+            return err(
+                "model.regularization",
+                format!("must be >= 0, got {}", self.regularization),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Global slots before the seasonal terms: intercept, lag weights, missing-lag indicators,
+/// window means, discount.
+const FIXED: usize = 1 + 2 * LAGS.len() + WINDOWS.len() + 1;
+const LAG_AT: usize = 1;
+const MISSING_AT: usize = LAG_AT + LAGS.len();
+const WINDOW_AT: usize = MISSING_AT + LAGS.len();
+const DISCOUNT_AT: usize = WINDOW_AT + WINDOWS.len();
+
+/// One store's weekly sales of one product group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Local store index, `< DemandData::n_stores`.
+    pub store: u32,
+    /// Product group, an index into [`DemandSpec::groups`].
+    pub group: u32,
+    /// Units sold per week, from [`DemandData::first_week`].
+    pub units: Vec<f32>,
+    /// The week's mean discount (fraction of the list price) over its sales; NaN in weeks
+    /// without sales (not observed).
+    pub discount: Vec<f32>,
+}
+
+/// A store's (or, for the central reference, several stores') weekly series on one calendar.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DemandData {
+    /// Week index ([`week_of_day`]) of every series' first value.
+    pub first_week: i64,
+    /// Stores the series belong to (1 in a client).
+    pub n_stores: usize,
+    /// The series, all of the same length.
+    pub series: Vec<Series>,
+}
+
+impl DemandData {
+    /// Weeks per series.
+    pub fn n_weeks(&self) -> usize {
+        self.series.first().map_or(0, |s| s.units.len())
+    }
+
+    /// Weeks in which any series sold something.
+    pub fn weeks_with_sales(&self) -> usize {
+        (0..self.n_weeks()).filter(|&t| self.series.iter().any(|s| s.units[t] > 0.0)).count()
+    }
+}
+
+/// The local part: store and series levels. Never sent anywhere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemandLocal {
+    /// One level per store.
+    pub store_level: Vec<f32>,
+    /// One level per series.
+    pub series_level: Vec<f32>,
+}
+
+/// The demand model's hyper-parameters; parameters are passed to each method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemandModel {
+    spec: DemandSpec,
+}
+
+/// A naive forecaster for the baselines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naive {
+    /// The same week a year (52 weeks) earlier.
+    Seasonal,
+    /// The mean of the last this many weeks before the origin.
+    MovingAverage(usize),
+}
+
+/// Where a feature vector's history comes from: actual values up to the origin, then forecasts.
+struct History<'a> {
+    series: &'a Series,
+    /// Last week whose actual value is known.
+    origin: usize,
+    /// Forecasts of weeks `origin + 1 ..`.
+    forecasts: &'a [f32],
+}
+
+impl History<'_> {
+    fn y(&self, week: usize) -> f32 {
+        if week <= self.origin {
+            self.series.units[week]
+        } else {
+            self.forecasts[week - self.origin - 1]
+        }
+    }
+}
+
+impl DemandModel {
+    /// A model with these hyper-parameters. Call [`DemandSpec::validate`] first on untrusted
+    /// specs.
+    pub fn new(spec: DemandSpec) -> DemandModel {
+        DemandModel { spec }
+    }
+
+    /// The hyper-parameters.
+    pub fn spec(&self) -> &DemandSpec {
+        &self.spec
+    }
+
+    /// Index of the first test week in `data`'s series (clamped to the data).
+    pub fn test_start(&self, data: &DemandData) -> usize {
+        (self.spec.first_test_week - data.first_week).clamp(0, data.n_weeks() as i64) as usize
+    }
+
+    /// Checks that groups and stores fall in range and series agree in length.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first problem.
+    pub fn check_data(&self, data: &DemandData) -> Result<(), String> {
+        let n = data.n_weeks();
+        for s in &data.series {
+            if s.group as usize >= self.spec.groups.len() {
+                return Err(format!(
+                    "group index {} is not below the task's {} groups",
+                    s.group,
+                    self.spec.groups.len()
+                ));
+            }
+            if s.store as usize >= data.n_stores {
+                return Err(format!("store index {} is not below {}", s.store, data.n_stores));
+            }
+            if s.units.len() != n || s.discount.len() != n {
+                return Err("series differ in length".into());
+            }
+            if s.units.iter().any(|u| !(u.is_finite() && *u >= 0.0)) {
+                return Err("units must be finite and non-negative".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The global features of target week `t` (everything but the group effect), into `x`
+    /// (length [`DemandSpec::group_offset`]); `x[0] = 1` is the intercept.
+    fn features(&self, h: &History<'_>, first_week: i64, t: usize, x: &mut [f32]) {
+        let l = |y: f32| y.max(0.0).ln_1p();
+        x[0] = 1.0;
+        for (j, &lag) in LAGS.iter().enumerate() {
+            let (value, missing) = if t >= lag { (l(h.y(t - lag)), 0.0) } else { (0.0, 1.0) };
+            x[LAG_AT + j] = value;
+            x[MISSING_AT + j] = missing;
+        }
+        for (j, &w) in WINDOWS.iter().enumerate() {
+            let from = t.saturating_sub(w);
+            x[WINDOW_AT + j] = if t == 0 {
+                0.0
+            } else {
+                l((from..t).map(|u| h.y(u)).sum::<f32>() / (t - from) as f32)
+            };
+        }
+        // The last discount observed before t and no later than the origin.
+        let last = t.min(h.origin + 1);
+        x[DISCOUNT_AT] =
+            h.series.discount[..last].iter().rev().find(|d| !d.is_nan()).copied().unwrap_or(0.0);
+        let week = (first_week + t as i64) as f64;
+        for k in 0..self.spec.harmonics as usize {
+            let angle = std::f64::consts::TAU * (k + 1) as f64 * week / YEAR_WEEKS;
+            x[FIXED + 2 * k] = angle.sin() as f32;
+            x[FIXED + 2 * k + 1] = angle.cos() as f32;
+        }
+    }
+
+    /// The linear predictor for series `si` given its features.
+    fn eta(
+        &self,
+        global: &[f32],
+        local: &DemandLocal,
+        data: &DemandData,
+        si: usize,
+        x: &[f32],
+    ) -> f32 {
+        let s = &data.series[si];
+        let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum();
+        let eta = dot
+            + global[self.spec.group_offset() + s.group as usize]
+            + local.store_level[s.store as usize]
+            + local.series_level[si];
+        eta.min(MAX_ETA)
+    }
+
+    /// The forecast (units) from a linear predictor.
+    pub fn forecast(&self, eta: f32) -> f32 {
+        match self.spec.loss {
+            DemandLoss::Poisson => eta.exp(),
+            DemandLoss::Log1pSquared => eta.exp_m1().max(0.0),
+        }
+    }
+
+    /// Loss of series `si` at training week `t` (with the L2 terms of the parameters it
+    /// touches), for finite-difference checks of [`DemandModel::gradient`].
+    pub fn example_loss(
+        &self,
+        global: &[f32],
+        local: &DemandLocal,
+        data: &DemandData,
+        si: usize,
+        t: usize,
+    ) -> f64 {
+        let mut x = vec![0.0; self.spec.group_offset()];
+        let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
+        self.features(&hist, data.first_week, t, &mut x);
+        let eta = f64::from(self.eta(global, local, data, si, &x));
+        let y = f64::from(data.series[si].units[t]);
+        let fit = match self.spec.loss {
+            DemandLoss::Poisson => eta.exp() - y * eta,
+            DemandLoss::Log1pSquared => 0.5 * (eta - y.ln_1p()).powi(2),
+        };
+        let s = &data.series[si];
+        let reg = f64::from(self.spec.regularization);
+        let sq = |v: f32| f64::from(v).powi(2);
+        let weights: f64 = global[1..self.spec.group_offset()].iter().map(|&w| sq(w)).sum();
+        fit + 0.5
+            * reg
+            * (weights
+                + sq(global[self.spec.group_offset() + s.group as usize])
+                + sq(local.store_level[s.store as usize])
+                + sq(local.series_level[si]))
+    }
+
+    /// One SGD step on series `si` at week `t`, with `x` its features. Returns the fit part of
+    /// the loss before the step.
+    fn sgd_step(
+        &self,
+        global: &mut [f32],
+        local: &mut DemandLocal,
+        data: &DemandData,
+        si: usize,
+        t: usize,
+        x: &[f32],
+    ) -> f64 {
+        let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);
+        let eta = self.eta(global, local, data, si, x);
+        let y = data.series[si].units[t];
+        let (grad, fit) = match self.spec.loss {
+            DemandLoss::Poisson => (eta.exp() - y, f64::from(eta.exp() - y * eta)),
+            DemandLoss::Log1pSquared => {
+                let e = eta - y.ln_1p();
+                (e, 0.5 * f64::from(e * e))
+            }
+        };
+        let s = &data.series[si];
+        global[0] -= lr * grad;
+        for (w, xi) in global[1..x.len()].iter_mut().zip(&x[1..]) {
+            *w -= lr * (grad * xi + reg * *w);
+        }
+        let b = &mut global[self.spec.group_offset() + s.group as usize];
+        *b -= lr * (grad + reg * *b);
+        let a = &mut local.store_level[s.store as usize];
+        *a -= lr * (grad + reg * *a);
+        let a = &mut local.series_level[si];
+        *a -= lr * (grad + reg * *a);
+        fit
+    }
+
+    /// The gradient of [`DemandModel::example_loss`]: `(global, store levels, series levels)`,
+    /// obtained as the change of one SGD step with unit learning rate (so it tests the step).
+    pub fn gradient(
+        &self,
+        global: &[f32],
+        local: &DemandLocal,
+        data: &DemandData,
+        si: usize,
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let unit = DemandModel { spec: DemandSpec { learning_rate: 1.0, ..self.spec.clone() } };
+        let (mut g, mut l) = (global.to_vec(), local.clone());
+        let mut x = vec![0.0; self.spec.group_offset()];
+        let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
+        unit.features(&hist, data.first_week, t, &mut x);
+        unit.sgd_step(&mut g, &mut l, data, si, t, &x);
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a - b).collect();
+        (
+            diff(global, &g),
+            diff(&local.store_level, &l.store_level),
+            diff(&local.series_level, &l.series_level),
+        )
+    }
+
+    /// Runs the rolling-origin evaluation with `forecast(series index, origin, out)` filling
+    /// the forecasts of weeks `origin + 1 ..= origin + out.len()`.
+    fn rolling_origin(
+        &self,
+        data: &DemandData,
+        mut forecast: impl FnMut(usize, usize, &mut [f32]),
+    ) -> EvalSums {
+        let (start, n) = (self.test_start(data), data.n_weeks());
+        let horizon = self.spec.horizon as usize;
+        let mut sums = EvalSums::default();
+        let mut out = vec![0.0; horizon];
+        for (si, s) in data.series.iter().enumerate() {
+            // Origins whose forecasts reach a test week: start - horizon ..= n - 2.
+            for origin in start.saturating_sub(horizon)..n.saturating_sub(1) {
+                let steps = horizon.min(n - 1 - origin);
+                forecast(si, origin, &mut out[..steps]);
+                for (h, &f) in out[..steps].iter().enumerate() {
+                    let week = origin + 1 + h;
+                    if week >= start {
+                        sums.add_forecast(f, s.units[week]);
+                    }
+                }
+            }
+        }
+        sums
+    }
+
+    /// Rolling-origin evaluation of a naive forecaster (the baselines).
+    pub fn evaluate_naive(&self, data: &DemandData, naive: Naive) -> EvalSums {
+        self.rolling_origin(data, |si, origin, out| {
+            let y = &data.series[si].units;
+            for (h, f) in out.iter_mut().enumerate() {
+                let week = origin + 1 + h;
+                *f = match naive {
+                    Naive::Seasonal => week.checked_sub(52).map_or(0.0, |w| y[w]),
+                    Naive::MovingAverage(w) => {
+                        let from = (origin + 1).saturating_sub(w);
+                        y[from..=origin].iter().sum::<f32>() / (origin + 1 - from) as f32
+                    }
+                };
+            }
+        })
+    }
+}
+
+impl Model for DemandModel {
+    type Data = DemandData;
+    type Local = DemandLocal;
+
+    fn n_global(&self) -> usize {
+        self.spec.n_global()
+    }
+
+    /// All zeros: a forecast of one unit (Poisson) or none (log), whatever the seed.
+    fn init_global(&self, _rng: &mut dyn Rng) -> Vec<f32> {
+        vec![0.0; self.n_global()]
+    }
+
+    fn init_local(&self, data: &DemandData, previous: Option<DemandLocal>) -> DemandLocal {
+        if let Some(prev) = previous
+            && prev.store_level.len() == data.n_stores
+            && prev.series_level.len() == data.series.len()
+        {
+            return prev;
+        }
+        DemandLocal {
+            store_level: vec![0.0; data.n_stores],
+            series_level: vec![0.0; data.series.len()],
+        }
+    }
+
+    fn train(
+        &self,
+        global: &mut [f32],
+        local: &mut DemandLocal,
+        data: &DemandData,
+        epochs: u32,
+        rng: &mut dyn Rng,
+    ) -> TrainStats {
+        let start = self.test_start(data);
+        let width = self.spec.group_offset();
+        // Features depend on the data only (lags are actual values): compute them once.
+        let mut examples: Vec<(u32, u32)> = Vec::new();
+        let mut features = Vec::new();
+        let mut x = vec![0.0; width];
+        for (si, s) in data.series.iter().enumerate() {
+            for t in 1..start {
+                let hist = History { series: s, origin: t - 1, forecasts: &[] };
+                self.features(&hist, data.first_week, t, &mut x);
+                examples.push((si as u32, t as u32));
+                features.extend_from_slice(&x);
+            }
+        }
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        let mut loss = 0.0;
+        for _ in 0..epochs {
+            order.shuffle(rng);
+            loss = 0.0;
+            for &k in &order {
+                let (si, t) = examples[k];
+                let x = &features[k * width..(k + 1) * width];
+                loss += self.sgd_step(global, local, data, si as usize, t as usize, x);
+            }
+        }
+        let n = examples.len();
+        TrainStats { n_examples: n, mean_loss: if n == 0 { 0.0 } else { loss / n as f64 } }
+    }
+
+    /// Rolling-origin WAPE and MAE sums over the test weeks (module docs); `seed` is unused.
+    fn evaluate(
+        &self,
+        global: &[f32],
+        local: &DemandLocal,
+        data: &DemandData,
+        _seed: u64,
+    ) -> EvalSums {
+        let mut x = vec![0.0; self.spec.group_offset()];
+        let mut buffer = Vec::new();
+        self.rolling_origin(data, |si, origin, out| {
+            buffer.clear();
+            for h in 0..out.len() {
+                let hist = History { series: &data.series[si], origin, forecasts: &buffer };
+                self.features(&hist, data.first_week, origin + 1 + h, &mut x);
+                let f = self.forecast(self.eta(global, local, data, si, &x));
+                buffer.push(f);
+            }
+            out.copy_from_slice(&buffer);
+        })
+    }
+}

@@ -1,0 +1,164 @@
+use super::*;
+use rand::{RngExt, SeedableRng};
+
+fn spec(loss: DemandLoss) -> DemandSpec {
+    DemandSpec {
+        groups: vec!["a".into(), "b".into()],
+        first_test_week: 2150,
+        horizon: 4,
+        harmonics: 2,
+        learning_rate: 0.003,
+        regularization: 0.05,
+        loss,
+    }
+}
+
+/// Two stores, two groups, 160 weeks of seasonal Poisson-ish counts.
+fn data(seed: u64) -> DemandData {
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+    let mut series = Vec::new();
+    for store in 0..2u32 {
+        for group in 0..2u32 {
+            let level = 2.0 + 3.0 * store as f32 + group as f32;
+            let units: Vec<f32> = (0..160)
+                .map(|t| {
+                    let season = 1.0 + 0.5 * (std::f32::consts::TAU * t as f32 / 52.18).sin();
+                    (level * season * rng.random_range(0.5f32..1.5)).round()
+                })
+                .collect();
+            let discount = units.iter().map(|&u| if u > 0.0 { 0.1 } else { f32::NAN }).collect();
+            series.push(Series { store, group, units, discount });
+        }
+    }
+    DemandData { first_week: 2000, n_stores: 2, series }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    for loss in [DemandLoss::Poisson, DemandLoss::Log1pSquared] {
+        let model = DemandModel::new(spec(loss));
+        let data = data(1);
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(2);
+        let global: Vec<f32> =
+            (0..model.n_global()).map(|_| rng.random_range(-0.2f32..0.2)).collect();
+        let local =
+            DemandLocal { store_level: vec![0.1, -0.2], series_level: vec![0.05, 0.0, -0.1, 0.2] };
+        for (si, t) in [(0, 60), (3, 3), (2, 100)] {
+            let (g, ls, lq) = model.gradient(&global, &local, &data, si, t);
+            let h = 1e-3f32;
+            let fd = |perturb: &dyn Fn(&mut Vec<f32>, &mut DemandLocal, f32)| {
+                let (mut gp, mut lp) = (global.clone(), local.clone());
+                perturb(&mut gp, &mut lp, h);
+                let plus = model.example_loss(&gp, &lp, &data, si, t);
+                let (mut gm, mut lm) = (global.clone(), local.clone());
+                perturb(&mut gm, &mut lm, -h);
+                let minus = model.example_loss(&gm, &lm, &data, si, t);
+                (plus - minus) / (2.0 * f64::from(h))
+            };
+            let check = |analytic: f32, numeric: f64, what: String| {
+                let tol = 2e-2 * numeric.abs().max(1.0);
+                assert!(
+                    (f64::from(analytic) - numeric).abs() < tol,
+                    "{loss:?} {what}: analytic {analytic}, finite difference {numeric}"
+                );
+            };
+            for j in 0..model.n_global() {
+                check(g[j], fd(&|g, _, d| g[j] += d), format!("global[{j}] at ({si}, {t})"));
+            }
+            for k in 0..2 {
+                check(ls[k], fd(&|_, l, d| l.store_level[k] += d), format!("store {k}"));
+            }
+            for k in 0..4 {
+                check(lq[k], fd(&|_, l, d| l.series_level[k] += d), format!("series {k}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn training_beats_naive_forecasts_and_never_sees_test_weeks() {
+    for loss in [DemandLoss::Poisson, DemandLoss::Log1pSquared] {
+        let model = DemandModel::new(spec(loss));
+        let data = data(3);
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(4);
+        let mut global = model.init_global(&mut rng);
+        let mut local = model.init_local(&data, None);
+        let stats = model.train(&mut global, &mut local, &data, 30, &mut rng);
+        assert_eq!(stats.n_examples, 4 * 149, "weeks 1..150 of every series");
+        let sums = model.evaluate(&global, &local, &data, 0);
+        // 10 test weeks per series, each forecast from the 4 origins 1 to 4 weeks before it.
+        assert_eq!(sums.n_ratings, 4 * 10 * 4);
+        let seasonal = model.evaluate_naive(&data, Naive::Seasonal);
+        assert_eq!(seasonal.n_ratings, sums.n_ratings);
+        assert!(sums.wape() < seasonal.wape(), "{loss:?}: {} vs {}", sums.wape(), seasonal.wape());
+
+        // Changing test weeks changes nothing that was trained.
+        let mut altered = data.clone();
+        for s in &mut altered.series {
+            s.units[150..].iter_mut().for_each(|u| *u *= 10.0);
+        }
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(4);
+        let mut g2 = model.init_global(&mut rng);
+        let mut l2 = model.init_local(&altered, None);
+        model.train(&mut g2, &mut l2, &altered, 30, &mut rng);
+        assert_eq!(global, g2);
+        assert_eq!(local, l2);
+    }
+}
+
+#[test]
+fn forecasts_use_only_what_was_known_at_the_origin() {
+    let model = DemandModel::new(spec(DemandLoss::Log1pSquared));
+    let data = data(5);
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(6);
+    let mut global = model.init_global(&mut rng);
+    let mut local = model.init_local(&data, None);
+    model.train(&mut global, &mut local, &data, 5, &mut rng);
+    let base = model.evaluate(&global, &local, &data, 0);
+    // The last week is never an origin, so its value enters only as a target: raising it by
+    // d changes the absolute error of each of its forecasts by at most d and nothing else.
+    let mut altered = data.clone();
+    for s in &mut altered.series {
+        *s.units.last_mut().expect("weeks") += 100.0;
+    }
+    let moved = model.evaluate(&global, &local, &altered, 0);
+    assert_eq!(moved.n_ratings, base.n_ratings);
+    let forecasts_of_last_week = 4 * 4;
+    assert!(
+        (moved.absolute_error - base.absolute_error).abs()
+            <= 100.0 * forecasts_of_last_week as f64 + 1e-3
+    );
+    assert!((moved.actual_sum - base.actual_sum - 100.0 * 16.0).abs() < 1e-6);
+}
+
+#[test]
+fn seasonal_naive_repeats_last_year() {
+    let model =
+        DemandModel::new(DemandSpec { first_test_week: 2052 + 60, ..spec(DemandLoss::Poisson) });
+    let units: Vec<f32> = (0..120).map(|t| (t % 52) as f32).collect();
+    let series = Series { store: 0, group: 0, discount: vec![f32::NAN; 120], units };
+    let data = DemandData { first_week: 2052, n_stores: 1, series: vec![series] };
+    let sums = model.evaluate_naive(&data, Naive::Seasonal);
+    assert!(sums.n_ratings > 0);
+    assert_eq!(sums.absolute_error, 0.0);
+    let ma = model.evaluate_naive(&data, Naive::MovingAverage(1));
+    // A one-week moving average forecasts y_origin for every horizon: error h per forecast
+    // (the series rises by one a week; no wrap-around in weeks 56..120 except at 104).
+    assert!(ma.absolute_error > 0.0);
+}
+
+#[test]
+fn validation_names_fields() {
+    let mut s = spec(DemandLoss::Poisson);
+    s.groups.push("a".into());
+    assert_eq!(s.validate().unwrap_err().field, "model.groups");
+    let mut s = spec(DemandLoss::Poisson);
+    s.horizon = 0;
+    assert_eq!(s.validate().unwrap_err().field, "model.horizon");
+    assert!(spec(DemandLoss::Poisson).validate().is_ok());
+    assert_eq!(week_of_day(4), 0, "1970-01-05 is a Monday");
+    assert_eq!(week_of_day(10), 0);
+    assert_eq!(week_of_day(11), 1);
+    assert_eq!(week_of_day(3), -1);
+}
+
