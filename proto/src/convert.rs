@@ -4,8 +4,8 @@
 //! numbers); the domain's own `validate` then checks the meaning.
 
 use crate::pb;
-use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::demand::{DemandLoss, DemandSpec};
+use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};

@@ -74,7 +74,11 @@ pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRo
     if let Some(unknown) =
         header.iter().find(|h| !COLUMNS.iter().any(|c| c.eq_ignore_ascii_case(h)))
     {
-        return Err(CsvError::UnknownColumn { path: path.into(), column: unknown.into(), expected });
+        return Err(CsvError::UnknownColumn {
+            path: path.into(),
+            column: unknown.into(),
+            expected,
+        });
     }
     let mut index = [0usize; 6];
     for (slot, name) in index.iter_mut().zip(COLUMNS) {
@@ -110,8 +114,9 @@ pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRo
             if v.is_empty() { Err(bad(column, "is empty".into())) } else { Ok(v.to_string()) }
         };
         let number = |k: usize, column: &'static str| -> Result<f32, CsvError> {
-            let v: f32 =
-                field(k).parse().map_err(|_| bad(column, format!("{:?} is not a number", field(k))))?;
+            let v: f32 = field(k)
+                .parse()
+                .map_err(|_| bad(column, format!("{:?} is not a number", field(k))))?;
             if !v.is_finite() {
                 return Err(bad(column, format!("{v} is not finite")));
             }
@@ -194,9 +199,9 @@ impl StoreSales {
             if !(0..n_weeks as i64).contains(&week) {
                 continue;
             }
-            let e = sums.entry(r.product.clone()).or_insert_with(|| {
-                (vec![0.0; n_weeks], vec![0.0; n_weeks], vec![0.0; n_weeks])
-            });
+            let e = sums
+                .entry(r.product.clone())
+                .or_insert_with(|| (vec![0.0; n_weeks], vec![0.0; n_weeks], vec![0.0; n_weeks]));
             let (w, weight) = (week as usize, f64::from(r.quantity.max(1.0)));
             e.0[w] += r.quantity;
             e.1[w] += weight * f64::from(r.discount);
@@ -250,8 +255,9 @@ mod tests {
 
     #[test]
     fn reads_rows_in_any_column_order() {
-        let rows = read("discount,price,quantity,product,store,date\n0.2,10,3,Paper,S1,1970-01-06\n")
-            .unwrap();
+        let rows =
+            read("discount,price,quantity,product,store,date\n0.2,10,3,Paper,S1,1970-01-06\n")
+                .unwrap();
         assert_eq!(
             rows[0],
             SalesRow {
@@ -271,7 +277,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("sales.csv:3: column \"date\": \"2017-02-30\" is not a date of the form YYYY-MM-DD"),
+            err.starts_with(
+                "sales.csv:3: column \"date\": \"2017-02-30\" is not a date of the form YYYY-MM-DD"
+            ),
             "{err}"
         );
         let err = read(&format!("{HEADER}01/02/2017,S,P,1,2,0\n")).unwrap_err().to_string();
@@ -282,14 +290,17 @@ mod tests {
         assert_eq!(err, "sales.csv:2: column \"discount\": 1.5 is not a fraction below 1");
         let err = read(&format!("{HEADER}2017-01-02,,P,1,2,0\n")).unwrap_err().to_string();
         assert_eq!(err, "sales.csv:2: column \"store\": is empty");
-        let err = read("date,store,product,quantity,price,discount,colour\n2017-01-02,S,P,1,2,0,red\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            read("date,store,product,quantity,price,discount,colour\n2017-01-02,S,P,1,2,0,red\n")
+                .unwrap_err()
+                .to_string();
         assert_eq!(
             err,
             "sales.csv:1: unknown column \"colour\" (expected date,store,product,quantity,price,discount)"
         );
-        let err = read("date,store,product,quantity,price\n2017-01-02,S,P,1,2\n").unwrap_err().to_string();
+        let err = read("date,store,product,quantity,price\n2017-01-02,S,P,1,2\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("sales.csv:1: missing column \"discount\""), "{err}");
         assert!(read(HEADER).unwrap_err().to_string().contains("no data rows"));
     }

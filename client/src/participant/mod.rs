@@ -322,7 +322,11 @@ impl<T: Transport> Participant<T> {
                     )));
                 }
                 model.check_data(&data).map_err(incompatible)?;
-                tracing::info!(series = data.series.len(), weeks = data.n_weeks(), "weekly sales ready");
+                tracing::info!(
+                    series = data.series.len(),
+                    weeks = data.n_weeks(),
+                    "weekly sales ready"
+                );
                 let local = model.init_local(&data, None);
                 Trainer::Demand { model, data, local }
             }

@@ -1,6 +1,8 @@
 //! Real and generated datasets, and their split into stores.
 
 pub mod movielens;
+pub mod retail;
+pub mod superstore;
 pub mod synthetic;
 
 use fedretail_core::model::mf::{MfData, Rating, user_seed};

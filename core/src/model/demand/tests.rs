@@ -161,4 +161,3 @@ fn validation_names_fields() {
     assert_eq!(week_of_day(11), 1);
     assert_eq!(week_of_day(3), -1);
 }
-
