@@ -25,9 +25,13 @@ struct Cli {
     /// This store's name.
     #[arg(long)]
     store: String,
-    /// The store's ratings (CSV with user_id,item_id,rating[,timestamp]).
+    /// The store's ratings, for recommender tasks (CSV with user_id,item_id,rating[,timestamp]).
+    #[arg(long, required_unless_present = "sales", conflicts_with = "sales")]
+    ratings: Option<PathBuf>,
+    /// The store's sales, for demand tasks (CSV with date,store,product,quantity,price,discount;
+    /// rows of other stores in the file are skipped).
     #[arg(long)]
-    ratings: PathBuf,
+    sales: Option<PathBuf>,
     /// Fraction of ratings held out for local evaluation.
     #[arg(long, default_value_t = 0.2)]
     holdout: f64,
@@ -67,16 +71,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.holdout
     );
     anyhow::ensure!(cli.max_backoff_secs > 0.0, "--max-backoff-secs must be positive");
-    let rows =
-        fedretail_client::data::csv::load_ratings(&cli.ratings).context("loading ratings")?;
-    let ratings = StoreRatings::from_rows(&rows, cli.holdout, cli.seed);
-    tracing::info!(
-        path = %cli.ratings.display(),
-        users = ratings.user_keys.len(),
-        train = ratings.data.train.len(),
-        held_out = ratings.data.test.len(),
-        "ratings loaded"
-    );
+    let data = match (&cli.ratings, &cli.sales) {
+        (Some(path), _) => {
+            let rows =
+                fedretail_client::data::csv::load_ratings(path).context("loading ratings")?;
+            let ratings = StoreRatings::from_rows(&rows, cli.holdout, cli.seed);
+            tracing::info!(
+                path = %path.display(),
+                users = ratings.user_keys.len(),
+                train = ratings.data.train.len(),
+                held_out = ratings.data.test.len(),
+                "ratings loaded"
+            );
+            LocalData::Ratings(ratings)
+        }
+        (None, Some(path)) => LocalData::Sales(load_sales(path, &cli.store)?),
+        (None, None) => anyhow::bail!("give --ratings or --sales"),
+    };
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("creating {}", cli.state_dir.display()))?;
     let config = ParticipantConfig {
@@ -96,8 +107,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             stop.cancel();
         });
-        let outcome = Participant::new(transport, config, LocalData::Ratings(ratings)).run(cancel).await?;
+        let outcome = Participant::new(transport, config, data).run(cancel).await?;
         tracing::info!(rounds = outcome.rounds_trained, evaluations = outcome.evaluations, state = %outcome.state, reason = %outcome.reason, "done");
         Ok(())
     })
+}
+
+/// The rows of `store` in the sales file at `path`, by week and product group (the task's
+/// held-out weeks are set by the task, so `--holdout` does not apply).
+fn load_sales(
+    path: &std::path::Path,
+    store: &str,
+) -> anyhow::Result<fedretail_client::data::sales::StoreSales> {
+    use fedretail_client::data::sales;
+    let rows = sales::load_sales(path).context("loading sales")?;
+    let mine: Vec<&sales::SalesRow> = rows.iter().filter(|r| r.store == store).collect();
+    if mine.is_empty() {
+        let mut names: Vec<&str> = rows.iter().map(|r| r.store.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.truncate(10);
+        anyhow::bail!(
+            "{}: no rows for store {store:?} (--store); the file has: {}",
+            path.display(),
+            names.join(", ")
+        );
+    }
+    let sales = sales::StoreSales::from_rows(mine, None);
+    tracing::info!(path = %path.display(), groups = sales.groups.len(), weeks = sales.n_weeks, "sales loaded");
+    Ok(sales)
 }

@@ -158,6 +158,9 @@ impl From<&ModelSpec> for pb::ModelSpec {
             }
             ModelSpec::Demand(d) => pb::model_spec::Kind::Demand(pb::DemandModel {
                 groups: d.groups.clone(),
+                planned_discounts: d.planned_discounts,
+                personal_regularization: d.personal_regularization,
+                whole_units: d.whole_units,
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -166,6 +169,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
                 loss: match d.loss {
                     DemandLoss::Poisson => pb::DemandLoss::Poisson,
                     DemandLoss::Log1pSquared => pb::DemandLoss::Log1pSquared,
+                    DemandLoss::Log1pAbsolute => pb::DemandLoss::Log1pAbsolute,
                 } as i32,
             }),
         };
@@ -198,6 +202,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                 loss: match pb::DemandLoss::try_from(d.loss) {
                     Ok(pb::DemandLoss::Poisson) => DemandLoss::Poisson,
                     Ok(pb::DemandLoss::Log1pSquared) => DemandLoss::Log1pSquared,
+                    Ok(pb::DemandLoss::Log1pAbsolute) => DemandLoss::Log1pAbsolute,
                     _ => {
                         return Err(ConvertError {
                             field: "model.loss",
@@ -206,6 +211,9 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                     }
                 },
                 groups: d.groups,
+                planned_discounts: d.planned_discounts,
+                personal_regularization: d.personal_regularization,
+                whole_units: d.whole_units,
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,

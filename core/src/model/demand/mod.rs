@@ -25,7 +25,8 @@
 //!
 //! Discount enters lagged (the last discount observed before the target week and no later than
 //! the origin): in order lines a discount is observed only when something sold, so the same
-//! week's discount would leak the target.
+//! week's discount would leak the target. Stores that record a promotion calendar set
+//! [`DemandSpec::planned_discounts`], and then the target week's own discount is used.
 
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,8 @@ pub const LAGS: [usize; 4] = [1, 2, 4, 52];
 pub const WINDOWS: [usize; 2] = [13, 52];
 /// The mean Gregorian year in weeks: the period of the seasonal terms.
 pub const YEAR_WEEKS: f64 = 365.2425 / 7.0;
+/// Bound on a Poisson example's gradient with respect to η (see `sgd_step`).
+pub const POISSON_GRADIENT_BOUND: f32 = 5.0;
 /// Largest linear predictor used; keeps `e^η` finite while training diverges.
 const MAX_ETA: f32 = 12.0;
 
@@ -60,6 +63,8 @@ pub enum DemandLoss {
     Poisson,
     /// Squared error on `ln(1 + y)`: forecasts the back-transformed mean of the log.
     Log1pSquared,
+    /// Absolute error on `ln(1 + y)`: forecasts the median (WAPE's and MAE's optimum).
+    Log1pAbsolute,
 }
 
 /// Hyper-parameters of the demand model.
@@ -80,6 +85,23 @@ pub struct DemandSpec {
     pub regularization: f32,
     /// Loss.
     pub loss: DemandLoss,
+    /// Whether stores record every week's discount ahead (a promotion calendar): then the
+    /// target week's own discount is a feature. Without it (order lines, where a discount is
+    /// seen only when something sold) the last discount observed before the target week and no
+    /// later than the origin is used instead, so the target never leaks in.
+    #[serde(default)]
+    pub planned_discounts: bool,
+    /// Prior weight Λ on a store's personal feature weights, spread over the store's training
+    /// examples: each example adds `λ + Λ / n_store` to their L2 coefficient, so the penalty
+    /// in total is about `Λ/2 ‖u‖²` whatever the store's size. Small stores then keep close
+    /// to the federated weights and large ones may depart from them.
+    #[serde(default)]
+    pub personal_regularization: f32,
+    /// Units are whole (counts): median forecasts ([`DemandLoss::Log1pAbsolute`]) are rounded
+    /// to the nearest whole unit, as the median of a count is one. Without it a median of zero
+    /// estimated as 0.03 would be charged as error in every week without sales.
+    #[serde(default)]
+    pub whole_units: bool,
 }
 
 impl DemandSpec {
@@ -121,6 +143,12 @@ impl DemandSpec {
             return err(
                 "model.learning_rate",
                 format!("must be in (0, 1), got {}", self.learning_rate),
+            );
+        }
+        if !(self.personal_regularization >= 0.0 && self.personal_regularization.is_finite()) {
+            return err(
+                "model.personal_regularization",
+                format!("must be >= 0, got {}", self.personal_regularization),
             );
         }
         if !(self.regularization >= 0.0 && self.regularization.is_finite()) {
@@ -185,6 +213,10 @@ pub struct DemandLocal {
     pub store_level: Vec<f32>,
     /// One level per series.
     pub series_level: Vec<f32>,
+    /// Per store, offsets added to the global feature weights (every weight but the
+    /// intercept): the store's own response to lags, discount and season. `n_stores` rows of
+    /// [`DemandModel::n_weights`] values.
+    pub store_weights: Vec<f32>,
 }
 
 /// The demand model's hyper-parameters; parameters are passed to each method.
@@ -284,8 +316,9 @@ impl DemandModel {
                 l((from..t).map(|u| h.y(u)).sum::<f32>() / (t - from) as f32)
             };
         }
-        // The last discount observed before t and no later than the origin.
-        let last = t.min(h.origin + 1);
+        // Planned: the target week's discount when recorded. Otherwise the last discount
+        // observed before t and no later than the origin.
+        let last = if self.spec.planned_discounts { t + 1 } else { t.min(h.origin + 1) };
         x[DISCOUNT_AT] =
             h.series.discount[..last].iter().rev().find(|d| !d.is_nan()).copied().unwrap_or(0.0);
         let week = (first_week + t as i64) as f64;
@@ -294,6 +327,27 @@ impl DemandModel {
             x[FIXED + 2 * k] = angle.sin() as f32;
             x[FIXED + 2 * k + 1] = angle.cos() as f32;
         }
+    }
+
+    /// Per store, the L2 coefficient of its personal weights per training example
+    /// ([`DemandSpec::personal_regularization`]).
+    fn personal_regularization(&self, data: &DemandData) -> Vec<f32> {
+        let weeks = self.test_start(data).saturating_sub(1) as f32;
+        let mut n = vec![0f32; data.n_stores];
+        data.series.iter().for_each(|s| n[s.store as usize] += weeks);
+        n.iter()
+            .map(|&n| self.spec.regularization + self.spec.personal_regularization / n.max(1.0))
+            .collect()
+    }
+
+    /// Feature weights a store personalises (all but the intercept).
+    pub fn n_weights(&self) -> usize {
+        self.spec.group_offset() - 1
+    }
+
+    fn store_weights<'a>(&self, local: &'a DemandLocal, store: u32) -> &'a [f32] {
+        let w = self.n_weights();
+        &local.store_weights[store as usize * w..(store as usize + 1) * w]
     }
 
     /// The linear predictor for series `si` given its features.
@@ -306,7 +360,9 @@ impl DemandModel {
         x: &[f32],
     ) -> f32 {
         let s = &data.series[si];
-        let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum();
+        let own = self.store_weights(local, s.store);
+        let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum::<f32>()
+            + x[1..].iter().zip(own).map(|(a, b)| a * b).sum::<f32>();
         let eta = dot
             + global[self.spec.group_offset() + s.group as usize]
             + local.store_level[s.store as usize]
@@ -318,7 +374,8 @@ impl DemandModel {
     pub fn forecast(&self, eta: f32) -> f32 {
         match self.spec.loss {
             DemandLoss::Poisson => eta.exp(),
-            DemandLoss::Log1pSquared => eta.exp_m1().max(0.0),
+            DemandLoss::Log1pAbsolute if self.spec.whole_units => eta.exp_m1().max(0.0).round(),
+            DemandLoss::Log1pSquared | DemandLoss::Log1pAbsolute => eta.exp_m1().max(0.0),
         }
     }
 
@@ -340,6 +397,7 @@ impl DemandModel {
         let fit = match self.spec.loss {
             DemandLoss::Poisson => eta.exp() - y * eta,
             DemandLoss::Log1pSquared => 0.5 * (eta - y.ln_1p()).powi(2),
+            DemandLoss::Log1pAbsolute => (eta - y.ln_1p()).abs(),
         };
         let s = &data.series[si];
         let reg = f64::from(self.spec.regularization);
@@ -351,10 +409,14 @@ impl DemandModel {
                 + sq(global[self.spec.group_offset() + s.group as usize])
                 + sq(local.store_level[s.store as usize])
                 + sq(local.series_level[si]))
+            + 0.5
+                * f64::from(self.personal_regularization(data)[s.store as usize])
+                * self.store_weights(local, s.store).iter().map(|&w| sq(w)).sum::<f64>()
     }
 
     /// One SGD step on series `si` at week `t`, with `x` its features. Returns the fit part of
     /// the loss before the step.
+    #[allow(clippy::too_many_arguments)] // reason: one example and its context
     fn sgd_step(
         &self,
         global: &mut [f32],
@@ -363,15 +425,26 @@ impl DemandModel {
         si: usize,
         t: usize,
         x: &[f32],
+        personal_reg: f32,
     ) -> f64 {
         let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);
         let eta = self.eta(global, local, data, si, x);
         let y = data.series[si].units[t];
         let (grad, fit) = match self.spec.loss {
-            DemandLoss::Poisson => (eta.exp() - y, f64::from(eta.exp() - y * eta)),
+            // The raw gradient e^η - y is unbounded; one large count would throw the weights
+            // far off. Clipping it per example keeps SGD stable (the loss is unchanged where
+            // |e^η - y| <= POISSON_GRADIENT_BOUND).
+            DemandLoss::Poisson => (
+                (eta.exp() - y).clamp(-POISSON_GRADIENT_BOUND, POISSON_GRADIENT_BOUND),
+                f64::from(eta.exp() - y * eta),
+            ),
             DemandLoss::Log1pSquared => {
                 let e = eta - y.ln_1p();
                 (e, 0.5 * f64::from(e * e))
+            }
+            DemandLoss::Log1pAbsolute => {
+                let e = eta - y.ln_1p();
+                (e.signum() * f32::from(e != 0.0), f64::from(e.abs()))
             }
         };
         let s = &data.series[si];
@@ -385,11 +458,17 @@ impl DemandModel {
         *a -= lr * (grad + reg * *a);
         let a = &mut local.series_level[si];
         *a -= lr * (grad + reg * *a);
+        let w = self.n_weights();
+        let own = &mut local.store_weights[s.store as usize * w..(s.store as usize + 1) * w];
+        for (u, xi) in own.iter_mut().zip(&x[1..]) {
+            *u -= lr * (grad * xi + personal_reg * *u);
+        }
         fit
     }
 
-    /// The gradient of [`DemandModel::example_loss`]: `(global, store levels, series levels)`,
-    /// obtained as the change of one SGD step with unit learning rate (so it tests the step).
+    /// The gradient of [`DemandModel::example_loss`] with respect to the global and the local
+    /// parameters, obtained as the change of one SGD step with unit learning rate (so it tests
+    /// the step).
     pub fn gradient(
         &self,
         global: &[f32],
@@ -397,18 +476,22 @@ impl DemandModel {
         data: &DemandData,
         si: usize,
         t: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    ) -> (Vec<f32>, DemandLocal) {
         let unit = DemandModel { spec: DemandSpec { learning_rate: 1.0, ..self.spec.clone() } };
         let (mut g, mut l) = (global.to_vec(), local.clone());
         let mut x = vec![0.0; self.spec.group_offset()];
         let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
         unit.features(&hist, data.first_week, t, &mut x);
-        unit.sgd_step(&mut g, &mut l, data, si, t, &x);
+        let personal = self.personal_regularization(data)[data.series[si].store as usize];
+        unit.sgd_step(&mut g, &mut l, data, si, t, &x, personal);
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a - b).collect();
         (
             diff(global, &g),
-            diff(&local.store_level, &l.store_level),
-            diff(&local.series_level, &l.series_level),
+            DemandLocal {
+                store_level: diff(&local.store_level, &l.store_level),
+                series_level: diff(&local.series_level, &l.series_level),
+                store_weights: diff(&local.store_weights, &l.store_weights),
+            },
         )
     }
 
@@ -474,12 +557,14 @@ impl Model for DemandModel {
         if let Some(prev) = previous
             && prev.store_level.len() == data.n_stores
             && prev.series_level.len() == data.series.len()
+            && prev.store_weights.len() == data.n_stores * self.n_weights()
         {
             return prev;
         }
         DemandLocal {
             store_level: vec![0.0; data.n_stores],
             series_level: vec![0.0; data.series.len()],
+            store_weights: vec![0.0; data.n_stores * self.n_weights()],
         }
     }
 
@@ -505,6 +590,7 @@ impl Model for DemandModel {
                 features.extend_from_slice(&x);
             }
         }
+        let personal = self.personal_regularization(data);
         let mut order: Vec<usize> = (0..examples.len()).collect();
         let mut loss = 0.0;
         for _ in 0..epochs {
@@ -513,7 +599,8 @@ impl Model for DemandModel {
             for &k in &order {
                 let (si, t) = examples[k];
                 let x = &features[k * width..(k + 1) * width];
-                loss += self.sgd_step(global, local, data, si as usize, t as usize, x);
+                let personal = personal[data.series[si as usize].store as usize];
+                loss += self.sgd_step(global, local, data, si as usize, t as usize, x, personal);
             }
         }
         let n = examples.len();

@@ -10,6 +10,9 @@ fn spec(loss: DemandLoss) -> DemandSpec {
         learning_rate: 0.003,
         regularization: 0.05,
         loss,
+        planned_discounts: false,
+        personal_regularization: 30.0,
+        whole_units: false,
     }
 }
 
@@ -41,10 +44,15 @@ fn gradients_match_finite_differences() {
         let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(2);
         let global: Vec<f32> =
             (0..model.n_global()).map(|_| rng.random_range(-0.2f32..0.2)).collect();
-        let local =
-            DemandLocal { store_level: vec![0.1, -0.2], series_level: vec![0.05, 0.0, -0.1, 0.2] };
+        let local = DemandLocal {
+            store_level: vec![0.1, -0.2],
+            series_level: vec![0.05, 0.0, -0.1, 0.2],
+            store_weights: (0..2 * model.n_weights())
+                .map(|_| rng.random_range(-0.1f32..0.1))
+                .collect(),
+        };
         for (si, t) in [(0, 60), (3, 3), (2, 100)] {
-            let (g, ls, lq) = model.gradient(&global, &local, &data, si, t);
+            let (g, l) = model.gradient(&global, &local, &data, si, t);
             let h = 1e-3f32;
             let fd = |perturb: &dyn Fn(&mut Vec<f32>, &mut DemandLocal, f32)| {
                 let (mut gp, mut lp) = (global.clone(), local.clone());
@@ -66,10 +74,21 @@ fn gradients_match_finite_differences() {
                 check(g[j], fd(&|g, _, d| g[j] += d), format!("global[{j}] at ({si}, {t})"));
             }
             for k in 0..2 {
-                check(ls[k], fd(&|_, l, d| l.store_level[k] += d), format!("store {k}"));
+                check(l.store_level[k], fd(&|_, l, d| l.store_level[k] += d), format!("store {k}"));
             }
             for k in 0..4 {
-                check(lq[k], fd(&|_, l, d| l.series_level[k] += d), format!("series {k}"));
+                check(
+                    l.series_level[k],
+                    fd(&|_, l, d| l.series_level[k] += d),
+                    format!("series {k}"),
+                );
+            }
+            for k in 0..l.store_weights.len() {
+                check(
+                    l.store_weights[k],
+                    fd(&|_, l, d| l.store_weights[k] += d),
+                    format!("store weight {k}"),
+                );
             }
         }
     }
@@ -160,4 +179,53 @@ fn validation_names_fields() {
     assert_eq!(week_of_day(10), 0);
     assert_eq!(week_of_day(11), 1);
     assert_eq!(week_of_day(3), -1);
+}
+
+#[test]
+fn only_planned_discounts_of_the_target_week_enter_the_forecast() {
+    let data = data(7);
+    let mut altered = data.clone();
+    // Raise the discount of every test week (weeks 150..160).
+    for s in &mut altered.series {
+        s.discount[150..].iter_mut().for_each(|d| *d = 0.5);
+    }
+    for planned in [false, true] {
+        let model = DemandModel::new(DemandSpec {
+            planned_discounts: planned,
+            ..spec(DemandLoss::Log1pSquared)
+        });
+        let mut global = vec![0.0; model.n_global()];
+        global[DISCOUNT_AT] = 1.0;
+        global[0] = 1.0;
+        let local = model.init_local(&data, None);
+        let (a, b) = (
+            model.evaluate(&global, &local, &data, 0),
+            model.evaluate(&global, &local, &altered, 0),
+        );
+        // Lagged discounts: origins before week 150 cannot see test-week discounts, but later
+        // origins see earlier test weeks' discounts; forecasts from origin 149 are unchanged.
+        assert_eq!(a.n_ratings, b.n_ratings);
+        if planned {
+            assert!(b.absolute_error != a.absolute_error, "planned discounts are used");
+        }
+        let first = |d: &DemandData| {
+            let mut one = d.clone();
+            one.series.truncate(1);
+            one.series[0].units.truncate(151);
+            one.series[0].discount.truncate(151);
+            model.evaluate(&global, &model.init_local(&one, None), &one, 0).absolute_error
+        };
+        // Week 150 alone as the target: its own discount matters only when planned.
+        assert_eq!(first(&data) != first(&altered), planned);
+    }
+}
+
+#[test]
+fn median_forecasts_of_whole_units_are_whole() {
+    let model =
+        DemandModel::new(DemandSpec { whole_units: true, ..spec(DemandLoss::Log1pAbsolute) });
+    assert_eq!(model.forecast(0.03f32.ln_1p()), 0.0);
+    assert_eq!(model.forecast(2.6f32.ln_1p()), 3.0);
+    let fractional = DemandModel::new(spec(DemandLoss::Log1pAbsolute));
+    assert!((fractional.forecast(0.03f32.ln_1p()) - 0.03).abs() < 1e-6);
 }

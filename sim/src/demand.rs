@@ -1,0 +1,753 @@
+//! The demand-forecasting scenarios: weekly sales per store and product group (Superstore or
+//! generated), forecast by the federated demand model over loopback gRPC, with and without
+//! store-level DP, against seasonal naive, moving average, local-only and central references.
+//! Every method is scored by the same rolling-origin evaluation (core's `model::demand`).
+
+use crate::dataset::retail::{self, RetailSpec};
+use crate::dataset::superstore;
+use crate::runner::{LocalCoordinator, PrivacyOutcome, run_federated};
+use crate::scenario::{RunArgs, ScenarioKind, cache_dir};
+use anyhow::Context;
+use fedretail_client::data::sales::StoreSales;
+use fedretail_client::participant::LocalData;
+use fedretail_core::model::Model;
+use fedretail_core::model::demand::{
+    DemandData, DemandLocal, DemandLoss, DemandModel, DemandSpec, Naive,
+};
+use fedretail_core::model::metrics::EvalSums;
+use fedretail_core::optim::ServerOptimizer;
+use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+use rand::SeedableRng;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+/// Weeks held out at the end of the data.
+pub const TEST_WEEKS: i64 = 26;
+/// Forecast horizons: 1 to this many weeks.
+pub const HORIZON: u32 = 4;
+/// Window of the moving-average baseline, in weeks.
+pub const MOVING_AVERAGE_WEEKS: usize = 13;
+
+/// `--loss` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossArg {
+    /// Poisson deviance (forecasts the mean).
+    Poisson,
+    /// Squared error on ln(1 + units).
+    Log1pSquared,
+    /// Absolute error on ln(1 + units) (forecasts the median).
+    Log1pAbsolute,
+}
+
+/// The stores of a demand scenario on one calendar.
+#[derive(Debug, Clone)]
+pub struct DemandStores {
+    /// Dataset name.
+    pub dataset: String,
+    /// Store names.
+    pub names: Vec<String>,
+    /// Each store's weekly sales (what its client reads).
+    pub sales: Vec<StoreSales>,
+    /// Each store's series of the task's groups.
+    pub data: Vec<DemandData>,
+    /// Product groups (sorted).
+    pub groups: Vec<String>,
+    /// Week index of the first week.
+    pub first_week: i64,
+    /// Weeks.
+    pub n_weeks: usize,
+    /// Whether every week's discount is recorded ahead (generated data: the promotion
+    /// calendar is known; Superstore: discounts are seen only on sales).
+    pub planned_discounts: bool,
+}
+
+/// The training hyper-parameters of a demand run (options or defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DemandHyper {
+    /// Federated rounds.
+    pub rounds: u64,
+    /// Local epochs per round.
+    pub local_epochs: u32,
+    /// Local SGD step size.
+    pub learning_rate: f32,
+    /// L2 regularisation.
+    pub regularization: f32,
+    /// Server learning rate.
+    pub server_lr: f32,
+    /// Clipping norm of a store's update (DP runs).
+    pub clip_norm: f32,
+    /// Loss.
+    pub loss: DemandLoss,
+    /// Prior weight on the stores' personal weights.
+    pub personal_regularization: f32,
+}
+
+/// The demand hyper-parameters of `args` (BENCHMARKS.md, "Demand forecasting", says how the
+/// defaults were chosen).
+pub fn hyper(args: &RunArgs) -> DemandHyper {
+    DemandHyper {
+        rounds: args.rounds.unwrap_or(40),
+        local_epochs: args.local_epochs.unwrap_or(1),
+        learning_rate: args.learning_rate.unwrap_or(0.003),
+        regularization: args.regularization.unwrap_or(0.001),
+        server_lr: args.server_lr.unwrap_or(2.0),
+        clip_norm: args.clip_norm.unwrap_or(0.5),
+        personal_regularization: args.personal_regularization.unwrap_or(30.0),
+        loss: match args.loss {
+            Some(LossArg::Poisson) => DemandLoss::Poisson,
+            Some(LossArg::Log1pSquared) => DemandLoss::Log1pSquared,
+            Some(LossArg::Log1pAbsolute) | None => DemandLoss::Log1pAbsolute,
+        },
+    }
+}
+
+/// Loads the scenario's stores.
+///
+/// # Errors
+///
+/// Download or parse failures, or a dataset too short to hold out the test weeks.
+pub fn load(args: &RunArgs) -> anyhow::Result<DemandStores> {
+    let (dataset, stores): (String, Vec<(String, StoreSales)>) = match args.scenario {
+        ScenarioKind::Superstore => {
+            let csv = superstore::fetch(&cache_dir(args.cache_dir.as_ref()))?;
+            let rows = superstore::load(&csv, args.stores)?;
+            let weeks = rows.iter().map(|r| fedretail_core::model::demand::week_of_day(r.day));
+            let range = (weeks.clone().min().unwrap_or(0), weeks.max().unwrap_or(0));
+            let mut by_store: BTreeMap<&str, Vec<&fedretail_client::data::sales::SalesRow>> =
+                BTreeMap::new();
+            for r in &rows {
+                by_store.entry(r.store.as_str()).or_default().push(r);
+            }
+            let stores = by_store
+                .into_iter()
+                .map(|(name, rows)| (name.to_string(), StoreSales::from_rows(rows, Some(range))))
+                .collect();
+            (format!("Superstore orders (stores by {:?})", args.stores).to_lowercase(), stores)
+        }
+        ScenarioKind::RetailSynthetic => {
+            let spec = RetailSpec { n_stores: args.synthetic_stores, ..RetailSpec::default() };
+            (
+                format!("synthetic retail ({} stores)", spec.n_stores),
+                retail::generate(&spec, args.seed),
+            )
+        }
+        other => anyhow::bail!("{other:?} is not a demand scenario"),
+    };
+    let mut groups: Vec<String> =
+        stores.iter().flat_map(|(_, s)| s.groups.keys().cloned()).collect();
+    groups.sort();
+    groups.dedup();
+    let (first_week, n_weeks) =
+        stores.first().map(|(_, s)| (s.first_week, s.n_weeks)).context("no stores")?;
+    anyhow::ensure!(
+        n_weeks as i64 > TEST_WEEKS + 52,
+        "{n_weeks} weeks of data: need more than {} to hold out {TEST_WEEKS} and train",
+        TEST_WEEKS + 52
+    );
+    let data = stores.iter().map(|(_, s)| s.to_data(&groups).0).collect();
+    let (names, sales) = stores.into_iter().unzip();
+    let planned_discounts = args.scenario == ScenarioKind::RetailSynthetic;
+    Ok(DemandStores { dataset, names, sales, data, groups, first_week, n_weeks, planned_discounts })
+}
+
+/// The model spec: the last [`TEST_WEEKS`] weeks are held out.
+pub fn model_spec(stores: &DemandStores, h: &DemandHyper) -> DemandSpec {
+    DemandSpec {
+        groups: stores.groups.clone(),
+        first_test_week: stores.first_week + stores.n_weeks as i64 - TEST_WEEKS,
+        horizon: HORIZON,
+        harmonics: 2,
+        learning_rate: h.learning_rate,
+        regularization: h.regularization,
+        loss: h.loss,
+        planned_discounts: stores.planned_discounts,
+        personal_regularization: h.personal_regularization,
+        // Both datasets count units.
+        whole_units: true,
+    }
+}
+
+/// Every store's series in one dataset (store `k`'s series carry store index `k`), for the
+/// central reference, and where each store's series start.
+fn pooled(stores: &DemandStores) -> (DemandData, Vec<usize>) {
+    let mut series = Vec::new();
+    let mut starts = Vec::new();
+    for (k, d) in stores.data.iter().enumerate() {
+        starts.push(series.len());
+        series.extend(d.series.iter().cloned().map(|mut s| {
+            s.store = k as u32;
+            s
+        }));
+    }
+    starts.push(series.len());
+    (DemandData { first_week: stores.first_week, n_stores: stores.data.len(), series }, starts)
+}
+
+/// Central reference: one model on every store's series, evaluated per store.
+pub fn central(
+    model: &DemandModel,
+    stores: &DemandStores,
+    epochs: u32,
+    seed: u64,
+) -> Vec<EvalSums> {
+    let (data, starts) = pooled(stores);
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+    let mut global = model.init_global(&mut rng);
+    let mut local = model.init_local(&data, None);
+    model.train(&mut global, &mut local, &data, epochs, &mut rng);
+    let w = model.n_weights();
+    stores
+        .data
+        .iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let own = DemandLocal {
+                store_level: vec![local.store_level[k]],
+                series_level: local.series_level[starts[k]..starts[k + 1]].to_vec(),
+                store_weights: local.store_weights[k * w..(k + 1) * w].to_vec(),
+            };
+            model.evaluate(&global, &own, d, seed)
+        })
+        .collect()
+}
+
+/// Local-only reference: every store trains its own model from the same start.
+pub fn local_only(
+    model: &DemandModel,
+    stores: &DemandStores,
+    epochs: u32,
+    seed: u64,
+) -> Vec<EvalSums> {
+    stores
+        .data
+        .iter()
+        .map(|d| {
+            let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+            let mut global = model.init_global(&mut rng);
+            let mut local = model.init_local(d, None);
+            model.train(&mut global, &mut local, d, epochs, &mut rng);
+            model.evaluate(&global, &local, d, seed)
+        })
+        .collect()
+}
+
+/// One method's results per store (in store order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodRun {
+    /// Method key in the report (`federated`, `local_only`, ...).
+    pub key: String,
+    /// Per store.
+    pub per_store: Vec<EvalSums>,
+    /// Privacy spent, for DP runs.
+    pub privacy: Option<PrivacyOutcome>,
+}
+
+impl MethodRun {
+    /// The pooled sums over stores.
+    pub fn total(&self) -> EvalSums {
+        let mut t = EvalSums::default();
+        self.per_store.iter().for_each(|e| t.merge(e));
+        t
+    }
+}
+
+/// Everything a demand run found.
+#[derive(Debug, Clone)]
+pub struct DemandReport {
+    /// Scenario.
+    pub scenario: ScenarioKind,
+    /// Dataset description.
+    pub dataset: String,
+    /// Seed.
+    pub seed: u64,
+    /// The federated task (without DP).
+    pub spec: TaskSpec,
+    /// Epochs of the central and local-only references.
+    pub reference_epochs: u32,
+    /// Store names.
+    pub stores: Vec<String>,
+    /// Per store, weeks with any sale over the whole history.
+    pub weeks_of_sales: Vec<usize>,
+    /// First held-out week, as a date.
+    pub first_test_date: String,
+    /// Weeks per series.
+    pub n_weeks: usize,
+    /// Every method, baselines first.
+    pub methods: Vec<MethodRun>,
+}
+
+impl DemandReport {
+    /// The method with this key.
+    pub fn method(&self, key: &str) -> Option<&MethodRun> {
+        self.methods.iter().find(|m| m.key == key)
+    }
+}
+
+fn date_of_week(week: i64) -> String {
+    jiff::civil::date(1970, 1, 5)
+        .checked_add(jiff::Span::new().days(week * 7))
+        .map_or_else(|_| format!("week {week}"), |d| d.to_string())
+}
+
+/// The federated task for `model` over `n` stores.
+pub fn task_spec(
+    args: &RunArgs,
+    spec: &DemandSpec,
+    h: &DemandHyper,
+    n: usize,
+    name: String,
+) -> TaskSpec {
+    TaskSpec {
+        name,
+        model: ModelSpec::Demand(spec.clone()),
+        privacy: None,
+        plan: TrainingPlan {
+            rounds: h.rounds,
+            cohort_size: n as u32,
+            min_clients: n as u32,
+            local_epochs: h.local_epochs,
+            clip_norm: 1e6,
+            server_optimizer: ServerOptimizer::FedAvg { learning_rate: h.server_lr },
+            // Evaluate after the last round only: forecasts are scored on the test weeks.
+            eval_every: h.rounds as u32,
+            eval_fraction: 1.0,
+            select_timeout_secs: 600.0,
+            configure_timeout_secs: 600.0,
+            collect_timeout_secs: 600.0,
+            evaluate_timeout_secs: 600.0,
+            seed: args.seed,
+            weight_by_examples: true,
+        },
+    }
+}
+
+/// Runs the demand scenario.
+///
+/// # Errors
+///
+/// Data, coordinator or participant failures.
+pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
+    let stores = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || load(&args)
+    })
+    .await??;
+    let h = hyper(args);
+    let spec = model_spec(&stores, &h);
+    let model = DemandModel::new(spec.clone());
+    tracing::info!(dataset = %stores.dataset, stores = stores.names.len(), groups = stores.groups.len(), weeks = stores.n_weeks, "demand scenario loaded");
+
+    let references = {
+        let (model, stores, epochs, seed) =
+            (model.clone(), stores.clone(), args.reference_epochs, args.seed);
+        tokio::task::spawn_blocking(move || {
+            (central(&model, &stores, epochs, seed), local_only(&model, &stores, epochs, seed))
+        })
+    };
+    let naive = |naive| stores.data.iter().map(|d| model.evaluate_naive(d, naive)).collect();
+    let mut methods = vec![
+        MethodRun {
+            key: "seasonal_naive".into(),
+            per_store: naive(Naive::Seasonal),
+            privacy: None,
+        },
+        MethodRun {
+            key: "moving_average".into(),
+            per_store: naive(Naive::MovingAverage(MOVING_AVERAGE_WEEKS)),
+            privacy: None,
+        },
+    ];
+
+    let n = stores.names.len();
+    let base_name = format!("sim-{:?}-{}", args.scenario, args.seed).to_lowercase();
+    let task = task_spec(args, &spec, &h, n, base_name.clone());
+    task.validate().context("the scenario's task")?;
+    let mut runs = vec![("federated".to_string(), task.clone())];
+    for &epsilon in &args.dp_epsilons {
+        let mut t = task_spec(args, &spec, &h, n, format!("{base_name}-dp{epsilon}"));
+        t.plan.clip_norm = h.clip_norm;
+        t.plan.weight_by_examples = false;
+        t.plan.min_clients = 1;
+        t.privacy = Some(PrivacySpec {
+            unit: PrivacyUnit::Client,
+            noise_placement: match args.noise_placement {
+                crate::scenario::PlacementArg::Central => NoisePlacement::Central,
+                crate::scenario::PlacementArg::Distributed => NoisePlacement::Distributed,
+                crate::scenario::PlacementArg::Local => NoisePlacement::Local,
+            },
+            target_epsilon: epsilon,
+            delta: args.delta,
+            sampling_rate: 1.0,
+            noise_multiplier: None,
+            population: None,
+            adaptive_clipping: None,
+        });
+        t.validate().context("the scenario's DP task")?;
+        runs.push((format!("federated_dp_eps{epsilon}"), t));
+    }
+    let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
+    for (key, task) in runs {
+        let progress = progress_bar(args.quiet, task.plan.rounds, &key);
+        let clients = stores
+            .names
+            .iter()
+            .zip(&stores.sales)
+            .map(|(name, sales)| (name.clone(), LocalData::Sales(sales.clone())))
+            .collect();
+        let result = run_federated(&coordinator, &task, clients, &progress).await;
+        progress.finish_and_clear();
+        let result = result.with_context(|| format!("the {key} run"))?;
+        let by_store: BTreeMap<&str, EvalSums> = result
+            .outcomes
+            .iter()
+            .map(|o| (o.store_name.as_str(), o.last_eval.unwrap_or_default()))
+            .collect();
+        let per_store = stores
+            .names
+            .iter()
+            .map(|name| by_store.get(name.as_str()).copied().unwrap_or_default())
+            .collect();
+        tracing::info!(%key, wape = result.final_eval.wape(), "federated run finished");
+        methods.push(MethodRun { key, per_store, privacy: result.privacy });
+    }
+    coordinator.stop().await?;
+    let (central, local) = references.await?;
+    methods.insert(2, MethodRun { key: "central".into(), per_store: central, privacy: None });
+    methods.insert(2, MethodRun { key: "local_only".into(), per_store: local, privacy: None });
+
+    Ok(DemandReport {
+        scenario: args.scenario,
+        dataset: stores.dataset.clone(),
+        seed: args.seed,
+        spec: task,
+        reference_epochs: args.reference_epochs,
+        weeks_of_sales: stores.data.iter().map(DemandData::weeks_with_sales).collect(),
+        stores: stores.names,
+        first_test_date: date_of_week(spec.first_test_week),
+        n_weeks: stores.n_weeks,
+        methods,
+    })
+}
+
+fn progress_bar(quiet: bool, rounds: u64, key: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(rounds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} {key} [{{bar:40}}] round {{pos}}/{{len}} {{msg}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn round4(v: f64) -> Value {
+    if v.is_finite() { json!((v * 1e4).round() / 1e4) } else { Value::Null }
+}
+
+/// Per-store fairness: how many stores federation helps, the worst decile, the small stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fairness {
+    /// Stores with sales in the test weeks (WAPE defined).
+    pub stores_compared: usize,
+    /// Of those, stores where federated WAPE is below local-only's.
+    pub federated_beats_local_only: usize,
+    /// Of those, stores where both have the same WAPE (on sparse stores typically both forecast
+    /// no sales at all, the median).
+    pub ties: usize,
+    /// Pooled WAPE of each method's worst tenth of stores (by that method's WAPE).
+    pub worst_decile: Vec<(String, f64)>,
+    /// Stores in the lowest quarter by weeks of sales.
+    pub small_stores: Vec<usize>,
+    /// Pooled WAPE of the small stores per method.
+    pub small_store_wape: Vec<(String, f64)>,
+    /// Small stores where federated beats local-only.
+    pub small_federated_beats_local_only: usize,
+}
+
+/// Computes [`Fairness`].
+pub fn fairness(r: &DemandReport) -> Fairness {
+    let fed = r.method("federated").expect("federated run");
+    let local = r.method("local_only").expect("local-only reference");
+    let defined: Vec<usize> =
+        (0..r.stores.len()).filter(|&k| fed.per_store[k].actual_sum > 0.0).collect();
+    let beats = |k: &usize| fed.per_store[*k].wape() < local.per_store[*k].wape();
+    let worst_decile = r
+        .methods
+        .iter()
+        .map(|m| {
+            let mut ks = defined.clone();
+            ks.sort_by(|a, b| m.per_store[*b].wape().total_cmp(&m.per_store[*a].wape()));
+            let mut sums = EvalSums::default();
+            ks.iter().take(defined.len().div_ceil(10)).for_each(|&k| sums.merge(&m.per_store[k]));
+            (m.key.clone(), sums.wape())
+        })
+        .collect();
+    let mut by_size = defined.clone();
+    by_size.sort_by_key(|&k| (r.weeks_of_sales[k], k));
+    let small_stores: Vec<usize> = by_size[..defined.len().div_ceil(4)].to_vec();
+    let small_store_wape = r
+        .methods
+        .iter()
+        .map(|m| {
+            let mut sums = EvalSums::default();
+            small_stores.iter().for_each(|&k| sums.merge(&m.per_store[k]));
+            (m.key.clone(), sums.wape())
+        })
+        .collect();
+    Fairness {
+        stores_compared: defined.len(),
+        federated_beats_local_only: defined.iter().filter(|k| beats(k)).count(),
+        ties: defined
+            .iter()
+            .filter(|&&k| fed.per_store[k].wape() == local.per_store[k].wape())
+            .count(),
+        worst_decile,
+        small_federated_beats_local_only: small_stores.iter().filter(|k| beats(k)).count(),
+        small_stores,
+        small_store_wape,
+    }
+}
+
+/// The report as JSON: `<method>.test.{wape, mae, n_forecasts}` for every method, the
+/// `per_store` list and the fairness summary.
+pub fn to_json(r: &DemandReport) -> Value {
+    let f = fairness(r);
+    let mut v = json!({
+        "scenario": r.scenario,
+        "dataset": r.dataset,
+        "seed": r.seed,
+        "n_stores": r.stores.len(),
+        "n_weeks": r.n_weeks,
+        "test_weeks": TEST_WEEKS,
+        "first_test_week": r.first_test_date,
+        "horizons": format!("1-{HORIZON}"),
+        "task": serde_json::to_value(&r.spec).expect("plain data serialises"),
+        "reference_epochs": r.reference_epochs,
+    });
+    for m in &r.methods {
+        let t = m.total();
+        v[&m.key] = json!({ "test": { "wape": round4(t.wape()), "mae": round4(t.mae()), "n_forecasts": t.n_ratings } });
+        if let Some(p) = &m.privacy {
+            v[&m.key]["privacy"] = json!({
+                "epsilon": round4(p.epsilon), "delta": p.delta, "unit": p.unit, "noise_placement": p.noise_placement,
+                "noise_multiplier": round4(p.noise_multiplier), "sampling_rate": p.sampling_rate, "rounds": p.rounds,
+                "clip_norm": p.clip_norm,
+            });
+        }
+    }
+    v["per_store"] = r
+        .stores
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let wape: serde_json::Map<String, Value> =
+                r.methods.iter().map(|m| (m.key.clone(), round4(m.per_store[k].wape()))).collect();
+            let mae: serde_json::Map<String, Value> =
+                r.methods.iter().map(|m| (m.key.clone(), round4(m.per_store[k].mae()))).collect();
+            json!({
+                "store": name,
+                "n_weeks_of_sales": r.weeks_of_sales[k],
+                "test_units": r.methods[0].per_store[k].actual_sum / f64::from(HORIZON),
+                "wape": wape,
+                "mae": mae,
+            })
+        })
+        .collect();
+    v["fairness"] = json!({
+        "stores_compared": f.stores_compared,
+        "federated_beats_local_only": f.federated_beats_local_only,
+        "ties_with_local_only": f.ties,
+        "share_federated_beats_local_only": round4(f.federated_beats_local_only as f64 / f.stores_compared as f64),
+        "worst_decile_wape": f.worst_decile.iter().map(|(k, w)| (k.clone(), round4(*w))).collect::<serde_json::Map<_, _>>(),
+        "small_stores": f.small_stores.iter().map(|&k| r.stores[k].clone()).collect::<Vec<_>>(),
+        "small_store_wape": f.small_store_wape.iter().map(|(k, w)| (k.clone(), round4(*w))).collect::<serde_json::Map<_, _>>(),
+        "small_federated_beats_local_only": f.small_federated_beats_local_only,
+    });
+    v
+}
+
+fn label(key: &str) -> String {
+    match key {
+        "seasonal_naive" => "seasonal naive (52 weeks back)".into(),
+        "moving_average" => format!("moving average ({MOVING_AVERAGE_WEEKS} weeks)"),
+        "local_only" => "local-only (each store alone)".into(),
+        "central" => "central (pooled, not federated)".into(),
+        "federated" => "**federated**".into(),
+        k => k
+            .strip_prefix("federated_dp_eps")
+            .map_or(k.into(), |e| format!("federated, store-level DP ε = {e}")),
+    }
+}
+
+/// The report as Markdown; `plot` names the WAPE-per-store plot beside it.
+pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
+    let f = fairness(r);
+    let mut md = String::new();
+    let _ = writeln!(md, "# Demand forecasting: {}\n", r.dataset);
+    let _ = writeln!(md, "| method | test WAPE | test MAE | ε |\n| --- | --- | --- | --- |");
+    for m in &r.methods {
+        let t = m.total();
+        let eps = m.privacy.as_ref().map_or("–".into(), |p| format!("{:.2}", p.epsilon));
+        let _ = writeln!(md, "| {} | {:.4} | {:.4} | {eps} |", label(&m.key), t.wape(), t.mae());
+    }
+    let fed = r.method("federated").map(|m| m.total().wape()).unwrap_or(f64::NAN);
+    let local = r.method("local_only").map(|m| m.total().wape()).unwrap_or(f64::NAN);
+    let naive = r.method("seasonal_naive").map(|m| m.total().wape()).unwrap_or(f64::NAN);
+    let _ = writeln!(
+        md,
+        "\n{} stores, {} weeks; the last {TEST_WEEKS} weeks (from {}) are forecast from every origin 1 to {HORIZON} weeks before. WAPE = Σ|forecast − units| / Σ units.\n",
+        r.stores.len(),
+        r.n_weeks,
+        r.first_test_date
+    );
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(
+        md,
+        "- Federated beats local-only on {} of {} stores with test sales ({:.1} %; target ≥ 75 %); they tie on {} and local-only wins on {}.",
+        f.federated_beats_local_only,
+        f.stores_compared,
+        100.0 * f.federated_beats_local_only as f64 / f.stores_compared as f64,
+        f.ties,
+        f.stores_compared - f.ties - f.federated_beats_local_only
+    );
+    let _ = writeln!(
+        md,
+        "- Federated WAPE {fed:.4} against seasonal naive {naive:.4}: {:.1} % lower (target ≥ 10 %).",
+        100.0 * (1.0 - fed / naive)
+    );
+    for m in r.methods.iter().filter(|m| m.privacy.is_some()) {
+        let w = m.total().wape();
+        let _ = writeln!(
+            md,
+            "- {}: WAPE {w:.4}, keeps {:.0} % of federation's gain over local-only ({local:.4} → {fed:.4}).",
+            label(&m.key),
+            100.0 * (local - w) / (local - fed)
+        );
+    }
+    let _ = writeln!(md, "\n## Fairness across stores\n");
+    let _ = writeln!(
+        md,
+        "| method | WAPE of the worst 10 % of stores | WAPE of the smallest 25 % |\n| --- | --- | --- |"
+    );
+    for ((key, worst), (_, small)) in f.worst_decile.iter().zip(&f.small_store_wape) {
+        let _ = writeln!(md, "| {} | {worst:.4} | {small:.4} |", label(key));
+    }
+    let _ = writeln!(
+        md,
+        "\nSmall stores (fewest weeks with sales): {}; federated beats local-only on {} of {}.\n",
+        f.small_stores.iter().map(|&k| r.stores[k].as_str()).collect::<Vec<_>>().join(", "),
+        f.small_federated_beats_local_only,
+        f.small_stores.len()
+    );
+    let _ = writeln!(md, "![WAPE per store]({plot})\n");
+    let _ = writeln!(md, "## Per store\n");
+    let keys: Vec<&str> = r.methods.iter().map(|m| m.key.as_str()).collect();
+    let _ = writeln!(
+        md,
+        "| store | weeks with sales | test units | {} | federated − local-only |",
+        keys.join(" | ")
+    );
+    let _ = writeln!(md, "| --- | --- | --- |{}--- |", " --- |".repeat(keys.len()));
+    let mut order: Vec<usize> = (0..r.stores.len()).collect();
+    order.sort_by_key(|&k| (r.weeks_of_sales[k], k));
+    let fed_m = r.method("federated").expect("federated run");
+    let local_m = r.method("local_only").expect("local-only reference");
+    for k in order {
+        let cell = |w: f64| if w.is_finite() { format!("{w:.3}") } else { "–".into() };
+        let signed = |w: f64| if w.is_finite() { format!("{w:+.3}") } else { "–".into() };
+        let cells: Vec<String> = r.methods.iter().map(|m| cell(m.per_store[k].wape())).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {} | {} |",
+            r.stores[k],
+            r.weeks_of_sales[k],
+            r.methods[0].per_store[k].actual_sum / f64::from(HORIZON),
+            cells.join(" | "),
+            signed(fed_m.per_store[k].wape() - local_m.per_store[k].wape())
+        );
+    }
+    md
+}
+
+/// Draws each store's WAPE per method, stores ordered by weeks with sales.
+///
+/// # Errors
+///
+/// Drawing errors.
+pub fn plot(path: &Path, r: &DemandReport) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let draw = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing the plot: {e:?}");
+    let mut order: Vec<usize> =
+        (0..r.stores.len()).filter(|&k| r.methods[0].per_store[k].actual_sum > 0.0).collect();
+    order.sort_by_key(|&k| (r.weeks_of_sales[k], k));
+    let shown = ["seasonal_naive", "local_only", "central", "federated"];
+    let dp = r.methods.iter().rev().find(|m| m.privacy.is_some()).map(|m| m.key.as_str());
+    let series: Vec<&MethodRun> =
+        shown.iter().copied().chain(dp).filter_map(|k| r.method(k)).collect();
+    let ymax = series
+        .iter()
+        .flat_map(|m| order.iter().map(|&k| m.per_store[k].wape()))
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max)
+        .min(4.0);
+    let root = SVGBackend::new(path, (900, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw(&e))?;
+    let n = order.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Test WAPE per store ({})", r.dataset), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..n - 0.5, 0.0..ymax * 1.05)
+        .map_err(|e| draw(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("stores, fewest weeks with sales first")
+        .y_desc("WAPE (capped at 4)")
+        .draw()
+        .map_err(|e| draw(&e))?;
+    let colors = [RGBColor(150, 150, 150), RED, GREEN, BLUE, MAGENTA];
+    for (m, color) in series.iter().zip(colors) {
+        let pts: Vec<(f64, f64)> = order
+            .iter()
+            .enumerate()
+            .map(|(x, &k)| (x as f64, m.per_store[k].wape().min(ymax)))
+            .collect();
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| draw(&e))?
+            .label(label(&m.key).replace("**", ""))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| draw(&e))?;
+    root.present().map_err(|e| draw(&e))?;
+    Ok(())
+}
+
+/// Writes `report.json`, `report.md` and `wape_per_store.svg` into `dir`.
+///
+/// # Errors
+///
+/// I/O or drawing errors.
+pub fn write_report(dir: &Path, r: &DemandReport) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(&to_json(r)).expect("plain data serialises");
+    std::fs::write(dir.join("report.json"), json + "\n")
+        .with_context(|| format!("writing {}", dir.display()))?;
+    std::fs::write(dir.join("report.md"), to_markdown(r, "wape_per_store.svg"))
+        .with_context(|| format!("writing {}", dir.display()))?;
+    plot(&dir.join("wape_per_store.svg"), r)
+}
