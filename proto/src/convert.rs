@@ -428,6 +428,26 @@ mod tests {
         };
         let wire: pb::TaskSpec = (&spec).into();
         assert_eq!(TaskSpec::try_from(wire).unwrap(), spec);
+
+        for loss in [DemandLoss::Poisson, DemandLoss::Log1pSquared, DemandLoss::Log1pAbsolute] {
+            let demand = ModelSpec::Demand(DemandSpec {
+                groups: vec!["Binders".into(), "Paper".into()],
+                first_test_week: 2480,
+                horizon: 4,
+                harmonics: 2,
+                learning_rate: 0.003,
+                regularization: 0.001,
+                loss,
+                planned_discounts: true,
+                personal_regularization: 30.0,
+                whole_units: true,
+            });
+            let wire: pb::ModelSpec = (&demand).into();
+            assert_eq!(ModelSpec::try_from(wire).unwrap(), demand);
+        }
+        let sums =
+            EvalSums { n_ratings: 3, absolute_error: 2.0, actual_sum: 7.5, ..Default::default() };
+        assert_eq!(EvalSums::try_from(pb::EvalSums::from(&sums)).unwrap(), sums);
     }
 
     #[test]

@@ -193,7 +193,9 @@ impl StoreSales {
             (w.clone().min().unwrap_or(0), w.max().unwrap_or(-1))
         });
         let n_weeks = (last - first + 1).max(0) as usize;
-        let mut sums: BTreeMap<String, (Vec<f32>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        // Per group: units, Σ weight × discount and Σ weight, per week.
+        type Sums = (Vec<f32>, Vec<f64>, Vec<f64>);
+        let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
         for r in rows {
             let week = week_of_day(r.day) - first;
             if !(0..n_weeks as i64).contains(&week) {
