@@ -141,8 +141,14 @@ pub fn load(args: &RunArgs) -> anyhow::Result<DemandStores> {
         stores.iter().flat_map(|(_, s)| s.groups.keys().cloned()).collect();
     groups.sort();
     groups.dedup();
-    let (first_week, n_weeks) =
-        stores.first().map(|(_, s)| (s.first_week, s.n_weeks)).context("no stores")?;
+    // One calendar: from the earliest store's first week to the common last week.
+    let first_week = stores.iter().map(|(_, s)| s.first_week).min().context("no stores")?;
+    let end = stores[0].1.first_week + stores[0].1.n_weeks as i64;
+    anyhow::ensure!(
+        stores.iter().all(|(_, s)| s.first_week + s.n_weeks as i64 == end),
+        "every store's data must end in the same week"
+    );
+    let n_weeks = (end - first_week) as usize;
     anyhow::ensure!(
         n_weeks as i64 > TEST_WEEKS + 52,
         "{n_weeks} weeks of data: need more than {} to hold out {TEST_WEEKS} and train",
@@ -178,8 +184,14 @@ fn pooled(stores: &DemandStores) -> (DemandData, Vec<usize>) {
     let mut starts = Vec::new();
     for (k, d) in stores.data.iter().enumerate() {
         starts.push(series.len());
+        // A store that opened later is padded to the common calendar; the padding lies
+        // before the series' start, so it is never used.
+        let pad = (d.first_week - stores.first_week) as usize;
         series.extend(d.series.iter().cloned().map(|mut s| {
             s.store = k as u32;
+            s.start += pad;
+            s.units.splice(0..0, std::iter::repeat_n(0.0, pad));
+            s.discount.splice(0..0, std::iter::repeat_n(f32::NAN, pad));
             s
         }));
     }

@@ -235,6 +235,7 @@ impl StoreSales {
                 Some(&group) => series.push(Series {
                     store: 0,
                     group,
+                    start: 0,
                     units: units.clone(),
                     discount: discount.clone(),
                 }),

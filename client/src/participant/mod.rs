@@ -468,7 +468,8 @@ fn contribution(
     seeded_privacy: bool,
 ) -> (Contribution, UpdateSummary) {
     let Some(privacy) = plan.privacy else {
-        let (delta, n_examples, train_loss) = local_delta(trainer, global, plan.local_epochs, seed);
+        let (delta, n_examples, train_loss) =
+            local_delta(trainer, global, plan.local_epochs, plan.model_version, seed);
         let mut update = Contribution::clipped(clip(delta, plan.clip_norm));
         update.forget_unclipped();
         return (update, UpdateSummary { n_examples, train_loss });
@@ -493,7 +494,8 @@ fn contribution(
             ))
         }
         _ => {
-            let (delta, _, _) = local_delta(trainer, global, plan.local_epochs, seed);
+            let (delta, _, _) =
+                local_delta(trainer, global, plan.local_epochs, plan.model_version, seed);
             Contribution::clipped(clip(delta, plan.clip_norm))
         }
     };
@@ -510,6 +512,7 @@ fn local_delta(
     trainer: &mut Trainer,
     global: Vec<f32>,
     epochs: u32,
+    version: u64,
     seed: u64,
 ) -> (Vec<f32>, usize, f64) {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
@@ -522,7 +525,9 @@ fn local_delta(
         }
         Trainer::Demand { model, data, local } => {
             let mut trained = global.clone();
-            let stats = model.train(&mut trained, local, data, epochs, &mut rng);
+            // The learning rate decays with the rounds before this one (DemandModel::train_from).
+            let before = version * u64::from(epochs);
+            let stats = model.train_from(&mut trained, local, data, epochs, before, &mut rng);
             let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();
             (delta, stats.n_examples, stats.mean_loss)
         }

@@ -8,7 +8,8 @@
 //! with `size_k` log-normal (σ = `size_skew`, mean 1), `z_t` an AR(1) shock (0.8, σ 0.2) and
 //! `d_t` the discount of a running promotion. Units are Poisson(λ), set to zero with
 //! probability `intermittency`. Every week's discount is recorded (the promotion calendar is
-//! known), as a store's export would hold it.
+//! known), as a store's export would hold it. A share of the stores opened during the span
+//! and has a shorter history: the stores that forecast worst on their own.
 
 use fedretail_client::data::sales::StoreSales;
 use fedretail_core::model::demand::YEAR_WEEKS;
@@ -37,6 +38,11 @@ pub struct RetailSpec {
     pub size_skew: f64,
     /// Mean weekly units of a group in a store of size 1.
     pub mean_units: f64,
+    /// Share of stores that opened during the data span (the others have all `n_weeks`).
+    pub new_store_share: f64,
+    /// Shortest history of a new store, in weeks; histories are uniform from this to
+    /// `n_weeks`.
+    pub min_history_weeks: usize,
 }
 
 impl Default for RetailSpec {
@@ -51,6 +57,8 @@ impl Default for RetailSpec {
             intermittency: 0.15,
             size_skew: 1.0,
             mean_units: 3.0,
+            new_store_share: 0.5,
+            min_history_weeks: 40,
         }
     }
 }
@@ -82,12 +90,19 @@ pub fn generate(spec: &RetailSpec, seed: u64) -> Vec<(String, StoreSales)> {
                 seed ^ (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             );
             let store_size = if sigma == 0.0 { 1.0 } else { size.sample(&mut rng) };
+            let min_history = spec.min_history_weeks.clamp(1, spec.n_weeks);
+            let history = if rng.random_bool(spec.new_store_share.clamp(0.0, 1.0)) {
+                rng.random_range(min_history..=spec.n_weeks)
+            } else {
+                spec.n_weeks
+            };
+            let first_week = FIRST_WEEK + (spec.n_weeks - history) as i64;
             let mut groups = BTreeMap::new();
             for (g, &(level, phase)) in levels.iter().enumerate() {
                 let (mut units, mut discount) =
-                    (Vec::with_capacity(spec.n_weeks), Vec::with_capacity(spec.n_weeks));
+                    (Vec::with_capacity(history), Vec::with_capacity(history));
                 let (mut z, mut promo_left, mut promo_depth) = (0.0f64, 0u32, 0.0f64);
-                for t in 0..spec.n_weeks {
+                for t in 0..history {
                     if promo_left == 0 && rng.random_bool(spec.promo_rate.clamp(0.0, 1.0)) {
                         promo_left = rng.random_range(2..=4);
                         promo_depth = rng.random_range(0.1..0.4);
@@ -99,7 +114,7 @@ pub fn generate(spec: &RetailSpec, seed: u64) -> Vec<(String, StoreSales)> {
                         0.0
                     };
                     z = 0.8 * z + shock.sample(&mut rng);
-                    let week = (FIRST_WEEK + t as i64) as f64;
+                    let week = (first_week + t as i64) as f64;
                     let season = (std::f64::consts::TAU * week / YEAR_WEEKS + phase).sin();
                     let lambda = spec.mean_units
                         * store_size
@@ -116,7 +131,7 @@ pub fn generate(spec: &RetailSpec, seed: u64) -> Vec<(String, StoreSales)> {
                 }
                 groups.insert(names[g].clone(), (units, discount));
             }
-            let sales = StoreSales { first_week: FIRST_WEEK, n_weeks: spec.n_weeks, groups };
+            let sales = StoreSales { first_week, n_weeks: history, groups };
             (format!("store-{k:04}"), sales)
         })
         .collect()
@@ -143,6 +158,9 @@ mod tests {
         let zeros = a[0].1.groups.values().flat_map(|(u, _)| u).filter(|&&u| u == 0.0).count();
         assert!(zeros > 0, "demand is intermittent");
         assert!(a[0].1.groups.values().any(|(_, d)| d.iter().any(|&d| d > 0.0)), "promotions run");
+        let short = a.iter().filter(|(_, s)| s.n_weeks < 60).count();
+        assert!(short > 0 && short < 50, "some stores opened later: {short}");
+        assert!(a.iter().all(|(_, s)| s.first_week + s.n_weeks as i64 == FIRST_WEEK + 60));
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub const LAGS: [usize; 4] = [1, 2, 4, 52];
 pub const WINDOWS: [usize; 2] = [13, 52];
 /// The mean Gregorian year in weeks: the period of the seasonal terms.
 pub const YEAR_WEEKS: f64 = 365.2425 / 7.0;
+/// Within one call of `train`, epoch `e` steps with `learning_rate / (1 + e / DECAY_EPOCHS)`:
+/// constant steps leave subgradient SGD (the median loss) jittering around the optimum.
+const DECAY_EPOCHS: f32 = 10.0;
 /// Bound on a Poisson example's gradient with respect to η (see `sgd_step`).
 pub const POISSON_GRADIENT_BOUND: f32 = 5.0;
 /// Largest linear predictor used; keeps `e^η` finite while training diverges.
@@ -176,6 +179,9 @@ pub struct Series {
     pub store: u32,
     /// Product group, an index into [`DemandSpec::groups`].
     pub group: u32,
+    /// Index of the first observed week (a store that opened later than the data's first
+    /// week): earlier values are padding, never targets, lags or origins.
+    pub start: usize,
     /// Units sold per week, from [`DemandData::first_week`].
     pub units: Vec<f32>,
     /// The week's mean discount (fraction of the list price) over its sales; NaN in weeks
@@ -291,6 +297,9 @@ impl DemandModel {
             if s.units.len() != n || s.discount.len() != n {
                 return Err("series differ in length".into());
             }
+            if s.start >= n.max(1) {
+                return Err(format!("series start {} is not below its {n} weeks", s.start));
+            }
             if s.units.iter().any(|u| !(u.is_finite() && *u >= 0.0)) {
                 return Err("units must be finite and non-negative".into());
             }
@@ -302,15 +311,17 @@ impl DemandModel {
     /// (length [`DemandSpec::group_offset`]); `x[0] = 1` is the intercept.
     fn features(&self, h: &History<'_>, first_week: i64, t: usize, x: &mut [f32]) {
         let l = |y: f32| y.max(0.0).ln_1p();
+        let first = h.series.start;
         x[0] = 1.0;
         for (j, &lag) in LAGS.iter().enumerate() {
-            let (value, missing) = if t >= lag { (l(h.y(t - lag)), 0.0) } else { (0.0, 1.0) };
+            let (value, missing) =
+                if t >= first + lag { (l(h.y(t - lag)), 0.0) } else { (0.0, 1.0) };
             x[LAG_AT + j] = value;
             x[MISSING_AT + j] = missing;
         }
         for (j, &w) in WINDOWS.iter().enumerate() {
-            let from = t.saturating_sub(w);
-            x[WINDOW_AT + j] = if t == 0 {
+            let from = t.saturating_sub(w).max(first);
+            x[WINDOW_AT + j] = if t <= first {
                 0.0
             } else {
                 l((from..t).map(|u| h.y(u)).sum::<f32>() / (t - from) as f32)
@@ -319,8 +330,12 @@ impl DemandModel {
         // Planned: the target week's discount when recorded. Otherwise the last discount
         // observed before t and no later than the origin.
         let last = if self.spec.planned_discounts { t + 1 } else { t.min(h.origin + 1) };
-        x[DISCOUNT_AT] =
-            h.series.discount[..last].iter().rev().find(|d| !d.is_nan()).copied().unwrap_or(0.0);
+        x[DISCOUNT_AT] = h.series.discount[first.min(last)..last]
+            .iter()
+            .rev()
+            .find(|d| !d.is_nan())
+            .copied()
+            .unwrap_or(0.0);
         let week = (first_week + t as i64) as f64;
         for k in 0..self.spec.harmonics as usize {
             let angle = std::f64::consts::TAU * (k + 1) as f64 * week / YEAR_WEEKS;
@@ -332,9 +347,11 @@ impl DemandModel {
     /// Per store, the L2 coefficient of its personal weights per training example
     /// ([`DemandSpec::personal_regularization`]).
     fn personal_regularization(&self, data: &DemandData) -> Vec<f32> {
-        let weeks = self.test_start(data).saturating_sub(1) as f32;
+        let start = self.test_start(data);
         let mut n = vec![0f32; data.n_stores];
-        data.series.iter().for_each(|s| n[s.store as usize] += weeks);
+        data.series
+            .iter()
+            .for_each(|s| n[s.store as usize] += start.saturating_sub(s.start + 1) as f32);
         n.iter()
             .map(|&n| self.spec.regularization + self.spec.personal_regularization / n.max(1.0))
             .collect()
@@ -426,8 +443,9 @@ impl DemandModel {
         t: usize,
         x: &[f32],
         personal_reg: f32,
+        decay: f32,
     ) -> f64 {
-        let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);
+        let (lr, reg) = (self.spec.learning_rate * decay, self.spec.regularization);
         let eta = self.eta(global, local, data, si, x);
         let y = data.series[si].units[t];
         let (grad, fit) = match self.spec.loss {
@@ -483,7 +501,7 @@ impl DemandModel {
         let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
         unit.features(&hist, data.first_week, t, &mut x);
         let personal = self.personal_regularization(data)[data.series[si].store as usize];
-        unit.sgd_step(&mut g, &mut l, data, si, t, &x, personal);
+        unit.sgd_step(&mut g, &mut l, data, si, t, &x, personal, 1.0);
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a - b).collect();
         (
             diff(global, &g),
@@ -508,7 +526,7 @@ impl DemandModel {
         let mut out = vec![0.0; horizon];
         for (si, s) in data.series.iter().enumerate() {
             // Origins whose forecasts reach a test week: start - horizon ..= n - 2.
-            for origin in start.saturating_sub(horizon)..n.saturating_sub(1) {
+            for origin in start.saturating_sub(horizon).max(s.start)..n.saturating_sub(1) {
                 let steps = horizon.min(n - 1 - origin);
                 forecast(si, origin, &mut out[..steps]);
                 for (h, &f) in out[..steps].iter().enumerate() {
@@ -525,18 +543,66 @@ impl DemandModel {
     /// Rolling-origin evaluation of a naive forecaster (the baselines).
     pub fn evaluate_naive(&self, data: &DemandData, naive: Naive) -> EvalSums {
         self.rolling_origin(data, |si, origin, out| {
-            let y = &data.series[si].units;
+            let (y, first) = (&data.series[si].units, data.series[si].start);
             for (h, f) in out.iter_mut().enumerate() {
                 let week = origin + 1 + h;
                 *f = match naive {
-                    Naive::Seasonal => week.checked_sub(52).map_or(0.0, |w| y[w]),
+                    // Without a year of history: the last observed week.
+                    Naive::Seasonal if week >= first + 52 => y[week - 52],
+                    Naive::Seasonal => y[origin],
                     Naive::MovingAverage(w) => {
-                        let from = (origin + 1).saturating_sub(w);
+                        let from = (origin + 1).saturating_sub(w).max(first);
                         y[from..=origin].iter().sum::<f32>() / (origin + 1 - from) as f32
                     }
                 };
             }
         })
+    }
+
+    /// Trains for `epochs` epochs as if `epochs_before` had already run: epoch `e` (counted
+    /// from the start of training) steps with `learning_rate / (1 + e / 10)`. A store in a
+    /// federated task passes the epochs of the rounds before (the model version times the
+    /// local epochs), so every store decays in step.
+    pub fn train_from(
+        &self,
+        global: &mut [f32],
+        local: &mut DemandLocal,
+        data: &DemandData,
+        epochs: u32,
+        epochs_before: u64,
+        rng: &mut dyn Rng,
+    ) -> TrainStats {
+        let start = self.test_start(data);
+        let width = self.spec.group_offset();
+        // Features depend on the data only (lags are actual values): compute them once.
+        let mut examples: Vec<(u32, u32)> = Vec::new();
+        let mut features = Vec::new();
+        let mut x = vec![0.0; width];
+        for (si, s) in data.series.iter().enumerate() {
+            for t in s.start + 1..start {
+                let hist = History { series: s, origin: t - 1, forecasts: &[] };
+                self.features(&hist, data.first_week, t, &mut x);
+                examples.push((si as u32, t as u32));
+                features.extend_from_slice(&x);
+            }
+        }
+        let personal = self.personal_regularization(data);
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        let mut loss = 0.0;
+        for epoch in 0..epochs {
+            order.shuffle(rng);
+            loss = 0.0;
+            let decay = 1.0 / (1.0 + (epochs_before + u64::from(epoch)) as f32 / DECAY_EPOCHS);
+            for &k in &order {
+                let (si, t) = examples[k];
+                let x = &features[k * width..(k + 1) * width];
+                let personal = personal[data.series[si as usize].store as usize];
+                loss +=
+                    self.sgd_step(global, local, data, si as usize, t as usize, x, personal, decay);
+            }
+        }
+        let n = examples.len();
+        TrainStats { n_examples: n, mean_loss: if n == 0 { 0.0 } else { loss / n as f64 } }
     }
 }
 
@@ -568,6 +634,7 @@ impl Model for DemandModel {
         }
     }
 
+    /// [`DemandModel::train_from`] from the first epoch.
     fn train(
         &self,
         global: &mut [f32],
@@ -576,35 +643,7 @@ impl Model for DemandModel {
         epochs: u32,
         rng: &mut dyn Rng,
     ) -> TrainStats {
-        let start = self.test_start(data);
-        let width = self.spec.group_offset();
-        // Features depend on the data only (lags are actual values): compute them once.
-        let mut examples: Vec<(u32, u32)> = Vec::new();
-        let mut features = Vec::new();
-        let mut x = vec![0.0; width];
-        for (si, s) in data.series.iter().enumerate() {
-            for t in 1..start {
-                let hist = History { series: s, origin: t - 1, forecasts: &[] };
-                self.features(&hist, data.first_week, t, &mut x);
-                examples.push((si as u32, t as u32));
-                features.extend_from_slice(&x);
-            }
-        }
-        let personal = self.personal_regularization(data);
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        let mut loss = 0.0;
-        for _ in 0..epochs {
-            order.shuffle(rng);
-            loss = 0.0;
-            for &k in &order {
-                let (si, t) = examples[k];
-                let x = &features[k * width..(k + 1) * width];
-                let personal = personal[data.series[si as usize].store as usize];
-                loss += self.sgd_step(global, local, data, si as usize, t as usize, x, personal);
-            }
-        }
-        let n = examples.len();
-        TrainStats { n_examples: n, mean_loss: if n == 0 { 0.0 } else { loss / n as f64 } }
+        self.train_from(global, local, data, epochs, 0, rng)
     }
 
     /// Rolling-origin WAPE and MAE sums over the test weeks (module docs); `seed` is unused.

@@ -30,7 +30,7 @@ fn data(seed: u64) -> DemandData {
                 })
                 .collect();
             let discount = units.iter().map(|&u| if u > 0.0 { 0.1 } else { f32::NAN }).collect();
-            series.push(Series { store, group, units, discount });
+            series.push(Series { store, group, start: 0, units, discount });
         }
     }
     DemandData { first_week: 2000, n_stores: 2, series }
@@ -155,7 +155,7 @@ fn seasonal_naive_repeats_last_year() {
     let model =
         DemandModel::new(DemandSpec { first_test_week: 2052 + 60, ..spec(DemandLoss::Poisson) });
     let units: Vec<f32> = (0..120).map(|t| (t % 52) as f32).collect();
-    let series = Series { store: 0, group: 0, discount: vec![f32::NAN; 120], units };
+    let series = Series { store: 0, group: 0, start: 0, discount: vec![f32::NAN; 120], units };
     let data = DemandData { first_week: 2052, n_stores: 1, series: vec![series] };
     let sums = model.evaluate_naive(&data, Naive::Seasonal);
     assert!(sums.n_ratings > 0);
@@ -228,4 +228,46 @@ fn median_forecasts_of_whole_units_are_whole() {
     assert_eq!(model.forecast(2.6f32.ln_1p()), 3.0);
     let fractional = DemandModel::new(spec(DemandLoss::Log1pAbsolute));
     assert!((fractional.forecast(0.03f32.ln_1p()) - 0.03).abs() < 1e-6);
+}
+
+#[test]
+fn weeks_before_a_series_start_are_never_used() {
+    let model = DemandModel::new(spec(DemandLoss::Log1pAbsolute));
+    let mut data = data(9);
+    for s in &mut data.series {
+        s.start = 70;
+    }
+    let mut padded = data.clone();
+    for s in &mut padded.series {
+        s.units[..70].iter_mut().for_each(|u| *u = 1000.0);
+        s.discount[..70].iter_mut().for_each(|d| *d = 0.9);
+    }
+    let fit = |d: &DemandData| {
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(10);
+        let mut global = model.init_global(&mut rng);
+        let mut local = model.init_local(d, None);
+        let stats = model.train(&mut global, &mut local, d, 5, &mut rng);
+        (global, local, stats.n_examples, model.evaluate_naive(d, Naive::Seasonal))
+    };
+    let (a, b) = (fit(&data), fit(&padded));
+    assert_eq!(a.2, 4 * (150 - 71), "targets are weeks 71..150");
+    assert_eq!(a, b);
+    let sums = model.evaluate(&a.0, &a.1, &padded, 0);
+    assert_eq!(sums, model.evaluate(&a.0, &a.1, &data, 0));
+}
+
+#[test]
+fn later_epochs_take_smaller_steps() {
+    let model = DemandModel::new(spec(DemandLoss::Log1pSquared));
+    let data = data(11);
+    let step = |before: u64| {
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(12);
+        let mut global = model.init_global(&mut rng);
+        let mut local = model.init_local(&data, None);
+        model.train_from(&mut global, &mut local, &data, 1, before, &mut rng);
+        global.iter().map(|w| w * w).sum::<f32>().sqrt()
+    };
+    // Epoch 90 steps with a tenth of the rate of epoch 0 (1 + 90/10 = 10).
+    let (first, late) = (step(0), step(90));
+    assert!(late < 0.2 * first && late > 0.05 * first, "{first} then {late}");
 }
