@@ -637,12 +637,15 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
     );
     for m in r.methods.iter().filter(|m| m.privacy.is_some()) {
         let w = m.total().wape();
-        let _ = writeln!(
-            md,
-            "- {}: WAPE {w:.4}, keeps {:.0} % of federation's gain over local-only ({local:.4} → {fed:.4}).",
-            label(&m.key),
-            100.0 * (local - w) / (local - fed)
-        );
+        let kept = if local > fed {
+            format!(
+                "keeps {:.0} % of federation's gain over local-only ({local:.4} → {fed:.4})",
+                100.0 * (local - w) / (local - fed)
+            )
+        } else {
+            format!("federation has no gain over local-only to keep ({local:.4} → {fed:.4})")
+        };
+        let _ = writeln!(md, "- {}: WAPE {w:.4}; {kept}.", label(&m.key));
     }
     let _ = writeln!(md, "\n## Fairness across stores\n");
     let _ = writeln!(
