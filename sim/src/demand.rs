@@ -658,7 +658,16 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
     let _ = writeln!(
         md,
         "\nSmall stores (fewest weeks with sales): {}; federated beats local-only on {} of {}.\n",
-        f.small_stores.iter().map(|&k| r.stores[k].as_str()).collect::<Vec<_>>().join(", "),
+        {
+            let mut names: Vec<&str> =
+                f.small_stores.iter().take(20).map(|&k| r.stores[k].as_str()).collect();
+            let more = f.small_stores.len().saturating_sub(20);
+            let more = format!("and {more} more");
+            if f.small_stores.len() > 20 {
+                names.push(&more);
+            }
+            names.join(", ")
+        },
         f.small_federated_beats_local_only,
         f.small_stores.len()
     );
