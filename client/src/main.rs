@@ -85,7 +85,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             LocalData::Ratings(ratings)
         }
-        (None, Some(path)) => LocalData::Sales(load_sales(path, &cli.store)?),
+        (None, Some(path)) => {
+            let sales = fedretail_client::data::sales::load_store(path, &cli.store)?;
+            tracing::info!(path = %path.display(), groups = sales.groups.len(), weeks = sales.n_weeks, "sales loaded");
+            LocalData::Sales(sales)
+        }
         (None, None) => anyhow::bail!("give --ratings or --sales"),
     };
     std::fs::create_dir_all(&cli.state_dir)
@@ -111,29 +115,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(rounds = outcome.rounds_trained, evaluations = outcome.evaluations, state = %outcome.state, reason = %outcome.reason, "done");
         Ok(())
     })
-}
-
-/// The rows of `store` in the sales file at `path`, by week and product group (the task's
-/// held-out weeks are set by the task, so `--holdout` does not apply).
-fn load_sales(
-    path: &std::path::Path,
-    store: &str,
-) -> anyhow::Result<fedretail_client::data::sales::StoreSales> {
-    use fedretail_client::data::sales;
-    let rows = sales::load_sales(path).context("loading sales")?;
-    let mine: Vec<&sales::SalesRow> = rows.iter().filter(|r| r.store == store).collect();
-    if mine.is_empty() {
-        let mut names: Vec<&str> = rows.iter().map(|r| r.store.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        names.truncate(10);
-        anyhow::bail!(
-            "{}: no rows for store {store:?} (--store); the file has: {}",
-            path.display(),
-            names.join(", ")
-        );
-    }
-    let sales = sales::StoreSales::from_rows(mine, None);
-    tracing::info!(path = %path.display(), groups = sales.groups.len(), weeks = sales.n_weeks, "sales loaded");
-    Ok(sales)
 }

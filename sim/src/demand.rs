@@ -775,3 +775,98 @@ pub fn write_report(dir: &Path, r: &DemandReport) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", dir.display()))?;
     plot(&dir.join("wape_per_store.svg"), r)
 }
+
+/// Options of `fedretail-sim export-sales`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportSalesArgs {
+    /// Directory for one sales CSV per store and `coordinator.toml`.
+    #[arg(long, default_value = "out/sales")]
+    pub out: std::path::PathBuf,
+    /// What a store is.
+    #[arg(long, value_enum, default_value = "state")]
+    pub stores: superstore::StoreLevel,
+    /// Only the N stores with the most order lines.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Where downloaded data is cached.
+    #[arg(long)]
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// Writes the Superstore stores as sales CSV files (the format `fedretail-client --sales`
+/// reads) and a coordinator config whose demand task fits them: the groups they sell and the
+/// last 26 weeks held out, with the simulator's default hyper-parameters.
+///
+/// # Errors
+///
+/// Download, parse or I/O errors.
+pub fn export_sales(args: &ExportSalesArgs) -> anyhow::Result<()> {
+    use fedretail_client::data::sales::{SalesRow, write_sales};
+    let csv = superstore::fetch(&cache_dir(args.cache_dir.as_ref()))?;
+    let rows = superstore::load(&csv, args.stores)?;
+    let mut by_store: BTreeMap<&str, Vec<SalesRow>> = BTreeMap::new();
+    for r in &rows {
+        by_store.entry(r.store.as_str()).or_default().push(r.clone());
+    }
+    let mut stores: Vec<(&str, Vec<SalesRow>)> = by_store.into_iter().collect();
+    stores.sort_by_key(|(name, rows)| (std::cmp::Reverse(rows.len()), *name));
+    stores.truncate(args.limit.unwrap_or(usize::MAX));
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut groups: Vec<String> =
+        stores.iter().flat_map(|(_, rows)| rows.iter().map(|r| r.product.clone())).collect();
+    groups.sort();
+    groups.dedup();
+    for (name, rows) in &stores {
+        let file = name.replace(['/', '\\', ' ', ','], "_");
+        let path = args.out.join(format!("{file}.csv"));
+        write_sales(&path, rows).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(path = %path.display(), rows = rows.len(), "store written");
+    }
+    // The task: the same calendar the simulator uses (the data's last week ends the test).
+    let last_week = rows.iter().map(|r| fedretail_core::model::demand::week_of_day(r.day)).max();
+    let run = crate::scenario::RunArgs::parse_defaults();
+    let h = hyper(&run);
+    let spec = DemandSpec {
+        groups,
+        first_test_week: last_week.context("no order lines")? + 1 - TEST_WEEKS,
+        horizon: HORIZON,
+        harmonics: 2,
+        learning_rate: h.learning_rate,
+        regularization: h.regularization,
+        loss: h.loss,
+        planned_discounts: false,
+        personal_regularization: h.personal_regularization,
+        whole_units: true,
+    };
+    let mut task = task_spec(&run, &spec, &h, stores.len(), "superstore-demand".into());
+    // By hand, clients come and go: wait a little for each phase, not ten minutes.
+    task.plan.eval_every = 10;
+    task.plan.select_timeout_secs = 10.0;
+    task.plan.configure_timeout_secs = 60.0;
+    task.plan.collect_timeout_secs = 120.0;
+    task.plan.evaluate_timeout_secs = 60.0;
+    task.validate().context("the exported task")?;
+    #[derive(serde::Serialize)]
+    struct Config<'a> {
+        listen: &'a str,
+        store: &'a str,
+        task: [&'a TaskSpec; 1],
+    }
+    let toml = toml::to_string(&Config {
+        listen: "127.0.0.1:50051",
+        store: "coordinator.db",
+        task: [&task],
+    })
+    .context("writing the task as TOML")?;
+    let path = args.out.join("coordinator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "# A demand task for the stores in this directory (fedretail-sim export-sales).\n{toml}"
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), stores = stores.len(), "coordinator config written");
+    Ok(())
+}

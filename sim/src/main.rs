@@ -26,6 +26,9 @@ enum Command {
     Sweep(Box<fedretail_sim::sweep::SweepArgs>),
     /// Writes each store's ratings as CSV files for `fedretail-client` (the README's tour).
     ExportStores(fedretail_sim::bench::ExportArgs),
+    /// Writes each Superstore store's sales as CSV for `fedretail-client --sales`, and a
+    /// coordinator config with a demand task for them.
+    ExportSales(fedretail_sim::demand::ExportSalesArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(fedretail_sim::bench::BenchCommand),
@@ -55,12 +58,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let command = cli.command.unwrap_or_else(|| {
-        use clap::FromArgMatches;
-        let matches = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"))
-            .get_matches_from(["run"]);
-        Command::Run(Box::new(RunArgs::from_arg_matches(&matches).expect("defaults parse")))
-    });
+    let command = cli.command.unwrap_or_else(|| Command::Run(Box::new(RunArgs::parse_defaults())));
     match command {
         Command::Run(args) if args.scenario.is_demand() => runtime.block_on(async {
             let report = fedretail_sim::demand::run(&args).await?;
@@ -90,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::ExportStores(args) => fedretail_sim::bench::export_stores(&args),
+        Command::ExportSales(args) => fedretail_sim::demand::export_sales(&args),
         Command::Bench(cmd) => runtime.block_on(fedretail_sim::bench::run(cmd)),
         Command::ServeCoordinator => runtime.block_on(fedretail_sim::bench::serve_coordinator()),
     }

@@ -194,6 +194,14 @@ pub enum PrivacyUnitArg {
 }
 
 impl RunArgs {
+    /// The options with every default, as `fedretail-sim run` with no option gives them.
+    pub fn parse_defaults() -> RunArgs {
+        use clap::FromArgMatches;
+        let matches = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"))
+            .get_matches_from(["run"]);
+        RunArgs::from_arg_matches(&matches).expect("the defaults parse")
+    }
+
     /// The hyper-parameters this run uses.
     pub fn hyper(&self) -> Hyper {
         let customer = self.privacy_unit == Some(PrivacyUnitArg::Customer);

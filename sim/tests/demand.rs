@@ -124,3 +124,40 @@ async fn superstore_targets() {
     assert!(wape(&regions, "federated") < wape(&regions, "local_only"));
     assert!(wape(&regions, "federated") <= 0.9 * wape(&regions, "seasonal_naive"));
 }
+
+/// `export-sales` writes store files the client reads and a config the coordinator accepts.
+#[test]
+fn exported_sales_and_config_fit_together() {
+    if !slow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = demand::ExportSalesArgs {
+        out: dir.path().to_path_buf(),
+        stores: fedretail_sim::dataset::superstore::StoreLevel::Region,
+        limit: None,
+        cache_dir: None,
+    };
+    demand::export_sales(&args).unwrap();
+    let path = dir.path().join("coordinator.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config = fedretail_coordinator::config::RawConfig::from_toml(&text, "coordinator.toml")
+        .unwrap()
+        .validate("coordinator.toml")
+        .unwrap();
+    let fedretail_core::plan::ModelSpec::Demand(spec) = &config.tasks[0].model else {
+        panic!("a demand task: {text}")
+    };
+    assert_eq!(spec.groups.len(), 17);
+    assert_eq!(config.tasks[0].plan.min_clients, 4);
+    for store in ["Central", "East", "South", "West"] {
+        let sales = fedretail_client::data::sales::load_store(
+            &dir.path().join(format!("{store}.csv")),
+            store,
+        )
+        .unwrap();
+        let (data, unknown) = sales.to_data(&spec.groups);
+        assert!(unknown.is_empty() && data.series.len() == 17, "{store}");
+        assert!(spec.first_test_week > data.first_week + 52);
+    }
+}

@@ -64,6 +64,16 @@ pub enum CsvError {
         /// What is wrong.
         message: String,
     },
+    /// A sales file has no rows for the store.
+    #[error("{path}: no rows for store {store:?}; the file has {has}")]
+    NoRowsFor {
+        /// The file.
+        path: PathBuf,
+        /// The store asked for.
+        store: String,
+        /// The stores the file has (the first ten).
+        has: String,
+    },
     /// The header names a column the format does not have.
     #[error("{path}:1: unknown column {column:?} (expected {expected})")]
     UnknownColumn {

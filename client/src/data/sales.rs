@@ -144,6 +144,31 @@ pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRo
     Ok(out)
 }
 
+/// The rows of `store` in the file at `path`, by week and product group over the store's own
+/// first to last week.
+///
+/// # Errors
+///
+/// [`load_sales`]'s errors, and a file without rows for `store` (the message lists the stores it
+/// has).
+pub fn load_store(path: &Path, store: &str) -> Result<StoreSales, CsvError> {
+    let rows = load_sales(path)?;
+    let mine: Vec<&SalesRow> = rows.iter().filter(|r| r.store == store).collect();
+    if mine.is_empty() {
+        let mut names: Vec<&str> = rows.iter().map(|r| r.store.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let more = names.len().saturating_sub(10);
+        names.truncate(10);
+        let mut has = names.join(", ");
+        if more > 0 {
+            has.push_str(&format!(" and {more} more"));
+        }
+        return Err(CsvError::NoRowsFor { path: path.into(), store: store.into(), has });
+    }
+    Ok(StoreSales::from_rows(mine, None))
+}
+
 /// Writes rows in the format [`load_sales`] reads.
 ///
 /// # Errors
@@ -347,5 +372,9 @@ mod tests {
         }];
         write_sales(&path, &rows).unwrap();
         assert_eq!(load_sales(&path).unwrap(), rows);
+        let sales = load_store(&path, "Main, St").unwrap();
+        assert_eq!(sales.groups["Paper"].0, vec![2.0]);
+        let err = load_store(&path, "Elm").unwrap_err().to_string();
+        assert!(err.ends_with("no rows for store \"Elm\"; the file has Main, St"), "{err}");
     }
 }

@@ -458,6 +458,8 @@ impl Driver {
                     rejected = summary.n_rejected,
                     train_loss = summary.mean_train_loss,
                     rmse = summary.eval.map(|e| e.rmse()),
+                    // Demand tasks: weighted absolute percentage error of the forecasts.
+                    wape = summary.eval.filter(|e| e.actual_sum > 0.0).map(|e| e.wape()),
                     "round committed"
                 );
                 self.model = blob;
