@@ -318,21 +318,9 @@ pub fn task_spec(
         model: ModelSpec::Demand(spec.clone()),
         privacy: None,
         plan: TrainingPlan {
-            rounds: h.rounds,
-            cohort_size: n as u32,
-            min_clients: n as u32,
-            local_epochs: h.local_epochs,
-            clip_norm: 1e6,
             server_optimizer: ServerOptimizer::FedAvg { learning_rate: h.server_lr },
             // Evaluate after the last round only: forecasts are scored on the test weeks.
-            eval_every: h.rounds as u32,
-            eval_fraction: 1.0,
-            select_timeout_secs: 600.0,
-            configure_timeout_secs: 600.0,
-            collect_timeout_secs: 600.0,
-            evaluate_timeout_secs: 600.0,
-            seed: args.seed,
-            weight_by_examples: true,
+            ..crate::scenario::in_process_plan(h.rounds, n as u32, h.local_epochs, args.seed)
         },
     }
 }

@@ -339,23 +339,34 @@ pub fn task_spec(args: &RunArgs, mf: &MfSpec, n_clients: usize) -> TaskSpec {
         model: ModelSpec::MatrixFactorization(mf.clone()),
         privacy: None,
         plan: TrainingPlan {
-            rounds: hyper.rounds,
-            cohort_size: cohort,
-            min_clients: cohort,
-            local_epochs: hyper.local_epochs,
             clip_norm: hyper.clip_norm,
             server_optimizer: args.server_optimizer(),
             eval_every: args.eval_every,
-            eval_fraction: 1.0,
-            // Every client runs in this process: waiting for all of them is safe, and makes the
-            // cohorts (and so the run) deterministic.
-            select_timeout_secs: 600.0,
-            configure_timeout_secs: 600.0,
-            collect_timeout_secs: 600.0,
-            evaluate_timeout_secs: 600.0,
-            seed: args.seed,
-            weight_by_examples: true,
+            ..in_process_plan(hyper.rounds, cohort, hyper.local_epochs, args.seed)
         },
+    }
+}
+
+/// A plan for clients that all run in this process: every one in every round, and waiting for
+/// all of them is safe, which makes the cohorts (and so the run) deterministic. Clip norm,
+/// optimiser and evaluation are the caller's (here FedAvg with step 1, no clipping to speak
+/// of, evaluation after the last round).
+pub fn in_process_plan(rounds: u64, clients: u32, local_epochs: u32, seed: u64) -> TrainingPlan {
+    TrainingPlan {
+        rounds,
+        cohort_size: clients,
+        min_clients: clients,
+        local_epochs,
+        clip_norm: 1e6,
+        server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+        eval_every: rounds as u32,
+        eval_fraction: 1.0,
+        select_timeout_secs: 600.0,
+        configure_timeout_secs: 600.0,
+        collect_timeout_secs: 600.0,
+        evaluate_timeout_secs: 600.0,
+        seed,
+        weight_by_examples: true,
     }
 }
 

@@ -396,6 +396,14 @@ impl DemandModel {
         }
     }
 
+    /// The features of series `si` at training week `t` (every earlier week known).
+    fn training_features(&self, data: &DemandData, si: usize, t: usize) -> Vec<f32> {
+        let mut x = vec![0.0; self.spec.group_offset()];
+        let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
+        self.features(&hist, data.first_week, t, &mut x);
+        x
+    }
+
     /// Loss of series `si` at training week `t` (with the L2 terms of the parameters it
     /// touches), for finite-difference checks of [`DemandModel::gradient`].
     pub fn example_loss(
@@ -406,9 +414,7 @@ impl DemandModel {
         si: usize,
         t: usize,
     ) -> f64 {
-        let mut x = vec![0.0; self.spec.group_offset()];
-        let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
-        self.features(&hist, data.first_week, t, &mut x);
+        let x = self.training_features(data, si, t);
         let eta = f64::from(self.eta(global, local, data, si, &x));
         let y = f64::from(data.series[si].units[t]);
         let fit = match self.spec.loss {
@@ -497,9 +503,7 @@ impl DemandModel {
     ) -> (Vec<f32>, DemandLocal) {
         let unit = DemandModel { spec: DemandSpec { learning_rate: 1.0, ..self.spec.clone() } };
         let (mut g, mut l) = (global.to_vec(), local.clone());
-        let mut x = vec![0.0; self.spec.group_offset()];
-        let hist = History { series: &data.series[si], origin: t - 1, forecasts: &[] };
-        unit.features(&hist, data.first_week, t, &mut x);
+        let x = self.training_features(data, si, t);
         let personal = self.personal_regularization(data)[data.series[si].store as usize];
         unit.sgd_step(&mut g, &mut l, data, si, t, &x, personal, 1.0);
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a - b).collect();
