@@ -1,6 +1,8 @@
-//! The store's personal parameters (user biases and factors), kept on disk between rounds and
-//! restarts. They are local by design: nothing in this module is ever sent.
+//! The store's personal parameters (user biases and factors; for demand tasks the store's levels
+//! and coefficient offsets), kept on disk between rounds and restarts. They are local by design:
+//! nothing in this module is ever sent.
 
+use fedretail_core::model::demand::DemandLocal;
 use fedretail_core::model::mf::MfLocal;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,6 +16,17 @@ struct OnDisk {
     dim: usize,
     /// Per user id: `[bias, factor_0, .., factor_{dim-1}]`.
     users: BTreeMap<String, Vec<f32>>,
+}
+
+/// File name of a demand task's personal parameters.
+pub const DEMAND_FILE: &str = "personal-demand.json";
+
+#[derive(Serialize, Deserialize)]
+struct DemandOnDisk {
+    store_level: f32,
+    store_weights: Vec<f32>,
+    /// Per product group: the series level.
+    series: BTreeMap<String, f32>,
 }
 
 /// Errors reading or writing the personal parameters.
@@ -44,8 +57,6 @@ pub enum PersonalError {
 ///
 /// I/O errors.
 pub fn save(dir: &Path, user_keys: &[String], local: &MfLocal) -> Result<(), PersonalError> {
-    let path = dir.join(FILE);
-    let io = |source| PersonalError::Io { path: path.clone(), source };
     let dim = local.user_factors.ncols();
     let users = user_keys
         .iter()
@@ -58,14 +69,75 @@ pub fn save(dir: &Path, user_keys: &[String], local: &MfLocal) -> Result<(), Per
         })
         .collect();
     let bytes = serde_json::to_vec(&OnDisk { dim, users }).expect("plain data serialises");
-    let tmp = dir.join(format!("{FILE}.tmp"));
+    write_atomically(dir, FILE, &bytes)
+}
+
+fn write_atomically(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), PersonalError> {
+    let path = dir.join(file);
+    let io = |source| PersonalError::Io { path: path.clone(), source };
+    let tmp = dir.join(format!("{file}.tmp"));
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, &path).map_err(io)
+}
+
+/// Writes a demand store's `local` (one store; `groups[i]` names series `i`) atomically.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn save_demand(dir: &Path, groups: &[&str], local: &DemandLocal) -> Result<(), PersonalError> {
+    let disk = DemandOnDisk {
+        store_level: local.store_level.first().copied().unwrap_or(0.0),
+        store_weights: local.store_weights.clone(),
+        series: groups
+            .iter()
+            .map(|g| g.to_string())
+            .zip(local.series_level.iter().copied())
+            .collect(),
+    };
+    let bytes = serde_json::to_vec(&disk).expect("plain data serialises");
+    write_atomically(dir, DEMAND_FILE, &bytes)
+}
+
+/// Reads a demand store's saved parameters into `fresh` (series matched by group name; groups
+/// without saved values keep theirs). Returns `None` if there is no file yet.
+///
+/// # Errors
+///
+/// I/O errors, or offsets of another length (the task's features changed).
+pub fn load_demand(
+    dir: &Path,
+    groups: &[&str],
+    mut fresh: DemandLocal,
+) -> Result<Option<DemandLocal>, PersonalError> {
+    let path = dir.join(DEMAND_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersonalError::Io { path, source }),
+    };
+    let corrupt = |message: String| PersonalError::Corrupt { path: path.clone(), message };
+    let disk: DemandOnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if disk.store_weights.len() != fresh.store_weights.len() || fresh.store_level.len() != 1 {
+        return Err(corrupt(format!(
+            "saved {} coefficient offsets for one store, the task has {}",
+            disk.store_weights.len(),
+            fresh.store_weights.len()
+        )));
+    }
+    fresh.store_level[0] = disk.store_level;
+    fresh.store_weights = disk.store_weights;
+    for (level, group) in fresh.series_level.iter_mut().zip(groups) {
+        if let Some(saved) = disk.series.get(*group) {
+            *level = *saved;
+        }
+    }
+    Ok(Some(fresh))
 }
 
 /// Reads the saved parameters and lays them out for `user_keys`; users without saved values
@@ -137,5 +209,33 @@ mod tests {
         );
         let err = load(dir.path(), &keys2, local(2, 4, 0.0)).unwrap_err().to_string();
         assert!(err.ends_with("saved for dimension 3, the task uses 4"), "{err}");
+    }
+
+    #[test]
+    fn demand_levels_come_back_by_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = DemandLocal {
+            store_level: vec![0.5],
+            series_level: vec![1.0, 2.0],
+            store_weights: vec![0.1, 0.2, 0.3],
+        };
+        save_demand(dir.path(), &["Paper", "Chairs"], &saved).unwrap();
+        // The store now sells Tables too, listed first: Chairs keeps its level, Tables is fresh.
+        let fresh = DemandLocal {
+            store_level: vec![0.0],
+            series_level: vec![0.0; 3],
+            store_weights: vec![0.0; 3],
+        };
+        let got = load_demand(dir.path(), &["Tables", "Chairs", "Paper"], fresh.clone())
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.series_level, vec![0.0, 2.0, 1.0]);
+        assert_eq!((got.store_level[0], got.store_weights.clone()), (0.5, vec![0.1, 0.2, 0.3]));
+        let wider = DemandLocal { store_weights: vec![0.0; 4], ..fresh };
+        let err = load_demand(dir.path(), &["Paper"], wider).unwrap_err().to_string();
+        assert!(
+            err.ends_with("saved 3 coefficient offsets for one store, the task has 4"),
+            "{err}"
+        );
     }
 }

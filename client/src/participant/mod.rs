@@ -327,7 +327,20 @@ impl<T: Transport> Participant<T> {
                     weeks = data.n_weeks(),
                     "weekly sales ready"
                 );
-                let local = model.init_local(&data, None);
+                let fresh = model.init_local(&data, None);
+                let local = match &self.config.state_dir {
+                    Some(dir) => {
+                        let groups = series_groups(&model, &data);
+                        match personal::load_demand(dir, &groups, fresh.clone())? {
+                            Some(saved) => {
+                                tracing::info!("personal parameters loaded");
+                                saved
+                            }
+                            None => fresh,
+                        }
+                    }
+                    None => fresh,
+                };
                 Trainer::Demand { model, data, local }
             }
             (ModelSpec::Bench { .. }, _) => Trainer::Bench,
@@ -450,10 +463,17 @@ impl<T: Transport> Participant<T> {
     }
 
     fn save_personal(&self) {
-        if let (Some(dir), Some(Trainer::Mf { ratings, local, .. })) =
-            (&self.config.state_dir, &self.trainer)
-            && let Err(err) = personal::save(dir, &ratings.user_keys, local)
-        {
+        let Some(dir) = &self.config.state_dir else { return };
+        let saved = match &self.trainer {
+            Some(Trainer::Mf { ratings, local, .. }) => {
+                personal::save(dir, &ratings.user_keys, local)
+            }
+            Some(Trainer::Demand { model, data, local }) => {
+                personal::save_demand(dir, &series_groups(model, data), local)
+            }
+            Some(Trainer::Bench) | None => Ok(()),
+        };
+        if let Err(err) = saved {
             tracing::error!(%err, "could not save personal parameters");
         }
     }
@@ -537,6 +557,11 @@ fn local_delta(
             (delta, 1, 0.0)
         }
     }
+}
+
+/// The group name of every series of a store's demand data, in series order.
+fn series_groups<'a>(model: &'a DemandModel, data: &DemandData) -> Vec<&'a str> {
+    data.series.iter().map(|s| model.spec().groups[s.group as usize].as_str()).collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
