@@ -1,3 +1,6 @@
+//! Tests of the demand model: gradients against finite differences, what training and
+//! forecasts may see, the naive baselines and the learning-rate schedule.
+
 use super::*;
 use rand::{RngExt, SeedableRng};
 
