@@ -10,8 +10,9 @@
 //!     + Σ_h (c_h sin(2πht/P) + c'_h cos(2πht/P))
 //! ```
 //!
+//! plus, per group, its own seasonal terms `Σ_h (e_{g,h} sin(2πht/P) + e'_{g,h} cos(2πht/P))`,
 //! with lags `j ∈ {1, 2, 4, 52}`, windows `W ∈ {13, 52}` and `P` the mean year in weeks.
-//! `β₀, w, m, v, d, c, b` are global; the store level `a_k` and series level `a_s` are local.
+//! `β₀, w, m, v, d, c, b, e` are global; the store level `a_k` and series level `a_s` are local.
 //!
 //! Two losses, picked per task ([`DemandLoss`]): Poisson deviance (`ŷ = e^η`, the mean) and
 //! squared error on `ℓ(y)` (`ŷ = e^η - 1`, nearer the median for intermittent series). Both are
@@ -113,9 +114,20 @@ impl DemandSpec {
         FIXED + 2 * self.harmonics as usize
     }
 
-    /// Length of the global vector.
+    /// Length of the global vector: the shared weights, then per group its effect and its own
+    /// seasonal coefficients.
     pub fn n_global(&self) -> usize {
-        self.group_offset() + self.groups.len()
+        self.group_offset() + self.groups.len() * self.group_width()
+    }
+
+    /// Global values per group: the effect `b_g` and `2 × harmonics` seasonal coefficients.
+    fn group_width(&self) -> usize {
+        1 + 2 * self.harmonics as usize
+    }
+
+    /// Where group `g`'s block starts in the global vector.
+    fn group_at(&self, g: u32) -> usize {
+        self.group_offset() + g as usize * self.group_width()
     }
 
     /// Checks ranges.
@@ -380,8 +392,12 @@ impl DemandModel {
         let own = self.store_weights(local, s.store);
         let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum::<f32>()
             + x[1..].iter().zip(own).map(|(a, b)| a * b).sum::<f32>();
+        let block = &global[self.spec.group_at(s.group)..][..self.spec.group_width()];
+        let season: f32 =
+            x[FIXED..self.spec.group_offset()].iter().zip(&block[1..]).map(|(a, b)| a * b).sum();
         let eta = dot
-            + global[self.spec.group_offset() + s.group as usize]
+            + block[0]
+            + season
             + local.store_level[s.store as usize]
             + local.series_level[si];
         eta.min(MAX_ETA)
@@ -429,7 +445,10 @@ impl DemandModel {
         fit + 0.5
             * reg
             * (weights
-                + sq(global[self.spec.group_offset() + s.group as usize])
+                + global[self.spec.group_at(s.group)..][..self.spec.group_width()]
+                    .iter()
+                    .map(|&v| sq(v))
+                    .sum::<f64>()
                 + sq(local.store_level[s.store as usize])
                 + sq(local.series_level[si]))
             + 0.5
@@ -476,8 +495,12 @@ impl DemandModel {
         for (w, xi) in global[1..x.len()].iter_mut().zip(&x[1..]) {
             *w -= lr * (grad * xi + reg * *w);
         }
-        let b = &mut global[self.spec.group_offset() + s.group as usize];
-        *b -= lr * (grad + reg * *b);
+        let width = self.spec.group_width();
+        let block = &mut global[self.spec.group_at(s.group)..][..width];
+        block[0] -= lr * (grad + reg * block[0]);
+        for (c, xi) in block[1..].iter_mut().zip(&x[FIXED..]) {
+            *c -= lr * (grad * xi + reg * *c);
+        }
         let a = &mut local.store_level[s.store as usize];
         *a -= lr * (grad + reg * *a);
         let a = &mut local.series_level[si];
