@@ -161,3 +161,30 @@ fn exported_sales_and_config_fit_together() {
         assert!(spec.first_test_week > data.first_week + 52);
     }
 }
+
+/// The three targets on 200 generated stores (BENCHMARKS.md measures 1,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_store_targets() {
+    if !slow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = args(&[
+        "--scenario",
+        "retail-synthetic",
+        "--synthetic-stores",
+        "200",
+        "--dp-epsilons",
+        "8",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    let report = demand::run(&args).await.unwrap();
+    let wape = |m: &str| report.method(m).unwrap().total().wape();
+    let f = demand::fairness(&report);
+    assert!(f.federated_beats_local_only * 4 >= f.stores_compared * 3, "{f:?}");
+    assert!(wape("federated") <= 0.9 * wape("seasonal_naive"));
+    let gain = wape("local_only") - wape("federated");
+    assert!(gain > 0.0);
+    assert!(wape("local_only") - wape("federated_dp_eps8") >= 0.5 * gain);
+}

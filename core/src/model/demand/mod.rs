@@ -395,11 +395,8 @@ impl DemandModel {
         let block = &global[self.spec.group_at(s.group)..][..self.spec.group_width()];
         let season: f32 =
             x[FIXED..self.spec.group_offset()].iter().zip(&block[1..]).map(|(a, b)| a * b).sum();
-        let eta = dot
-            + block[0]
-            + season
-            + local.store_level[s.store as usize]
-            + local.series_level[si];
+        let eta =
+            dot + block[0] + season + local.store_level[s.store as usize] + local.series_level[si];
         eta.min(MAX_ETA)
     }
 
