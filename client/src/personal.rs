@@ -27,6 +27,9 @@ struct DemandOnDisk {
     store_weights: Vec<f32>,
     /// Per product group: the series level.
     series: BTreeMap<String, f32>,
+    /// Per product group: the series' seasonal offsets.
+    #[serde(default)]
+    seasons: BTreeMap<String, Vec<f32>>,
 }
 
 /// Errors reading or writing the personal parameters.
@@ -99,6 +102,11 @@ pub fn save_demand(dir: &Path, groups: &[&str], local: &DemandLocal) -> Result<(
             .map(|g| g.to_string())
             .zip(local.series_level.iter().copied())
             .collect(),
+        seasons: groups
+            .iter()
+            .map(|g| g.to_string())
+            .zip(local.series_season.chunks(season_width(local)).map(<[f32]>::to_vec))
+            .collect(),
     };
     let bytes = serde_json::to_vec(&disk).expect("plain data serialises");
     write_atomically(dir, DEMAND_FILE, &bytes)
@@ -137,7 +145,18 @@ pub fn load_demand(
             *level = *saved;
         }
     }
+    let width = season_width(&fresh);
+    for (season, group) in fresh.series_season.chunks_mut(width).zip(groups) {
+        if let Some(saved) = disk.seasons.get(*group).filter(|v| v.len() == season.len()) {
+            season.copy_from_slice(saved);
+        }
+    }
     Ok(Some(fresh))
+}
+
+/// Seasonal offsets per series (at least 1, so `chunks` never sees 0).
+fn season_width(local: &DemandLocal) -> usize {
+    (local.series_season.len() / local.series_level.len().max(1)).max(1)
 }
 
 /// Reads the saved parameters and lays them out for `user_keys`; users without saved values
@@ -217,6 +236,7 @@ mod tests {
         let saved = DemandLocal {
             store_level: vec![0.5],
             series_level: vec![1.0, 2.0],
+            series_season: vec![1.5, 1.5, 2.5, 2.5],
             store_weights: vec![0.1, 0.2, 0.3],
         };
         save_demand(dir.path(), &["Paper", "Chairs"], &saved).unwrap();
@@ -224,12 +244,14 @@ mod tests {
         let fresh = DemandLocal {
             store_level: vec![0.0],
             series_level: vec![0.0; 3],
+            series_season: vec![0.0; 6],
             store_weights: vec![0.0; 3],
         };
         let got = load_demand(dir.path(), &["Tables", "Chairs", "Paper"], fresh.clone())
             .unwrap()
             .unwrap();
         assert_eq!(got.series_level, vec![0.0, 2.0, 1.0]);
+        assert_eq!(got.series_season, vec![0.0, 0.0, 2.5, 2.5, 1.5, 1.5]);
         assert_eq!((got.store_level[0], got.store_weights.clone()), (0.5, vec![0.1, 0.2, 0.3]));
         let wider = DemandLocal { store_weights: vec![0.0; 4], ..fresh };
         let err = load_demand(dir.path(), &["Paper"], wider).unwrap_err().to_string();

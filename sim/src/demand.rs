@@ -96,7 +96,7 @@ pub fn hyper(args: &RunArgs) -> DemandHyper {
         regularization: args.regularization.unwrap_or(0.001),
         server_lr: args.server_lr.unwrap_or(2.0),
         clip_norm: args.clip_norm.unwrap_or(0.5),
-        personal_regularization: args.personal_regularization.unwrap_or(30.0),
+        personal_regularization: args.personal_regularization.unwrap_or(100.0),
         loss: match args.loss {
             Some(LossArg::Poisson) => DemandLoss::Poisson,
             Some(LossArg::Log1pSquared) => DemandLoss::Log1pSquared,
@@ -212,6 +212,7 @@ pub fn central(
     let mut local = model.init_local(&data, None);
     model.train(&mut global, &mut local, &data, epochs, &mut rng);
     let w = model.n_weights();
+    let h2 = 2 * model.spec().harmonics as usize;
     stores
         .data
         .iter()
@@ -220,6 +221,7 @@ pub fn central(
             let own = DemandLocal {
                 store_level: vec![local.store_level[k]],
                 series_level: local.series_level[starts[k]..starts[k + 1]].to_vec(),
+                series_season: local.series_season[starts[k] * h2..starts[k + 1] * h2].to_vec(),
                 store_weights: local.store_weights[k * w..(k + 1) * w].to_vec(),
             };
             model.evaluate(&global, &own, d, seed)

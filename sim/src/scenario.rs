@@ -141,7 +141,7 @@ pub struct RunArgs {
     /// value runs none).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,3,8")]
     pub dp_epsilons: Vec<f64>,
-    /// Demand scenarios: prior weight Λ on each store's personal feature weights [default: 30].
+    /// Demand scenarios: prior weight Λ on each store's personal feature weights and seasonal offsets [default: 100].
     #[arg(long)]
     pub personal_regularization: Option<f32>,
     /// The retail-synthetic scenario's number of stores.

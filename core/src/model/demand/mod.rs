@@ -231,6 +231,9 @@ pub struct DemandLocal {
     pub store_level: Vec<f32>,
     /// One level per series.
     pub series_level: Vec<f32>,
+    /// Per series, offsets to its group's seasonal coefficients (`2 × harmonics` values each,
+    /// with the personal prior): a store's own seasonal amplitude per product group.
+    pub series_season: Vec<f32>,
     /// Per store, offsets added to the global feature weights (every weight but the
     /// intercept): the store's own response to lags, discount and season. `n_stores` rows of
     /// [`DemandModel::n_weights`] values.
@@ -369,6 +372,11 @@ impl DemandModel {
             .collect()
     }
 
+    fn series_season<'a>(&self, local: &'a DemandLocal, si: usize) -> &'a [f32] {
+        let k = 2 * self.spec.harmonics as usize;
+        &local.series_season[si * k..(si + 1) * k]
+    }
+
     /// Feature weights a store personalises (all but the intercept).
     pub fn n_weights(&self) -> usize {
         self.spec.group_offset() - 1
@@ -395,8 +403,16 @@ impl DemandModel {
         let block = &global[self.spec.group_at(s.group)..][..self.spec.group_width()];
         let season: f32 =
             x[FIXED..self.spec.group_offset()].iter().zip(&block[1..]).map(|(a, b)| a * b).sum();
-        let eta =
-            dot + block[0] + season + local.store_level[s.store as usize] + local.series_level[si];
+        let eta = dot
+            + block[0]
+            + season
+            + local.store_level[s.store as usize]
+            + local.series_level[si]
+            + x[FIXED..self.spec.group_offset()]
+                .iter()
+                .zip(self.series_season(local, si))
+                .map(|(a, b)| a * b)
+                .sum::<f32>();
         eta.min(MAX_ETA)
     }
 
@@ -448,6 +464,9 @@ impl DemandModel {
                     .sum::<f64>()
                 + sq(local.store_level[s.store as usize])
                 + sq(local.series_level[si]))
+            + 0.5
+                * f64::from(self.personal_regularization(data)[s.store as usize])
+                * self.series_season(local, si).iter().map(|&w| sq(w)).sum::<f64>()
             + 0.5
                 * f64::from(self.personal_regularization(data)[s.store as usize])
                 * self.store_weights(local, s.store).iter().map(|&w| sq(w)).sum::<f64>()
@@ -502,6 +521,10 @@ impl DemandModel {
         *a -= lr * (grad + reg * *a);
         let a = &mut local.series_level[si];
         *a -= lr * (grad + reg * *a);
+        let k = 2 * self.spec.harmonics as usize;
+        for (u, xi) in local.series_season[si * k..(si + 1) * k].iter_mut().zip(&x[FIXED..]) {
+            *u -= lr * (grad * xi + personal_reg * *u);
+        }
         let w = self.n_weights();
         let own = &mut local.store_weights[s.store as usize * w..(s.store as usize + 1) * w];
         for (u, xi) in own.iter_mut().zip(&x[1..]) {
@@ -532,6 +555,7 @@ impl DemandModel {
             DemandLocal {
                 store_level: diff(&local.store_level, &l.store_level),
                 series_level: diff(&local.series_level, &l.series_level),
+                series_season: diff(&local.series_season, &l.series_season),
                 store_weights: diff(&local.store_weights, &l.store_weights),
             },
         )
@@ -647,6 +671,7 @@ impl Model for DemandModel {
         if let Some(prev) = previous
             && prev.store_level.len() == data.n_stores
             && prev.series_level.len() == data.series.len()
+            && prev.series_season.len() == data.series.len() * 2 * self.spec.harmonics as usize
             && prev.store_weights.len() == data.n_stores * self.n_weights()
         {
             return prev;
@@ -654,6 +679,7 @@ impl Model for DemandModel {
         DemandLocal {
             store_level: vec![0.0; data.n_stores],
             series_level: vec![0.0; data.series.len()],
+            series_season: vec![0.0; data.series.len() * 2 * self.spec.harmonics as usize],
             store_weights: vec![0.0; data.n_stores * self.n_weights()],
         }
     }

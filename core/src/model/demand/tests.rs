@@ -50,6 +50,7 @@ fn gradients_match_finite_differences() {
         let local = DemandLocal {
             store_level: vec![0.1, -0.2],
             series_level: vec![0.05, 0.0, -0.1, 0.2],
+            series_season: (0..4 * 4).map(|_| rng.random_range(-0.1f32..0.1)).collect(),
             store_weights: (0..2 * model.n_weights())
                 .map(|_| rng.random_range(-0.1f32..0.1))
                 .collect(),
@@ -84,6 +85,13 @@ fn gradients_match_finite_differences() {
                     l.series_level[k],
                     fd(&|_, l, d| l.series_level[k] += d),
                     format!("series {k}"),
+                );
+            }
+            for k in 0..l.series_season.len() {
+                check(
+                    l.series_season[k],
+                    fd(&|_, l, d| l.series_season[k] += d),
+                    format!("series season {k}"),
                 );
             }
             for k in 0..l.store_weights.len() {
