@@ -12,7 +12,10 @@
 //!
 //! plus, per group, its own seasonal terms `Σ_h (e_{g,h} sin(2πht/P) + e'_{g,h} cos(2πht/P))`,
 //! with lags `j ∈ {1, 2, 4, 52}`, windows `W ∈ {13, 52}` and `P` the mean year in weeks.
-//! `β₀, w, m, v, d, c, b, e` are global; the store level `a_k` and series level `a_s` are local.
+//! `β₀, w, m, v, d, c, b, e` are global. Local to the store: the store level `a_k`, the series
+//! level `a_s`, the store's offsets to `w, m, v, d, c` and the series' offsets to `e_g`, the
+//! offsets under a prior that keeps small stores near the federated values
+//! ([`DemandSpec::personal_regularization`]).
 //!
 //! Two losses, picked per task ([`DemandLoss`]): Poisson deviance (`ŷ = e^η`, the mean) and
 //! squared error on `ℓ(y)` (`ŷ = e^η - 1`, nearer the median for intermittent series). Both are
@@ -95,10 +98,11 @@ pub struct DemandSpec {
     /// later than the origin is used instead, so the target never leaks in.
     #[serde(default)]
     pub planned_discounts: bool,
-    /// Prior weight Λ on a store's personal feature weights, spread over the store's training
-    /// examples: each example adds `λ + Λ / n_store` to their L2 coefficient, so the penalty
-    /// in total is about `Λ/2 ‖u‖²` whatever the store's size. Small stores then keep close
-    /// to the federated weights and large ones may depart from them.
+    /// Prior weight Λ on a store's personal offsets (to the feature weights, and each series'
+    /// to its group's seasonal coefficients), spread over the store's training examples: each
+    /// example adds `λ + Λ / n_store` to their L2 coefficient, so the penalty in total is about
+    /// `Λ/2 ‖u‖²` whatever the store's size. Small stores then keep close to the federated
+    /// weights and large ones may depart from them.
     #[serde(default)]
     pub personal_regularization: f32,
     /// Units are whole (counts): median forecasts ([`DemandLoss::Log1pAbsolute`]) are rounded
