@@ -294,3 +294,105 @@ async fn a_refused_request_backs_off_before_polling_again() {
     // The first backoff step is 500 ms with ±20 % jitter.
     assert!(start.elapsed() >= Duration::from_millis(400), "waited {:?}", start.elapsed());
 }
+
+fn demand_spec(groups: &[&str]) -> fedretail_core::model::demand::DemandSpec {
+    fedretail_core::model::demand::DemandSpec {
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        first_test_week: 100,
+        horizon: 2,
+        harmonics: 1,
+        learning_rate: 0.01,
+        regularization: 0.001,
+        loss: fedretail_core::model::demand::DemandLoss::Log1pAbsolute,
+        planned_discounts: false,
+        personal_regularization: 10.0,
+        whole_units: true,
+    }
+}
+
+/// Weekly sales of one group from week 0 to 109 (the last 10 held out by `demand_spec`).
+fn sales(group: &str) -> crate::data::sales::StoreSales {
+    let units: Vec<f32> = (0..110).map(|t| (2 + t % 3) as f32).collect();
+    let discount = vec![0.0; 110];
+    crate::data::sales::StoreSales {
+        first_week: 0,
+        n_weeks: 110,
+        groups: [(group.to_string(), (units, discount))].into(),
+    }
+}
+
+fn demand_participant(
+    dir: &Path,
+    groups: &[&str],
+    data: LocalData,
+    assignments: Vec<Result<Assignment, TransportError>>,
+) -> (Participant<Fake>, Arc<Mutex<Record>>) {
+    let spec = demand_spec(groups);
+    let n = spec.n_global();
+    let enrollment = Enrollment { model: ModelSpec::Demand(spec), ..enrollment() };
+    let record = Arc::new(Mutex::new(Record::default()));
+    let fake = Fake {
+        record: record.clone(),
+        enroll_results: vec![Ok(enrollment)].into(),
+        assignments: assignments.into(),
+        audit_dir: Some(dir.to_path_buf()),
+        model: vec![0.0; n],
+    };
+    let config = ParticipantConfig {
+        task: "demand".into(),
+        store_name: "store".into(),
+        state_dir: Some(dir.to_path_buf()),
+        max_backoff: Duration::from_secs(4),
+        seeded_privacy: false,
+    };
+    (Participant::new(fake, config, data), record)
+}
+
+#[tokio::test]
+async fn a_demand_store_trains_evaluates_and_keeps_its_levels() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = demand_spec(&["Paper"]).n_global();
+    let plan = |round_id| {
+        Ok(Assignment::Train(TrainPlan {
+            round_id,
+            model_version: 0,
+            n_params: n,
+            local_epochs: 2,
+            clip_norm: 100.0,
+            round_seed: 9,
+            upload_timeout: Duration::from_secs(60),
+            privacy: None,
+        }))
+    };
+    let eval =
+        Ok(Assignment::Evaluate(EvalPlan { round_id: 2, model_version: 1, n_params: n, seed: 0 }));
+    let (p, record) = demand_participant(
+        dir.path(),
+        &["Paper"],
+        LocalData::Sales(sales("Paper")),
+        vec![plan(1), eval],
+    );
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!((outcome.rounds_trained, outcome.evaluations), (1, 1));
+    let record = record.lock().unwrap();
+    assert_eq!(record.uploads[0].0.len(), n);
+    assert!(record.uploads[0].0.iter().any(|v| *v != 0.0), "the update moved the model");
+    // 10 held-out weeks, each forecast from 2 origins, all of them sold something.
+    assert_eq!(record.reports[0].n_ratings, 20);
+    assert!(record.reports[0].actual_sum > 0.0);
+    assert_eq!(outcome.last_eval, Some(record.reports[0]));
+    let saved = std::fs::read_to_string(dir.path().join(crate::personal::DEMAND_FILE)).unwrap();
+    assert!(saved.contains("\"Paper\""), "{saved}");
+}
+
+#[tokio::test]
+async fn a_demand_task_needs_sales_of_its_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) =
+        demand_participant(dir.path(), &["Chairs"], LocalData::Sales(sales("Paper")), vec![]);
+    let err = p.run(CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(err.ends_with("the store sells none of the task's product groups (Chairs)"), "{err}");
+    let (p, _) = demand_participant(dir.path(), &["Chairs"], LocalData::Ratings(ratings()), vec![]);
+    let err = p.run(CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(err.ends_with("the task forecasts demand, and this store has no sales"), "{err}");
+}
