@@ -75,6 +75,18 @@ pub fn save(dir: &Path, user_keys: &[String], local: &MfLocal) -> Result<(), Per
     write_atomically(dir, FILE, &bytes)
 }
 
+/// The saved value at `path`, or `None` if there is no file yet.
+fn read_saved<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, PersonalError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersonalError::Io { path: path.into(), source }),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| PersonalError::Corrupt { path: path.into(), message: e.to_string() })
+}
+
 fn write_atomically(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), PersonalError> {
     let path = dir.join(file);
     let io = |source| PersonalError::Io { path: path.clone(), source };
@@ -124,13 +136,8 @@ pub fn load_demand(
     mut fresh: DemandLocal,
 ) -> Result<Option<DemandLocal>, PersonalError> {
     let path = dir.join(DEMAND_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(PersonalError::Io { path, source }),
-    };
+    let Some(disk) = read_saved::<DemandOnDisk>(&path)? else { return Ok(None) };
     let corrupt = |message: String| PersonalError::Corrupt { path: path.clone(), message };
-    let disk: DemandOnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     if disk.store_weights.len() != fresh.store_weights.len() || fresh.store_level.len() != 1 {
         return Err(corrupt(format!(
             "saved {} coefficient offsets for one store, the task has {}",
@@ -171,13 +178,8 @@ pub fn load(
     mut fresh: MfLocal,
 ) -> Result<Option<MfLocal>, PersonalError> {
     let path = dir.join(FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(PersonalError::Io { path, source }),
-    };
+    let Some(disk) = read_saved::<OnDisk>(&path)? else { return Ok(None) };
     let corrupt = |message: String| PersonalError::Corrupt { path: path.clone(), message };
-    let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let dim = fresh.user_factors.ncols();
     if disk.dim != dim {
         return Err(corrupt(format!("saved for dimension {}, the task uses {dim}", disk.dim)));

@@ -117,12 +117,7 @@ pub fn load(args: &RunArgs) -> anyhow::Result<DemandStores> {
             let rows = superstore::load(&csv, args.stores)?;
             let weeks = rows.iter().map(|r| fedretail_core::model::demand::week_of_day(r.day));
             let range = (weeks.clone().min().unwrap_or(0), weeks.max().unwrap_or(0));
-            let mut by_store: BTreeMap<&str, Vec<&fedretail_client::data::sales::SalesRow>> =
-                BTreeMap::new();
-            for r in &rows {
-                by_store.entry(r.store.as_str()).or_default().push(r);
-            }
-            let stores = by_store
+            let stores = fedretail_client::data::sales::by_store(&rows)
                 .into_iter()
                 .map(|(name, rows)| (name.to_string(), StoreSales::from_rows(rows, Some(range))))
                 .collect();
@@ -302,8 +297,8 @@ impl DemandReport {
 }
 
 fn date_of_week(week: i64) -> String {
-    jiff::civil::date(1970, 1, 5)
-        .checked_add(jiff::Span::new().days(week * 7))
+    // Week 0 starts on Monday 1970-01-05, day 4 (`week_of_day`).
+    fedretail_client::data::sales::date_of_day(4 + week * 7)
         .map_or_else(|_| format!("week {week}"), |d| d.to_string())
 }
 
@@ -791,14 +786,10 @@ pub struct ExportSalesArgs {
 ///
 /// Download, parse or I/O errors.
 pub fn export_sales(args: &ExportSalesArgs) -> anyhow::Result<()> {
-    use fedretail_client::data::sales::{SalesRow, write_sales};
+    use fedretail_client::data::sales::{by_store, write_sales};
     let csv = superstore::fetch(&cache_dir(args.cache_dir.as_ref()))?;
     let rows = superstore::load(&csv, args.stores)?;
-    let mut by_store: BTreeMap<&str, Vec<SalesRow>> = BTreeMap::new();
-    for r in &rows {
-        by_store.entry(r.store.as_str()).or_default().push(r.clone());
-    }
-    let mut stores: Vec<(&str, Vec<SalesRow>)> = by_store.into_iter().collect();
+    let mut stores: Vec<_> = by_store(&rows).into_iter().collect();
     stores.sort_by_key(|(name, rows)| (std::cmp::Reverse(rows.len()), *name));
     stores.truncate(args.limit.unwrap_or(usize::MAX));
     std::fs::create_dir_all(&args.out)
@@ -810,7 +801,8 @@ pub fn export_sales(args: &ExportSalesArgs) -> anyhow::Result<()> {
     for (name, rows) in &stores {
         let file = name.replace(['/', '\\', ' ', ','], "_");
         let path = args.out.join(format!("{file}.csv"));
-        write_sales(&path, rows).with_context(|| format!("writing {}", path.display()))?;
+        write_sales(&path, rows.iter().copied())
+            .with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %path.display(), rows = rows.len(), "store written");
     }
     // The task: the same calendar the simulator uses (the data's last week ends the test).

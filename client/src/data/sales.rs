@@ -104,11 +104,7 @@ pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRo
         let date: jiff::civil::Date = field(0).parse().map_err(|e| {
             bad("date", format!("{:?} is not a date of the form YYYY-MM-DD ({e})", field(0)))
         })?;
-        let day = i64::from(
-            date.since(jiff::civil::date(1970, 1, 1))
-                .map_err(|e| bad("date", e.to_string()))?
-                .get_days(),
-        );
+        let day = day_number(date).map_err(|e| bad("date", e.to_string()))?;
         let text = |k: usize, column: &'static str| {
             let v = field(k);
             if v.is_empty() { Err(bad(column, "is empty".into())) } else { Ok(v.to_string()) }
@@ -153,11 +149,9 @@ pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRo
 /// has).
 pub fn load_store(path: &Path, store: &str) -> Result<StoreSales, CsvError> {
     let rows = load_sales(path)?;
-    let mine: Vec<&SalesRow> = rows.iter().filter(|r| r.store == store).collect();
-    if mine.is_empty() {
-        let mut names: Vec<&str> = rows.iter().map(|r| r.store.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
+    let mut stores = by_store(&rows);
+    let Some(mine) = stores.remove(store) else {
+        let mut names: Vec<&str> = stores.into_keys().collect();
         let more = names.len().saturating_sub(10);
         names.truncate(10);
         let mut has = names.join(", ");
@@ -165,8 +159,35 @@ pub fn load_store(path: &Path, store: &str) -> Result<StoreSales, CsvError> {
             has.push_str(&format!(" and {more} more"));
         }
         return Err(CsvError::NoRowsFor { path: path.into(), store: store.into(), has });
-    }
+    };
     Ok(StoreSales::from_rows(mine, None))
+}
+
+/// The rows of each store, by store name.
+pub fn by_store(rows: &[SalesRow]) -> BTreeMap<&str, Vec<&SalesRow>> {
+    let mut stores: BTreeMap<&str, Vec<&SalesRow>> = BTreeMap::new();
+    for r in rows {
+        stores.entry(r.store.as_str()).or_default().push(r);
+    }
+    stores
+}
+
+/// Days from 1970-01-01 to `date` (the `day` of a [`SalesRow`]).
+///
+/// # Errors
+///
+/// Dates outside jiff's range.
+pub fn day_number(date: jiff::civil::Date) -> Result<i64, jiff::Error> {
+    Ok(i64::from(date.since(jiff::civil::date(1970, 1, 1))?.get_days()))
+}
+
+/// The date `day` days after 1970-01-01 (the inverse of [`day_number`]).
+///
+/// # Errors
+///
+/// Days outside jiff's range.
+pub fn date_of_day(day: i64) -> Result<jiff::civil::Date, jiff::Error> {
+    jiff::civil::date(1970, 1, 1).checked_add(jiff::Span::new().try_days(day)?)
 }
 
 /// Writes rows in the format [`load_sales`] reads.
@@ -174,13 +195,14 @@ pub fn load_store(path: &Path, store: &str) -> Result<StoreSales, CsvError> {
 /// # Errors
 ///
 /// I/O errors.
-pub fn write_sales(path: &Path, rows: &[SalesRow]) -> std::io::Result<()> {
+pub fn write_sales<'a>(
+    path: &Path,
+    rows: impl IntoIterator<Item = &'a SalesRow>,
+) -> std::io::Result<()> {
     let mut w = csv::Writer::from_path(path)?;
     w.write_record(COLUMNS)?;
     for r in rows {
-        let date = jiff::civil::date(1970, 1, 1)
-            .checked_add(jiff::Span::new().days(r.day))
-            .map_err(std::io::Error::other)?;
+        let date = date_of_day(r.day).map_err(std::io::Error::other)?;
         w.write_record([
             date.to_string(),
             r.store.clone(),

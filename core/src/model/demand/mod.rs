@@ -470,10 +470,12 @@ impl DemandModel {
                 + sq(local.series_level[si]))
             + 0.5
                 * f64::from(self.personal_regularization(data)[s.store as usize])
-                * self.series_season(local, si).iter().map(|&w| sq(w)).sum::<f64>()
-            + 0.5
-                * f64::from(self.personal_regularization(data)[s.store as usize])
-                * self.store_weights(local, s.store).iter().map(|&w| sq(w)).sum::<f64>()
+                * self
+                    .series_season(local, si)
+                    .iter()
+                    .chain(self.store_weights(local, s.store))
+                    .map(|&w| sq(w))
+                    .sum::<f64>()
     }
 
     /// One SGD step on series `si` at week `t`, with `x` its features. Returns the fit part of
