@@ -287,6 +287,10 @@ pub struct DemandReport {
     pub n_weeks: usize,
     /// Every method, baselines first.
     pub methods: Vec<MethodRun>,
+    /// Per store, the hindsight bound ([`Naive::HindsightMedian`]): each series' median over
+    /// its own test weeks. Not a method (it sees the test weeks); it tells which stores no
+    /// constant forecast per series can help.
+    pub hindsight: Vec<EvalSums>,
 }
 
 impl DemandReport {
@@ -426,6 +430,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
         stores: stores.names,
         first_test_date: date_of_week(spec.first_test_week),
         n_weeks: stores.n_weeks,
+        hindsight: naive(Naive::HindsightMedian),
         methods,
     })
 }
@@ -467,6 +472,13 @@ pub struct Fairness {
     pub small_store_wape: Vec<(String, f64)>,
     /// Small stores where federated beats local-only.
     pub small_federated_beats_local_only: usize,
+    /// Stores with test sales where even the hindsight median of every series is zero: no
+    /// constant forecast per series beats forecasting nothing (WAPE 1) there.
+    pub zero_is_best_constant: usize,
+    /// The other stores: where a forecast can help.
+    pub forecastable: usize,
+    /// Forecastable stores where federated beats local-only.
+    pub forecastable_federated_beats_local_only: usize,
 }
 
 /// Computes [`Fairness`].
@@ -476,6 +488,9 @@ pub fn fairness(r: &DemandReport) -> Fairness {
     let defined: Vec<usize> =
         (0..r.stores.len()).filter(|&k| fed.per_store[k].actual_sum > 0.0).collect();
     let beats = |k: &usize| fed.per_store[*k].wape() < local.per_store[*k].wape();
+    // Zero forecasts give WAPE exactly 1; the hindsight median is never worse.
+    let forecastable: Vec<usize> =
+        defined.iter().copied().filter(|&k| r.hindsight[k].wape() < 1.0).collect();
     let worst_decile = r
         .methods
         .iter()
@@ -508,6 +523,9 @@ pub fn fairness(r: &DemandReport) -> Fairness {
             .count(),
         worst_decile,
         small_federated_beats_local_only: small_stores.iter().filter(|k| beats(k)).count(),
+        zero_is_best_constant: defined.len() - forecastable.len(),
+        forecastable_federated_beats_local_only: forecastable.iter().filter(|k| beats(k)).count(),
+        forecastable: forecastable.len(),
         small_stores,
         small_store_wape,
     }
@@ -555,6 +573,7 @@ pub fn to_json(r: &DemandReport) -> Value {
                 "test_units": r.methods[0].per_store[k].actual_sum / f64::from(HORIZON),
                 "wape": wape,
                 "mae": mae,
+                "hindsight_median_wape": round4(r.hindsight[k].wape()),
             })
         })
         .collect();
@@ -567,6 +586,9 @@ pub fn to_json(r: &DemandReport) -> Value {
         "small_stores": f.small_stores.iter().map(|&k| r.stores[k].clone()).collect::<Vec<_>>(),
         "small_store_wape": f.small_store_wape.iter().map(|(k, w)| (k.clone(), round4(*w))).collect::<serde_json::Map<_, _>>(),
         "small_federated_beats_local_only": f.small_federated_beats_local_only,
+        "zero_is_best_constant": f.zero_is_best_constant,
+        "forecastable": f.forecastable,
+        "forecastable_federated_beats_local_only": f.forecastable_federated_beats_local_only,
     });
     v
 }
@@ -617,6 +639,11 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
     );
     let _ = writeln!(
         md,
+        "- On {} of those stores even the hindsight median of each series over its own test weeks is zero: no constant forecast per series beats forecasting nothing there (WAPE 1). On the other {}, federated beats local-only on {}.",
+        f.zero_is_best_constant, f.forecastable, f.forecastable_federated_beats_local_only
+    );
+    let _ = writeln!(
+        md,
         "- Federated WAPE {fed:.4} against seasonal naive {naive:.4}: {:.1} % lower (target ≥ 10 %).",
         100.0 * (1.0 - fed / naive)
     );
@@ -661,10 +688,10 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
     let keys: Vec<&str> = r.methods.iter().map(|m| m.key.as_str()).collect();
     let _ = writeln!(
         md,
-        "| store | weeks with sales | test units | {} | federated − local-only |",
+        "| store | weeks with sales | test units | {} | federated − local-only | hindsight median |",
         keys.join(" | ")
     );
-    let _ = writeln!(md, "| --- | --- | --- |{}--- |", " --- |".repeat(keys.len()));
+    let _ = writeln!(md, "| --- | --- | --- |{}--- | --- |", " --- |".repeat(keys.len()));
     let mut order: Vec<usize> = (0..r.stores.len()).collect();
     order.sort_by_key(|&k| (r.weeks_of_sales[k], k));
     let fed_m = r.method("federated").expect("federated run");
@@ -675,12 +702,13 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
         let cells: Vec<String> = r.methods.iter().map(|m| cell(m.per_store[k].wape())).collect();
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} |",
             r.stores[k],
             r.weeks_of_sales[k],
             r.methods[0].per_store[k].actual_sum / f64::from(HORIZON),
             cells.join(" | "),
-            signed(fed_m.per_store[k].wape() - local_m.per_store[k].wape())
+            signed(fed_m.per_store[k].wape() - local_m.per_store[k].wape()),
+            cell(r.hindsight[k].wape())
         );
     }
     md

@@ -71,7 +71,15 @@ async fn generated_stores_forecast_demand_over_grpc() {
         for m in ["federated", "local_only", "seasonal_naive", "central"] {
             assert!(s["wape"][m].is_f64(), "{s}");
         }
+        // The best constant per series is never worse than forecasting nothing (WAPE 1).
+        let bound = s["hindsight_median_wape"].as_f64().unwrap();
+        assert!(bound > 0.0 && bound <= 1.0, "{s}");
     }
+    let f = &json["fairness"];
+    assert_eq!(
+        f["zero_is_best_constant"].as_u64().unwrap() + f["forecastable"].as_u64().unwrap(),
+        f["stores_compared"].as_u64().unwrap()
+    );
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(md.contains("![WAPE per store](wape_per_store.svg)") && md.contains("## Fairness"));
     let svg = std::fs::read_to_string(dir.path().join("wape_per_store.svg")).unwrap();
@@ -102,9 +110,21 @@ async fn superstore_targets() {
     let wape = |r: &demand::DemandReport, m: &str| r.method(m).unwrap().total().wape();
     assert!(wape(&states, "federated") <= 0.9 * wape(&states, "seasonal_naive"));
     // Weekly sub-category sales of a state are so sparse that the median forecast, federated
-    // or not, is zero in nearly every state (BENCHMARKS.md): both methods tie there.
+    // or not, is zero in nearly every state (BENCHMARKS.md): both methods tie there, and even
+    // each series' median over its own test weeks is zero, so no constant forecast helps.
     let f = demand::fairness(&states);
     assert!(f.ties >= 40, "{f:?}");
+    assert!(f.zero_is_best_constant >= 40, "{f:?}");
+    assert_eq!(f.zero_is_best_constant + f.forecastable, f.stores_compared);
+    for k in 0..states.stores.len() {
+        let bound = states.hindsight[k].wape();
+        if bound >= 1.0 {
+            // Forecasting nothing is the best constant there: neither method does better.
+            for m in ["federated", "local_only"] {
+                assert!(states.method(m).unwrap().per_store[k].wape() >= 1.0 - 1e-9);
+            }
+        }
+    }
     assert!(wape(&states, "federated_dp_eps8") < 1.05 * wape(&states, "federated"));
 
     let regions = demand::run(&args(&[

@@ -257,6 +257,11 @@ pub enum Naive {
     Seasonal,
     /// The mean of the last this many weeks before the origin.
     MovingAverage(usize),
+    /// Not a forecaster but a bound: each series' (lower) median over its own test weeks,
+    /// forecast for every one of them. It sees the test weeks, so no method is expected to
+    /// match it; where it is zero for every series of a store, no constant forecast per
+    /// series beats forecasting nothing (WAPE 1) on that store.
+    HindsightMedian,
 }
 
 /// Where a feature vector's history comes from: actual values up to the origin, then forecasts.
@@ -596,6 +601,19 @@ impl DemandModel {
 
     /// Rolling-origin evaluation of a naive forecaster (the baselines).
     pub fn evaluate_naive(&self, data: &DemandData, naive: Naive) -> EvalSums {
+        let start = self.test_start(data);
+        let medians: Vec<f32> = match naive {
+            Naive::HindsightMedian => data
+                .series
+                .iter()
+                .map(|s| {
+                    let mut test: Vec<f32> = s.units[start.max(s.start)..].to_vec();
+                    test.sort_by(f32::total_cmp);
+                    test.get(test.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         self.rolling_origin(data, |si, origin, out| {
             let (y, first) = (&data.series[si].units, data.series[si].start);
             for (h, f) in out.iter_mut().enumerate() {
@@ -608,6 +626,7 @@ impl DemandModel {
                         let from = (origin + 1).saturating_sub(w).max(first);
                         y[from..=origin].iter().sum::<f32>() / (origin + 1 - from) as f32
                     }
+                    Naive::HindsightMedian => medians[si],
                 };
             }
         })

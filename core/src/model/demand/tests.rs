@@ -178,6 +178,30 @@ fn seasonal_naive_repeats_last_year() {
 }
 
 #[test]
+fn hindsight_median_is_the_best_constant_and_zero_on_sparse_series() {
+    let model =
+        DemandModel::new(DemandSpec { first_test_week: 2052 + 60, ..spec(DemandLoss::Poisson) });
+    let first = 60;
+    // Sales in 10 of the 60 test weeks: the median of the test weeks is zero.
+    let sparse: Vec<f32> = (0..120).map(|t| if t % 6 == 0 { 4.0 } else { 0.0 }).collect();
+    // Sales every test week, 1 to 5 units: the median is 3.
+    let dense: Vec<f32> = (0..120).map(|t| (t % 5 + 1) as f32).collect();
+    let data = |units: Vec<f32>| DemandData {
+        first_week: 2052,
+        n_stores: 1,
+        series: vec![Series { store: 0, group: 0, start: 0, discount: vec![f32::NAN; 120], units }],
+    };
+    let sparse_sums = model.evaluate_naive(&data(sparse), Naive::HindsightMedian);
+    assert!(sparse_sums.actual_sum > 0.0);
+    assert_eq!(sparse_sums.wape(), 1.0, "zero forecasts on a zero-median series");
+    let dense_data = data(dense.clone());
+    let best = model.evaluate_naive(&dense_data, Naive::HindsightMedian);
+    // Every test week is forecast `horizon` times; the constant 3 misses by |y - 3|.
+    let per_pass: f32 = dense[first..].iter().map(|y| (y - 3.0).abs()).sum();
+    assert!((best.absolute_error - 4.0 * f64::from(per_pass)).abs() < 1e-6, "{best:?}");
+}
+
+#[test]
 fn validation_names_fields() {
     let mut s = spec(DemandLoss::Poisson);
     s.groups.push("a".into());
