@@ -36,7 +36,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PrivacyCommand {
-    /// ε after some rounds of the Poisson-subsampled Gaussian mechanism (RDP accountant).
+    /// ε after some rounds of the Poisson-subsampled Gaussian mechanism.
     Epsilon {
         /// Poisson sampling rate q per round.
         #[arg(long, required_unless_present = "schedule", conflicts_with = "schedule")]
@@ -53,6 +53,11 @@ enum PrivacyCommand {
         /// δ.
         #[arg(long)]
         delta: f64,
+        /// `rdp` (orders as dp-accounting; prints the optimal order) or `pld` (privacy loss
+        /// distributions: tighter; never looser than RDP; the order is null unless RDP was
+        /// the tighter).
+        #[arg(long, default_value = "rdp", value_parser = ["rdp", "pld"])]
+        accountant: String,
     },
     /// The smallest noise multiplier that keeps `rounds` rounds within ε at δ.
     Calibrate {
@@ -68,6 +73,9 @@ enum PrivacyCommand {
         /// δ.
         #[arg(long)]
         delta: f64,
+        /// `rdp` or `pld`, as for `epsilon`.
+        #[arg(long, default_value = "rdp", value_parser = ["rdp", "pld"])]
+        accountant: String,
     },
 }
 
@@ -80,10 +88,19 @@ struct Phase {
 }
 
 fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
-    use fedretail_core::privacy::accountant::{Accountant, Charge, RdpAccountant, calibrate_noise};
-    let accountant = RdpAccountant::default();
+    use fedretail_core::privacy::accountant::{
+        Accountant, AccountantKind, Charge, calibrate_noise,
+    };
+    let kind = |name: &str| if name == "pld" { AccountantKind::Pld } else { AccountantKind::Rdp };
     Ok(match command {
-        PrivacyCommand::Epsilon { sampling_rate, noise_multiplier, rounds, schedule, delta } => {
+        PrivacyCommand::Epsilon {
+            sampling_rate,
+            noise_multiplier,
+            rounds,
+            schedule,
+            delta,
+            accountant,
+        } => {
             let charges = match schedule {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
@@ -105,10 +122,12 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
                     rounds: rounds.context("--rounds is required")?,
                 }],
             };
-            let e = accountant.epsilon(&charges, delta)?;
-            serde_json::json!({ "epsilon": e.epsilon, "order": e.order })
+            let e = kind(&accountant).epsilon(&charges, delta)?;
+            // A PLD bound has no order: NaN becomes null.
+            serde_json::json!({ "epsilon": e.epsilon, "order": e.order.is_finite().then_some(e.order) })
         }
-        PrivacyCommand::Calibrate { target_epsilon, sampling_rate, rounds, delta } => {
+        PrivacyCommand::Calibrate { target_epsilon, sampling_rate, rounds, delta, accountant } => {
+            let accountant = kind(&accountant);
             let z = calibrate_noise(&accountant, sampling_rate, rounds, target_epsilon, delta)?;
             serde_json::json!({ "noise_multiplier": z })
         }

@@ -93,9 +93,9 @@ impl Tasks {
         if let Some(privacy) = spec.privacy.as_mut()
             && privacy.noise_multiplier.is_none()
         {
-            use fedretail_core::privacy::accountant::{RdpAccountant, calibrate_noise};
+            use fedretail_core::privacy::accountant::calibrate_noise;
             let z = calibrate_noise(
-                &RdpAccountant::default(),
+                &privacy.accountant,
                 privacy.sampling_rate,
                 spec.plan.rounds,
                 privacy.target_epsilon,

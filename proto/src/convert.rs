@@ -9,6 +9,7 @@ use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::accountant::AccountantKind;
 use fedretail_core::privacy::{
     AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit, TrainPrivacy,
 };
@@ -71,7 +72,33 @@ impl From<&PrivacySpec> for pb::PrivacySpec {
                 learning_rate: a.learning_rate,
                 count_noise_std: a.count_noise_std,
             }),
+            accountant: pb::Accountant::from(p.accountant).into(),
         }
+    }
+}
+
+impl From<AccountantKind> for pb::Accountant {
+    fn from(a: AccountantKind) -> pb::Accountant {
+        match a {
+            AccountantKind::Rdp => pb::Accountant::Rdp,
+            AccountantKind::Pld => pb::Accountant::Pld,
+        }
+    }
+}
+
+/// The accountant a message names; unspecified is RDP (messages from before the field).
+///
+/// # Errors
+///
+/// An unknown value.
+pub fn accountant_kind(value: i32) -> Result<AccountantKind, ConvertError> {
+    match pb::Accountant::try_from(value) {
+        Ok(pb::Accountant::Unspecified | pb::Accountant::Rdp) => Ok(AccountantKind::Rdp),
+        Ok(pb::Accountant::Pld) => Ok(AccountantKind::Pld),
+        Err(_) => Err(ConvertError {
+            field: "privacy.accountant",
+            message: format!("accountant {value} is not one of rdp, pld"),
+        }),
     }
 }
 
@@ -115,6 +142,7 @@ impl TryFrom<pb::PrivacySpec> for PrivacySpec {
                 learning_rate: a.learning_rate,
                 count_noise_std: a.count_noise_std,
             }),
+            accountant: accountant_kind(p.accountant)?,
         })
     }
 }
@@ -424,6 +452,7 @@ mod tests {
                     learning_rate: 0.2,
                     count_noise_std: 5.0,
                 }),
+                accountant: AccountantKind::Pld,
             }),
         };
         let wire: pb::TaskSpec = (&spec).into();

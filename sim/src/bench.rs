@@ -300,6 +300,39 @@ fn bench_accountant() -> anyhow::Result<String> {
             e.order
         ));
     }
+    rows.push_str(&bench_pld()?);
+    Ok(rows)
+}
+
+/// ε from the PLD accountant against RDP on the charges this project's tasks use, with the
+/// PLD's best-of-3 wall time and the noise multipliers each calibrates for the same target.
+fn bench_pld() -> anyhow::Result<String> {
+    use fedretail_core::privacy::accountant::{
+        Accountant, AccountantKind, Charge, PldAccountant, RdpAccountant, calibrate_noise,
+    };
+    let mut rows = String::from(
+        "\n| charges | RDP ε | PLD ε | PLD best ms | target ε | z (RDP) | z (PLD) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    // (q, z, T, target ε for calibration): the customer-level presets at ε = 8 and 2, the
+    // client-level run, and a device-scale schedule.
+    let cases =
+        [(0.3, 1.62, 50, 8.0), (0.3, 3.0, 25, 2.0), (1.0, 6.38, 100, 8.0), (0.01, 1.1, 1000, 2.0)];
+    for (q, z, rounds, target) in cases {
+        let charges = [Charge { sampling_rate: q, noise_multiplier: z, rounds }];
+        let rdp = RdpAccountant::default().epsilon(&charges, 1e-5)?.epsilon;
+        let mut best = f64::INFINITY;
+        let mut pld = f64::NAN;
+        for _ in 0..3 {
+            let t = tokio::time::Instant::now();
+            pld = PldAccountant::default().epsilon(&charges, 1e-5)?.epsilon;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let z_rdp = calibrate_noise(&AccountantKind::Rdp, q, rounds, target, 1e-5)?;
+        let z_pld = calibrate_noise(&AccountantKind::Pld, q, rounds, target, 1e-5)?;
+        rows.push_str(&format!(
+            "| q={q} z={z} T={rounds} | {rdp:.4} | {pld:.4} | {best:.1} | {target} | {z_rdp:.4} | {z_pld:.4} |\n"
+        ));
+    }
     Ok(rows)
 }
 

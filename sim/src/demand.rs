@@ -386,6 +386,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             noise_multiplier: None,
             population: None,
             adaptive_clipping: None,
+            accountant: args.accountant.into(),
         });
         t.validate().context("the scenario's DP task")?;
         runs.push((format!("federated_dp_eps{epsilon}"), t));
@@ -554,7 +555,7 @@ pub fn to_json(r: &DemandReport) -> Value {
             v[&m.key]["privacy"] = json!({
                 "epsilon": round4(p.epsilon), "delta": p.delta, "unit": p.unit, "noise_placement": p.noise_placement,
                 "noise_multiplier": round4(p.noise_multiplier), "sampling_rate": p.sampling_rate, "rounds": p.rounds,
-                "clip_norm": p.clip_norm,
+                "clip_norm": p.clip_norm, "accountant": p.accountant,
             });
         }
     }

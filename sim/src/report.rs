@@ -146,7 +146,7 @@ pub fn to_json(r: &Report) -> Value {
         "privacy": r.privacy.as_ref().map(|p| json!({
             "epsilon": round4(p.epsilon), "delta": p.delta, "unit": p.unit, "noise_placement": p.noise_placement,
             "noise_multiplier": round4(p.noise_multiplier), "sampling_rate": p.sampling_rate, "rounds": p.rounds,
-            "clip_norm": p.clip_norm,
+            "clip_norm": p.clip_norm, "accountant": p.accountant,
         })),
         "stores": r.stores.iter().map(|s| json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test})).collect::<Vec<_>>(),
     })

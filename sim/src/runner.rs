@@ -60,6 +60,8 @@ pub struct PrivacyOutcome {
     pub rounds: u64,
     /// C.
     pub clip_norm: f32,
+    /// The accountant ε comes from (`rdp` or `pld`).
+    pub accountant: String,
 }
 
 /// A coordinator running in this process on `127.0.0.1:0`.
@@ -238,6 +240,13 @@ pub async fn run_federated(
         sampling_rate: p.sampling_rate,
         rounds: p.rounds,
         clip_norm: p.clip_norm,
+        accountant: pb::Accountant::try_from(p.accountant).map_or("unknown".into(), |a| {
+            match a {
+                pb::Accountant::Pld => "pld",
+                pb::Accountant::Rdp | pb::Accountant::Unspecified => "rdp",
+            }
+            .into()
+        }),
     });
     Ok(FederatedResult {
         rounds,

@@ -12,6 +12,7 @@ use fedretail_client::participant::LocalData;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::accountant::AccountantKind;
 use fedretail_core::privacy::{AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -127,6 +128,10 @@ pub struct RunArgs {
     /// Where the noise is added.
     #[arg(long, value_enum, default_value = "central")]
     pub noise_placement: PlacementArg,
+    /// The accountant that calibrates the noise and reports ε: `rdp`, or `pld` (privacy loss
+    /// distributions: tighter, so less noise for the same ε; never looser than RDP).
+    #[arg(long, value_enum, default_value = "rdp")]
+    pub accountant: AccountantArg,
     /// Adaptive clipping (Andrew et al. 2021) towards this quantile of the contributions' norms,
     /// starting from --clip-norm; its count noise takes a share of the budget.
     #[arg(long, requires = "privacy_unit")]
@@ -147,6 +152,24 @@ pub struct RunArgs {
     /// The retail-synthetic scenario's number of stores.
     #[arg(long, default_value_t = 1000)]
     pub synthetic_stores: usize,
+}
+
+/// `--accountant` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccountantArg {
+    /// Rényi DP (dp-accounting's RDP accountant).
+    Rdp,
+    /// Privacy loss distributions.
+    Pld,
+}
+
+impl From<AccountantArg> for AccountantKind {
+    fn from(a: AccountantArg) -> AccountantKind {
+        match a {
+            AccountantArg::Rdp => AccountantKind::Rdp,
+            AccountantArg::Pld => AccountantKind::Pld,
+        }
+    }
 }
 
 /// `--noise-placement` values.
@@ -324,6 +347,7 @@ pub fn privacy_spec(args: &RunArgs, population: usize) -> anyhow::Result<Option<
             learning_rate: 0.2,
             count_noise_std: (expected / 20.0).max(1.0),
         }),
+        accountant: args.accountant.into(),
     }))
 }
 

@@ -233,7 +233,7 @@ pub struct TaskStatus {
 /// The privacy a task's newest model carries: every charged round, composed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrivacyReport {
-    /// ε spent so far at `delta` (RDP accountant).
+    /// ε spent so far at `delta` (by the task's accountant).
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
@@ -251,6 +251,8 @@ pub struct PrivacyReport {
     pub noise_multiplier: f64,
     /// C.
     pub clip_norm: f32,
+    /// The accountant `epsilon` comes from.
+    pub accountant: fedretail_core::privacy::accountant::AccountantKind,
 }
 
 /// A model version's parameters and checksum, shared without copying.

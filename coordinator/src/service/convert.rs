@@ -15,6 +15,7 @@ impl From<&PrivacyReport> for pb::PrivacyReport {
             noise_multiplier: p.noise_multiplier,
             clip_norm: p.clip_norm,
             target_epsilon: p.target_epsilon,
+            accountant: pb::Accountant::from(p.accountant).into(),
         }
     }
 }

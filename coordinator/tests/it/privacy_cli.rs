@@ -76,3 +76,50 @@ fn epsilon_calibrate_and_schedules_print_json() {
     assert!(!ok);
     assert!(stderr.contains("sampling rate must be in [0, 1], got 2"), "{stderr}");
 }
+
+#[test]
+fn the_pld_accountant_is_tighter_and_calibrates_less_noise() {
+    let epsilon = |accountant: &str| {
+        let (ok, v, stderr) = run(&[
+            "epsilon",
+            "--sampling-rate",
+            "0.3",
+            "--noise-multiplier",
+            "1.62",
+            "--rounds",
+            "50",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            accountant,
+        ]);
+        assert!(ok, "{stderr}");
+        v
+    };
+    let (rdp, pld) = (epsilon("rdp"), epsilon("pld"));
+    let (rdp_eps, pld_eps) = (rdp["epsilon"].as_f64().unwrap(), pld["epsilon"].as_f64().unwrap());
+    // dp-accounting 0.6.0 gives 7.9747 (RDP) and 7.2476 (PLD) here.
+    assert!((rdp_eps - 7.9747).abs() < 1e-3, "{rdp}");
+    assert!((7.2476..7.2476 + 50.0 * 1e-4).contains(&pld_eps), "{pld}");
+    assert!(pld["order"].is_null(), "{pld}");
+
+    let calibrate = |accountant: &str| {
+        let (ok, v, stderr) = run(&[
+            "calibrate",
+            "--target-epsilon",
+            "8",
+            "--sampling-rate",
+            "0.3",
+            "--rounds",
+            "50",
+            "--delta",
+            "1e-5",
+            "--accountant",
+            accountant,
+        ]);
+        assert!(ok, "{stderr}");
+        v["noise_multiplier"].as_f64().unwrap()
+    };
+    let (rdp_z, pld_z) = (calibrate("rdp"), calibrate("pld"));
+    assert!(pld_z < 0.95 * rdp_z, "pld z {pld_z} against rdp z {rdp_z}");
+}

@@ -128,6 +128,9 @@ pub struct PrivacySpec {
     /// Adaptive clipping; without it the plan's clipping norm is fixed.
     #[serde(default)]
     pub adaptive_clipping: Option<AdaptiveClipping>,
+    /// The accountant that calibrates z, enforces the budget and reports ε (default RDP).
+    #[serde(default)]
+    pub accountant: accountant::AccountantKind,
 }
 
 /// One round's charge in the ledger: what the accountant needs, and what the report shows.

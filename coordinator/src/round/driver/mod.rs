@@ -12,7 +12,7 @@ use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
 use fedretail_core::optim::{self, OptimizerState};
 use fedretail_core::plan::TaskSpec;
 use fedretail_core::privacy::LedgerEntry;
-use fedretail_core::privacy::accountant::{Accountant, Charge, RdpAccountant, admits};
+use fedretail_core::privacy::accountant::{Accountant, Charge, admits};
 use fedretail_core::privacy::noise;
 use rand::SeedableRng;
 use std::collections::{BTreeMap, VecDeque};
@@ -177,7 +177,7 @@ impl Driver {
             let next =
                 Charge { sampling_rate: privacy.sampling_rate, noise_multiplier: z, rounds: 1 };
             let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
-            let accountant = RdpAccountant::default();
+            let accountant = privacy.accountant;
             match admits(&accountant, &charges, next, privacy.target_epsilon, privacy.delta) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -546,9 +546,7 @@ impl Driver {
     fn privacy_report(&self) -> Option<super::PrivacyReport> {
         let p = self.spec.privacy.as_ref()?;
         let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
-        let epsilon = RdpAccountant::default()
-            .epsilon(&charges, p.delta)
-            .map_or(f64::INFINITY, |e| e.epsilon);
+        let epsilon = p.accountant.epsilon(&charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon);
         Some(super::PrivacyReport {
             epsilon,
             delta: p.delta,
@@ -559,6 +557,7 @@ impl Driver {
             sampling_rate: p.sampling_rate,
             noise_multiplier: p.noise_multiplier.unwrap_or(f64::NAN),
             clip_norm: self.ledger.last().map_or(self.spec.plan.clip_norm, |e| e.clip_norm),
+            accountant: p.accountant,
         })
     }
 }

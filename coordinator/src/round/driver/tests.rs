@@ -7,6 +7,7 @@ use crate::tasks::Tasks;
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::privacy::accountant::{Accountant, AccountantKind, Charge, PldAccountant};
 use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,7 @@ fn private_spec(rounds: u64) -> TaskSpec {
         noise_multiplier: None,
         population: None,
         adaptive_clipping: None,
+        accountant: AccountantKind::Rdp,
     });
     s
 }
@@ -199,6 +201,31 @@ async fn a_private_round_is_charged_before_its_model_can_be_fetched() {
     let report = status.privacy.unwrap();
     assert_eq!(report.rounds, 1);
     assert!(report.epsilon > 0.0 && report.epsilon <= report.target_epsilon, "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pld_task_calibrates_less_noise_and_reports_its_accountant() {
+    let rdp = start_with(private_spec(2)).await;
+    let rdp_z = rdp.handle.status(0).await.unwrap().privacy.unwrap().noise_multiplier;
+    let mut spec = private_spec(2);
+    spec.privacy.as_mut().unwrap().accountant = AccountantKind::Pld;
+    let f = start_with(spec).await;
+    let z = f.handle.status(0).await.unwrap().privacy.unwrap().noise_multiplier;
+    assert!(z < 0.95 * rdp_z, "pld z {z} against rdp z {rdp_z}");
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![0.5, 0.0, 0.25]).await;
+    send(&f, f.clients[1], round, vec![0.0, 0.5, 0.25]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let report = f.handle.status(1).await.unwrap().privacy.unwrap();
+    assert_eq!(report.accountant, AccountantKind::Pld);
+    assert_eq!(report.rounds, 1);
+    // The PLD bound after one of two rounds, as the accountant computes it.
+    assert_eq!(f.store.load(f.handle.task()).unwrap().unwrap().ledger[0].noise_multiplier, z);
+    let one = Charge { sampling_rate: 1.0, noise_multiplier: z, rounds: 1 };
+    let expected = PldAccountant::default().epsilon(&[one], 1e-5).unwrap().epsilon;
+    assert!((report.epsilon - expected).abs() < 1e-12, "{report:?} against {expected}");
+    assert!(report.epsilon < report.target_epsilon);
 }
 
 #[tokio::test(start_paused = true)]

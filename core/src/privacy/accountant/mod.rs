@@ -8,7 +8,12 @@
 //! Every approximation errs upwards: terms whose sign is negative are added as positive, as
 //! dp-accounting does, so the reported ε is never below the true RDP bound.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+pub mod pld;
+
+pub use pld::PldAccountant;
 
 /// One homogeneous stretch of rounds: each samples with rate `sampling_rate` (q) and adds
 /// Gaussian noise of standard deviation `noise_multiplier` (z) times the sensitivity.
@@ -46,6 +51,15 @@ pub enum AccountantError {
     /// ε target not positive.
     #[error("target epsilon must be positive and finite, got {0}")]
     TargetEpsilon(f64),
+    /// The PLD accountant's grid would exceed its size limit (very small noise, or very many
+    /// rounds); the RDP accountant has no such limit.
+    #[error(
+        "the privacy loss distribution needs {points:.0} grid points, more than the PLD accountant holds"
+    )]
+    TooFine {
+        /// Grid points needed.
+        points: f64,
+    },
     /// No noise multiplier up to the search limit meets the target.
     #[error("no noise multiplier up to {limit} reaches epsilon {target} (got {reached} there)")]
     Unreachable {
@@ -66,6 +80,37 @@ pub trait Accountant {
     ///
     /// Out-of-range q, z or δ.
     fn epsilon(&self, charges: &[Charge], delta: f64) -> Result<Epsilon, AccountantError>;
+}
+
+/// Which accountant a task's ledger is read with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountantKind {
+    /// [`RdpAccountant`] with dp-accounting's default orders.
+    #[default]
+    Rdp,
+    /// [`PldAccountant`]: tighter (about 10 % smaller ε for the same rounds at q = 0.3), slower,
+    /// and never looser than RDP.
+    Pld,
+}
+
+impl AccountantKind {
+    /// The name used in configs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountantKind::Rdp => "rdp",
+            AccountantKind::Pld => "pld",
+        }
+    }
+}
+
+impl Accountant for AccountantKind {
+    fn epsilon(&self, charges: &[Charge], delta: f64) -> Result<Epsilon, AccountantError> {
+        match self {
+            AccountantKind::Rdp => RdpAccountant::default().epsilon(charges, delta),
+            AccountantKind::Pld => PldAccountant::default().epsilon(charges, delta),
+        }
+    }
 }
 
 /// The RDP accountant over a fixed set of orders.
