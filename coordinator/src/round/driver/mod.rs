@@ -73,6 +73,13 @@ struct Driver {
     last_phase: (u64, &'static str),
     /// Every privacy charge of this task, oldest first.
     ledger: Vec<LedgerEntry>,
+    /// ε of the first `n` ledger entries, as `(n, ε)`: the ledger only grows, and the PLD
+    /// accountant takes a tenth of a second for a few hundred rounds.
+    spent: std::cell::Cell<Option<(usize, f64)>>,
+    /// Whether the whole plan (`plan.rounds` rounds at the task's q and z) fits the budget,
+    /// once checked: then every round of a ledger of such rounds up to `plan.rounds` is
+    /// admitted without recomposing it (ε only grows with rounds).
+    plan_fits: Option<bool>,
     /// The clipping norm of the next round: the plan's, or adaptive clipping's latest. After a
     /// restart adaptive clipping resumes from the last charged round's norm (the step computed
     /// from that round is not stored; it is one step of a slow-moving estimate).
@@ -111,6 +118,8 @@ pub(crate) fn spawn(
         failed_rounds: snapshot.failed_rounds,
         history: snapshot.history.into_iter().rev().take(HISTORY).rev().collect(),
         ledger: snapshot.ledger,
+        spent: std::cell::Cell::new(None),
+        plan_fits: None,
         clients: BTreeMap::new(),
         round: None,
         job: None,
@@ -178,7 +187,20 @@ impl Driver {
                 Charge { sampling_rate: privacy.sampling_rate, noise_multiplier: z, rounds: 1 };
             let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
             let accountant = privacy.accountant;
-            match admits(&accountant, &charges, next, privacy.target_epsilon, privacy.delta) {
+            let (target, delta, planned) =
+                (privacy.target_epsilon, privacy.delta, self.spec.plan.rounds);
+            let within_plan = charges.len() < usize::try_from(planned).unwrap_or(usize::MAX)
+                && charges.iter().all(|c| *c == next)
+                && *self.plan_fits.get_or_insert_with(|| {
+                    let plan = Charge { rounds: planned, ..next };
+                    admits(&accountant, &[], plan, target, delta).unwrap_or(false)
+                });
+            let admitted = if within_plan {
+                Ok(true)
+            } else {
+                admits(&accountant, &charges, next, target, delta)
+            };
+            match admitted {
                 Ok(true) => {}
                 Ok(false) => {
                     let spent =
@@ -545,8 +567,16 @@ impl Driver {
 
     fn privacy_report(&self) -> Option<super::PrivacyReport> {
         let p = self.spec.privacy.as_ref()?;
-        let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
-        let epsilon = p.accountant.epsilon(&charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon);
+        let epsilon = match self.spent.get() {
+            Some((n, epsilon)) if n == self.ledger.len() => epsilon,
+            _ => {
+                let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
+                let epsilon =
+                    p.accountant.epsilon(&charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon);
+                self.spent.set(Some((self.ledger.len(), epsilon)));
+                epsilon
+            }
+        };
         Some(super::PrivacyReport {
             epsilon,
             delta: p.delta,

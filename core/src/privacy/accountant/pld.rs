@@ -82,7 +82,10 @@ impl Pld {
         let var = z * z;
         // The loss as a function of x (increasing for removal, decreasing for addition):
         // ln((1 − q) + q·e^{(2x − 1)/(2z²)}), computed as ln1p(q·expm1(·)).
-        let mix = |x: f64| (q * ((2.0 * x - 1.0) / (2.0 * var)).exp_m1()).ln_1p();
+        let mix = |x: f64| {
+            let t = (2.0 * x - 1.0) / (2.0 * var);
+            if q == 1.0 { t } else { (q * t.exp_m1()).ln_1p() }
+        };
         // The x where the mixture's log-ratio equals l, or None where no x reaches it.
         let inverse = |l: f64| {
             let u = l.exp_m1() / q;
