@@ -152,8 +152,7 @@ impl RdpAccountant {
     /// Out-of-range q or z.
     pub fn rdp(&self, charges: &[Charge]) -> Result<Vec<f64>, AccountantError> {
         let mut total = vec![0.0; self.orders.len()];
-        for c in charges {
-            check(c)?;
+        for c in &coalesce(charges)? {
             if c.rounds == 0 {
                 continue;
             }
@@ -174,6 +173,26 @@ impl Accountant for RdpAccountant {
         let rdp = self.rdp(charges)?;
         Ok(epsilon_from_rdp(&self.orders, &rdp, delta))
     }
+}
+
+/// The charges checked and merged by (q, z), rounds added up: a ledger holds one charge per
+/// round, and both accountants compose equal rounds at once (RDP multiplies, PLD squares).
+///
+/// # Errors
+///
+/// Out-of-range q or z.
+pub fn coalesce(charges: &[Charge]) -> Result<Vec<Charge>, AccountantError> {
+    let mut phases: Vec<Charge> = Vec::new();
+    for c in charges {
+        check(c)?;
+        match phases.iter_mut().find(|p| {
+            p.sampling_rate == c.sampling_rate && p.noise_multiplier == c.noise_multiplier
+        }) {
+            Some(p) => p.rounds += c.rounds,
+            None => phases.push(*c),
+        }
+    }
+    Ok(phases)
 }
 
 fn check(c: &Charge) -> Result<(), AccountantError> {

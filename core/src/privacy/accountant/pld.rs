@@ -19,7 +19,7 @@ use std::sync::Arc;
 use realfft::RealFftPlanner;
 use statrs::function::erf::erfc;
 
-use super::{Accountant, AccountantError, Charge, Epsilon, RdpAccountant, check};
+use super::{Accountant, AccountantError, Charge, Epsilon, RdpAccountant, check, coalesce};
 
 /// The default grid step of the privacy loss (dp-accounting's default).
 pub const DEFAULT_INTERVAL: f64 = 1e-4;
@@ -297,18 +297,8 @@ impl PldAccountant {
         charges: &[Charge],
         direction: Direction,
     ) -> Result<Pld, AccountantError> {
-        let mut phases: Vec<Charge> = Vec::new();
-        for c in charges {
-            check(c)?;
-            match phases.iter_mut().find(|p| {
-                p.sampling_rate == c.sampling_rate && p.noise_multiplier == c.noise_multiplier
-            }) {
-                Some(p) => p.rounds += c.rounds,
-                None => phases.push(*c),
-            }
-        }
         let mut total = Pld::identity(self.interval);
-        for c in phases.iter().filter(|c| c.rounds > 0) {
+        for c in coalesce(charges)?.iter().filter(|c| c.rounds > 0) {
             let one = Pld::poisson_gaussian(
                 c.sampling_rate,
                 c.noise_multiplier,

@@ -132,3 +132,16 @@ fn far_beyond_any_budget_the_bound_follows_dp_accounting() {
     assert!((eps(0.85) - 278.1898732480583).abs() < 1e-6);
     assert!((eps(0.9) - 273.35266874469977).abs() < 1e-6);
 }
+
+/// A coordinator's ledger holds one charge per round; merged by (q, z) it is one phase, so
+/// reading a long ledger costs what one phase costs.
+#[test]
+fn a_ledger_of_single_rounds_is_one_phase() {
+    let ledger: Vec<Charge> =
+        (0..300).map(|k| charge(0.3, if k % 3 == 0 { 2.0 } else { 1.5 }, 1)).collect();
+    let merged = coalesce(&ledger).unwrap();
+    assert_eq!(merged, vec![charge(0.3, 2.0, 100), charge(0.3, 1.5, 200)]);
+    let acc = RdpAccountant::default();
+    assert_eq!(acc.epsilon(&ledger, 1e-5).unwrap(), acc.epsilon(&merged, 1e-5).unwrap());
+    assert_eq!(coalesce(&[charge(1.5, 1.0, 1)]), Err(AccountantError::SamplingRate(1.5)));
+}
