@@ -61,7 +61,7 @@ pub struct RunArgs {
     /// Seed of the split, the model, the cohorts and local training.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Federated rounds [default: 100; with --privacy-unit customer 25 below ε = 4, else 50].
+    /// Federated rounds [default: 100; with --privacy-unit customer 25 below ε = 4, 50 below ε = 8, else 800].
     #[arg(long)]
     pub rounds: Option<u64>,
     /// One client per region (store) or per user (device).
@@ -86,7 +86,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "fed-avg")]
     pub server_optimizer: OptimizerKind,
     /// Server learning rate [default: 1; with --privacy-unit customer 10 below ε = 4, 20 below
-    /// ε = 8, else 30].
+    /// ε = 8, else 1.875].
     #[arg(long)]
     pub server_lr: Option<f32>,
     /// L2 clipping norm of each update (per customer under --privacy-unit customer) [default:
@@ -122,7 +122,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub sampling_rate: Option<f64>,
     /// Store-local item offsets with this shrinkage λ (fitted and used only inside each store;
-    /// see `MfSpec::local_item_offsets`) [default: none; 20 with --privacy-unit customer].
+    /// see `MfSpec::local_item_offsets`) [default: none; with --privacy-unit customer 10 below ε = 4, else 20].
     #[arg(long)]
     pub local_item_offsets: Option<f32>,
     /// Where the noise is added.
@@ -229,10 +229,11 @@ impl RunArgs {
     pub fn hyper(&self) -> Hyper {
         let customer = self.privacy_unit == Some(PrivacyUnitArg::Customer);
         // Customer-level DP: a larger budget affords more rounds and larger server steps
-        // (measured on ML-100K; BENCHMARKS.md, "Customer-level DP").
+        // (measured on ML-100K; BENCHMARKS.md, "Customer-level DP"). From ε = 8 many small
+        // steps win: the noise multiplier grows more slowly than √rounds there.
         let epsilon = self.target_epsilon.unwrap_or(f64::INFINITY);
         let (private_rounds, private_lr) = match epsilon {
-            e if e >= 8.0 => (50, 30.0),
+            e if e >= 8.0 => (800, 1.875),
             e if e >= 4.0 => (50, 20.0),
             _ => (25, 10.0),
         };
@@ -245,7 +246,12 @@ impl RunArgs {
             server_lr: self.server_lr.unwrap_or(if customer { private_lr } else { 1.0 }),
             clip_norm: self.clip_norm.unwrap_or(if customer { 0.25 } else { 5.0 }),
             sampling_rate: self.sampling_rate.unwrap_or(if customer { 0.3 } else { 1.0 }),
-            local_item_offsets: self.local_item_offsets.or(customer.then_some(20.0)),
+            // Noisier global item biases (small budgets) leave more to each store's own offsets.
+            local_item_offsets: self.local_item_offsets.or(customer.then_some(if epsilon < 4.0 {
+                10.0
+            } else {
+                20.0
+            })),
         }
     }
 
