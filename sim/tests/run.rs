@@ -1,18 +1,11 @@
 //! The simulator end to end: a seeded synthetic scenario over loopback gRPC, twice.
 
-use clap::Parser;
 use fedretail_sim::scenario::{self, RunArgs};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: RunArgs,
-}
 
 /// A quiet synthetic run writing into `out`, with `options` added.
 fn synthetic(out: &std::path::Path, options: &[&str]) -> RunArgs {
-    let base = ["sim", "--scenario", "synthetic", "--quiet", "--out", out.to_str().unwrap()];
-    Cli::parse_from(base.iter().chain(options)).args
+    let base = ["--scenario", "synthetic", "--quiet", "--out", out.to_str().unwrap()];
+    RunArgs::parse_options(base.iter().chain(options)).expect("valid test options")
 }
 
 fn args(out: &std::path::Path) -> RunArgs {

@@ -79,23 +79,17 @@ fn epsilon_calibrate_and_schedules_print_json() {
 
 #[test]
 fn the_pld_accountant_is_tighter_and_calibrates_less_noise() {
-    let epsilon = |accountant: &str| {
-        let (ok, v, stderr) = run(&[
-            "epsilon",
-            "--sampling-rate",
-            "0.3",
-            "--noise-multiplier",
-            "1.62",
-            "--rounds",
-            "50",
-            "--delta",
-            "1e-5",
-            "--accountant",
-            accountant,
-        ]);
+    // q = 0.3, T = 50, δ = 1e-5 (the customer-level preset's charges) under `accountant`.
+    let run_with = |command: &[&str], accountant: &str| {
+        let mut args = command.to_vec();
+        args.extend(["--sampling-rate", "0.3", "--rounds", "50", "--delta", "1e-5"]);
+        args.extend(["--accountant", accountant]);
+        let (ok, v, stderr) = run(&args);
         assert!(ok, "{stderr}");
         v
     };
+    let epsilon =
+        |accountant: &str| run_with(&["epsilon", "--noise-multiplier", "1.62"], accountant);
     let (rdp, pld) = (epsilon("rdp"), epsilon("pld"));
     let (rdp_eps, pld_eps) = (rdp["epsilon"].as_f64().unwrap(), pld["epsilon"].as_f64().unwrap());
     // dp-accounting 0.6.0 gives 7.9747 (RDP) and 7.2476 (PLD) here.
@@ -104,21 +98,9 @@ fn the_pld_accountant_is_tighter_and_calibrates_less_noise() {
     assert!(pld["order"].is_null(), "{pld}");
 
     let calibrate = |accountant: &str| {
-        let (ok, v, stderr) = run(&[
-            "calibrate",
-            "--target-epsilon",
-            "8",
-            "--sampling-rate",
-            "0.3",
-            "--rounds",
-            "50",
-            "--delta",
-            "1e-5",
-            "--accountant",
-            accountant,
-        ]);
-        assert!(ok, "{stderr}");
-        v["noise_multiplier"].as_f64().unwrap()
+        run_with(&["calibrate", "--target-epsilon", "8"], accountant)["noise_multiplier"]
+            .as_f64()
+            .unwrap()
     };
     let (rdp_z, pld_z) = (calibrate("rdp"), calibrate("pld"));
     assert!(pld_z < 0.95 * rdp_z, "pld z {pld_z} against rdp z {rdp_z}");
