@@ -344,15 +344,22 @@ impl RoundHandle {
 
     /// The client's next assignment, waiting up to `timeout` for one other than `Wait`.
     pub async fn poll(&self, client: ClientId, timeout: Duration) -> Result<Assignment, Reject> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.changes.clone();
-        changes.mark_unchanged();
-        let first = self.ask(|reply| Request::Poll { client, reply }).await??;
-        if first != Assignment::Wait {
-            return Ok(first);
+        loop {
+            changes.mark_unchanged();
+            let next = self.ask(|reply| Request::Poll { client, reply }).await??;
+            if next != Assignment::Wait {
+                return Ok(next);
+            }
+            // Ask again whenever the driver moves on: a commit and the next round's start are
+            // separate changes, and the client should not see `Wait` between them.
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                // The timeout, or a stopped driver: the client asks again later.
+                Ok(Err(_)) | Err(_) => return Ok(Assignment::Wait),
+            }
         }
-        // Wait for the driver to move on (or the timeout), then ask once more.
-        let _ = tokio::time::timeout(timeout, changes.changed()).await;
-        self.ask(|reply| Request::Poll { client, reply }).await?
     }
 
     /// One model version, for a client of this task.
