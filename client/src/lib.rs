@@ -9,9 +9,11 @@
 //! - [`data`]: CSV loading and the store's train/held-out split.
 //! - [`personal`]: user parameters saved on disk; never sent.
 //! - [`audit_log`]: an append-only record of everything sent, written before it is sent.
+//! - [`keygen`]: the store's own key and certificate request.
 
 pub mod audit_log;
 pub mod data;
+pub mod keygen;
 pub mod participant;
 pub mod personal;
 pub mod transport;

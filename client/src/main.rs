@@ -1,7 +1,7 @@
 //! `fedretail-client`: join a task with a store's CSV ratings and train when asked.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use fedretail_client::data::StoreRatings;
 use fedretail_client::participant::{LocalData, Participant, ParticipantConfig};
 use fedretail_client::transport::GrpcTransport;
@@ -13,12 +13,51 @@ use std::time::Duration;
 #[command(
     name = "fedretail-client",
     version,
-    about = "Trains a fedretail task on one store's data; only clipped model updates leave"
+    about = "Trains a fedretail task on one store's data; only clipped model updates leave",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
-    /// Coordinator URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Option<RunArgs>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Makes this store's private key and a certificate request for the coordinator's operator
+    /// (`fedretail-coordinator pki sign --csr FILE`); the key never leaves the store.
+    Keygen {
+        /// The store's name (the certificate's name).
+        #[arg(long)]
+        store: String,
+        /// Directory for STORE.key (mode 0600) and STORE.csr.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Coordinator URL (https unless --insecure).
+    #[arg(long, default_value = "https://127.0.0.1:50051")]
     coordinator: String,
+    /// A PKI directory laid out by `fedretail-coordinator pki`: takes ca.crt and
+    /// stores/STORE.crt, stores/STORE.key from it.
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key", "insecure"])]
+    pki: Option<PathBuf>,
+    /// The deployment CA certificate: the only issuer trusted for the coordinator (pinned).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// This store's certificate.
+    #[arg(long, requires = "ca")]
+    cert: Option<PathBuf>,
+    /// This store's private key.
+    #[arg(long, requires = "ca")]
+    key: Option<PathBuf>,
+    /// Plaintext with no authentication (an `insecure = true` coordinator): experiments only.
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
+    insecure: bool,
     /// Task to join.
     #[arg(long)]
     task: String,
@@ -48,6 +87,39 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match (cli.command, cli.run) {
+        (Some(Command::Keygen { store, out }), _) => {
+            return match fedretail_client::keygen::keygen(&store, &out) {
+                Ok(made) => {
+                    #[allow(clippy::print_stdout)] // reason: the command's output
+                    {
+                        println!(
+                            "private key {} (mode 0600; never leaves the store)",
+                            made.key.display()
+                        );
+                        println!(
+                            "certificate request {} (send it to the coordinator's operator)",
+                            made.csr.display()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    #[allow(clippy::print_stderr)] // reason: the error must reach the user
+                    {
+                        eprintln!("error: {e:#}");
+                    }
+                    ExitCode::from(2)
+                }
+            };
+        }
+        (None, Some(run)) => run,
+        (None, None) => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            return ExitCode::from(2);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -64,7 +136,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: RunArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (0.0..1.0).contains(&cli.holdout),
         "--holdout must be in [0, 1), got {}",
@@ -97,14 +169,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = ParticipantConfig {
         seeded_privacy: false,
         task: cli.task.clone(),
-        store_name: cli.store,
+        store_name: cli.store.clone(),
         state_dir: Some(cli.state_dir),
         max_backoff: Duration::from_secs_f64(cli.max_backoff_secs),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         // The channel spawns its connection task, so it is built inside the runtime.
-        let transport = GrpcTransport::new(&cli.coordinator)?;
+        let transport = if cli.insecure {
+            tracing::warn!(
+                "--insecure: plaintext with no authentication; anyone on the path reads every update"
+            );
+            GrpcTransport::new(&cli.coordinator)?
+        } else {
+            let (ca, cert, key) = match (&cli.pki, &cli.ca, &cli.cert, &cli.key) {
+                (Some(dir), ..) => (
+                    dir.join("ca.crt"),
+                    dir.join("stores").join(format!("{}.crt", cli.store)),
+                    dir.join("stores").join(format!("{}.key", cli.store)),
+                ),
+                (None, Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
+                _ => anyhow::bail!(
+                    "give the store's certificates (--pki DIR, or --ca, --cert and --key), or --insecure for a plaintext coordinator"
+                ),
+            };
+            let tls = fedretail_client::transport::StoreTls::read(&ca, &cert, &key)?;
+            GrpcTransport::with_tls(&cli.coordinator, &tls)?
+        };
         let cancel = tokio_util::sync::CancellationToken::new();
         let stop = cancel.clone();
         tokio::spawn(async move {

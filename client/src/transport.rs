@@ -171,6 +171,36 @@ pub trait Transport: Send {
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 }
 
+/// A store's TLS material: the deployment CA it pins (the only issuer it trusts for the
+/// coordinator's certificate) and its own certificate and key (its identity).
+#[derive(Debug, Clone)]
+pub struct StoreTls {
+    /// The CA certificate (PEM).
+    pub ca_pem: Vec<u8>,
+    /// The store's certificate (PEM).
+    pub cert_pem: Vec<u8>,
+    /// The store's private key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+impl StoreTls {
+    /// Reads the three PEM files.
+    ///
+    /// # Errors
+    ///
+    /// A file that cannot be read, named in the message.
+    pub fn read(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<StoreTls, TransportError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| TransportError::Protocol(format!("{}: {e}", p.display())))
+        };
+        Ok(StoreTls { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
+    }
+}
+
 /// [`Transport`] over gRPC.
 #[derive(Debug, Clone)]
 pub struct GrpcTransport {
@@ -189,11 +219,34 @@ impl GrpcTransport {
     ///
     /// An invalid URL.
     pub fn new(url: &str) -> Result<GrpcTransport, TransportError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
+        GrpcTransport::connect(url, None)
+    }
+
+    /// A transport over mTLS: the coordinator must present a certificate from `tls.ca_pem`
+    /// (pinned: no other root is trusted), and this store presents its own.
+    ///
+    /// # Errors
+    ///
+    /// An invalid URL or unusable certificates.
+    pub fn with_tls(url: &str, tls: &StoreTls) -> Result<GrpcTransport, TransportError> {
+        GrpcTransport::connect(url, Some(tls))
+    }
+
+    fn connect(url: &str, tls: Option<&StoreTls>) -> Result<GrpcTransport, TransportError> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| TransportError::Protocol(format!("invalid coordinator URL {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30));
+        if let Some(tls) = tls {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| TransportError::Protocol(format!("TLS configuration: {e}")))?;
+        }
         let client = TrainingClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20);

@@ -35,13 +35,46 @@ pub enum ConfigError {
     },
 }
 
+/// The `[tls]` section as written: paths relative to the config file's directory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The deployment CA certificate (`pki init` writes `ca.crt`).
+    pub ca: PathBuf,
+    /// The coordinator's certificate.
+    pub cert: PathBuf,
+    /// The coordinator's private key.
+    pub key: PathBuf,
+    /// Revoked serial numbers, one hex serial a line; read at every handshake.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
+}
+
 /// The config as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Address to listen on.
+    /// Address of the Training service (stores).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Address of the Admin service (operators, auditors, exporters).
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Serve plaintext without any authentication: for experiments on a closed machine only.
+    #[serde(default)]
+    pub insecure: bool,
+    /// mTLS for both services; required unless `insecure = true`.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Open connections per listener.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to complete its TLS handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: f64,
+    /// Enrolled stores per task.
+    #[serde(default = "default_max_clients")]
+    pub max_clients_per_task: usize,
     /// How long a `NextAssignment` call is held open.
     #[serde(default = "default_poll_timeout")]
     pub poll_timeout_secs: f64,
@@ -62,6 +95,18 @@ pub struct RawConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
 }
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50052))
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_handshake_timeout() -> f64 {
+    10.0
+}
+fn default_max_clients() -> usize {
+    10_000
+}
 fn default_poll_timeout() -> f64 {
     10.0
 }
@@ -72,11 +117,28 @@ fn default_message_bytes() -> usize {
     8 << 20
 }
 
+/// How the listeners are secured.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Security {
+    /// TLS 1.3 with client certificates from the deployment CA on both listeners.
+    Mtls(crate::tls::TlsFiles),
+    /// Plaintext, no authentication: only behind `insecure = true`, with a warning at start.
+    Insecure,
+}
+
 /// A validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to listen on.
+    /// Address of the Training service.
     pub listen: SocketAddr,
+    /// Address of the Admin service.
+    pub admin_listen: SocketAddr,
+    /// mTLS or (explicitly) plaintext.
+    pub security: Security,
+    /// Bounds on connections and handshakes.
+    pub limits: crate::tls::ConnLimits,
+    /// Enrolled stores per task.
+    pub max_clients_per_task: usize,
     /// How long a `NextAssignment` call is held open.
     pub poll_timeout: Duration,
     /// Uploads reassembled at once.
@@ -125,6 +187,41 @@ impl RawConfig {
                 self.max_message_bytes
             )));
         }
+        let base = Path::new(path).parent().unwrap_or(Path::new("."));
+        let security = match (self.insecure, self.tls) {
+            (true, None) => Security::Insecure,
+            (true, Some(_)) => {
+                return Err(invalid("set either [tls] or insecure = true, not both".into()));
+            }
+            (false, Some(t)) => Security::Mtls(crate::tls::TlsFiles {
+                ca: base.join(t.ca),
+                cert: base.join(t.cert),
+                key: base.join(t.key),
+                revoked: t.revoked.map(|r| base.join(r)),
+            }),
+            (false, None) => {
+                return Err(invalid(
+                    "no [tls] section: give the coordinator's certificates (see `example-config --pki DIR`), or set insecure = true to serve plaintext without authentication".into(),
+                ));
+            }
+        };
+        if self.listen == self.admin_listen {
+            return Err(invalid(format!(
+                "listen and admin_listen are both {}: the Admin service needs its own address",
+                self.listen
+            )));
+        }
+        if self.max_connections == 0 || self.max_clients_per_task == 0 {
+            return Err(invalid(
+                "max_connections and max_clients_per_task must be at least 1".into(),
+            ));
+        }
+        if !(self.handshake_timeout_secs > 0.0 && self.handshake_timeout_secs <= 300.0) {
+            return Err(invalid(format!(
+                "handshake_timeout_secs must be in (0, 300], got {}",
+                self.handshake_timeout_secs
+            )));
+        }
         let mut names = std::collections::BTreeSet::new();
         for task in &self.tasks {
             task.validate().map_err(|e| invalid(format!("task {:?}: {e}", task.name)))?;
@@ -134,6 +231,13 @@ impl RawConfig {
         }
         Ok(Config {
             listen: self.listen,
+            admin_listen: self.admin_listen,
+            security,
+            limits: crate::tls::ConnLimits {
+                max_connections: self.max_connections,
+                handshake_timeout: Duration::from_secs_f64(self.handshake_timeout_secs),
+            },
+            max_clients_per_task: self.max_clients_per_task,
             poll_timeout: Duration::from_secs_f64(self.poll_timeout_secs),
             max_concurrent_uploads: self.max_concurrent_uploads,
             max_message_bytes: self.max_message_bytes,
@@ -156,13 +260,30 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     RawConfig::from_toml(&text, &shown)?.validate(&shown)
 }
 
-/// A commented example config: one MovieLens-sized recommender task.
-pub const EXAMPLE: &str = r#"# fedretail-coordinator config
-listen = "127.0.0.1:50051"
-poll_timeout_secs = 10.0        # how long a client's NextAssignment call is held open
-max_concurrent_uploads = 16     # bounds staging memory: 16 x model size
-store = "coordinator.db"        # SQLite: tasks, committed rounds and models survive restarts
+/// A commented example config serving both services over mTLS with the PKI in `pki` (as made
+/// by `pki init`), with one MovieLens-sized recommender task.
+pub fn example(pki: &str) -> String {
+    let pki = pki.trim_end_matches('/');
+    format!(
+        r#"# fedretail-coordinator config
+listen = "127.0.0.1:50051"        # Training service: stores, with store certificates
+admin_listen = "127.0.0.1:50052"  # Admin service: operators, auditors, exporters
+poll_timeout_secs = 10.0          # how long a client's NextAssignment call is held open
+max_concurrent_uploads = 16       # bounds staging memory: 16 x model size
+store = "coordinator.db"          # SQLite: tasks, rounds, models, ledger and audit log
 
+# TLS 1.3 with client certificates from this CA on both listeners. Relative paths are relative
+# to this file. `insecure = true` instead serves plaintext without any authentication.
+[tls]
+ca = "{pki}/ca.crt"
+cert = "{pki}/coordinator.crt"
+key = "{pki}/coordinator.key"
+# revoked = "{pki}/revoked.txt"   # hex serials (see {pki}/issued.log), read at every handshake
+{TASK}"#
+    )
+}
+
+const TASK: &str = r#"
 [[task]]
 name = "movielens"
 
@@ -198,11 +319,14 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let config = RawConfig::from_toml(EXAMPLE, "example.toml")
+        let config = RawConfig::from_toml(&example("/etc/pki"), "/etc/example.toml")
             .unwrap()
-            .validate("example.toml")
+            .validate("/etc/example.toml")
             .unwrap();
         assert_eq!(config.tasks.len(), 1);
+        let Security::Mtls(files) = &config.security else { panic!("the example uses mTLS") };
+        assert_eq!(files.ca, Path::new("/etc/pki/ca.crt"));
+        assert_ne!(config.listen, config.admin_listen);
         assert_eq!(config.tasks[0].model.n_params(), 1 + 1682 * 51);
     }
 
@@ -212,7 +336,9 @@ mod tests {
         assert!(err.starts_with("c.toml: TOML parse error at line 1"), "{err}");
         let err = RawConfig::from_toml("colour = 1\n", "c.toml").unwrap_err().to_string();
         assert!(err.contains("unknown field `colour`"), "{err}");
-        let bad = EXAMPLE.replace("min_clients = 2", "min_clients = 3");
+        let err = RawConfig::from_toml("", "c.toml").unwrap().validate("c.toml").unwrap_err();
+        assert!(err.to_string().contains("no [tls] section"), "plaintext needs insecure = true");
+        let bad = example("pki").replace("min_clients = 2", "min_clients = 3");
         let err = RawConfig::from_toml(&bad, "c.toml")
             .unwrap()
             .validate("c.toml")

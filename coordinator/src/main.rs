@@ -18,20 +18,85 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serves the Training and Admin gRPC services.
+    /// Serves the Training service (stores) and the Admin service (administrators).
     Serve {
         /// TOML config (see `example-config`).
         #[arg(long)]
         config: PathBuf,
-        /// Overrides the config's listen address.
+        /// Overrides the config's Training address.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Overrides the config's Admin address.
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
     },
-    /// Prints a commented example config.
-    ExampleConfig,
+    /// Prints a commented example config that serves both services over mTLS.
+    ExampleConfig {
+        /// The PKI directory (`pki init --out DIR`); written into the config as given.
+        #[arg(long, default_value = "pki")]
+        pki: PathBuf,
+    },
+    /// The deployment's certificate authority: stores and administrators.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Prints the audit log from the config's store (works while the coordinator runs).
+    Audit {
+        /// The coordinator's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Privacy accounting with the coordinator's own accountant; prints one JSON object.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Makes a CA and the coordinator's certificate and key in DIR.
+    Init {
+        /// The directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names or IP addresses stores use to reach the coordinator (repeatable).
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
+    /// Issues a store certificate and key (DIR/stores/NAME.crt, .key).
+    IssueStore {
+        /// The PKI directory.
+        #[arg(long)]
+        pki: PathBuf,
+        /// The store's name: letters, digits, '-', '_', '.'.
+        #[arg(long)]
+        store: String,
+    },
+    /// Signs a store's certificate request (`fedretail-client keygen`); the key stays in the store.
+    Sign {
+        /// The PKI directory.
+        #[arg(long)]
+        pki: PathBuf,
+        /// The request (PEM).
+        #[arg(long)]
+        csr: PathBuf,
+    },
+    /// Issues an administrator certificate carrying its role.
+    IssueAdmin {
+        /// The PKI directory.
+        #[arg(long)]
+        pki: PathBuf,
+        /// The administrator's name.
+        #[arg(long)]
+        name: String,
+        /// What the certificate may do.
+        #[arg(long, value_parser = ["operator", "auditor", "exporter"])]
+        role: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -158,9 +223,70 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::ExampleConfig => {
+        Command::ExampleConfig { pki } => {
             use std::io::Write;
-            std::io::stdout().write_all(fedretail_coordinator::config::EXAMPLE.as_bytes())?;
+            let text = fedretail_coordinator::config::example(&pki.display().to_string());
+            std::io::stdout().write_all(text.as_bytes())?;
+            Ok(())
+        }
+        Command::Pki(command) => {
+            use fedretail_coordinator::pki::{self, PkiDir, Role};
+            use std::io::Write;
+            let issued = match command {
+                PkiCommand::Init { out, hosts } => pki::init(&PkiDir::new(out), &hosts)?,
+                PkiCommand::IssueStore { pki: dir, store } => {
+                    pki::issue_store(&PkiDir::new(dir), &store)?
+                }
+                PkiCommand::Sign { pki: dir, csr } => pki::sign_store_csr(&PkiDir::new(dir), &csr)?,
+                PkiCommand::IssueAdmin { pki: dir, name, role } => {
+                    let role = Role::parse(&role).context("unknown role")?;
+                    pki::issue_admin(&PkiDir::new(dir), &name, role)?
+                }
+            };
+            let mut out = std::io::stdout();
+            writeln!(out, "certificate {} (serial {})", issued.cert.display(), issued.serial)?;
+            if let Some(key) = issued.key {
+                writeln!(out, "private key {} (mode 0600)", key.display())?;
+            }
+            Ok(())
+        }
+        Command::Audit { config, after, json } => {
+            use std::io::Write;
+            let config =
+                fedretail_coordinator::config::load(&config).context("loading the config")?;
+            let path = config.store.context("the config names no `store`: nothing is audited")?;
+            let mut out = std::io::stdout();
+            let mut after = after;
+            loop {
+                let records = fedretail_coordinator::store::read_audit_log(&path, after, 1000)?;
+                let Some(last) = records.last() else { break };
+                after = last.seq;
+                for r in &records {
+                    if json {
+                        let line = serde_json::json!({
+                            "seq": r.seq, "unix_ms": r.unix_ms, "actor": r.event.actor,
+                            "role": r.event.role, "action": r.event.action,
+                            "task_id": r.event.task.map(|t| t.0), "outcome": r.event.outcome,
+                            "detail": r.event.detail,
+                        });
+                        writeln!(out, "{line}")?;
+                    } else {
+                        let when = jiff::Timestamp::from_millisecond(r.unix_ms as i64)
+                            .map_or_else(|_| r.unix_ms.to_string(), |t| t.to_string());
+                        let task = r.event.task.map_or("-".to_string(), |t| t.to_string());
+                        writeln!(
+                            out,
+                            "{:>6}  {when}  {}/{}  {}  task {task}  {}  {}",
+                            r.seq,
+                            r.event.actor,
+                            r.event.role,
+                            r.event.action,
+                            r.event.outcome,
+                            r.event.detail
+                        )?;
+                    }
+                }
+            }
             Ok(())
         }
         Command::Privacy(command) => {
@@ -169,11 +295,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(std::io::stdout(), "{value}")?;
             Ok(())
         }
-        Command::Serve { config, listen } => {
+        Command::Serve { config, listen, admin_listen } => {
             let mut config =
                 fedretail_coordinator::config::load(&config).context("loading the config")?;
             if let Some(listen) = listen {
                 config.listen = listen;
+            }
+            if let Some(admin_listen) = admin_listen {
+                config.admin_listen = admin_listen;
             }
             if config.store.is_none() {
                 tracing::warn!(
@@ -182,10 +311,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(config.listen)
-                    .await
-                    .with_context(|| format!("binding {}", config.listen))?;
-                fedretail_coordinator::run(config, listener, shutdown_signal())
+                let listeners = fedretail_coordinator::Listeners::bind(&config).await?;
+                fedretail_coordinator::run(config, listeners, shutdown_signal())
                     .await
                     .context("coordinator")
             })

@@ -79,6 +79,11 @@ impl Tasks {
         handle
     }
 
+    /// The coordinator's store (the audit log lives there).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<TaskId, (String, RoundHandle)>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -116,6 +121,20 @@ impl Tasks {
         let id = self.store.create_task(&spec, initial)?;
         let snapshot = self.store.load(id)?.ok_or(StoreError::UnknownTask(id))?;
         tracing::info!(task_id = %id, name = %spec.name, n_params = spec.model.n_params(), "task created");
+        self.store.append_audit(&crate::store::AuditEvent::coordinator(
+            "task_started",
+            id,
+            serde_json::json!({
+                "name": spec.name,
+                "n_params": spec.model.n_params(),
+                "rounds": spec.plan.rounds,
+                "privacy": spec.privacy.as_ref().map(|p| serde_json::json!({
+                    "target_epsilon": p.target_epsilon,
+                    "delta": p.delta,
+                    "noise_multiplier": p.noise_multiplier,
+                })),
+            }),
+        ))?;
         self.start(id, spec, (crate::round::TaskState::Running, String::new()), snapshot);
         Ok(id)
     }

@@ -108,16 +108,41 @@ fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// One `bench round` measurement: plaintext and mTLS, in this order, in one run.
 async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result<String> {
+    let mut table = String::from(
+        "| transport | clients | parameters | model MiB | round 1 s (incl. connect) | later rounds s (median) | each round s | coordinator peak RSS MiB | first call per client ms (median of 20) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for mtls in [false, true] {
+        table.push_str(&bench_round_once(clients, params, rounds, mtls).await?);
+        table.push('\n');
+    }
+    Ok(table)
+}
+
+async fn bench_round_once(
+    clients: u32,
+    params: usize,
+    rounds: u64,
+    mtls: bool,
+) -> anyhow::Result<String> {
+    use crate::runner::SimPki;
     use fedretail_client::participant::{LocalData, Participant, ParticipantConfig};
+    use fedretail_client::transport::{GrpcTransport, Transport};
     use fedretail_core::optim::ServerOptimizer;
     use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
     use fedretail_proto::pb;
     use tokio::io::AsyncBufReadExt;
 
+    let pki = if mtls { Some(std::sync::Arc::new(SimPki::new()?)) } else { None };
     let exe = std::env::current_exe().context("locating this executable")?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("serve-coordinator")
+    let mut command = tokio::process::Command::new(exe);
+    command.arg("serve-coordinator");
+    if let Some(pki) = &pki {
+        command.arg("--pki").arg(pki.path());
+    }
+    let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -127,12 +152,23 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
     let stdout = child.stdout.take().context("coordinator stdout")?;
     let mut line = String::new();
     tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
-    let addr = line
+    let mut addrs = line
         .trim()
         .strip_prefix("listening ")
         .context("coordinator did not print its address")?
-        .to_string();
-    let url = format!("http://{addr}");
+        .split_whitespace()
+        .map(|a| a.parse::<std::net::SocketAddr>())
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
+    let (addr, admin_addr) = (addrs.next().context("address")?, addrs.next().context("address")?);
+    let scheme = if mtls { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}");
+    let transport = |store: &str| -> anyhow::Result<GrpcTransport> {
+        Ok(match &pki {
+            Some(pki) => GrpcTransport::with_tls(&url, &pki.store(store)?)?,
+            None => GrpcTransport::new(&url)?,
+        })
+    };
 
     let spec = TaskSpec {
         name: "bench".into(),
@@ -155,19 +191,35 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
             weight_by_examples: false,
         },
     };
-    let mut admin = crate::runner::admin(&url).await?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{admin_addr}"))?;
+    if let Some(pki) = &pki {
+        endpoint = endpoint.tls_config(pki.operator()?)?;
+    }
+    let mut admin = pb::admin_client::AdminClient::new(endpoint.connect().await?);
     let task_id = admin
         .create_task(pb::CreateTaskRequest { spec: Some((&spec).into()) })
         .await?
         .into_inner()
         .task_id;
+
+    // The cost of a new connection: 20 fresh channels, each timed over its first call
+    // (TCP connect, plus the TLS handshake with client certificates under mTLS).
+    let mut first_calls = Vec::new();
+    for i in 0..20 {
+        let mut t = transport(&format!("handshake-{i}"))?;
+        let start = tokio::time::Instant::now();
+        t.enroll("bench", "handshake").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        first_calls.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut participants = tokio::task::JoinSet::new();
     for c in 0..clients {
-        let transport = fedretail_client::transport::GrpcTransport::new(&url)?;
+        let store = format!("bench-{c}");
+        let transport = transport(&store)?;
         let config = ParticipantConfig {
             task: "bench".into(),
-            store_name: format!("bench-{c}"),
+            store_name: store,
             state_dir: None,
             max_backoff: std::time::Duration::from_secs(1),
             seeded_privacy: true,
@@ -197,17 +249,27 @@ async fn bench_round(clients: u32, params: usize, rounds: u64) -> anyhow::Result
 
     let per_round: Vec<f64> = commits.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
     let steady = if per_round.len() > 1 { &per_round[1..] } else { &per_round[..] };
-    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
     let mb = |b: f64| b / (1u64 << 20) as f64;
     Ok(format!(
-        "| clients | parameters | model MiB | round 1 s (incl. connect) | later rounds s (mean) | each round s | coordinator peak RSS MiB |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n\
-         | {clients} | {params} | {:.1} | {:.3} | {mean:.3} | {} | {:.0} |",
+        "| {} | {clients} | {params} | {:.1} | {:.3} | {:.3} | {} | {:.0} | {:.2} |",
+        if mtls { "mTLS (TLS 1.3)" } else { "plaintext" },
         mb(params as f64 * 4.0),
         per_round[0],
+        median(steady),
         per_round.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", "),
         mb(rss as f64),
+        median(&first_calls),
     ))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Streams `k` updates of `d` values through validate-and-add, cycling over a pool of distinct
@@ -351,17 +413,38 @@ fn memcpy_bandwidth() -> f64 {
     n as f64 / best
 }
 
-/// Serves a coordinator on a loopback port until stdin closes; prints `listening ADDR` first.
+/// Serves a coordinator on two loopback ports until stdin closes; prints
+/// `listening TRAINING ADMIN` first. With `pki`, over mTLS with that PKI's certificates.
 ///
 /// # Errors
 ///
 /// Coordinator failures.
-pub async fn serve_coordinator() -> anyhow::Result<()> {
+pub async fn serve_coordinator(pki: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    use fedretail_coordinator::config::Security;
     use std::io::Write;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    let listeners = fedretail_coordinator::Listeners::loopback().await?;
+    let (addr, admin_addr) = (listeners.training.local_addr()?, listeners.admin.local_addr()?);
+    let security = match pki {
+        Some(dir) => {
+            let pki = fedretail_coordinator::pki::PkiDir::new(dir);
+            Security::Mtls(fedretail_coordinator::tls::TlsFiles {
+                ca: pki.ca_cert(),
+                cert: pki.coordinator_cert(),
+                key: pki.coordinator_key(),
+                revoked: None,
+            })
+        }
+        None => Security::Insecure,
+    };
     let config = fedretail_coordinator::config::Config {
         listen: addr,
+        admin_listen: admin_addr,
+        security,
+        limits: fedretail_coordinator::tls::ConnLimits {
+            max_connections: 4096,
+            handshake_timeout: std::time::Duration::from_secs(30),
+        },
+        max_clients_per_task: 100_000,
         poll_timeout: std::time::Duration::from_secs(5),
         max_concurrent_uploads: 16,
         max_message_bytes: 8 << 20,
@@ -371,7 +454,7 @@ pub async fn serve_coordinator() -> anyhow::Result<()> {
     };
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening {addr}")?;
+        writeln!(out, "listening {addr} {admin_addr}")?;
         out.flush()?;
     }
     let stdin_closed = async {
@@ -381,6 +464,6 @@ pub async fn serve_coordinator() -> anyhow::Result<()> {
         })
         .await;
     };
-    fedretail_coordinator::run(config, listener, stdin_closed).await?;
+    fedretail_coordinator::run(config, listeners, stdin_closed).await?;
     Ok(())
 }

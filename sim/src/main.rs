@@ -35,7 +35,11 @@ enum Command {
     /// Runs a coordinator until standard input closes, printing its address first (used by
     /// `bench round` to measure the coordinator's memory in its own process).
     #[command(hide = true)]
-    ServeCoordinator,
+    ServeCoordinator {
+        /// Serve over mTLS with the certificates in this PKI directory.
+        #[arg(long)]
+        pki: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,7 +94,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportStores(args) => fedretail_sim::bench::export_stores(&args),
         Command::ExportSales(args) => fedretail_sim::demand::export_sales(&args),
         Command::Bench(cmd) => runtime.block_on(fedretail_sim::bench::run(cmd)),
-        Command::ServeCoordinator => runtime.block_on(fedretail_sim::bench::serve_coordinator()),
+        Command::ServeCoordinator { pki } => {
+            runtime.block_on(fedretail_sim::bench::serve_coordinator(pki))
+        }
     }
 }
 

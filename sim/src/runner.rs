@@ -64,28 +64,151 @@ pub struct PrivacyOutcome {
     pub accountant: String,
 }
 
-/// A coordinator running in this process on `127.0.0.1:0`.
+/// A throwaway PKI for one simulation: a CA, the coordinator's certificate, an operator's
+/// certificate, and a store certificate issued for each store as it joins. The simulator runs
+/// over mTLS by default, so the path a deployment takes is the one it tests.
+#[derive(Debug)]
+pub struct SimPki {
+    dir: tempfile::TempDir,
+    pki: fedretail_coordinator::pki::PkiDir,
+    /// Store name → certificate name (store names may hold spaces; certificate names may not).
+    issued: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+/// The administrator certificate the simulator drives the Admin API with.
+const SIM_OPERATOR: &str = "sim-operator";
+
+impl SimPki {
+    /// A new CA, coordinator certificate and operator certificate in a temporary directory.
+    ///
+    /// # Errors
+    ///
+    /// Certificate generation or I/O failures.
+    pub fn new() -> anyhow::Result<SimPki> {
+        use fedretail_coordinator::pki::{Role, ephemeral};
+        let dir = tempfile::tempdir().context("creating a temporary PKI directory")?;
+        let pki = ephemeral(dir.path(), &[], &[(SIM_OPERATOR, Role::Operator)])?;
+        Ok(SimPki { dir, pki, issued: Default::default() })
+    }
+
+    /// Where the PKI lives (removed when this is dropped).
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The coordinator's certificate files.
+    pub fn coordinator_files(&self) -> fedretail_coordinator::tls::TlsFiles {
+        fedretail_coordinator::tls::TlsFiles {
+            ca: self.pki.ca_cert(),
+            cert: self.pki.coordinator_cert(),
+            key: self.pki.coordinator_key(),
+            revoked: None,
+        }
+    }
+
+    /// The store's certificate and key, issued on first use.
+    ///
+    /// # Errors
+    ///
+    /// Certificate generation or I/O failures.
+    pub fn store(&self, store: &str) -> anyhow::Result<fedretail_client::transport::StoreTls> {
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let name = match issued.get(store) {
+            Some(name) => name.clone(),
+            None => {
+                let mut base: String = store
+                    .chars()
+                    .map(
+                        |c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' },
+                    )
+                    .take(56)
+                    .collect();
+                if base.is_empty() || base.starts_with('.') {
+                    base.insert(0, 's');
+                }
+                let taken: std::collections::BTreeSet<&String> = issued.values().collect();
+                let mut name = base.clone();
+                let mut n = 1;
+                while taken.contains(&name) {
+                    n += 1;
+                    name = format!("{base}-{n}");
+                }
+                fedretail_coordinator::pki::issue_store(&self.pki, &name)?;
+                issued.insert(store.to_string(), name.clone());
+                name
+            }
+        };
+        let (cert, key) = self.pki.store(&name);
+        Ok(fedretail_client::transport::StoreTls::read(&self.pki.ca_cert(), &cert, &key)?)
+    }
+
+    /// TLS settings of the simulator's operator for the Admin API.
+    ///
+    /// # Errors
+    ///
+    /// Unreadable files.
+    pub fn operator(&self) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let (cert, key) = self.pki.admin(SIM_OPERATOR);
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.pki.ca_cert())?))
+            .identity(Identity::from_pem(read(&cert)?, read(&key)?)))
+    }
+}
+
+/// A coordinator running in this process on two `127.0.0.1` ports.
 #[derive(Debug)]
 pub struct LocalCoordinator {
-    /// Where it listens.
+    /// Where the Training service listens.
     pub addr: SocketAddr,
+    /// Where the Admin service listens.
+    pub admin_addr: SocketAddr,
+    /// The PKI, unless the coordinator serves plaintext.
+    pki: Option<std::sync::Arc<SimPki>>,
     stop: CancellationToken,
     join: tokio::task::JoinHandle<Result<(), fedretail_coordinator::RunError>>,
 }
 
 impl LocalCoordinator {
-    /// Binds a port first, then starts serving (so clients can connect at once).
+    /// Binds ports first, then starts serving over mTLS with a fresh PKI (so clients can
+    /// connect at once).
     ///
     /// # Errors
     ///
-    /// If the port cannot be bound.
+    /// If a port cannot be bound or the PKI cannot be made.
     pub async fn start(poll_timeout: Duration) -> anyhow::Result<LocalCoordinator> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding a loopback port")?;
-        let addr = listener.local_addr()?;
-        let config = fedretail_coordinator::config::Config {
+        LocalCoordinator::start_with(poll_timeout, Some(std::sync::Arc::new(SimPki::new()?))).await
+    }
+
+    /// [`LocalCoordinator::start`] with a given PKI, or plaintext (`None`).
+    ///
+    /// # Errors
+    ///
+    /// If a port cannot be bound.
+    pub async fn start_with(
+        poll_timeout: Duration,
+        pki: Option<std::sync::Arc<SimPki>>,
+    ) -> anyhow::Result<LocalCoordinator> {
+        use fedretail_coordinator::config::{Config, Security};
+        let listeners =
+            fedretail_coordinator::Listeners::loopback().await.context("binding loopback ports")?;
+        let addr = listeners.training.local_addr()?;
+        let admin_addr = listeners.admin.local_addr()?;
+        let config = Config {
             listen: addr,
+            admin_listen: admin_addr,
+            security: match &pki {
+                Some(p) => Security::Mtls(p.coordinator_files()),
+                None => Security::Insecure,
+            },
+            limits: fedretail_coordinator::tls::ConnLimits {
+                max_connections: 4096,
+                handshake_timeout: Duration::from_secs(30),
+            },
+            max_clients_per_task: 100_000,
             poll_timeout,
             max_concurrent_uploads: 16,
             max_message_bytes: 8 << 20,
@@ -96,15 +219,44 @@ impl LocalCoordinator {
         let stop = CancellationToken::new();
         let signal = stop.clone();
         let join = tokio::spawn(async move {
-            fedretail_coordinator::run(config, listener, async move { signal.cancelled().await })
+            fedretail_coordinator::run(config, listeners, async move { signal.cancelled().await })
                 .await
         });
-        Ok(LocalCoordinator { addr, stop, join })
+        Ok(LocalCoordinator { addr, admin_addr, pki, stop, join })
     }
 
-    /// The coordinator's URL.
+    /// The Training service's URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A gRPC transport for the store named `store` (with its own certificate over mTLS).
+    ///
+    /// # Errors
+    ///
+    /// Certificate or URL failures.
+    pub fn transport(&self, store: &str) -> anyhow::Result<GrpcTransport> {
+        Ok(match &self.pki {
+            Some(pki) => GrpcTransport::with_tls(&self.url(), &pki.store(store)?)?,
+            None => GrpcTransport::new(&self.url())?,
+        })
+    }
+
+    /// An Admin client with the simulator's operator certificate.
+    ///
+    /// # Errors
+    ///
+    /// Connection failures.
+    pub async fn admin(&self) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", self.admin_addr);
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?;
+        if let Some(pki) = &self.pki {
+            endpoint = endpoint.tls_config(pki.operator()?)?;
+        }
+        let channel = endpoint.connect().await.with_context(|| format!("connecting to {url}"))?;
+        Ok(AdminClient::new(channel))
     }
 
     /// Stops it and waits.
@@ -116,15 +268,6 @@ impl LocalCoordinator {
         self.stop.cancel();
         self.join.await.context("coordinator task")?.context("coordinator")
     }
-}
-
-/// Connects an Admin client.
-///
-/// # Errors
-///
-/// Connection failures.
-pub async fn admin(url: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    AdminClient::connect(url.to_string()).await.with_context(|| format!("connecting to {url}"))
 }
 
 /// Runs `spec` with one participant per entry of `clients` against `coordinator`, reporting
@@ -139,8 +282,7 @@ pub async fn run_federated(
     clients: Vec<(String, LocalData)>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<FederatedResult> {
-    let url = coordinator.url();
-    let mut admin = admin(&url).await?;
+    let mut admin = coordinator.admin().await?;
     let task_id = admin
         .create_task(pb::CreateTaskRequest { spec: Some(spec.into()) })
         .await
@@ -151,7 +293,7 @@ pub async fn run_federated(
     let cancel = CancellationToken::new();
     let mut participants = JoinSet::new();
     for (name, data) in clients {
-        let transport = GrpcTransport::new(&url)?;
+        let transport = coordinator.transport(&name)?;
         let config = ParticipantConfig {
             task: spec.name.clone(),
             store_name: name,

@@ -37,6 +37,14 @@ pub enum Reject {
     /// The task has ended.
     #[error("the task has ended")]
     TaskEnded,
+    /// The task is not in a state that allows this (resume a running task, pause an ended one).
+    #[error("the task is {state}: cannot {action} it")]
+    WrongState {
+        /// Its state.
+        state: &'static str,
+        /// What was asked.
+        action: &'static str,
+    },
     /// The client is not in this round's cohort.
     #[error("{0} is not in the cohort of this round")]
     NotInCohort(ClientId),
@@ -71,6 +79,12 @@ pub enum Reject {
     /// The coordinator is shutting down.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// The client id belongs to another store than the caller's certificate names.
+    #[error("{0} is not enrolled by this store")]
+    NotYours(ClientId),
+    /// The task has as many enrolled stores as the coordinator allows.
+    #[error("the task has its maximum of {0} enrolled stores")]
+    TooManyClients(usize),
 }
 
 /// What a client should do next.
@@ -128,6 +142,10 @@ pub enum TaskState {
     Failed,
     /// Stopped because the next round would exceed the privacy budget.
     BudgetExhausted,
+    /// An operator paused it: no new rounds until it is resumed.
+    Paused,
+    /// An operator cancelled it: it applies nothing further, ever.
+    Cancelled,
 }
 
 impl TaskState {
@@ -138,14 +156,28 @@ impl TaskState {
             TaskState::Finished => "finished",
             TaskState::Failed => "failed",
             TaskState::BudgetExhausted => "budget_exhausted",
+            TaskState::Paused => "paused",
+            TaskState::Cancelled => "cancelled",
         }
+    }
+
+    /// Whether the task can never run again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, TaskState::Running | TaskState::Paused)
     }
 
     /// Parses [`TaskState::as_str`].
     pub fn parse(s: &str) -> Option<TaskState> {
-        [TaskState::Running, TaskState::Finished, TaskState::Failed, TaskState::BudgetExhausted]
-            .into_iter()
-            .find(|t| t.as_str() == s)
+        [
+            TaskState::Running,
+            TaskState::Finished,
+            TaskState::Failed,
+            TaskState::BudgetExhausted,
+            TaskState::Paused,
+            TaskState::Cancelled,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
     }
 }
 
@@ -285,6 +317,11 @@ pub(crate) enum Request {
         client: ClientId,
         reply: oneshot::Sender<Result<Assignment, Reject>>,
     },
+    Owner {
+        client: ClientId,
+        store: String,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
     Model {
         client: ClientId,
         version: ModelVersion,
@@ -315,6 +352,21 @@ pub(crate) enum Request {
         max_rounds: usize,
         reply: oneshot::Sender<TaskStatus>,
     },
+    Control {
+        action: Control,
+        reply: oneshot::Sender<Result<TaskStatus, Reject>>,
+    },
+}
+
+/// What an operator can do to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Start no new rounds.
+    Pause,
+    /// Start rounds again.
+    Resume,
+    /// End the task for good.
+    Cancel,
 }
 
 /// The way into a running task: a bounded queue to its driver, with a reply per request.
@@ -340,6 +392,11 @@ impl RoundHandle {
     /// Enrols a store; returns its client id.
     pub async fn enroll(&self, store_name: String) -> Result<ClientId, Reject> {
         self.ask(|reply| Request::Enroll { store_name, reply }).await?
+    }
+
+    /// Checks that `client` was enrolled by `store` (the name its certificate carries).
+    pub async fn check_owner(&self, client: ClientId, store: String) -> Result<(), Reject> {
+        self.ask(|reply| Request::Owner { client, store, reply }).await?
     }
 
     /// The client's next assignment, waiting up to `timeout` for one other than `Wait`.
@@ -403,6 +460,11 @@ impl RoundHandle {
         sums: EvalSums,
     ) -> Result<(), Reject> {
         self.ask(|reply| Request::Report { client, round, sums, reply }).await?
+    }
+
+    /// Pauses, resumes or cancels the task; returns its status afterwards.
+    pub async fn control(&self, action: Control) -> Result<TaskStatus, Reject> {
+        self.ask(|reply| Request::Control { action, reply }).await?
     }
 
     /// The task's status with its newest `max_rounds` rounds.

@@ -28,6 +28,8 @@ impl From<TaskState> for pb::TaskState {
             TaskState::Finished => pb::TaskState::Finished,
             TaskState::Failed => pb::TaskState::Failed,
             TaskState::BudgetExhausted => pb::TaskState::BudgetExhausted,
+            TaskState::Paused => pb::TaskState::Paused,
+            TaskState::Cancelled => pb::TaskState::Cancelled,
         }
     }
 }

@@ -30,6 +30,24 @@ pub struct TrainingService {
     /// Bounds the uploads being reassembled at once, so staging memory is
     /// O(max_concurrent_uploads × model), whatever the cohort size.
     upload_permits: Arc<Semaphore>,
+    /// Whether callers present certificates: then a store is its certificate.
+    mtls: bool,
+}
+
+/// The store a request comes from: over mTLS the verified certificate's name (a certificate
+/// of another role gets nothing here); in insecure mode nobody is authenticated (`None`).
+pub(crate) fn caller_store<T>(mtls: bool, request: &Request<T>) -> Result<Option<String>, Status> {
+    if !mtls {
+        return Ok(None);
+    }
+    match crate::tls::peer(request) {
+        None => Err(Status::unauthenticated("a store certificate is required")),
+        Some(Err(m)) => Err(Status::unauthenticated(m)),
+        Some(Ok(id)) if id.role == crate::pki::Role::Store => Ok(Some(id.name)),
+        Some(Ok(id)) => Err(Status::permission_denied(format!(
+            "the Training service is for stores; {id} holds no store certificate"
+        ))),
+    }
 }
 
 impl TrainingService {
@@ -37,16 +55,33 @@ impl TrainingService {
         tasks: Arc<Tasks>,
         poll_timeout: Duration,
         max_concurrent_uploads: usize,
+        mtls: bool,
     ) -> TrainingService {
         TrainingService {
             tasks,
             poll_timeout,
             upload_permits: Arc::new(Semaphore::new(max_concurrent_uploads)),
+            mtls,
         }
     }
 
     fn task(&self, id: u64) -> Result<RoundHandle, Status> {
         self.tasks.get(TaskId(id)).map_err(|r| to_status(&r))
+    }
+
+    /// The task, after checking that `client` belongs to the store the certificate names.
+    async fn task_for<T>(
+        &self,
+        request: &Request<T>,
+        task: u64,
+        client: u64,
+    ) -> Result<RoundHandle, Status> {
+        let store = caller_store(self.mtls, request)?;
+        let handle = self.task(task)?;
+        if let Some(store) = store {
+            handle.check_owner(ClientId(client), store).await.map_err(|r| to_status(&r))?;
+        }
+        Ok(handle)
     }
 
     /// Reads the chunks and trailer of an upload whose header was accepted, holding one of the
@@ -118,14 +153,27 @@ pub(crate) fn model_chunks(
 
 #[tonic::async_trait]
 impl Training for TrainingService {
-    #[tracing::instrument(skip_all, fields(task = %request.get_ref().task_name, store = %request.get_ref().store_name))]
     async fn enroll(
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let certified = caller_store(self.mtls, &request)?;
         let req = request.into_inner();
+        // A store is its certificate: the request's name is only used without mTLS, and then
+        // only if it is a plain short name (it is logged).
+        let store = match certified {
+            Some(name) => name,
+            None => {
+                crate::pki::check_name(&req.store_name)
+                    .map_err(|e| Status::invalid_argument(format!("store_name: {e}")))?;
+                req.store_name
+            }
+        };
+        if req.task_name.len() > 128 {
+            return Err(Status::invalid_argument("task_name is longer than 128 bytes"));
+        }
         let handle = self.tasks.by_name(&req.task_name).map_err(|r| to_status(&r))?;
-        let client = handle.enroll(req.store_name).await.map_err(|r| to_status(&r))?;
+        let client = handle.enroll(store).await.map_err(|r| to_status(&r))?;
         let status = handle.status(0).await.map_err(|r| to_status(&r))?;
         Ok(Response::new(pb::EnrollResponse {
             client_id: client.0,
@@ -139,8 +187,9 @@ impl Training for TrainingService {
         &self,
         request: Request<pb::NextAssignmentRequest>,
     ) -> Result<Response<pb::NextAssignmentResponse>, Status> {
+        let handle =
+            self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
         let req = request.into_inner();
-        let handle = self.task(req.task_id)?;
         let assignment = handle
             .poll(ClientId(req.client_id), self.poll_timeout)
             .await
@@ -154,8 +203,9 @@ impl Training for TrainingService {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let handle =
+            self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
         let req = request.into_inner();
-        let handle = self.task(req.task_id)?;
         let blob = handle
             .model(ClientId(req.client_id), ModelVersion(req.model_version))
             .await
@@ -168,6 +218,7 @@ impl Training for TrainingService {
         request: Request<Streaming<pb::UploadUpdateRequest>>,
     ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
         use pb::upload_update_request::Part;
+        let store = caller_store(self.mtls, &request)?;
         let mut stream = request.into_inner();
         let malformed = |m: String| to_status(&Reject::Malformed(m));
         let header = match stream.message().await? {
@@ -182,6 +233,9 @@ impl Training for TrainingService {
             )));
         }
         let handle = self.task(header.task_id)?;
+        if let Some(store) = store {
+            handle.check_owner(client, store).await.map_err(|r| to_status(&r))?;
+        }
         let (n_params, _clip) =
             handle.begin_upload(client, round).await.map_err(|r| to_status(&r))?;
         // From here on a refusal happens in this service, not the round: tell the round, so its
@@ -207,8 +261,9 @@ impl Training for TrainingService {
         &self,
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let handle =
+            self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
         let req = request.into_inner();
-        let handle = self.task(req.task_id)?;
         let sums =
             req.sums.ok_or_else(|| to_status(&Reject::Malformed("sums is required".into())))?;
         let sums = sums.try_into().map_err(|e: fedretail_proto::convert::ConvertError| {

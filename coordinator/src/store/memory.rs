@@ -1,6 +1,6 @@
 //! An in-memory [`Store`] for tests and the simulator. Nothing survives the process.
 
-use super::{CommitRecord, Snapshot, Store, StoreError, StoredTask};
+use super::{AuditEvent, AuditRecord, CommitRecord, Snapshot, Store, StoreError, StoredTask};
 use crate::round::{ModelBlob, RoundSummary, TaskState};
 use fedretail_core::ids::{RoundId, TaskId};
 use fedretail_core::optim::OptimizerState;
@@ -22,6 +22,14 @@ struct Inner {
     tasks: BTreeMap<TaskId, (StoredTask, Snapshot)>,
     /// Test hook: how many further commits fail.
     failing_commits: u32,
+    audit: Vec<AuditRecord>,
+}
+
+impl Inner {
+    fn push_audit(&mut self, event: &AuditEvent) {
+        let seq = self.audit.len() as u64 + 1;
+        self.audit.push(AuditRecord { seq, unix_ms: super::unix_ms(), event: event.clone() });
+    }
 }
 
 impl MemoryStore {
@@ -88,6 +96,7 @@ impl Store for MemoryStore {
         snap.optimizer = record.optimizer;
         snap.committed_rounds += 1;
         snap.history.push(record.summary);
+        inner.push_audit(&record.audit);
         Ok(())
     }
 
@@ -117,5 +126,14 @@ impl Store for MemoryStore {
         t.state = state;
         t.reason = reason.to_string();
         Ok(())
+    }
+
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.lock().push_audit(event);
+        Ok(())
+    }
+
+    fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(self.lock().audit.iter().filter(|r| r.seq > after).take(limit).cloned().collect())
     }
 }

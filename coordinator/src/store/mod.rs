@@ -59,6 +59,70 @@ pub struct Snapshot {
     pub ledger: Vec<LedgerEntry>,
 }
 
+/// One entry of the coordinator's append-only audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEvent {
+    /// Who: a certificate's name, or `coordinator` for what the coordinator did on its own.
+    pub actor: String,
+    /// The actor's role (`operator`, `auditor`, `exporter`, `store`, `coordinator`, or
+    /// `insecure` when nobody is authenticated).
+    pub role: String,
+    /// What: `create_task`, `pause_task`, `export_model`, `task_ended`, `round_committed`, ...
+    pub action: String,
+    /// The task concerned, if any.
+    pub task: Option<TaskId>,
+    /// `ok`, or why it was refused.
+    pub outcome: String,
+    /// Details as JSON.
+    pub detail: serde_json::Value,
+}
+
+impl AuditEvent {
+    /// An event the coordinator records on its own behalf.
+    pub fn coordinator(action: &str, task: TaskId, detail: serde_json::Value) -> AuditEvent {
+        AuditEvent {
+            actor: "coordinator".into(),
+            role: "coordinator".into(),
+            action: action.into(),
+            task: Some(task),
+            outcome: "ok".into(),
+            detail,
+        }
+    }
+}
+
+/// An audit event as stored: with its sequence number and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// Position in the log, from 1, never reused.
+    pub seq: u64,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The event.
+    pub event: AuditEvent,
+}
+
+/// Reads the audit log of the SQLite database at `path` read-only, without the coordinator's
+/// lock, so it works while a coordinator runs on it.
+///
+/// # Errors
+///
+/// An unreadable database.
+pub fn read_audit_log(
+    path: &std::path::Path,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    sqlite::open_read_only(path, after, limit)
+}
+
+/// Milliseconds since the Unix epoch, for audit records.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Everything one committed round writes, in one transaction.
 #[derive(Debug, Clone)]
 pub struct CommitRecord {
@@ -70,6 +134,8 @@ pub struct CommitRecord {
     pub model: Arc<ModelBlob>,
     /// Optimiser state after the round.
     pub optimizer: OptimizerState,
+    /// The audit entry of the commit, written in the same transaction.
+    pub audit: AuditEvent,
 }
 
 /// Persistence for tasks and rounds.
@@ -139,4 +205,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         state: TaskState,
         reason: &str,
     ) -> Result<(), StoreError>;
+
+    /// Appends to the audit log.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+
+    /// Audit records with a sequence number above `after`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }

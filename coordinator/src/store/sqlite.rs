@@ -1,7 +1,7 @@
 //! The SQLite [`Store`]: one file, one transaction per commit, so a crash leaves either the
 //! old or the new round, never half of one.
 
-use super::{CommitRecord, Snapshot, Store, StoreError, StoredTask};
+use super::{AuditEvent, AuditRecord, CommitRecord, Snapshot, Store, StoreError, StoredTask};
 use crate::round::{ModelBlob, RoundSummary, TaskState};
 use fedretail_core::ids::{ModelVersion, RoundId, TaskId};
 use fedretail_core::model::metrics::EvalSums;
@@ -37,6 +37,16 @@ CREATE TABLE IF NOT EXISTS rounds (
     eval_n_ratings INTEGER, eval_squared_error REAL, eval_absolute_error REAL,
     eval_n_ranked INTEGER, eval_hits REAL, eval_ndcg REAL, eval_actual_sum REAL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, unix_ms INTEGER NOT NULL, actor TEXT NOT NULL,
+    role TEXT NOT NULL, action TEXT NOT NULL, task_id INTEGER, outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+-- The audit log is append-only: the database itself refuses to change or remove an entry.
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 ";
 
 /// Columns added after a database format was first released: (table, column, type). Databases
@@ -47,6 +57,21 @@ const ADDED_COLUMNS: [(&str, &str, &str); 1] = [("rounds", "eval_actual_sum", "R
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// An exclusive lock on `<database>.lock`, held while the store is open: a second
+    /// coordinator on the same file refuses to start instead of spending the same budget.
+    _lock: std::fs::File,
+}
+
+/// Opens `path` for writing, creating it with mode 0600 if it does not exist.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -72,6 +97,25 @@ impl SqliteStore {
     ///
     /// The file cannot be opened or is not a fedretail database.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let lock_path = path.with_extension("lock");
+        let lock = private_file(&lock_path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Backend(format!(
+                    "{} is in use by another coordinator (its lock {} is held)",
+                    path.display(),
+                    lock_path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Backend(format!("{}: {e}", lock_path.display())));
+            }
+        }
+        // Created private: the database holds models, the ledger and the audit log (SQLite
+        // gives its journal files the database's permissions).
+        private_file(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let at = |e: rusqlite::Error| StoreError::Backend(format!("{}: {e}", path.display()));
@@ -90,12 +134,68 @@ impl SqliteStore {
                     .map_err(at)?;
             }
         }
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore { conn: Mutex::new(conn), _lock: lock })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO audit (unix_ms, actor, role, action, task_id, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            super::unix_ms() as i64,
+            event.actor,
+            event.role,
+            event.action,
+            event.task.map(|t| t.0 as i64),
+            event.outcome,
+            event.detail.to_string(),
+        ],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// Reads the audit log of the database at `path` without taking the coordinator's lock (a
+/// running coordinator may hold it), for `fedretail-coordinator audit`.
+pub(crate) fn open_read_only(
+    path: &Path,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+    read_audit(&conn, after, limit)
+}
+
+fn read_audit(conn: &Connection, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT seq, unix_ms, actor, role, action, task_id, outcome, detail FROM audit
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )
+        .map_err(backend)?;
+    stmt.query_map(params![after as i64, limit as i64], |r| {
+        let detail: String = r.get(7)?;
+        Ok(AuditRecord {
+            seq: r.get::<_, i64>(0)? as u64,
+            unix_ms: r.get::<_, i64>(1)? as u64,
+            event: AuditEvent {
+                actor: r.get(2)?,
+                role: r.get(3)?,
+                action: r.get(4)?,
+                task: r.get::<_, Option<i64>>(5)?.map(|t| TaskId(t as u64)),
+                outcome: r.get(6)?,
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+            },
+        })
+    })
+    .map_err(backend)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(backend)
 }
 
 fn insert_round(
@@ -325,6 +425,7 @@ impl Store for SqliteStore {
             return Err(StoreError::UnknownTask(record.task));
         }
         insert_round(&tx, record.task, &record.summary)?;
+        insert_audit(&tx, &record.audit)?;
         tx.commit().map_err(backend)
     }
 
@@ -382,6 +483,20 @@ impl Store for SqliteStore {
             return Err(StoreError::UnknownTask(task));
         }
         Ok(())
+    }
+
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.audit_impl(event)
+    }
+
+    fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        read_audit(&self.lock(), after, limit)
+    }
+}
+
+impl SqliteStore {
+    fn audit_impl(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        insert_audit(&self.lock(), event)
     }
 }
 
@@ -457,8 +572,25 @@ mod tests {
             let optimizer = OptimizerState { m: vec![0.5, 0.25], v: Vec::new(), t: 1 };
             let model = Arc::new(ModelBlob::new(ModelVersion(1), vec![1.5, -2.0]));
             store
-                .commit(CommitRecord { task: id, summary: summary(2, None), model, optimizer })
+                .commit(CommitRecord {
+                    task: id,
+                    summary: summary(2, None),
+                    model,
+                    optimizer,
+                    audit: AuditEvent::coordinator(
+                        "round_committed",
+                        id,
+                        serde_json::json!({"cohort_size": 1}),
+                    ),
+                })
                 .unwrap();
+            assert!(
+                SqliteStore::open(&path)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("in use by another coordinator"),
+                "a second process on the same file refuses to start (H5)"
+            );
             store.set_task_state(id, TaskState::Finished, "all 2 rounds committed").unwrap();
             let entry = LedgerEntry {
                 round: RoundId(2),
@@ -488,5 +620,20 @@ mod tests {
         assert_eq!(snap.ledger.len(), 1);
         assert_eq!((snap.ledger[0].round, snap.ledger[0].noise_multiplier), (RoundId(2), 1.25));
         assert!(store.load(TaskId(9)).unwrap().is_none());
+        let audit = store.audit_log(0, 10).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!((audit[0].seq, audit[0].event.action.as_str()), (1, "round_committed"));
+        assert_eq!(audit[0].event.detail["cohort_size"], 1);
+        let conn = store.lock();
+        for sql in ["UPDATE audit SET outcome = 'x'", "DELETE FROM audit"] {
+            let err = conn.execute(sql, []).unwrap_err().to_string();
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "the database is private (L5)");
+        }
     }
 }

@@ -13,7 +13,7 @@ async fn a_restart_resumes_from_the_last_committed_round() {
     let good = [0.1f32, 0.2, 0.3, 0.4];
 
     let c = start_coordinator_with(Some(db.clone())).await;
-    let task_id = create_task(&c.url, &bench_task("resume", 4, 3, 1)).await.unwrap();
+    let task_id = create_task(&c.admin_url, &bench_task("resume", 4, 3, 1)).await.unwrap();
     let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();
     let a = enroll(&mut t, "resume", "a").await;
     let first = train_round(&poll(&mut t, &a).await.unwrap());
@@ -21,11 +21,11 @@ async fn a_restart_resumes_from_the_last_committed_round() {
     // Round 2 starts; the coordinator stops before it completes.
     let interrupted = train_round(&poll(&mut t, &a).await.unwrap());
     assert!(interrupted > first);
-    assert_eq!(task_status(&c.url, task_id).await.committed_rounds, 1);
+    assert_eq!(task_status(&c.admin_url, task_id).await.committed_rounds, 1);
     c.stop().await;
 
     let c = start_coordinator_with(Some(db)).await;
-    let status = task_status(&c.url, task_id).await;
+    let status = task_status(&c.admin_url, task_id).await;
     assert_eq!((status.committed_rounds, status.model_version), (1, 1), "committed work survives");
     assert_eq!(status.spec.as_ref().unwrap().name, "resume");
     let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();
@@ -44,13 +44,13 @@ async fn a_restart_resumes_from_the_last_committed_round() {
     );
     upload(&mut t, &a, next, 4, &good, None).await.unwrap();
     // The commit follows the upload on the driver's blocking thread: wait for it (bounded).
-    let mut status = task_status(&c.url, task_id).await;
+    let mut status = task_status(&c.admin_url, task_id).await;
     for _ in 0..100 {
         if status.committed_rounds == 2 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        status = task_status(&c.url, task_id).await;
+        status = task_status(&c.admin_url, task_id).await;
     }
     assert_eq!((status.committed_rounds, status.model_version), (2, 2));
     let failed: Vec<_> = status.rounds.iter().filter(|r| r.phase == "Failed").collect();

@@ -56,7 +56,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
         plan: p,
         privacy: None,
     };
-    let task_id = create_task(&c.url, &spec).await.unwrap();
+    let task_id = create_task(&c.admin_url, &spec).await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let cancel = CancellationToken::new();
     let mut joins = Vec::new();
@@ -84,7 +84,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
         assert_eq!(outcome.rounds_trained, 8);
         assert_eq!(outcome.evaluations, 8);
     }
-    let status = task_status(&c.url, task_id).await;
+    let status = task_status(&c.admin_url, task_id).await;
     assert_eq!((status.committed_rounds, status.failed_rounds), (8, 0));
     assert_eq!(status.state, pb::TaskState::Finished as i32);
     let rmse = |r: &pb::RoundStatus| EvalSums::try_from(r.eval.unwrap()).unwrap().rmse();

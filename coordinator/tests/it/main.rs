@@ -2,6 +2,7 @@
 
 mod crash_resume;
 mod happy_path;
+mod mtls;
 mod privacy_cli;
 mod rejects;
 mod support;

@@ -73,7 +73,7 @@ pub(crate) fn train_round(a: &pb::NextAssignmentResponse) -> u64 {
 #[tokio::test]
 async fn each_reject_has_its_status_code_and_the_round_goes_on() {
     let c = start_coordinator().await;
-    let task_id = create_task(&c.url, &bench_task("rejects", 4, 1, 2)).await.unwrap();
+    let task_id = create_task(&c.admin_url, &bench_task("rejects", 4, 1, 2)).await.unwrap();
     let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();
     let a = enroll(&mut t, "rejects", "a").await;
     let b = enroll(&mut t, "rejects", "b").await;
@@ -137,7 +137,7 @@ async fn each_reject_has_its_status_code_and_the_round_goes_on() {
     );
     assert_eq!(upload(&mut t, &b, round, 4, &good, None).await, Ok(()), "the round went on");
 
-    let status = task_status(&c.url, task_id).await;
+    let status = task_status(&c.admin_url, task_id).await;
     let current = status.rounds.iter().find(|r| r.round_id == round).unwrap();
     assert_eq!(current.n_uploads, 2);
     assert_eq!(current.n_rejected, 7);
@@ -149,12 +149,12 @@ async fn admin_rejects_invalid_and_duplicate_tasks_and_health_is_serving() {
     let c = start_coordinator().await;
     let mut bad = bench_task("bad", 4, 1, 2);
     bad.plan.min_clients = 3;
-    let err = create_task(&c.url, &bad).await.unwrap_err();
+    let err = create_task(&c.admin_url, &bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("plan.cohort_size"), "{}", err.message());
-    create_task(&c.url, &bench_task("dup", 4, 1, 2)).await.unwrap();
+    create_task(&c.admin_url, &bench_task("dup", 4, 1, 2)).await.unwrap();
     assert_eq!(
-        create_task(&c.url, &bench_task("dup", 4, 1, 2)).await.unwrap_err().code(),
+        create_task(&c.admin_url, &bench_task("dup", 4, 1, 2)).await.unwrap_err().code(),
         Code::AlreadyExists
     );
     let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();

@@ -1,6 +1,6 @@
 //! Test fixtures: a coordinator on `127.0.0.1:0`, stopped when the fixture is dropped.
 
-use fedretail_coordinator::config::Config;
+use fedretail_coordinator::config::{Config, Security};
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
 use fedretail_proto::pb;
@@ -8,7 +8,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) struct TestCoordinator {
+    /// The Training service.
     pub(crate) url: String,
+    /// The Admin service.
+    pub(crate) admin_url: String,
     stop: CancellationToken,
     join: Option<tokio::task::JoinHandle<()>>,
 }
@@ -32,12 +35,29 @@ pub(crate) async fn start_coordinator() -> TestCoordinator {
     start_coordinator_with(None).await
 }
 
-/// [`start_coordinator`] with an SQLite store at `store`.
+/// [`start_coordinator`] with an SQLite store at `store`; plaintext (`insecure = true`).
 pub(crate) async fn start_coordinator_with(store: Option<std::path::PathBuf>) -> TestCoordinator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    start_secured(store, Security::Insecure).await
+}
+
+/// A coordinator on loopback with the given security.
+pub(crate) async fn start_secured(
+    store: Option<std::path::PathBuf>,
+    security: Security,
+) -> TestCoordinator {
+    let listeners = fedretail_coordinator::Listeners::loopback().await.unwrap();
+    let addr = listeners.training.local_addr().unwrap();
+    let admin_addr = listeners.admin.local_addr().unwrap();
+    let scheme = if security == Security::Insecure { "http" } else { "https" };
     let config = Config {
         listen: addr,
+        admin_listen: admin_addr,
+        security,
+        limits: fedretail_coordinator::tls::ConnLimits {
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(5),
+        },
+        max_clients_per_task: 1000,
         poll_timeout: Duration::from_millis(500),
         max_concurrent_uploads: 4,
         max_message_bytes: 4 << 20,
@@ -48,9 +68,14 @@ pub(crate) async fn start_coordinator_with(store: Option<std::path::PathBuf>) ->
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let join = tokio::spawn(async move {
-        fedretail_coordinator::run(config, listener, signal.cancelled_owned()).await.unwrap()
+        fedretail_coordinator::run(config, listeners, signal.cancelled_owned()).await.unwrap()
     });
-    TestCoordinator { url: format!("http://{addr}"), stop, join: Some(join) }
+    TestCoordinator {
+        url: format!("{scheme}://{addr}"),
+        admin_url: format!("{scheme}://{admin_addr}"),
+        stop,
+        join: Some(join),
+    }
 }
 
 pub(crate) fn plan(rounds: u64, cohort: u32) -> TrainingPlan {
@@ -81,6 +106,7 @@ pub(crate) fn bench_task(name: &str, n_params: usize, rounds: u64, cohort: u32) 
     }
 }
 
+/// Creates a task through the Admin service at `url` (plaintext).
 pub(crate) async fn create_task(url: &str, spec: &TaskSpec) -> Result<u64, tonic::Status> {
     let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
     admin
@@ -92,4 +118,16 @@ pub(crate) async fn create_task(url: &str, spec: &TaskSpec) -> Result<u64, tonic
 pub(crate) async fn task_status(url: &str, task_id: u64) -> pb::TaskStatus {
     let mut admin = pb::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
     admin.get_task(pb::GetTaskRequest { task_id, max_rounds: 100 }).await.unwrap().into_inner()
+}
+
+/// Creates a task with an already connected Admin client.
+pub(crate) async fn create_task_over(
+    admin: &pb::admin_client::AdminClient<tonic::transport::Channel>,
+    spec: &TaskSpec,
+) -> Result<u64, tonic::Status> {
+    admin
+        .clone()
+        .create_task(pb::CreateTaskRequest { spec: Some(spec.into()) })
+        .await
+        .map(|r| r.into_inner().task_id)
 }

@@ -4,9 +4,10 @@
 
 use super::machine::{FailReason, Noising, Output, Phase, Round, derive_seed};
 use super::{
-    Assignment, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState, TaskStatus,
+    Assignment, Control, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState,
+    TaskStatus,
 };
-use crate::store::{CommitRecord, Snapshot, Store};
+use crate::store::{AuditEvent, CommitRecord, Snapshot, Store};
 use fedretail_core::aggregate::Aggregator;
 use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
 use fedretail_core::optim::{self, OptimizerState};
@@ -37,6 +38,8 @@ pub(crate) struct DriverConfig {
     /// Cohort sampling and privacy noise from the task seed (simulations only); otherwise both
     /// come from the OS random source, so nobody can predict who is sampled or what noise is drawn.
     pub(crate) deterministic: bool,
+    /// Enrolled stores at most; stores silent for ten liveness timeouts are forgotten first.
+    pub(crate) max_clients: usize,
 }
 
 struct ClientEntry {
@@ -71,6 +74,8 @@ struct Driver {
     job: Option<JoinHandle<JobResult>>,
     changes: watch::Sender<u64>,
     last_phase: (u64, &'static str),
+    /// A state an operator set that is not yet persisted.
+    pending_state: Option<(TaskState, String)>,
     /// Every privacy charge of this task, oldest first.
     ledger: Vec<LedgerEntry>,
     /// ε of the first `n` ledger entries, as `(n, ε)`: the ledger only grows, and the PLD
@@ -125,6 +130,7 @@ pub(crate) fn spawn(
         job: None,
         changes,
         last_phase: (0, ""),
+        pending_state: None,
     };
     let span = tracing::info_span!("task", task_id = %task);
     let join = tokio::spawn(driver.run(rx, cancel).instrument(span));
@@ -250,14 +256,15 @@ impl Driver {
         let now = Instant::now();
         match request {
             Request::Enroll { store_name, reply } => {
-                let result = if self.state == TaskState::Running {
-                    let id = random_client_id();
-                    tracing::info!(client_id = %id, store = %store_name, "client enrolled");
-                    self.clients.insert(id, ClientEntry { store_name, last_seen: now });
-                    Ok(id)
-                } else {
-                    Err(Reject::TaskEnded)
+                let _ = reply.send(self.enroll(now, store_name));
+            }
+            Request::Owner { client, store, reply } => {
+                let result = match self.clients.get(&client) {
+                    None => Err(Reject::UnknownClient(client)),
+                    Some(entry) if entry.store_name == store => Ok(()),
+                    Some(_) => Err(Reject::NotYours(client)),
                 };
+                log_reject(client, "request", &result);
                 let _ = reply.send(result);
             }
             Request::Poll { client, reply } => {
@@ -315,7 +322,68 @@ impl Driver {
             Request::Status { max_rounds, reply } => {
                 let _ = reply.send(self.status(now, max_rounds));
             }
+            Request::Control { action, reply } => {
+                let result = self.control(action);
+                let _ = reply.send(result.map(|()| self.status(now, 20)));
+            }
         }
+    }
+
+    /// Pause, resume or cancel. The new state is persisted by `publish_state` on the next step.
+    fn control(&mut self, action: Control) -> Result<(), Reject> {
+        let wrong = |state: TaskState, action: &'static str| {
+            Err(Reject::WrongState { state: state.as_str(), action })
+        };
+        match (action, self.state) {
+            (Control::Pause, TaskState::Running) => {
+                self.pending_state = Some((TaskState::Paused, "paused by an operator".into()));
+            }
+            (Control::Resume, TaskState::Paused) => {
+                self.pending_state = Some((TaskState::Running, String::new()));
+            }
+            (Control::Cancel, TaskState::Running | TaskState::Paused) => {
+                if let Some(round) = self.round.as_mut() {
+                    round.fail(super::machine::FailReason::Cancelled);
+                }
+                self.pending_state =
+                    Some((TaskState::Cancelled, "cancelled by an operator".into()));
+            }
+            (Control::Pause, state) => return wrong(state, "pause"),
+            (Control::Resume, state) => return wrong(state, "resume"),
+            (Control::Cancel, state) => return wrong(state, "cancel"),
+        }
+        let (state, reason) = self.pending_state.clone().expect("set above");
+        self.state = state;
+        self.state_reason = reason;
+        Ok(())
+    }
+
+    /// One active enrolment per store: a store that enrols again replaces its old id, so a
+    /// store is never counted twice. The registry is bounded.
+    fn enroll(&mut self, now: Instant, store_name: String) -> Result<ClientId, Reject> {
+        if self.state != TaskState::Running {
+            return Err(Reject::TaskEnded);
+        }
+        let replaced: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.store_name == store_name)
+            .map(|(id, _)| *id)
+            .collect();
+        for old in &replaced {
+            self.clients.remove(old);
+        }
+        if self.clients.len() >= self.config.max_clients {
+            let forget = self.config.liveness_timeout * 10;
+            self.clients.retain(|_, c| now.saturating_duration_since(c.last_seen) <= forget);
+            if self.clients.len() >= self.config.max_clients {
+                return Err(Reject::TooManyClients(self.config.max_clients));
+            }
+        }
+        let id = random_client_id();
+        tracing::info!(store = %store_name, replaced = replaced.len(), "store enrolled");
+        self.clients.insert(id, ClientEntry { store_name, last_seen: now });
+        Ok(id)
     }
 
     fn known(&self, client: ClientId) -> Result<(), Reject> {
@@ -325,7 +393,7 @@ impl Driver {
     fn poll(&mut self, now: Instant, client: ClientId) -> Result<Assignment, Reject> {
         let entry = self.clients.get_mut(&client).ok_or(Reject::UnknownClient(client))?;
         entry.last_seen = now;
-        if self.state != TaskState::Running {
+        if self.state.is_final() {
             return Ok(Assignment::Finished {
                 state: self.state,
                 reason: self.state_reason.clone(),
@@ -348,6 +416,9 @@ impl Driver {
 
     /// Lets time act on the round, runs what it asks for, and finishes it when it is over.
     async fn step(&mut self) {
+        if let Some((state, reason)) = self.pending_state.take() {
+            self.persist_state(state, reason).await;
+        }
         let now = Instant::now();
         let connected = self.connected(now);
         let Some(round) = self.round.as_mut() else { return };
@@ -429,7 +500,20 @@ impl Driver {
     fn start_commit(&mut self, summary: RoundSummary) {
         let (model, optimizer) =
             self.candidate.clone().expect("a committing round has a candidate");
-        let record = CommitRecord { task: self.task, summary, model, optimizer };
+        let audit = AuditEvent::coordinator(
+            "round_committed",
+            self.task,
+            serde_json::json!({
+                "round_id": summary.round.0,
+                "index": summary.index,
+                "cohort_size": summary.cohort_size,
+                "uploads": summary.n_uploads,
+                "model_version": model.version.0,
+                // The charge of this round is already in the ledger (written at Noising).
+                "epsilon": self.privacy_report().map(|p| p.epsilon),
+            }),
+        );
+        let record = CommitRecord { task: self.task, summary, model, optimizer, audit };
         let store = self.store.clone();
         self.job = Some(tokio::task::spawn_blocking(move || {
             JobResult::Stored(store.commit(record).map_err(|e| e.to_string()))
@@ -521,9 +605,28 @@ impl Driver {
         tracing::info!(state = state.as_str(), %reason, "task ended");
         self.state = state;
         self.state_reason = reason.clone();
+        self.persist_state(state, reason).await;
+    }
+
+    /// Writes the task's state and its audit entry, and wakes long polls.
+    async fn persist_state(&mut self, state: TaskState, reason: String) {
         let (store, task) = (self.store.clone(), self.task);
-        let stored =
-            tokio::task::spawn_blocking(move || store.set_task_state(task, state, &reason)).await;
+        let epsilon = self.privacy_report().map(|p| p.epsilon);
+        let audit = AuditEvent::coordinator(
+            "task_state",
+            task,
+            serde_json::json!({
+                "state": state.as_str(),
+                "reason": reason,
+                "committed_rounds": self.committed_rounds,
+                "epsilon": epsilon,
+            }),
+        );
+        let stored = tokio::task::spawn_blocking(move || {
+            store.set_task_state(task, state, &reason)?;
+            store.append_audit(&audit)
+        })
+        .await;
         if let Ok(Err(e)) = stored {
             tracing::error!(error = %e, "could not record the task's state");
         }

@@ -67,8 +67,11 @@ fn private_spec(rounds: u64) -> TaskSpec {
 async fn start_with(spec: TaskSpec) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let cancel = CancellationToken::new();
-    let config =
-        super::DriverConfig { liveness_timeout: Duration::from_secs(600), deterministic: true };
+    let config = super::DriverConfig {
+        liveness_timeout: Duration::from_secs(600),
+        deterministic: true,
+        max_clients: 10_000,
+    };
     let (tasks, _drivers) = Tasks::resume(store.clone(), config, cancel.clone()).unwrap();
     let id = tasks.create(spec).unwrap();
     let handle = tasks.get(id).unwrap();

@@ -22,6 +22,7 @@ pub(crate) enum FailReason {
     TooFewUploads { uploaded: usize, min: u32 },
     Store(String),
     Shutdown,
+    Cancelled,
 }
 
 impl std::fmt::Display for FailReason {
@@ -38,6 +39,7 @@ impl std::fmt::Display for FailReason {
             }
             FailReason::Store(e) => write!(f, "could not commit: {e}"),
             FailReason::Shutdown => write!(f, "coordinator shut down"),
+            FailReason::Cancelled => write!(f, "the task was cancelled"),
         }
     }
 }
