@@ -87,6 +87,9 @@ pub struct RawConfig {
     /// SQLite file for tasks, committed rounds and models; without it nothing survives a restart.
     #[serde(default)]
     pub store: Option<PathBuf>,
+    /// Which tasks the coordinator runs at all; strict defaults without the section.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
     /// Tasks created at start-up unless a task of that name exists.
     #[serde(default, rename = "task")]
     pub tasks: Vec<TaskSpec>,
@@ -150,6 +153,8 @@ pub struct Config {
     /// Draw cohorts and privacy noise from task seeds instead of the OS: for the simulator only.
     /// The TOML config cannot set it.
     pub deterministic: bool,
+    /// Which tasks the coordinator runs.
+    pub policy: crate::policy::Policy,
     /// Tasks created at start-up.
     pub tasks: Vec<TaskSpec>,
 }
@@ -222,6 +227,7 @@ impl RawConfig {
                 self.handshake_timeout_secs
             )));
         }
+        self.policy.validate().map_err(invalid)?;
         let mut names = std::collections::BTreeSet::new();
         for task in &self.tasks {
             task.validate().map_err(|e| invalid(format!("task {:?}: {e}", task.name)))?;
@@ -238,6 +244,7 @@ impl RawConfig {
                 handshake_timeout: Duration::from_secs_f64(self.handshake_timeout_secs),
             },
             max_clients_per_task: self.max_clients_per_task,
+            policy: self.policy,
             poll_timeout: Duration::from_secs_f64(self.poll_timeout_secs),
             max_concurrent_uploads: self.max_concurrent_uploads,
             max_message_bytes: self.max_message_bytes,
@@ -279,6 +286,16 @@ ca = "{pki}/ca.crt"
 cert = "{pki}/coordinator.crt"
 key = "{pki}/coordinator.key"
 # revoked = "{pki}/revoked.txt"   # hex serials (see {pki}/issued.log), read at every handshake
+
+# Which tasks this coordinator runs at all. A task outside it is refused (FAILED_PRECONDITION,
+# naming the rule). These are also the defaults when the section is left out.
+[policy]
+allow_without_privacy = false     # every task needs a privacy spec
+max_epsilon = 10.0                # per task, and for each privacy domain's total
+max_delta = 1e-5
+min_cohort = 2                    # the smallest quorum (plan.min_clients)
+max_model_params = 50000000
+max_live_tasks = 16
 {TASK}"#
     )
 }
@@ -290,17 +307,20 @@ name = "movielens"
 [task.model]
 kind = "matrix_factorization"
 n_items = 1682                  # item ids in the stores' CSV files are 0..n_items
-dim = 50
+dim = 1                         # the simulator's private preset (BENCHMARKS.md)
 learning_rate = 0.01
 regularization = 0.1
 init_std = 0.1
+init_mean = 3.5                 # customer-level rounds keep the global mean fixed
+local_item_offsets = 20.0       # each store's own item offsets; never sent
 
 [task.plan]
 rounds = 30
 cohort_size = 2                 # clients sampled per round
 min_clients = 2                 # quorum: fewer acks or uploads fail the round
-local_epochs = 2
-clip_norm = 5.0
+local_epochs = 5
+clip_norm = 0.25                # each customer's contribution is clipped to this L2 norm
+weight_by_examples = false      # under privacy every contribution counts once
 eval_every = 10
 select_timeout_secs = 10.0
 configure_timeout_secs = 60.0
@@ -311,6 +331,17 @@ seed = 42
 [task.plan.server_optimizer]
 kind = "fed_avg"                # or fed_avg_m (momentum), fed_adam (beta1, beta2, tau)
 learning_rate = 1.0
+
+# Customer-level differential privacy: each store sums one clipped contribution per customer,
+# sampled with rate q, and the coordinator adds Gaussian noise calibrated to epsilon.
+[task.privacy]
+unit = "customer"
+noise_placement = "central"
+target_epsilon = 8.0
+delta = 1e-5
+sampling_rate = 0.3
+population = 943                # customers across the stores (a public figure)
+domain = "stores-2026"          # every task over the same customers shares this budget
 "#;
 
 #[cfg(test)]
@@ -327,7 +358,13 @@ mod tests {
         let Security::Mtls(files) = &config.security else { panic!("the example uses mTLS") };
         assert_eq!(files.ca, Path::new("/etc/pki/ca.crt"));
         assert_ne!(config.listen, config.admin_listen);
-        assert_eq!(config.tasks[0].model.n_params(), 1 + 1682 * 51);
+        assert_eq!(config.tasks[0].model.n_params(), 1 + 1682 * 2);
+        assert_eq!(
+            config.policy,
+            crate::policy::Policy::default(),
+            "the example spells out the defaults"
+        );
+        crate::policy::Policy::default().check(&config.tasks[0], 0).unwrap();
     }
 
     #[test]
@@ -338,7 +375,7 @@ mod tests {
         assert!(err.contains("unknown field `colour`"), "{err}");
         let err = RawConfig::from_toml("", "c.toml").unwrap().validate("c.toml").unwrap_err();
         assert!(err.to_string().contains("no [tls] section"), "plaintext needs insecure = true");
-        let bad = example("pki").replace("min_clients = 2", "min_clients = 3");
+        let bad = example("pki").replace("min_clients = 2                 #", "min_clients = 3  #");
         let err = RawConfig::from_toml(&bad, "c.toml")
             .unwrap()
             .validate("c.toml")

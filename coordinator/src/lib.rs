@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod pki;
+pub mod policy;
 pub mod round;
 mod service;
 pub mod store;
@@ -149,8 +150,16 @@ pub async fn run_with_store(
         liveness_timeout: config.poll_timeout * 3,
         deterministic: config.deterministic,
         max_clients: config.max_clients_per_task,
+        domain_epsilon: config.policy.max_epsilon,
+        domain_delta: config.policy.max_delta,
     };
-    let (tasks, mut drivers) = tasks::Tasks::resume(store, driver_config, cancel.clone())?;
+    let (tasks, mut drivers) = tasks::Tasks::resume(
+        store,
+        driver_config,
+        config.policy.clone(),
+        config.deterministic,
+        cancel.clone(),
+    )?;
     for spec in config.tasks {
         if !tasks.contains_name(&spec.name) {
             tasks.create(spec)?;

@@ -20,6 +20,9 @@ pub enum CreateTaskError {
     /// The store refused (duplicate name) or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The coordinator's policy refuses the task.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyViolation),
 }
 
 /// All tasks of one coordinator.
@@ -27,6 +30,10 @@ pub enum CreateTaskError {
 pub struct Tasks {
     store: Arc<dyn Store>,
     config: DriverConfig,
+    policy: crate::policy::Policy,
+    /// A simulation may keep a private task's ledger in memory: it lives as long as the
+    /// simulation, and nothing it trains is deployed. A coordinator from a TOML config cannot.
+    volatile_ledger_allowed: bool,
     cancel: CancellationToken,
     handles: Mutex<BTreeMap<TaskId, (String, RoundHandle)>>,
     /// The supervisor receives every driver's join handle, to stop the process if one panics.
@@ -38,6 +45,8 @@ impl Tasks {
     pub(crate) fn resume(
         store: Arc<dyn Store>,
         config: DriverConfig,
+        policy: crate::policy::Policy,
+        volatile_ledger_allowed: bool,
         cancel: CancellationToken,
     ) -> Result<(Arc<Tasks>, mpsc::UnboundedReceiver<JoinHandle<()>>), StoreError> {
         // Unbounded is fine here: one message per task ever created.
@@ -45,11 +54,19 @@ impl Tasks {
         let tasks = Arc::new(Tasks {
             store: store.clone(),
             config,
+            policy,
+            volatile_ledger_allowed,
             cancel,
             handles: Mutex::new(BTreeMap::new()),
             drivers,
         });
         for stored in store.tasks()? {
+            // Charged rounds that a crash kept from committing are recorded failed, so the
+            // round log explains every charge (M8).
+            let interrupted = store.recover_interrupted(stored.id)?;
+            if interrupted > 0 {
+                tracing::warn!(task_id = %stored.id, interrupted, "charged rounds were lost to a crash; recorded as failed");
+            }
             let snapshot = store.load(stored.id)?.ok_or(StoreError::UnknownTask(stored.id))?;
             tracing::info!(task_id = %stored.id, name = %stored.spec.name, state = stored.state.as_str(), "resuming task");
             tasks.start(stored.id, stored.spec, (stored.state, stored.reason), snapshot);
@@ -95,9 +112,16 @@ impl Tasks {
     /// An invalid spec, a duplicate name, or a store failure.
     pub fn create(&self, mut spec: TaskSpec) -> Result<TaskId, CreateTaskError> {
         spec.validate()?;
-        if let Some(privacy) = spec.privacy.as_mut()
-            && privacy.noise_multiplier.is_none()
-        {
+        let live = self.store.tasks()?.iter().filter(|t| !t.state.is_final()).count();
+        self.policy.check(&spec, live)?;
+        if spec.privacy.is_some() && !self.store.is_durable() && !self.volatile_ledger_allowed {
+            return Err(crate::policy::PolicyViolation {
+                rule: "durable_store",
+                message: "a private task needs a durable store for its ledger (`store = \"coordinator.db\"` in the config): a ledger in memory is forgotten on restart".into(),
+            }
+            .into());
+        }
+        if let Some(privacy) = spec.privacy.as_mut() {
             use fedretail_core::privacy::accountant::calibrate_noise;
             let z = calibrate_noise(
                 &privacy.accountant,
@@ -107,13 +131,27 @@ impl Tasks {
                 privacy.delta,
             )
             .map_err(|e| SpecError { field: "privacy.target_epsilon", message: e.to_string() })?;
+            // The coordinator calibrates; a caller may ask for more noise, never for less.
+            match privacy.noise_multiplier {
+                Some(given) if given < z * (1.0 - 1e-9) => {
+                    return Err(SpecError {
+                        field: "privacy.noise_multiplier",
+                        message: format!(
+                            "{given} is below {z}, the noise {} rounds need to stay within epsilon {}",
+                            spec.plan.rounds, privacy.target_epsilon
+                        ),
+                    }
+                    .into());
+                }
+                Some(_) => {}
+                None => privacy.noise_multiplier = Some(z),
+            }
             tracing::info!(
-                noise_multiplier = z,
+                noise_multiplier = privacy.noise_multiplier,
                 epsilon = privacy.target_epsilon,
                 rounds = spec.plan.rounds,
                 "noise calibrated"
             );
-            privacy.noise_multiplier = Some(z);
             // Adaptive clipping's count noise must leave room for the update noise.
             spec.validate()?;
         }

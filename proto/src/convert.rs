@@ -73,6 +73,7 @@ impl From<&PrivacySpec> for pb::PrivacySpec {
                 count_noise_std: a.count_noise_std,
             }),
             accountant: pb::Accountant::from(p.accountant).into(),
+            domain: p.domain.clone(),
         }
     }
 }
@@ -143,6 +144,11 @@ impl TryFrom<pb::PrivacySpec> for PrivacySpec {
                 count_noise_std: a.count_noise_std,
             }),
             accountant: accountant_kind(p.accountant)?,
+            domain: if p.domain.is_empty() {
+                fedretail_core::privacy::default_domain()
+            } else {
+                p.domain
+            },
         })
     }
 }
@@ -453,6 +459,7 @@ mod tests {
                     count_noise_std: 5.0,
                 }),
                 accountant: AccountantKind::Pld,
+                domain: "stores-2026".into(),
             }),
         };
         let wire: pb::TaskSpec = (&spec).into();

@@ -387,6 +387,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             population: None,
             adaptive_clipping: None,
             accountant: args.accountant.into(),
+            // Each compared plan is an alternative, not a deployment: its own domain.
+            domain: t.name.clone(),
         });
         t.validate().context("the scenario's DP task")?;
         runs.push((format!("federated_dp_eps{epsilon}"), t));
@@ -859,14 +861,25 @@ pub fn export_sales(args: &ExportSalesArgs) -> anyhow::Result<()> {
     task.plan.evaluate_timeout_secs = 60.0;
     task.validate().context("the exported task")?;
     #[derive(serde::Serialize)]
+    struct Tls<'a> {
+        ca: &'a str,
+        cert: &'a str,
+        key: &'a str,
+    }
+    #[derive(serde::Serialize)]
     struct Config<'a> {
         listen: &'a str,
+        admin_listen: &'a str,
         store: &'a str,
+        tls: Tls<'a>,
         task: [&'a TaskSpec; 1],
     }
+    // mTLS with the PKI that `fedretail-coordinator pki init --out pki` makes beside the file.
     let toml = toml::to_string(&Config {
         listen: "127.0.0.1:50051",
+        admin_listen: "127.0.0.1:50052",
         store: "coordinator.db",
+        tls: Tls { ca: "pki/ca.crt", cert: "pki/coordinator.crt", key: "pki/coordinator.key" },
         task: [&task],
     })
     .context("writing the task as TOML")?;
@@ -874,7 +887,7 @@ pub fn export_sales(args: &ExportSalesArgs) -> anyhow::Result<()> {
     std::fs::write(
         &path,
         format!(
-            "# A demand task for the stores in this directory (fedretail-sim export-sales).\n{toml}"
+            "# A demand task for the stores in this directory (fedretail-sim export-sales).\n# Make its PKI with `fedretail-coordinator pki init --out pki` in this directory.\n{toml}"
         ),
     )
     .with_context(|| format!("writing {}", path.display()))?;

@@ -214,6 +214,8 @@ impl LocalCoordinator {
             max_message_bytes: 8 << 20,
             store: None,
             deterministic: true,
+            // Tests and simulations run plans of every kind, private or not.
+            policy: fedretail_coordinator::policy::Policy::permissive(),
             tasks: Vec::new(),
         };
         let stop = CancellationToken::new();

@@ -369,6 +369,8 @@ pub fn privacy_spec(args: &RunArgs, population: usize) -> anyhow::Result<Option<
             count_noise_std: (expected / 20.0).max(1.0),
         }),
         accountant: args.accountant.into(),
+        // A simulated plan is evaluated on its own, never composed with another run's.
+        domain: "simulation".into(),
     }))
 }
 

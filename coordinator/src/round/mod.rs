@@ -285,6 +285,19 @@ pub struct PrivacyReport {
     pub clip_norm: f32,
     /// The accountant `epsilon` comes from.
     pub accountant: fedretail_core::privacy::accountant::AccountantKind,
+    /// ε against the coordinator itself: infinite under central noise (it sees each clipped
+    /// update), and under distributed or local noise without secure aggregation the ε of the
+    /// share one store adds, unamplified for stores (the coordinator knows the cohort).
+    pub epsilon_against_coordinator: f64,
+    /// The privacy domain the task draws on.
+    pub domain: String,
+    /// What every task of the domain has spent together after this task's last charge, where
+    /// the policy bounds domains.
+    pub domain_epsilon: Option<f64>,
+    /// δ of `domain_epsilon`.
+    pub domain_delta: f64,
+    /// Charged rounds lost to crashes (recorded failed as interrupted).
+    pub interrupted_rounds: u64,
 }
 
 /// A model version's parameters and checksum, shared without copying.

@@ -202,6 +202,9 @@ impl Admin for AdminService {
                         Err(Status::already_exists(format!("a task named {n:?} already exists")))
                     }
                     Ok(Err(CreateTaskError::Store(e))) => Err(Status::internal(e.to_string())),
+                    Ok(Err(CreateTaskError::Policy(v))) => {
+                        Err(Status::failed_precondition(v.to_string()))
+                    }
                     Err(e) => Err(Status::internal(e.to_string())),
                 }
             }

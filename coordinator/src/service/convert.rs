@@ -16,6 +16,11 @@ impl From<&PrivacyReport> for pb::PrivacyReport {
             clip_norm: p.clip_norm,
             target_epsilon: p.target_epsilon,
             accountant: pb::Accountant::from(p.accountant).into(),
+            epsilon_against_coordinator: p.epsilon_against_coordinator,
+            domain: p.domain.clone(),
+            domain_epsilon: p.domain_epsilon.unwrap_or(f64::NAN),
+            domain_delta: p.domain_delta,
+            interrupted_rounds: p.interrupted_rounds,
         }
     }
 }

@@ -65,6 +65,7 @@ impl Store for MemoryStore {
             failed_rounds: 0,
             history: Vec::new(),
             ledger: Vec::new(),
+            interrupted_rounds: 0,
         };
         inner.tasks.insert(id, (task, snapshot));
         Ok(id)
@@ -100,11 +101,43 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError> {
+    fn charge(
+        &self,
+        task: TaskId,
+        entry: &LedgerEntry,
+        limits: &super::ChargeLimits,
+    ) -> Result<Option<f64>, StoreError> {
         let mut inner = self.lock();
+        let mut of_task: Vec<_> = inner
+            .tasks
+            .get(&task)
+            .ok_or(StoreError::UnknownTask(task))?
+            .1
+            .ledger
+            .iter()
+            .map(LedgerEntry::charge)
+            .collect();
+        let mut of_domain: Vec<_> = inner
+            .tasks
+            .values()
+            .filter(|(t, _)| t.spec.privacy.as_ref().is_some_and(|p| p.domain == limits.domain))
+            .flat_map(|(_, s)| s.ledger.iter().map(LedgerEntry::charge))
+            .collect();
+        of_task.push(entry.charge());
+        of_domain.push(entry.charge());
+        let domain_epsilon = limits.check(&of_task, &of_domain)?;
         let (_, snap) = inner.tasks.get_mut(&task).ok_or(StoreError::UnknownTask(task))?;
         snap.ledger.push(*entry);
-        Ok(())
+        Ok(domain_epsilon)
+    }
+
+    fn is_durable(&self) -> bool {
+        false
+    }
+
+    fn recover_interrupted(&self, _task: TaskId) -> Result<u64, StoreError> {
+        // Nothing outlives the process, so nothing is ever interrupted across a restart.
+        Ok(0)
     }
 
     fn record_failure(&self, task: TaskId, summary: &RoundSummary) -> Result<(), StoreError> {

@@ -13,6 +13,7 @@ use fedretail_core::ids::{RoundId, TaskId};
 use fedretail_core::optim::OptimizerState;
 use fedretail_core::plan::TaskSpec;
 use fedretail_core::privacy::LedgerEntry;
+use fedretail_core::privacy::accountant::{Accountant, AccountantKind, Charge};
 use std::sync::Arc;
 
 /// A store operation failed.
@@ -27,6 +28,75 @@ pub enum StoreError {
     /// The backend failed.
     #[error("store backend: {0}")]
     Backend(String),
+    /// The charge would take the task or its privacy domain over its budget; nothing was
+    /// written.
+    #[error("privacy budget: {0}")]
+    BudgetExceeded(String),
+}
+
+/// The budgets a charge is checked against, in the transaction that writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChargeLimits {
+    /// The task's accountant (also composes the domain).
+    pub accountant: AccountantKind,
+    /// The task's ε budget and δ.
+    pub task_epsilon: f64,
+    /// δ of the task's guarantee.
+    pub task_delta: f64,
+    /// Every round of the task's plan, when the whole plan is known to fit the budget: a
+    /// ledger of only such rounds, no longer than the plan, is admitted without recomposing it
+    /// (ε only grows with rounds).
+    pub plan: Option<Charge>,
+    /// The privacy domain.
+    pub domain: String,
+    /// The ceiling on the domain's total (infinite: none).
+    pub domain_epsilon: f64,
+    /// δ at which the domain is composed.
+    pub domain_delta: f64,
+}
+
+impl ChargeLimits {
+    /// Checks `task` (the task's charges, the new one included) and `domain` (the domain's);
+    /// returns the domain's ε when there is a ceiling to check it against.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BudgetExceeded`] naming the budget.
+    pub fn check(&self, task: &[Charge], domain: &[Charge]) -> Result<Option<f64>, StoreError> {
+        let within_plan = self.plan.is_some_and(|plan| {
+            task.len() as u64 <= plan.rounds
+                && task.iter().all(|c| {
+                    c.sampling_rate == plan.sampling_rate
+                        && c.noise_multiplier == plan.noise_multiplier
+                })
+        });
+        if !within_plan {
+            let e = self
+                .accountant
+                .epsilon(task, self.task_delta)
+                .map_err(|e| StoreError::BudgetExceeded(e.to_string()))?;
+            if e.epsilon > self.task_epsilon * (1.0 + 1e-9) {
+                return Err(StoreError::BudgetExceeded(format!(
+                    "the task would spend epsilon {:.4} of its {}",
+                    e.epsilon, self.task_epsilon
+                )));
+            }
+        }
+        if !self.domain_epsilon.is_finite() {
+            return Ok(None);
+        }
+        let e = self
+            .accountant
+            .epsilon(domain, self.domain_delta)
+            .map_err(|e| StoreError::BudgetExceeded(e.to_string()))?;
+        if e.epsilon > self.domain_epsilon * (1.0 + 1e-9) {
+            return Err(StoreError::BudgetExceeded(format!(
+                "privacy domain {:?} would spend epsilon {:.4} of the coordinator's ceiling {} (delta {})",
+                self.domain, e.epsilon, self.domain_epsilon, self.domain_delta
+            )));
+        }
+        Ok(Some(e.epsilon))
+    }
 }
 
 /// A task as persisted.
@@ -57,7 +127,13 @@ pub struct Snapshot {
     pub history: Vec<RoundSummary>,
     /// Every privacy charge, oldest first (rounds that crashed after their charge included).
     pub ledger: Vec<LedgerEntry>,
+    /// Charged rounds that never committed because the coordinator stopped in between.
+    pub interrupted_rounds: u64,
 }
+
+/// The failure recorded for a round that was charged and then lost to a crash.
+pub const INTERRUPTED: &str =
+    "interrupted: charged, then the coordinator stopped before the commit";
 
 /// One entry of the coordinator's append-only audit log.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,13 +255,33 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Backend errors; then nothing was written.
     fn commit(&self, record: CommitRecord) -> Result<(), StoreError>;
 
-    /// Durably records a round's privacy charge. Called when the round's noise is drawn and
-    /// before anything derived from the noised sum leaves the coordinator.
+    /// Durably records a round's privacy charge against the task's privacy domain, after
+    /// checking in the same transaction that the task and the domain stay within `limits`;
+    /// returns the domain's ε after it where the domain has a ceiling.
+    /// Called when the round's noise is drawn and before anything derived from the noised sum
+    /// leaves the coordinator.
     ///
     /// # Errors
     ///
-    /// Backend errors; then the round must release nothing.
-    fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError>;
+    /// [`StoreError::BudgetExceeded`] (nothing written); backend errors. Either way the round
+    /// must release nothing.
+    fn charge(
+        &self,
+        task: TaskId,
+        entry: &LedgerEntry,
+        limits: &ChargeLimits,
+    ) -> Result<Option<f64>, StoreError>;
+
+    /// Whether what is written survives the process (a private task needs that).
+    fn is_durable(&self) -> bool;
+
+    /// Records every charged round of `task` that has no round record (the coordinator died
+    /// between its charge and its commit) as failed, "interrupted"; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors.
+    fn recover_interrupted(&self, task: TaskId) -> Result<u64, StoreError>;
 
     /// Records a failed round (no model; a charge already made stays).
     ///

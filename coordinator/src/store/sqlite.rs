@@ -7,6 +7,7 @@ use fedretail_core::ids::{ModelVersion, RoundId, TaskId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::optim::OptimizerState;
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::accountant::Charge;
 use fedretail_core::privacy::{LedgerEntry, PrivacyUnit};
 use fedretail_core::update::{decode_f32s, encode_f32s};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -51,7 +52,10 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 
 /// Columns added after a database format was first released: (table, column, type). Databases
 /// created before them gain them on opening.
-const ADDED_COLUMNS: [(&str, &str, &str); 1] = [("rounds", "eval_actual_sum", "REAL")];
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    ("rounds", "eval_actual_sum", "REAL"),
+    ("ledger", "domain", "TEXT NOT NULL DEFAULT 'default'"),
+];
 
 /// A store in one SQLite file.
 #[derive(Debug)]
@@ -378,7 +382,11 @@ impl Store for SqliteStore {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let interrupted =
+            history.iter().filter(|r| r.failure.as_deref() == Some(super::INTERRUPTED)).count()
+                as u64;
         Ok(Some(Snapshot {
+            interrupted_rounds: interrupted,
             model: Arc::new(ModelBlob::new(ModelVersion(version as u64), floats(&model)?)),
             optimizer: OptimizerState { m: floats(&m)?, v: floats(&v)?, t: t as u64 },
             committed_rounds: committed as u64,
@@ -429,25 +437,88 @@ impl Store for SqliteStore {
         tx.commit().map_err(backend)
     }
 
-    fn charge(&self, task: TaskId, entry: &LedgerEntry) -> Result<(), StoreError> {
+    fn charge(
+        &self,
+        task: TaskId,
+        entry: &LedgerEntry,
+        limits: &super::ChargeLimits,
+    ) -> Result<Option<f64>, StoreError> {
         let unit = match entry.unit {
             PrivacyUnit::Client => "client",
             PrivacyUnit::Customer => "customer",
         };
-        self.lock()
+        let mut conn = self.lock();
+        // IMMEDIATE: the write lock is taken before the ledger is read, so the check and the
+        // charge see and write the same ledger.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let charges = |sql: &str, key: &dyn rusqlite::ToSql| -> Result<Vec<Charge>, StoreError> {
+            let mut stmt = tx.prepare(sql).map_err(backend)?;
+            let rows = stmt
+                .query_map([key], |r| {
+                    Ok(Charge { sampling_rate: r.get(0)?, noise_multiplier: r.get(1)?, rounds: 1 })
+                })
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            Ok(rows)
+        };
+        let mut of_task = charges(
+            "SELECT sampling_rate, noise_multiplier FROM ledger WHERE task_id = ?1",
+            &(task.0 as i64),
+        )?;
+        let mut of_domain = charges(
+            "SELECT sampling_rate, noise_multiplier FROM ledger WHERE domain = ?1",
+            &limits.domain,
+        )?;
+        of_task.push(entry.charge());
+        of_domain.push(entry.charge());
+        let domain_epsilon = limits.check(&of_task, &of_domain)?;
+        tx.execute(
+            "INSERT INTO ledger (round_id, task_id, sampling_rate, noise_multiplier, clip_norm, unit, domain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                entry.round.0 as i64,
+                task.0 as i64,
+                entry.sampling_rate,
+                entry.noise_multiplier,
+                f64::from(entry.clip_norm),
+                unit,
+                limits.domain,
+            ],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(domain_epsilon)
+    }
+
+    fn is_durable(&self) -> bool {
+        true
+    }
+
+    fn recover_interrupted(&self, task: TaskId) -> Result<u64, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(backend)?;
+        let n = tx
             .execute(
-                "INSERT INTO ledger VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    entry.round.0 as i64,
-                    task.0 as i64,
-                    entry.sampling_rate,
-                    entry.noise_multiplier,
-                    f64::from(entry.clip_norm),
-                    unit
-                ],
+                "INSERT INTO rounds (round_id, task_id, idx, committed, cohort_size, n_uploads, n_rejected,
+                                     failure, model_version, mean_train_loss)
+                 SELECT l.round_id, l.task_id, 0, 0, 0, 0, 0, ?2, s.version, 0
+                 FROM ledger l JOIN snapshots s ON s.task_id = l.task_id
+                 WHERE l.task_id = ?1 AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = l.round_id)",
+                params![task.0 as i64, super::INTERRUPTED],
             )
             .map_err(backend)?;
-        Ok(())
+        if n > 0 {
+            tx.execute(
+                "UPDATE snapshots SET failed_rounds = failed_rounds + ?2 WHERE task_id = ?1",
+                params![task.0 as i64, n as i64],
+            )
+            .map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(n as u64)
     }
 
     fn record_failure(&self, task: TaskId, summary: &RoundSummary) -> Result<(), StoreError> {
@@ -530,6 +601,18 @@ mod tests {
         }
     }
 
+    fn limits() -> crate::store::ChargeLimits {
+        crate::store::ChargeLimits {
+            accountant: fedretail_core::privacy::accountant::AccountantKind::Rdp,
+            task_epsilon: 100.0,
+            task_delta: 1e-5,
+            plan: None,
+            domain: "d".into(),
+            domain_epsilon: f64::INFINITY,
+            domain_delta: 1e-5,
+        }
+    }
+
     fn summary(round: u64, failure: Option<&str>) -> RoundSummary {
         RoundSummary {
             round: RoundId(round),
@@ -548,6 +631,62 @@ mod tests {
             model_version: ModelVersion(1),
             mean_train_loss: 0.5,
         }
+    }
+
+    /// Issue 10 (M8): a round charged before a crash that never committed is recorded failed
+    /// ("interrupted") when the store is next opened, so every charge has a round record.
+    #[test]
+    fn charged_rounds_lost_to_a_crash_are_recorded_as_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let id = {
+            let store = SqliteStore::open(&path).unwrap();
+            let id = store
+                .create_task(&spec("a"), Arc::new(ModelBlob::new(ModelVersion(0), vec![0.0, 0.0])))
+                .unwrap();
+            let round = store.next_round_id().unwrap();
+            let entry = LedgerEntry {
+                round,
+                sampling_rate: 1.0,
+                noise_multiplier: 2.0,
+                clip_norm: 1.0,
+                unit: PrivacyUnit::Client,
+            };
+            store.charge(id, &entry, &limits()).unwrap();
+            id // the process dies here: no commit, no failure record
+        };
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.recover_interrupted(id).unwrap(), 1);
+        assert_eq!(store.recover_interrupted(id).unwrap(), 0, "recorded once");
+        let snap = store.load(id).unwrap().unwrap();
+        assert_eq!((snap.failed_rounds, snap.interrupted_rounds), (1, 1));
+        assert_eq!(snap.history[0].failure.as_deref(), Some(crate::store::INTERRUPTED));
+        assert_eq!(snap.ledger.len(), 1, "the charge stays");
+    }
+
+    /// Issue 10 (H5): the budget check and the charge are one transaction: a charge over the
+    /// task's budget is refused and nothing is written.
+    #[test]
+    fn a_charge_over_the_budget_is_refused_and_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        let id = store
+            .create_task(&spec("a"), Arc::new(ModelBlob::new(ModelVersion(0), vec![0.0, 0.0])))
+            .unwrap();
+        let mut tight = limits();
+        tight.task_epsilon = 3.0;
+        let entry = |round| LedgerEntry {
+            round: RoundId(round),
+            sampling_rate: 1.0,
+            noise_multiplier: 2.0,
+            clip_norm: 1.0,
+            unit: PrivacyUnit::Client,
+        };
+        // One round at z = 2 spends about 2.4 at delta 1e-5; a second would pass 3.
+        store.charge(id, &entry(1), &tight).unwrap();
+        let err = store.charge(id, &entry(2), &tight).unwrap_err();
+        assert!(matches!(err, StoreError::BudgetExceeded(_)), "{err}");
+        assert_eq!(store.load(id).unwrap().unwrap().ledger.len(), 1);
     }
 
     #[test]
@@ -599,7 +738,7 @@ mod tests {
                 clip_norm: 0.5,
                 unit: PrivacyUnit::Client,
             };
-            store.charge(id, &entry).unwrap();
+            store.charge(id, &entry, &limits()).unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         let tasks = store.tasks().unwrap();

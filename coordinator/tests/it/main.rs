@@ -3,6 +3,7 @@
 mod crash_resume;
 mod happy_path;
 mod mtls;
+mod policy;
 mod privacy_cli;
 mod rejects;
 mod support;

@@ -45,6 +45,15 @@ pub(crate) async fn start_secured(
     store: Option<std::path::PathBuf>,
     security: Security,
 ) -> TestCoordinator {
+    start_full(store, security, fedretail_coordinator::policy::Policy::permissive()).await
+}
+
+/// A coordinator on loopback with the given security and policy.
+pub(crate) async fn start_full(
+    store: Option<std::path::PathBuf>,
+    security: Security,
+    policy: fedretail_coordinator::policy::Policy,
+) -> TestCoordinator {
     let listeners = fedretail_coordinator::Listeners::loopback().await.unwrap();
     let addr = listeners.training.local_addr().unwrap();
     let admin_addr = listeners.admin.local_addr().unwrap();
@@ -63,6 +72,7 @@ pub(crate) async fn start_secured(
         max_message_bytes: 4 << 20,
         store,
         deterministic: false,
+        policy,
         tasks: Vec::new(),
     };
     let stop = CancellationToken::new();

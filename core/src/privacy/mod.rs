@@ -131,6 +131,16 @@ pub struct PrivacySpec {
     /// The accountant that calibrates z, enforces the budget and reports ε (default RDP).
     #[serde(default)]
     pub accountant: accountant::AccountantKind,
+    /// The privacy domain the task draws on: the data (stores, customers) its guarantee is
+    /// about. Every task of a domain charges one ledger, and the coordinator's ceiling bounds
+    /// the domain's total, so a new task name is not a new budget.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+}
+
+/// The domain of tasks that name none.
+pub fn default_domain() -> String {
+    "default".into()
 }
 
 /// One round's charge in the ledger: what the accountant needs, and what the report shows.

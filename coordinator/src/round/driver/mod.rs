@@ -40,6 +40,10 @@ pub(crate) struct DriverConfig {
     pub(crate) deterministic: bool,
     /// Enrolled stores at most; stores silent for ten liveness timeouts are forgotten first.
     pub(crate) max_clients: usize,
+    /// The policy's ceiling on a privacy domain's total ε (infinite: none), and its δ.
+    pub(crate) domain_epsilon: f64,
+    /// δ at which domains are composed.
+    pub(crate) domain_delta: f64,
 }
 
 struct ClientEntry {
@@ -50,9 +54,10 @@ struct ClientEntry {
 enum JobResult {
     /// The candidate, the optimiser state, the charge written, and adaptive clipping's next
     /// clipping norm.
-    Computed(Arc<ModelBlob>, OptimizerState, Option<LedgerEntry>, Option<f32>),
-    /// The privacy charge could not be written: nothing may be released.
-    NotCharged(String),
+    Computed(Arc<ModelBlob>, OptimizerState, Option<(LedgerEntry, Option<f64>)>, Option<f32>),
+    /// The privacy charge could not be written: nothing may be released. `true` when the
+    /// task's or its domain's budget refused it.
+    NotCharged(String, bool),
     Stored(Result<(), String>),
 }
 
@@ -76,6 +81,12 @@ struct Driver {
     last_phase: (u64, &'static str),
     /// A state an operator set that is not yet persisted.
     pending_state: Option<(TaskState, String)>,
+    /// Why the store refused this task's last charge for lack of budget.
+    budget_refused: Option<String>,
+    /// Charged rounds lost to crashes (recorded failed at start-up).
+    interrupted_rounds: u64,
+    /// The privacy domain's ε after this task's last charge (where the policy has a ceiling).
+    domain_spent: Option<f64>,
     /// Every privacy charge of this task, oldest first.
     ledger: Vec<LedgerEntry>,
     /// ε of the first `n` ledger entries, as `(n, ε)`: the ledger only grows, and the PLD
@@ -131,6 +142,9 @@ pub(crate) fn spawn(
         changes,
         last_phase: (0, ""),
         pending_state: None,
+        budget_refused: None,
+        interrupted_rounds: snapshot.interrupted_rounds,
+        domain_spent: None,
     };
     let span = tracing::info_span!("task", task_id = %task);
     let join = tokio::spawn(driver.run(rx, cancel).instrument(span));
@@ -466,6 +480,7 @@ impl Driver {
         } else {
             noise::os_seeded()
         };
+        let limits = self.spec.privacy.is_some().then(|| self.charge_limits());
         self.job = Some(tokio::task::spawn_blocking(move || {
             let (delta, charged, next_clip) = match noising {
                 None => (sum.mean(), None, None),
@@ -478,12 +493,17 @@ impl Driver {
                         let fraction = count[0] / n.expected_count.max(f64::MIN_POSITIVE);
                         rule.next_clip_norm(n.charge.clip_norm, fraction)
                     });
-                    if let Err(e) = store.charge(task, &n.charge) {
-                        return JobResult::NotCharged(e.to_string());
-                    }
+                    let limits = limits.as_ref().expect("private rounds have limits");
+                    let domain_epsilon = match store.charge(task, &n.charge, limits) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let budget = matches!(e, crate::store::StoreError::BudgetExceeded(_));
+                            return JobResult::NotCharged(e.to_string(), budget);
+                        }
+                    };
                     let divisor = n.expected_count.max(f64::MIN_POSITIVE);
                     let delta = noised.iter().map(|v| (v / divisor) as f32).collect();
-                    (delta, Some(n.charge), next_clip)
+                    (delta, Some((n.charge, domain_epsilon)), next_clip)
                 }
             };
             let mut values = base.values.clone();
@@ -525,14 +545,22 @@ impl Driver {
         let connected = self.connected(now);
         let Some(round) = self.round.as_mut() else { return };
         match result {
-            JobResult::NotCharged(e) => {
+            JobResult::NotCharged(e, budget) => {
                 tracing::error!(error = %e, "could not write the privacy charge; the round releases nothing");
                 round.fail(FailReason::Store(format!("privacy charge: {e}")));
+                if budget {
+                    // Another task of the domain may have spent what was left: end here rather
+                    // than run rounds that can never be charged.
+                    self.budget_refused = Some(e);
+                }
             }
             JobResult::Computed(blob, optimizer, charged, next_clip) => {
                 // The charge is durable whatever happens to the round from here on.
-                if let Some(entry) = charged {
+                if let Some((entry, domain_epsilon)) = charged {
                     self.ledger.push(entry);
+                    if domain_epsilon.is_some() {
+                        self.domain_spent = domain_epsilon;
+                    }
                 }
                 if let Some(c) = next_clip {
                     tracing::debug!(clip_norm = c, "adaptive clipping: next clipping norm");
@@ -581,6 +609,28 @@ impl Driver {
                 tracing::warn!(round_id = %round.id, %reason, "round failed; nothing applied");
                 self.candidate = None;
                 self.failed_rounds += 1;
+                if let Some(entry) = round.charge_on_failure {
+                    let (store, task, limits) =
+                        (self.store.clone(), self.task, self.charge_limits());
+                    let charged =
+                        tokio::task::spawn_blocking(move || store.charge(task, &entry, &limits))
+                            .await
+                            .expect("store call panicked");
+                    match charged {
+                        Ok(domain_epsilon) => {
+                            self.ledger.push(entry);
+                            if domain_epsilon.is_some() {
+                                self.domain_spent = domain_epsilon;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not charge a failed draw");
+                            if matches!(e, crate::store::StoreError::BudgetExceeded(_)) {
+                                self.budget_refused = Some(e.to_string());
+                            }
+                        }
+                    }
+                }
                 let store = self.store.clone();
                 let (task, record) = (self.task, summary.clone());
                 let stored =
@@ -589,8 +639,36 @@ impl Driver {
                     tracing::error!(error = %e, "could not record the failed round");
                 }
                 self.push_history(summary);
+                if let Some(reason) = self.budget_refused.take()
+                    && !self.state.is_final()
+                {
+                    self.end_task(TaskState::BudgetExhausted, reason).await;
+                }
             }
             other => unreachable!("finish_round in phase {}", other.name()),
+        }
+    }
+
+    /// What the store checks a charge of this task against.
+    fn charge_limits(&mut self) -> crate::store::ChargeLimits {
+        let p = self.spec.privacy.as_ref().expect("only private tasks are charged");
+        let z = p.noise_multiplier.expect("tasks with privacy are calibrated at creation");
+        let plan = Charge {
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: z,
+            rounds: self.spec.plan.rounds,
+        };
+        let fits = *self.plan_fits.get_or_insert_with(|| {
+            admits(&p.accountant, &[], plan, p.target_epsilon, p.delta).unwrap_or(false)
+        });
+        crate::store::ChargeLimits {
+            accountant: p.accountant,
+            task_epsilon: p.target_epsilon,
+            task_delta: p.delta,
+            plan: fits.then_some(plan),
+            domain: p.domain.clone(),
+            domain_epsilon: self.config.domain_epsilon,
+            domain_delta: self.config.domain_delta,
         }
     }
 
@@ -680,7 +758,36 @@ impl Driver {
                 epsilon
             }
         };
+        let z = p.noise_multiplier.unwrap_or(f64::NAN);
+        let against_coordinator = match p.noise_placement {
+            // The coordinator adds the noise: it sees every clipped update without it.
+            fedretail_core::privacy::NoisePlacement::Central => f64::INFINITY,
+            // It sees each store's noised share, and knows which stores took part (a store's
+            // worst case is every round, unamplified); customers are sampled inside the stores.
+            placement => {
+                let z_share = placement.client_share(z, self.spec.plan.min_clients);
+                let q = match p.unit {
+                    fedretail_core::privacy::PrivacyUnit::Client => 1.0,
+                    fedretail_core::privacy::PrivacyUnit::Customer => p.sampling_rate,
+                };
+                let charge = Charge {
+                    sampling_rate: q,
+                    noise_multiplier: z_share,
+                    rounds: self.ledger.len() as u64,
+                };
+                if charge.rounds == 0 {
+                    0.0
+                } else {
+                    p.accountant.epsilon(&[charge], p.delta).map_or(f64::INFINITY, |e| e.epsilon)
+                }
+            }
+        };
         Some(super::PrivacyReport {
+            epsilon_against_coordinator: against_coordinator,
+            domain: p.domain.clone(),
+            domain_epsilon: self.domain_spent,
+            domain_delta: self.config.domain_delta,
+            interrupted_rounds: self.interrupted_rounds,
             epsilon,
             delta: p.delta,
             target_epsilon: p.target_epsilon,

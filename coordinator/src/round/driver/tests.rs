@@ -60,6 +60,7 @@ fn private_spec(rounds: u64) -> TaskSpec {
         population: None,
         adaptive_clipping: None,
         accountant: AccountantKind::Rdp,
+        domain: fedretail_core::privacy::default_domain(),
     });
     s
 }
@@ -71,8 +72,17 @@ async fn start_with(spec: TaskSpec) -> Fixture {
         liveness_timeout: Duration::from_secs(600),
         deterministic: true,
         max_clients: 10_000,
+        domain_epsilon: f64::INFINITY,
+        domain_delta: 1e-5,
     };
-    let (tasks, _drivers) = Tasks::resume(store.clone(), config, cancel.clone()).unwrap();
+    let (tasks, _drivers) = Tasks::resume(
+        store.clone(),
+        config,
+        crate::policy::Policy::permissive(),
+        true,
+        cancel.clone(),
+    )
+    .unwrap();
     let id = tasks.create(spec).unwrap();
     let handle = tasks.get(id).unwrap();
     let a = handle.enroll("a".into()).await.unwrap();
@@ -256,4 +266,116 @@ async fn charged_rounds_that_fail_still_count_and_the_budget_ends_the_task() {
         f.handle.poll(f.clients[0], Duration::ZERO).await.unwrap(),
         Assignment::Finished { .. }
     ));
+}
+
+/// A Tasks registry with a ceiling on every privacy domain.
+fn tasks_with_ceiling(ceiling: f64) -> (Arc<Tasks>, Arc<MemoryStore>, CancellationToken) {
+    let store = Arc::new(MemoryStore::new());
+    let cancel = CancellationToken::new();
+    let config = super::DriverConfig {
+        liveness_timeout: Duration::from_secs(600),
+        deterministic: true,
+        max_clients: 10_000,
+        domain_epsilon: ceiling,
+        domain_delta: 1e-5,
+    };
+    let (tasks, drivers) = Tasks::resume(
+        store.clone(),
+        config,
+        crate::policy::Policy::permissive(),
+        true,
+        cancel.clone(),
+    )
+    .unwrap();
+    std::mem::forget(drivers);
+    (tasks, store, cancel)
+}
+
+async fn run_rounds(handle: &crate::round::RoundHandle, clients: [ClientId; 2], rounds: usize) {
+    for _ in 0..rounds {
+        let mut round = None;
+        for c in clients {
+            match handle.poll(c, Duration::from_secs(1)).await.unwrap() {
+                Assignment::Train { round: r, .. } => round = Some(r),
+                other => panic!("expected training, got {other:?}"),
+            }
+        }
+        let round = round.unwrap();
+        for c in clients {
+            handle.begin_upload(c, round).await.unwrap();
+            let upload = Upload {
+                client: c,
+                round,
+                values: vec![0.1, 0.0, 0.0],
+                weight: 1.0,
+                summary: TrainSummary::default(),
+            };
+            handle.upload(upload).await.unwrap();
+        }
+        // The last round evaluates; nobody reports, so its deadline (30 s) commits it.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+    }
+}
+
+/// Issue 10 (H4): a new task name over the same data is not a new budget. Two tasks of one
+/// privacy domain share the coordinator's ceiling, checked in the transaction that charges.
+#[tokio::test(start_paused = true)]
+async fn tasks_of_one_privacy_domain_share_one_budget() {
+    let (tasks, store, _cancel) = tasks_with_ceiling(6.0);
+    let mut first = private_spec(2);
+    first.name = "first".into();
+    let mut second = private_spec(2);
+    second.name = "renamed".into();
+    let a = tasks.get(tasks.create(first).unwrap()).unwrap();
+    let clients = [a.enroll("s1".into()).await.unwrap(), a.enroll("s2".into()).await.unwrap()];
+    run_rounds(&a, clients, 2).await;
+    let done = a.status(10).await.unwrap();
+    assert_eq!(done.state, crate::round::TaskState::Finished, "{}", done.state_reason);
+    let spent = done.privacy.as_ref().unwrap().domain_epsilon.unwrap();
+    assert!(spent > 4.9 && spent <= 5.0 + 1e-9, "the domain has spent {spent}");
+
+    // Same domain, new name: its first charge would take the domain over 6.
+    let b = tasks.get(tasks.create(second).unwrap()).unwrap();
+    let clients = [b.enroll("s1".into()).await.unwrap(), b.enroll("s2".into()).await.unwrap()];
+    run_rounds(&b, clients, 1).await;
+    let status = b.status(10).await.unwrap();
+    assert_eq!(status.state, crate::round::TaskState::BudgetExhausted, "{}", status.state_reason);
+    assert!(status.state_reason.contains("privacy domain \"default\""), "{}", status.state_reason);
+    assert_eq!((status.committed_rounds, status.failed_rounds), (0, 1), "nothing was released");
+    assert!(store.load(b.task()).unwrap().unwrap().ledger.is_empty(), "and nothing charged");
+
+    // Another domain is another budget.
+    let mut other = private_spec(2);
+    other.name = "elsewhere".into();
+    other.privacy.as_mut().unwrap().domain = "other-stores".into();
+    let c = tasks.get(tasks.create(other).unwrap()).unwrap();
+    let clients = [c.enroll("s3".into()).await.unwrap(), c.enroll("s4".into()).await.unwrap()];
+    run_rounds(&c, clients, 2).await;
+    assert_eq!(c.status(0).await.unwrap().state, crate::round::TaskState::Finished);
+}
+
+/// Issue 10 (M2): a Poisson draw below the quorum is not redrawn for free: the round fails,
+/// releases nothing, and is charged at the rate that was sampled.
+#[tokio::test(start_paused = true)]
+async fn a_poisson_draw_below_the_quorum_fails_and_is_charged() {
+    let mut spec = private_spec(3);
+    spec.privacy.as_mut().unwrap().sampling_rate = 0.01;
+    spec.privacy.as_mut().unwrap().target_epsilon = 8.0;
+    let f = start_with(spec).await;
+    // Both stores are connected: every round samples at once, and with q = 0.01 each draw falls
+    // below the quorum of 2, until the charged draws exhaust the budget.
+    for c in f.clients {
+        f.handle.poll(c, Duration::from_millis(1)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = f.handle.status(10).await.unwrap();
+    assert!(status.failed_rounds >= 1, "{status:?}");
+    assert_eq!(status.state, crate::round::TaskState::BudgetExhausted, "{}", status.state_reason);
+    let failure = status.rounds.iter().find_map(|r| r.failure.clone()).unwrap();
+    assert!(failure.contains("the draw is charged"), "{failure}");
+    assert!(!failure.contains(" 0 ") && !failure.contains(" 1 "), "no drawn count: {failure}");
+    let ledger = f.store.load(f.handle.task()).unwrap().unwrap().ledger;
+    assert_eq!(ledger.len() as u64, status.failed_rounds, "every failed draw is charged");
+    assert_eq!(ledger[0].sampling_rate, 0.01);
+    assert_eq!(status.model_version, ModelVersion(0), "nothing applied");
 }

@@ -28,9 +28,11 @@ pub(crate) enum FailReason {
 impl std::fmt::Display for FailReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FailReason::TooFewSampled { sampled, min } => {
-                write!(f, "Poisson sampling drew {sampled} clients, fewer than the {min} required")
-            }
+            // The drawn count is not published: it is about who takes part (M2, L2).
+            FailReason::TooFewSampled { min, .. } => write!(
+                f,
+                "Poisson sampling drew fewer than the {min} clients required; the draw is charged"
+            ),
             FailReason::TooFewAcks { acked, min } => {
                 write!(f, "configure deadline passed with {acked} of the {min} required clients")
             }
@@ -137,6 +139,9 @@ pub(crate) struct Round {
     clip_norm: f32,
     /// Adaptive clipping: the sum of the uploads' unclipped counts.
     unclipped_sum: f64,
+    /// A charge the driver must write although the round failed (a Poisson draw below the
+    /// quorum: see [`FailReason::TooFewSampled`]).
+    pub(crate) charge_on_failure: Option<fedretail_core::privacy::LedgerEntry>,
 }
 
 /// A round's noise under privacy.
@@ -185,7 +190,24 @@ impl Round {
             expected_count: 0.0,
             clip_norm: spec.plan.clip_norm,
             unclipped_sum: 0.0,
+            charge_on_failure: None,
             spec,
+        }
+    }
+
+    /// This round's ledger entry under `privacy`.
+    fn ledger_entry(
+        &self,
+        privacy: &fedretail_core::privacy::PrivacySpec,
+    ) -> fedretail_core::privacy::LedgerEntry {
+        fedretail_core::privacy::LedgerEntry {
+            round: self.id,
+            sampling_rate: privacy.sampling_rate,
+            noise_multiplier: privacy
+                .noise_multiplier
+                .expect("tasks with privacy are calibrated at creation"),
+            clip_norm: self.clip_norm,
+            unit: privacy.unit,
         }
     }
 
@@ -300,7 +322,11 @@ impl Round {
                         self.expected_count = drawn.expected_count;
                         self.cohort = drawn.members.into_iter().collect();
                         if self.cohort.len() < plan.min_clients as usize {
+                            // No redraw: a draw below the quorum is still a draw at rate q, and
+                            // only charging every draw keeps the sampling the accountant assumes
+                            // (M2). The round fails, releases nothing, and is charged.
                             let sampled = self.cohort.len();
+                            self.charge_on_failure = Some(self.ledger_entry(privacy));
                             self.fail(FailReason::TooFewSampled { sampled, min: plan.min_clients });
                             return;
                         }
@@ -482,7 +508,6 @@ impl Round {
         self.phase = Phase::Aggregating;
         let noising = self.spec.privacy.as_ref().map(|p| {
             let noise = self.noise().expect("privacy has noise");
-            let (z, clip_norm) = (noise.z, self.clip_norm);
             let central = p.noise_placement == NoisePlacement::Central;
             Noising {
                 std: if central { noise.update_std } else { 0.0 },
@@ -491,13 +516,7 @@ impl Round {
                     .adaptive_clipping
                     .clone()
                     .map(|a| (self.unclipped_sum, if central { noise.count_std } else { 0.0 }, a)),
-                charge: fedretail_core::privacy::LedgerEntry {
-                    round: self.id,
-                    sampling_rate: p.sampling_rate,
-                    noise_multiplier: z,
-                    clip_norm,
-                    unit: p.unit,
-                },
+                charge: self.ledger_entry(p),
             }
         });
         self.outputs.push(Output::Compute(sum, noising));
