@@ -130,7 +130,12 @@ pub fn check_name(name: &str) -> Result<(), PkiError> {
         && name.len() <= MAX_NAME_BYTES
         && !name.starts_with('.')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok { Ok(()) } else { Err(PkiError::BadName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        // Echo at most 64 characters: the name may be huge or carry forged log lines.
+        Err(PkiError::BadName(name.chars().take(64).collect()))
+    }
 }
 
 /// The files of a PKI directory.

@@ -23,6 +23,9 @@ pub enum DecodeError {
         /// Where it started.
         got: usize,
     },
+    /// A chunk carries no values.
+    #[error("empty chunk")]
+    Empty,
     /// More parameters arrived than announced.
     #[error("received more than the {expected} announced parameters")]
     TooMany {
@@ -116,6 +119,11 @@ impl Reassembler {
         if !bytes.len().is_multiple_of(4) {
             return Err(DecodeError::Misaligned { n_bytes: bytes.len() });
         }
+        // An empty chunk moves nothing forward: accepting it would let a stream stay busy
+        // forever (issue 10, M1).
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
         if self.values.len() + bytes.len() / 4 > self.expected {
             return Err(DecodeError::TooMany { expected: self.expected });
         }
@@ -153,6 +161,15 @@ pub fn l2_norm(values: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 10 (M1): an empty chunk is refused, so a stream cannot stay busy forever.
+    #[test]
+    fn empty_chunks_are_refused() {
+        let mut r = Reassembler::new(2);
+        assert_eq!(r.push(0, &[]), Err(DecodeError::Empty));
+        r.push(0, &[0, 0, 128, 63]).unwrap();
+        assert_eq!(r.push(1, &[]), Err(DecodeError::Empty));
+    }
 
     fn chunked(values: &[f32], chunk: usize) -> Vec<(usize, Vec<u8>)> {
         values

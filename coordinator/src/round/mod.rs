@@ -346,7 +346,7 @@ pub(crate) enum Request {
     BeginUpload {
         client: ClientId,
         round: RoundId,
-        reply: oneshot::Sender<Result<(usize, f32), Reject>>,
+        reply: oneshot::Sender<Result<(usize, tokio::time::Instant), Reject>>,
     },
     Rejected {
         round: RoundId,
@@ -446,12 +446,13 @@ impl RoundHandle {
         self.ask(|reply| Request::LatestModel { reply }).await
     }
 
-    /// Checks that `client` may upload for `round`; returns the expected size and clip norm.
+    /// Checks that `client` may upload for `round`; returns the expected size and the instant
+    /// by which the upload must have ended.
     pub async fn begin_upload(
         &self,
         client: ClientId,
         round: RoundId,
-    ) -> Result<(usize, f32), Reject> {
+    ) -> Result<(usize, tokio::time::Instant), Reject> {
         self.ask(|reply| Request::BeginUpload { client, round, reply }).await?
     }
 

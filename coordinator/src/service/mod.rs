@@ -236,13 +236,20 @@ impl Training for TrainingService {
         if let Some(store) = store {
             handle.check_owner(client, store).await.map_err(|r| to_status(&r))?;
         }
-        let (n_params, _clip) =
+        let (n_params, deadline) =
             handle.begin_upload(client, round).await.map_err(|r| to_status(&r))?;
         // From here on a refusal happens in this service, not the round: tell the round, so its
         // count of rejected requests is complete.
-        let received = self
-            .receive(&mut stream, client, round, n_params, header.n_params, header.weight)
-            .await;
+        let received = tokio::time::timeout_at(
+            deadline,
+            self.receive(&mut stream, client, round, n_params, header.n_params, header.weight),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "the round's collect deadline passed before the upload ended",
+            ))
+        });
         let upload = match received {
             Ok(upload) => upload,
             Err(status) => {

@@ -177,3 +177,111 @@ async fn admin_rejects_invalid_and_duplicate_tasks_and_health_is_serving() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// Streams header, chunks and trailer as given.
+async fn send_parts(
+    t: &mut TrainingClient<Channel>,
+    e: &pb::EnrollResponse,
+    round_id: u64,
+    weight: f64,
+    chunks: Vec<Vec<u8>>,
+    unclipped: f64,
+) -> Result<(), tonic::Status> {
+    let all: Vec<u8> = chunks.concat();
+    let sha = ring::digest::digest(&ring::digest::SHA256, &all).as_ref().to_vec();
+    let header = pb::UploadHeader {
+        client_id: e.client_id,
+        task_id: e.task_id,
+        round_id,
+        n_params: 4,
+        encoding: pb::UpdateEncoding::Float32Le.into(),
+        weight,
+    };
+    let mut messages = vec![pb::UploadUpdateRequest { part: Some(Part::Header(header)) }];
+    let mut offset = 0;
+    for data in chunks {
+        let n = data.len() / 4;
+        messages.push(pb::UploadUpdateRequest {
+            part: Some(Part::Chunk(pb::UploadChunk { offset, data })),
+        });
+        offset += n as u64;
+    }
+    let summary = pb::TrainSummary { unclipped, ..pb::TrainSummary::default() };
+    messages.push(pb::UploadUpdateRequest {
+        part: Some(Part::Trailer(pb::UploadTrailer { sha256: sha, summary: Some(summary) })),
+    });
+    t.upload_update(tokio_stream::iter(messages)).await.map(|_| ())
+}
+
+/// Issue 10: what a malicious store can send gets a precise status, and the round goes on
+/// (H7: a NaN unclipped count; H8: a huge averaging weight; M1: empty chunks and a stalled
+/// stream; L4: a store name that forges log lines).
+#[tokio::test]
+async fn hostile_uploads_are_refused_and_the_round_goes_on() {
+    let c = start_coordinator().await;
+    let mut spec = bench_task("hostile", 4, 1, 2);
+    spec.plan.collect_timeout_secs = 2.0;
+    let task_id = create_task(&c.admin_url, &spec).await.unwrap();
+    let mut t = TrainingClient::connect(c.url.clone()).await.unwrap();
+    let forged = pb::EnrollRequest {
+        task_name: "hostile".into(),
+        store_name: "a\nINFO coordinator: all good".into(),
+        client_version: "test".into(),
+    };
+    assert_eq!(t.enroll(forged).await.unwrap_err().code(), Code::InvalidArgument);
+    let huge = pb::EnrollRequest {
+        task_name: "hostile".into(),
+        store_name: "x".repeat(1 << 16),
+        client_version: "test".into(),
+    };
+    let e = t.enroll(huge).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let a = enroll(&mut t, "hostile", "a").await;
+    let b = enroll(&mut t, "hostile", "b").await;
+    let round = train_round(&poll(&mut t, &a).await.unwrap());
+    train_round(&poll(&mut t, &b).await.unwrap());
+    let good = bytes(&[0.1, 0.2, 0.3, 0.4]);
+
+    let refused = |r: Result<(), tonic::Status>, what: &str| {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+    };
+    refused(send_parts(&mut t, &a, round, 1e308, vec![good.clone()], 0.0).await, "weight");
+    refused(send_parts(&mut t, &a, round, 1.0, vec![good.clone()], f64::NAN).await, "NaN count");
+    refused(send_parts(&mut t, &a, round, 1.0, vec![good.clone()], f64::INFINITY).await, "inf");
+    refused(
+        send_parts(&mut t, &a, round, 1.0, vec![Vec::new(), good.clone()], 0.0).await,
+        "empty chunk",
+    );
+
+    // A stream that sends its header and then nothing ends at the collect deadline instead of
+    // holding a staging permit for ever.
+    let header = pb::UploadHeader {
+        client_id: b.client_id,
+        task_id,
+        round_id: round,
+        n_params: 4,
+        encoding: pb::UpdateEncoding::Float32Le.into(),
+        weight: 1.0,
+    };
+    let stalled = tokio_stream::StreamExt::chain(
+        tokio_stream::iter(vec![pb::UploadUpdateRequest { part: Some(Part::Header(header)) }]),
+        tokio_stream::pending(),
+    );
+    let mut t2 = t.clone();
+    let stall = tokio::spawn(async move { t2.upload_update(stalled).await.map(|_| ()) });
+
+    send_parts(&mut t, &a, round, 1.0, vec![good.clone()], 0.0).await.unwrap();
+    let stalled = tokio::time::timeout(std::time::Duration::from_secs(20), stall)
+        .await
+        .expect("the stalled upload ends by the deadline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(stalled.code(), Code::DeadlineExceeded, "{stalled:?}");
+    // The round committed with the one upload it had (quorum 2 was not met: it failed), and
+    // either way nothing the attacker sent was applied.
+    let status = task_status(&c.admin_url, task_id).await;
+    let r = status.rounds.iter().find(|r| r.round_id == round).unwrap();
+    assert_eq!(r.n_uploads, 1);
+    assert!(r.n_rejected >= 5, "{r:?}");
+}

@@ -21,12 +21,13 @@ pub struct EvalSums {
 }
 
 impl EvalSums {
-    /// Adds another store's sums.
+    /// Adds another store's sums. Counts saturate rather than overflow: a report near
+    /// `u64::MAX` cannot panic or wrap the aggregate (issue 10, M5).
     pub fn merge(&mut self, other: &EvalSums) {
-        self.n_ratings += other.n_ratings;
+        self.n_ratings = self.n_ratings.saturating_add(other.n_ratings);
         self.squared_error += other.squared_error;
         self.absolute_error += other.absolute_error;
-        self.n_ranked += other.n_ranked;
+        self.n_ranked = self.n_ranked.saturating_add(other.n_ranked);
         self.hits_at_10 += other.hits_at_10;
         self.ndcg_at_10 += other.ndcg_at_10;
         self.actual_sum += other.actual_sum;
@@ -85,6 +86,15 @@ impl EvalSums {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 10 (M5): two reports near `u64::MAX` saturate instead of panicking the driver.
+    #[test]
+    fn merging_huge_counts_saturates() {
+        let huge = EvalSums { n_ratings: u64::MAX - 1, n_ranked: u64::MAX, ..EvalSums::default() };
+        let mut total = huge;
+        total.merge(&huge);
+        assert_eq!((total.n_ratings, total.n_ranked), (u64::MAX, u64::MAX));
+    }
 
     #[test]
     fn merged_sums_equal_pooled_metrics() {

@@ -94,11 +94,16 @@ impl AdaptiveClipping {
         (rest > 0.0).then(|| rest.powf(-0.5))
     }
 
-    /// The next clipping norm from this round's noised unclipped fraction `b̄`.
+    /// The next clipping norm from this round's noised unclipped fraction `b̄`. A fraction
+    /// that is not a number (a client's bad report) keeps the norm: `f64::clamp` would pass
+    /// NaN on and every client would then fail to clip (issue 10, H7).
     pub fn next_clip_norm(&self, clip_norm: f32, unclipped_fraction: f64) -> f32 {
+        if !unclipped_fraction.is_finite() {
+            return clip_norm;
+        }
         let next = f64::from(clip_norm)
             * (-self.learning_rate * (unclipped_fraction - self.target_quantile)).exp();
-        next.clamp(1e-6, 1e6) as f32
+        if next.is_nan() { clip_norm } else { next.clamp(1e-6, 1e6) as f32 }
     }
 }
 
@@ -166,5 +171,23 @@ impl LedgerEntry {
             noise_multiplier: self.noise_multiplier,
             rounds: 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10 (H7): a NaN or infinite unclipped fraction (one client's report) never makes
+    /// the clipping norm NaN, zero or huge.
+    #[test]
+    fn adaptive_clipping_ignores_fractions_that_are_not_numbers() {
+        let rule =
+            AdaptiveClipping { target_quantile: 0.5, learning_rate: 0.2, count_noise_std: 1.0 };
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(rule.next_clip_norm(0.25, bad), 0.25, "{bad}");
+        }
+        let moved = rule.next_clip_norm(0.25, 0.9);
+        assert!(moved < 0.25 && moved.is_finite());
     }
 }

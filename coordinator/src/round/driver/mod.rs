@@ -55,6 +55,8 @@ enum JobResult {
     /// The candidate, the optimiser state, the charge written, and adaptive clipping's next
     /// clipping norm.
     Computed(Arc<ModelBlob>, OptimizerState, Option<(LedgerEntry, Option<f64>)>, Option<f32>),
+    /// The candidate model holds NaN or infinity: the round fails (its charge, if any, stays).
+    NotFinite(Option<(LedgerEntry, Option<f64>)>),
     /// The privacy charge could not be written: nothing may be released. `true` when the
     /// task's or its domain's budget refused it.
     NotCharged(String, bool),
@@ -303,6 +305,7 @@ impl Driver {
             Request::BeginUpload { client, round, reply } => {
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
                     Some(r) => r.begin_upload(client, round),
+                    None if self.state.is_final() => Err(Reject::TaskEnded),
                     None => Err(Reject::StaleRound { got: round, current: "none".into() }),
                 });
                 log_reject(client, "begin upload", &result);
@@ -508,6 +511,11 @@ impl Driver {
             };
             let mut values = base.values.clone();
             optim::apply(&server, &mut optimizer, &mut values, &delta);
+            // A candidate that is not finite is never committed or served (H8). Under privacy
+            // its charge is already written and stays.
+            if !values.iter().all(|v| v.is_finite()) {
+                return JobResult::NotFinite(charged);
+            }
             JobResult::Computed(
                 Arc::new(ModelBlob::new(base.version.next(), values)),
                 optimizer,
@@ -545,6 +553,13 @@ impl Driver {
         let connected = self.connected(now);
         let Some(round) = self.round.as_mut() else { return };
         match result {
+            JobResult::NotFinite(charged) => {
+                if let Some((entry, _)) = charged {
+                    self.ledger.push(entry);
+                }
+                tracing::error!("the candidate model is not finite; the round applies nothing");
+                round.fail(FailReason::NotFinite);
+            }
             JobResult::NotCharged(e, budget) => {
                 tracing::error!(error = %e, "could not write the privacy charge; the round releases nothing");
                 round.fail(FailReason::Store(format!("privacy charge: {e}")));

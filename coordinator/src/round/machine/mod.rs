@@ -14,6 +14,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::time::Instant;
 
+/// The largest FedAvg weight (declared example count) a client may send in a task without
+/// privacy.
+pub(crate) const MAX_WEIGHT: f64 = 1e7;
+
 /// Why a round failed. A failed round applies nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum FailReason {
@@ -23,6 +27,7 @@ pub(crate) enum FailReason {
     Store(String),
     Shutdown,
     Cancelled,
+    NotFinite,
 }
 
 impl std::fmt::Display for FailReason {
@@ -42,6 +47,9 @@ impl std::fmt::Display for FailReason {
             FailReason::Store(e) => write!(f, "could not commit: {e}"),
             FailReason::Shutdown => write!(f, "coordinator shut down"),
             FailReason::Cancelled => write!(f, "the task was cancelled"),
+            FailReason::NotFinite => {
+                write!(f, "the candidate model is not finite; nothing applied")
+            }
         }
     }
 }
@@ -421,12 +429,19 @@ impl Round {
         &mut self,
         client: ClientId,
         round: RoundId,
-    ) -> Result<(usize, f32), Reject> {
+    ) -> Result<(usize, Instant), Reject> {
         let result = self.check_upload(client, round);
         if result.is_err() {
             self.n_rejected += 1;
         }
-        result.map(|()| (self.n_params, self.spec.plan.clip_norm))
+        // The upload must end by the collect deadline: a stalled stream holds a staging permit
+        // no longer than the round would wait for it (M1).
+        let deadline = match self.phase {
+            Phase::Configuring { deadline } => deadline + self.spec.plan.collect_timeout(),
+            Phase::Collecting { deadline } => deadline,
+            _ => Instant::now(),
+        };
+        result.map(|()| (self.n_params, deadline))
     }
 
     /// Counts a request for `round` that was refused before it reached the machine.
@@ -468,21 +483,27 @@ impl Round {
 
     fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
         self.check_upload(upload.client, upload.round)?;
-        // Only a single clipped, un-noised update has a norm the coordinator can check.
-        let bound = match &self.spec.privacy {
-            None => self.clip_norm,
-            Some(p)
-                if p.unit == PrivacyUnit::Client
-                    && p.noise_placement == NoisePlacement::Central =>
-            {
-                self.clip_norm
-            }
-            Some(_) => f32::INFINITY,
-        };
+        let bound = self.upload_norm_bound();
         validate(&upload.values, self.n_params, bound)?;
-        self.unclipped_sum += upload.summary.unclipped;
+        // A client's count of unclipped contributions moves the next clipping norm: it must
+        // be a number within what its contributions and its noise can explain (H7).
+        let unclipped = upload.summary.unclipped;
+        let count_bound = self.unclipped_bound();
+        if !(unclipped.is_finite() && unclipped.abs() <= count_bound) {
+            return Err(Reject::Malformed(format!(
+                "the unclipped count {unclipped} is not a number within ±{count_bound}"
+            )));
+        }
+        self.unclipped_sum += unclipped;
         // Under privacy every clipped update counts once (validation forbids example weights).
+        // Otherwise a client declares its example count: capped, so one client cannot outweigh
+        // every other by declaring 1e308 (H8).
         let weight = if self.spec.plan.weight_by_examples { upload.weight } else { 1.0 };
+        if weight > MAX_WEIGHT {
+            return Err(Reject::Malformed(format!(
+                "the averaging weight {weight} exceeds the largest allowed, {MAX_WEIGHT}"
+            )));
+        }
         let sum = self.sum.as_mut().expect("Configuring and Collecting hold the sum");
         sum.add(&upload.values, weight)?;
         let TrainSummary { n_examples, train_loss, .. } = upload.summary;
@@ -492,6 +513,37 @@ impl Round {
         }
         self.uploaded.insert(upload.client);
         Ok(())
+    }
+
+    /// The largest L2 norm an upload can honestly have (H8): the clipping norm for a single
+    /// clipped update; the clipping norm times the population for a store's sum of customer
+    /// contributions; plus, where the clients add noise, a margin their noise exceeds with
+    /// probability below e⁻⁵⁰.
+    fn upload_norm_bound(&self) -> f32 {
+        let c = f64::from(self.clip_norm);
+        let Some(p) = &self.spec.privacy else { return self.clip_norm };
+        let signal = match p.unit {
+            PrivacyUnit::Client => c,
+            PrivacyUnit::Customer => c * p.population.unwrap_or(1) as f64,
+        };
+        let share = self.train_privacy().map_or(0.0, |t| t.noise_std);
+        let margin = share * ((self.n_params as f64).sqrt() + 10.0);
+        if p.unit == PrivacyUnit::Client && share == 0.0 {
+            self.clip_norm
+        } else {
+            (signal + margin) as f32
+        }
+    }
+
+    /// The largest unclipped count an upload can honestly report.
+    fn unclipped_bound(&self) -> f64 {
+        let Some(p) = &self.spec.privacy else { return 1.0 };
+        let most = match p.unit {
+            PrivacyUnit::Client => 1.0,
+            PrivacyUnit::Customer => p.population.unwrap_or(1) as f64,
+        };
+        let share = self.train_privacy().map_or(0.0, |t| t.count_noise_std);
+        most + 10.0 * share + 1.0
     }
 
     /// Moves to Aggregating once everyone who fetched the plan has uploaded.
