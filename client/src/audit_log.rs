@@ -14,6 +14,28 @@ pub const FILE: &str = "sent.jsonl";
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Entry {
+    /// The store enrolled with a task (nothing about customers is sent).
+    Enrolled {
+        /// The coordinator.
+        coordinator: String,
+        /// The task's name and id.
+        task: String,
+        /// Its id.
+        task_id: u64,
+        /// The task's privacy as the coordinator stated it (`null`: none).
+        privacy: Option<serde_json::Value>,
+    },
+    /// The store refused what the coordinator asked; nothing was sent for it.
+    Refused {
+        /// Task.
+        task_id: u64,
+        /// Round (0 at enrolment).
+        round_id: u64,
+        /// The policy rule.
+        rule: String,
+        /// Why.
+        message: String,
+    },
     /// A clipped model update.
     Update {
         /// Task.
@@ -26,14 +48,16 @@ pub enum Entry {
         n_bytes: usize,
         /// SHA-256 of those bytes (hex).
         sha256: String,
-        /// Norm before clipping.
-        norm_before_clip: f64,
+        /// Norm before clipping, where it is sent (not under privacy: it is about the data).
+        norm_before_clip: Option<f64>,
         /// Norm bound applied.
         clip_norm: f32,
-        /// Local training examples (sent as the FedAvg weight).
+        /// Local training examples (sent as the FedAvg weight; 0 under privacy).
         n_examples: usize,
-        /// Mean local training loss (sent).
+        /// Mean local training loss (sent; 0 under privacy).
         train_loss: f64,
+        /// Every privacy parameter of the round (`null` without privacy).
+        privacy: Option<PrivacyRecord>,
     },
     /// Aggregated evaluation sums.
     Metrics {
@@ -56,6 +80,27 @@ pub enum Entry {
         /// Sum of actual values (demand forecasts).
         actual_sum: f64,
     },
+}
+
+/// The privacy parameters of one upload, as the store applied them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrivacyRecord {
+    /// `client` or `customer`.
+    pub unit: fedretail_core::privacy::PrivacyUnit,
+    /// `central`, `distributed` or `local`.
+    pub placement: fedretail_core::privacy::NoisePlacement,
+    /// Customer sampling rate q (customer unit) or the coordinator's stated store rate.
+    pub sampling_rate: f64,
+    /// The task's noise multiplier z.
+    pub noise_multiplier: f64,
+    /// The noise standard deviation this store added to its update (0: the coordinator adds it).
+    pub noise_std: f64,
+    /// The noise it added to its unclipped count.
+    pub count_noise_std: f64,
+    /// Whether the (noised) unclipped count was sent.
+    pub sent_unclipped_count: bool,
+    /// ε the store's own ledger holds for this task after this round.
+    pub task_epsilon: f64,
 }
 
 /// The log file.
@@ -88,7 +133,14 @@ impl AuditLog {
         value["unix_ms"] = unix_ms.into();
         let mut line = serde_json::to_vec(&value).expect("plain data serialises");
         line.push(b'\n');
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600); // what left the store is the store's business (L5)
+        }
+        let mut f = options.open(&self.path)?;
         f.write_all(&line)?;
         f.sync_data()
     }

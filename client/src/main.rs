@@ -35,6 +35,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Prints the store's own privacy ledger: ε spent per task and over the last 365 days.
+    Ledger {
+        /// The store's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// δ of the yearly total (the policy's max_delta by default).
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -58,6 +70,10 @@ struct RunArgs {
     /// Plaintext with no authentication (an `insecure = true` coordinator): experiments only.
     #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
     insecure: bool,
+    /// The store's privacy policy (TOML; see store-policy.toml in the client's source); without
+    /// it the strict defaults apply.
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// Task to join.
     #[arg(long)]
     task: String,
@@ -113,6 +129,18 @@ fn main() -> ExitCode {
                 }
             };
         }
+        (Some(Command::Ledger { state_dir, delta, json }), _) => {
+            return match print_ledger(&state_dir, delta, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    #[allow(clippy::print_stderr)] // reason: the error must reach the user
+                    {
+                        eprintln!("error: {e:#}");
+                    }
+                    ExitCode::from(2)
+                }
+            };
+        }
         (None, Some(run)) => run,
         (None, None) => {
             use clap::CommandFactory;
@@ -134,6 +162,39 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn print_ledger(dir: &std::path::Path, delta: f64, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+    let ledger = fedretail_client::ledger::Ledger::open(Some(dir))
+        .with_context(|| format!("reading the ledger in {}", dir.display()))?;
+    let now = fedretail_client::ledger::now_ms();
+    let tasks = ledger.by_task();
+    let year = ledger.year_epsilon(now, delta, None);
+    let mut out = std::io::stdout();
+    if json {
+        let value = serde_json::json!({
+            "tasks": tasks,
+            "last_365_days": { "rounds": ledger.entries().len(), "epsilon": year, "delta": delta },
+        });
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    writeln!(out, "| coordinator | task | domain | rounds | epsilon | delta |")?;
+    writeln!(out, "| --- | --- | --- | --- | --- | --- |")?;
+    for t in &tasks {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.4} | {} |",
+            t.coordinator, t.task, t.domain, t.rounds, t.epsilon, t.delta
+        )?;
+    }
+    writeln!(
+        out,
+        "\nlast 365 days, every task and coordinator: epsilon {year:.4} at delta {delta}"
+    )?;
+    Ok(())
 }
 
 fn run(cli: RunArgs) -> anyhow::Result<()> {
@@ -166,7 +227,17 @@ fn run(cli: RunArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("creating {}", cli.state_dir.display()))?;
+    let policy = match &cli.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            fedretail_client::policy::StorePolicy::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => fedretail_client::policy::StorePolicy::default(),
+    };
     let config = ParticipantConfig {
+        policy,
         seeded_privacy: false,
         task: cli.task.clone(),
         store_name: cli.store.clone(),

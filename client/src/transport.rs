@@ -24,6 +24,9 @@ pub struct Enrollment {
     pub model: ModelSpec,
     /// How long the coordinator holds a poll open.
     pub poll_timeout: Duration,
+    /// The whole task as the coordinator states it (plan, privacy with its noise multiplier),
+    /// checked against the store's policy; `None` from a coordinator that does not send it.
+    pub spec: Option<fedretail_core::plan::TaskSpec>,
 }
 
 /// A training assignment.
@@ -111,6 +114,9 @@ pub enum TransportError {
     /// The coordinator sent something this client cannot use.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The store's own policy refuses what the coordinator asked; nothing was sent for it.
+    #[error("refused by the store's policy: {0}")]
+    Refused(crate::policy::Refusal),
 }
 
 impl From<tonic::Status> for TransportError {
@@ -282,6 +288,14 @@ impl Transport for GrpcTransport {
                 TransportError::Protocol(e.to_string())
             })?,
             poll_timeout: Duration::from_millis(r.poll_timeout_ms),
+            spec: match r.spec {
+                Some(spec) => {
+                    Some(spec.try_into().map_err(|e: fedretail_proto::convert::ConvertError| {
+                        TransportError::Protocol(format!("the task's spec: {e}"))
+                    })?)
+                }
+                None => None,
+            },
         })
     }
 

@@ -303,6 +303,7 @@ pub async fn run_federated(
             max_backoff: Duration::from_secs(2),
             // The simulator repeats runs exactly; see ParticipantConfig::seeded_privacy.
             seeded_privacy: true,
+            policy: fedretail_client::policy::StorePolicy::permissive(),
         };
         let cancel = cancel.clone();
         participants

@@ -43,6 +43,8 @@ pub struct ParticipantConfig {
     /// of the OS random source, so runs repeat. Anyone who knows the seed can predict both, so
     /// no deployed client sets this (the binary has no option for it).
     pub seeded_privacy: bool,
+    /// What the store agrees to take part in (the binary's `--policy`, strict by default).
+    pub policy: crate::policy::StorePolicy,
 }
 
 /// The participant's data.
@@ -81,6 +83,17 @@ pub enum ParticipantError {
     /// Personal parameters could not be read or written.
     #[error(transparent)]
     Personal(#[from] personal::PersonalError),
+    /// The store's privacy ledger could not be read or written, so nothing may be sent.
+    #[error("privacy ledger: {0}")]
+    Ledger(std::io::Error),
+    /// The store's policy refuses the task itself.
+    #[error("task {task:?}: {refusal}")]
+    Refused {
+        /// The task.
+        task: String,
+        /// The rule and why.
+        refusal: crate::policy::Refusal,
+    },
 }
 
 /// How a participant's run ended.
@@ -114,6 +127,7 @@ pub struct Participant<T: Transport> {
     data: Option<LocalData>,
     trainer: Option<Trainer>,
     audit: Option<AuditLog>,
+    ledger: Option<crate::ledger::Ledger>,
     outcome: Outcome,
 }
 
@@ -153,6 +167,7 @@ impl<T: Transport> Participant<T> {
             data: Some(data),
             trainer: None,
             audit,
+            ledger: None,
             outcome: Outcome {
                 rounds_trained: 0,
                 evaluations: 0,
@@ -178,6 +193,10 @@ impl<T: Transport> Participant<T> {
             max: self.config.max_backoff,
             rng: rand::rngs::ChaCha8Rng::seed_from_u64(user_seed(&self.config.store_name)),
         };
+        self.ledger = Some(
+            crate::ledger::Ledger::open(self.config.state_dir.as_deref())
+                .map_err(ParticipantError::Ledger)?,
+        );
         'enroll: loop {
             let enrollment = loop {
                 let result = tokio::select! {
@@ -199,6 +218,7 @@ impl<T: Transport> Participant<T> {
             }
             backoff.attempt = 0;
             tracing::info!(client_id = enrollment.client_id, task_id = enrollment.task_id, store = %self.config.store_name, "enrolled");
+            self.check_task(&enrollment)?;
             self.prepare(&enrollment)?;
             loop {
                 let result = tokio::select! {
@@ -231,6 +251,12 @@ impl<T: Transport> Participant<T> {
                     Err(TransportError::TaskNotFound(m)) => {
                         tracing::warn!(reason = %m, "the task is gone; enrolling again");
                         continue 'enroll;
+                    }
+                    Err(TransportError::Refused(r)) if r.rule.starts_with("max_epsilon") => {
+                        // The store's own budget is spent: it takes no further part in the task.
+                        self.outcome.state = "refused".into();
+                        self.outcome.reason = r.to_string();
+                        return Ok(self.outcome);
                     }
                     Err(e @ TransportError::Unavailable(_)) => {
                         if !self.wait(&mut backoff, &e, &cancel).await {
@@ -275,6 +301,156 @@ impl<T: Transport> Participant<T> {
             () = cancel.cancelled() => false,
             () = tokio::time::sleep(delay) => true,
         }
+    }
+
+    /// Checks the task against the store's policy before anything is allocated for it, and
+    /// logs the enrolment.
+    fn check_task(&mut self, e: &Enrollment) -> Result<(), ParticipantError> {
+        let refused = |refusal: crate::policy::Refusal| ParticipantError::Refused {
+            task: self.config.task.clone(),
+            refusal,
+        };
+        let checked = match &e.spec {
+            Some(spec) if spec.model != e.model => Err(crate::policy::Refusal {
+                rule: "valid_task",
+                message: "the enrolment's model differs from the task's".into(),
+            }),
+            Some(spec) => self.config.policy.check_task(spec),
+            None if self.config.policy.allow_without_privacy => {
+                let n = e.model.n_params();
+                if n > self.config.policy.max_model_params {
+                    Err(crate::policy::Refusal {
+                        rule: "max_model_params",
+                        message: format!("the model has {n} parameters"),
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+            None => Err(crate::policy::Refusal {
+                rule: "allow_without_privacy",
+                message: "the coordinator did not state the task's privacy".into(),
+            }),
+        };
+        let privacy = e.spec.as_ref().and_then(|s| s.privacy.as_ref()).map(|p| {
+            serde_json::json!({
+                "unit": p.unit, "noise_placement": p.noise_placement,
+                "target_epsilon": p.target_epsilon, "delta": p.delta,
+                "sampling_rate": p.sampling_rate, "noise_multiplier": p.noise_multiplier,
+                "domain": p.domain,
+            })
+        });
+        self.audit(&Entry::Enrolled {
+            coordinator: self.transport.peer(),
+            task: self.config.task.clone(),
+            task_id: e.task_id,
+            privacy,
+        })
+        .map_err(|_| ParticipantError::Audit {
+            path: self.audit.as_ref().map(|a| a.path().to_path_buf()).unwrap_or_default(),
+            source: std::io::Error::other("cannot write the audit log"),
+        })?;
+        if let Err(refusal) = checked {
+            tracing::error!(rule = refusal.rule, reason = %refusal.message, "the store's policy refuses this task");
+            let _ = self.audit(&Entry::Refused {
+                task_id: e.task_id,
+                round_id: 0,
+                rule: refusal.rule.into(),
+                message: refusal.message.clone(),
+            });
+            return Err(refused(refusal));
+        }
+        Ok(())
+    }
+
+    /// Records a refusal in the log and the audit log, and returns it as the round's error.
+    fn refuse(
+        &self,
+        e: &Enrollment,
+        round_id: u64,
+        refusal: crate::policy::Refusal,
+    ) -> TransportError {
+        tracing::warn!(round_id, rule = refusal.rule, reason = %refusal.message, "the store's policy refuses this round; nothing is sent");
+        let _ = self.audit(&Entry::Refused {
+            task_id: e.task_id,
+            round_id,
+            rule: refusal.rule.into(),
+            message: refusal.message.clone(),
+        });
+        TransportError::Refused(refusal)
+    }
+
+    /// What this round would cost the store, by its own accounting (see [`crate::ledger`]).
+    fn spend(&self, e: &Enrollment, plan: &TrainPlan) -> Option<crate::ledger::Spend> {
+        let spec = e.spec.as_ref()?;
+        let p = spec.privacy.as_ref()?;
+        let t = plan.privacy?;
+        Some(crate::ledger::Spend {
+            unix_ms: crate::ledger::now_ms(),
+            coordinator: self.transport.peer(),
+            task: spec.name.clone(),
+            task_id: e.task_id,
+            domain: p.domain.clone(),
+            round_id: plan.round_id,
+            kind: "train".into(),
+            unit: p.unit,
+            placement: p.noise_placement,
+            sampling_rate: if t.per_customer { t.sampling_rate } else { 1.0 },
+            noise_multiplier: p.noise_multiplier.unwrap_or(0.0),
+            clip_norm: plan.clip_norm,
+            noise_std: t.noise_std,
+            delta: p.delta,
+        })
+    }
+
+    /// Checks an assignment and the store's budget before it trains.
+    fn check_train(
+        &self,
+        e: &Enrollment,
+        plan: &TrainPlan,
+    ) -> Result<Option<crate::ledger::Spend>, crate::policy::Refusal> {
+        let policy = &self.config.policy;
+        if let Some(spec) = &e.spec {
+            policy.check_assignment(
+                spec,
+                plan.n_params,
+                plan.local_epochs,
+                plan.clip_norm,
+                plan.privacy.as_ref(),
+            )?;
+        } else if plan.n_params != e.model.n_params() {
+            return Err(crate::policy::Refusal {
+                rule: "model_shape",
+                message: format!(
+                    "{} parameters; the task's model has {}",
+                    plan.n_params,
+                    e.model.n_params()
+                ),
+            });
+        }
+        let Some(spend) = self.spend(e, plan) else { return Ok(None) };
+        let ledger = self.ledger.as_ref().expect("opened when the run starts");
+        let task = ledger.task_epsilon_with(&spend);
+        if task > policy.max_epsilon_per_task {
+            return Err(crate::policy::Refusal {
+                rule: "max_epsilon_per_task",
+                message: format!(
+                    "this round would bring the store's spend on the task to epsilon {task:.4}; the policy allows {}",
+                    policy.max_epsilon_per_task
+                ),
+            });
+        }
+        let year = ledger.year_epsilon(spend.unix_ms, policy.max_delta, Some(&spend));
+        if year > policy.max_epsilon_per_year {
+            return Err(crate::policy::Refusal {
+                rule: "max_epsilon_per_year",
+                message: format!(
+                    "this round would bring the store's spend over the last 365 days to epsilon {year:.4}; the policy allows {}",
+                    policy.max_epsilon_per_year
+                ),
+            });
+        }
+        Ok(Some(spend))
     }
 
     /// Builds the trainer for the task's model on first enrolment, loading saved personal
@@ -359,7 +535,19 @@ impl<T: Transport> Participant<T> {
     }
 
     async fn train(&mut self, e: &Enrollment, plan: TrainPlan) -> Result<(), TransportError> {
+        let spend = match self.check_train(e, &plan) {
+            Ok(spend) => spend,
+            Err(refusal) => return Err(self.refuse(e, plan.round_id, refusal)),
+        };
         let global = self.transport.fetch_model(e, plan.model_version, plan.n_params).await?;
+        // A model with NaN or infinities cannot be trained from, and could be crafted (M4).
+        if !global.iter().all(|v| v.is_finite()) {
+            let refusal = crate::policy::Refusal {
+                rule: "finite_model",
+                message: "the global model holds values that are not finite".into(),
+            };
+            return Err(self.refuse(e, plan.round_id, refusal));
+        }
         let seed = plan.round_seed ^ user_seed(&self.config.store_name);
         let trainer = self.trainer.take().expect("prepared at enrolment");
         let seeded = self.config.seeded_privacy;
@@ -374,16 +562,50 @@ impl<T: Transport> Participant<T> {
         self.trainer = Some(trainer);
         self.save_personal();
         let UpdateSummary { n_examples, train_loss: loss } = summary;
+        // The charge is on disk before the update can leave; if it cannot be written, nothing is
+        // sent.
+        let mut task_epsilon = 0.0;
+        if let Some(spend) = spend {
+            let ledger = self.ledger.as_mut().expect("opened when the run starts");
+            task_epsilon = ledger.task_epsilon_with(&spend);
+            if let Err(err) = ledger.record(spend) {
+                tracing::error!(%err, "cannot write the privacy ledger; not sending");
+                return Err(TransportError::Protocol(format!("privacy ledger unavailable: {err}")));
+            }
+        }
+        let privacy = plan.privacy.map(|t| {
+            let p = e.spec.as_ref().and_then(|s| s.privacy.as_ref());
+            crate::audit_log::PrivacyRecord {
+                unit: p.map_or(
+                    if t.per_customer {
+                        fedretail_core::privacy::PrivacyUnit::Customer
+                    } else {
+                        fedretail_core::privacy::PrivacyUnit::Client
+                    },
+                    |p| p.unit,
+                ),
+                placement: p.map_or(fedretail_core::privacy::NoisePlacement::Central, |p| {
+                    p.noise_placement
+                }),
+                sampling_rate: p.map_or(t.sampling_rate, |p| p.sampling_rate),
+                noise_multiplier: p.and_then(|p| p.noise_multiplier).unwrap_or(f64::NAN),
+                noise_std: t.noise_std,
+                count_noise_std: t.count_noise_std,
+                sent_unclipped_count: t.report_unclipped,
+                task_epsilon,
+            }
+        });
         self.audit(&Entry::Update {
             task_id: e.task_id,
             round_id: plan.round_id,
             n_params: update.values().len(),
             n_bytes: update.values().len() * 4,
             sha256: hex(&fedretail_core::update::sha256_f32s(update.values())),
-            norm_before_clip: update.norm_before_clip(),
+            norm_before_clip: (!update.is_private()).then(|| update.norm_before_clip()),
             clip_norm: plan.clip_norm,
             n_examples,
             train_loss: loss,
+            privacy,
         })?;
         let norm = update.norm_before_clip();
         self.transport.upload(e, plan.round_id, update, summary).await?;

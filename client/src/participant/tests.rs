@@ -89,6 +89,7 @@ fn enrollment() -> Enrollment {
         task_id: 1,
         model: ModelSpec::MatrixFactorization(spec()),
         poll_timeout: Duration::from_secs(1),
+        spec: None,
     }
 }
 
@@ -133,6 +134,7 @@ fn participant(
         state_dir: dir.map(Path::to_path_buf),
         max_backoff: Duration::from_secs(4),
         seeded_privacy: false,
+        policy: crate::policy::StorePolicy::permissive(),
     };
     (Participant::new(fake, config, LocalData::Ratings(ratings())), record)
 }
@@ -162,13 +164,15 @@ async fn updates_are_clipped_global_only_and_logged_before_they_leave() {
         // Only the global vector leaves: user factors and biases have no place in it.
         assert_eq!(values.len(), spec().n_global());
         assert!(fedretail_core::update::l2_norm(values) <= 0.05 * (1.0 + 1e-6));
-        // The second upload follows one metrics entry and the first update.
-        assert_eq!(*logged_when_sent, [1, 3][k], "the audit entry is on disk before the upload");
+        // After the enrolment; the second upload follows one metrics entry and the first update.
+        assert_eq!(*logged_when_sent, [2, 4][k], "the audit entry is on disk before the upload");
     }
     assert_eq!(record.reports[0].n_ratings, 1);
     let log = AuditLog::new(dir.path()).read().unwrap();
     let kinds: Vec<&str> = log.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["update", "metrics", "update"]);
+    assert_eq!(kinds, ["enrolled", "update", "metrics", "update"]);
+    assert!(log[1]["norm_before_clip"].is_number(), "sent without privacy, so logged");
+    assert!(log[1]["privacy"].is_null());
     assert!(dir.path().join(personal::FILE).is_file(), "personal parameters are kept on disk");
 }
 
@@ -177,8 +181,9 @@ async fn nothing_is_sent_when_the_audit_log_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("does-not-exist");
     let (p, record) = participant(Some(&missing), vec![], vec![Ok(train(1))]);
-    let outcome = p.run(CancellationToken::new()).await.unwrap();
-    assert_eq!(outcome.rounds_trained, 0);
+    // Not even the enrolment can be recorded: the store stops before it trains.
+    let err = p.run(CancellationToken::new()).await.unwrap_err();
+    assert!(matches!(err, ParticipantError::Audit { .. }), "{err}");
     assert!(record.lock().unwrap().uploads.is_empty());
 }
 
@@ -344,6 +349,7 @@ fn demand_participant(
         state_dir: Some(dir.to_path_buf()),
         max_backoff: Duration::from_secs(4),
         seeded_privacy: false,
+        policy: crate::policy::StorePolicy::permissive(),
     };
     (Participant::new(fake, config, data), record)
 }
@@ -395,4 +401,193 @@ async fn a_demand_task_needs_sales_of_its_groups() {
     let (p, _) = demand_participant(dir.path(), &["Chairs"], LocalData::Ratings(ratings()), vec![]);
     let err = p.run(CancellationToken::new()).await.unwrap_err().to_string();
     assert!(err.ends_with("the task forecasts demand, and this store has no sales"), "{err}");
+}
+
+/// A customer-level private task over [`spec`]: central noise, z = 2, q = 0.5.
+fn private_task(epsilon: f64) -> fedretail_core::plan::TaskSpec {
+    use fedretail_core::optim::ServerOptimizer;
+    use fedretail_core::plan::{TaskSpec, TrainingPlan};
+    use fedretail_core::privacy::accountant::AccountantKind;
+    use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+    TaskSpec {
+        name: "t".into(),
+        model: ModelSpec::MatrixFactorization(spec()),
+        plan: TrainingPlan {
+            rounds: 10,
+            cohort_size: 2,
+            min_clients: 2,
+            local_epochs: 2,
+            clip_norm: 0.05,
+            server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+            eval_every: 0,
+            eval_fraction: 1.0,
+            select_timeout_secs: 1.0,
+            configure_timeout_secs: 1.0,
+            collect_timeout_secs: 1.0,
+            evaluate_timeout_secs: 1.0,
+            seed: 0,
+            weight_by_examples: false,
+        },
+        privacy: Some(PrivacySpec {
+            unit: PrivacyUnit::Customer,
+            noise_placement: NoisePlacement::Central,
+            target_epsilon: epsilon,
+            delta: 1e-5,
+            sampling_rate: 0.5,
+            noise_multiplier: Some(2.0),
+            population: Some(2),
+            adaptive_clipping: None,
+            accountant: AccountantKind::Rdp,
+            domain: "stores".into(),
+        }),
+    }
+}
+
+fn private_train(
+    round_id: u64,
+    privacy: Option<fedretail_core::privacy::TrainPrivacy>,
+) -> Assignment {
+    match train(round_id) {
+        Assignment::Train(plan) => Assignment::Train(TrainPlan { privacy, ..plan }),
+        _ => unreachable!(),
+    }
+}
+
+fn customer_privacy() -> fedretail_core::privacy::TrainPrivacy {
+    fedretail_core::privacy::TrainPrivacy {
+        per_customer: true,
+        sampling_rate: 0.5,
+        noise_std: 0.0,
+        report_unclipped: false,
+        count_noise_std: 0.0,
+    }
+}
+
+/// A participant under the strict default policy, enrolled in `task`.
+fn strict(
+    dir: &Path,
+    task: fedretail_core::plan::TaskSpec,
+    policy: crate::policy::StorePolicy,
+    assignments: Vec<Result<Assignment, TransportError>>,
+) -> (Participant<Fake>, Arc<Mutex<Record>>) {
+    let enrolled = Enrollment { spec: Some(task), ..enrollment() };
+    let (mut p, record) = participant(Some(dir), vec![Ok(enrolled)], assignments);
+    p.config.policy = policy;
+    (p, record)
+}
+
+fn audit_kinds(dir: &Path) -> Vec<serde_json::Value> {
+    AuditLog::new(dir).read().unwrap()
+}
+
+/// Issue 10 (H6): a store refuses a task beyond its policy before it allocates anything.
+#[tokio::test]
+async fn a_task_beyond_the_store_policy_is_refused_at_enrolment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, record) = strict(
+        dir.path(),
+        private_task(50.0),
+        crate::policy::StorePolicy::default(),
+        vec![Ok(private_train(1, Some(customer_privacy())))],
+    );
+    let err = p.run(CancellationToken::new()).await.unwrap_err();
+    assert!(err.to_string().contains("max_epsilon_per_task"), "{err}");
+    assert!(record.lock().unwrap().uploads.is_empty());
+    let log = audit_kinds(dir.path());
+    assert_eq!(log[1]["kind"], "refused");
+    assert_eq!(log[1]["rule"], "max_epsilon_per_task");
+    // Without privacy at all, the default policy refuses too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = private_task(5.0);
+    plain.privacy = None;
+    let (p, _) = strict(dir.path(), plain, crate::policy::StorePolicy::default(), vec![]);
+    let err = p.run(CancellationToken::new()).await.unwrap_err();
+    assert!(err.to_string().contains("allow_without_privacy"), "{err}");
+}
+
+/// Issue 10 (H6, M4): a coordinator cannot switch privacy off, lower the noise, or change the
+/// model's size for one round: the store refuses the round and sends nothing.
+#[tokio::test]
+async fn assignments_that_break_the_task_or_the_policy_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut distributed = private_task(8.0);
+    distributed.privacy.as_mut().unwrap().noise_placement =
+        fedretail_core::privacy::NoisePlacement::Distributed;
+    let too_little_noise =
+        fedretail_core::privacy::TrainPrivacy { noise_std: 1e-9, ..customer_privacy() };
+    let wrong_size = match train(3) {
+        Assignment::Train(plan) => Assignment::Train(TrainPlan {
+            n_params: 1 << 40,
+            privacy: Some(fedretail_core::privacy::TrainPrivacy {
+                noise_std: 1.0,
+                ..customer_privacy()
+            }),
+            ..plan
+        }),
+        _ => unreachable!(),
+    };
+    let (p, record) = strict(
+        dir.path(),
+        distributed,
+        crate::policy::StorePolicy::default(),
+        vec![
+            Ok(private_train(1, None)),
+            Ok(private_train(2, Some(too_little_noise))),
+            Ok(wrong_size),
+        ],
+    );
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.rounds_trained, 0);
+    assert!(record.lock().unwrap().uploads.is_empty(), "nothing leaves");
+    let rules: Vec<String> = audit_kinds(dir.path())
+        .iter()
+        .filter(|e| e["kind"] == "refused")
+        .map(|e| e["rule"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rules, ["consistent_privacy", "min_noise_multiplier", "model_shape"]);
+}
+
+/// Issue 10 (H6): the store keeps its own ledger, synced before each upload, logs every privacy
+/// parameter of each upload, and stops taking part when its own budget is spent.
+#[tokio::test]
+async fn the_store_ledger_is_charged_before_each_upload_and_enforces_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = crate::policy::StorePolicy { max_epsilon_per_task: 3.0, ..Default::default() };
+    let rounds: Vec<_> = (1..=20).map(|r| Ok(private_train(r, Some(customer_privacy())))).collect();
+    // The task states a budget within the store's, but its coordinator keeps asking for rounds.
+    let (p, record) = strict(dir.path(), private_task(3.0), policy, rounds);
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.state, "refused", "{}", outcome.reason);
+    assert!(outcome.reason.contains("max_epsilon_per_task"), "{}", outcome.reason);
+    let uploads = record.lock().unwrap().uploads.len();
+    assert!(uploads >= 1 && uploads < 20, "{uploads}");
+    let ledger = crate::ledger::Ledger::open(Some(dir.path())).unwrap();
+    assert_eq!(ledger.entries().len(), uploads, "one charge per upload, none for the refusal");
+    let spent = ledger.by_task()[0].epsilon;
+    assert!(spent <= 3.0, "the store never spends beyond its policy: {spent}");
+    let log = audit_kinds(dir.path());
+    let update = log.iter().find(|e| e["kind"] == "update").unwrap();
+    assert_eq!(update["privacy"]["unit"], "customer");
+    assert_eq!(update["privacy"]["placement"], "central");
+    assert_eq!(update["privacy"]["sampling_rate"], 0.5);
+    assert_eq!(update["privacy"]["noise_multiplier"], 2.0);
+    assert!(update["norm_before_clip"].is_null(), "not sent under privacy, so not logged as sent");
+    assert!(log.iter().any(|e| e["kind"] == "refused" && e["rule"] == "max_epsilon_per_task"));
+}
+
+/// Issue 10 (M4): a global model with NaN is refused before training.
+#[tokio::test]
+async fn a_model_that_is_not_finite_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, record) = strict(
+        dir.path(),
+        private_task(8.0),
+        crate::policy::StorePolicy::default(),
+        vec![Ok(private_train(1, Some(customer_privacy())))],
+    );
+    p.transport.model[0] = f32::NAN;
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.rounds_trained, 0);
+    assert!(record.lock().unwrap().uploads.is_empty());
+    assert!(audit_kinds(dir.path()).iter().any(|e| e["rule"] == "finite_model"));
 }

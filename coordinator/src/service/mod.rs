@@ -180,6 +180,7 @@ impl Training for TrainingService {
             task_id: handle.task().0,
             model: Some((&status.spec.model).into()),
             poll_timeout_ms: self.poll_timeout.as_millis() as u64,
+            spec: Some(status.spec.as_ref().into()),
         }))
     }
 
