@@ -560,7 +560,7 @@ async fn the_store_ledger_is_charged_before_each_upload_and_enforces_its_budget(
     assert_eq!(outcome.state, "refused", "{}", outcome.reason);
     assert!(outcome.reason.contains("max_epsilon_per_task"), "{}", outcome.reason);
     let uploads = record.lock().unwrap().uploads.len();
-    assert!(uploads >= 1 && uploads < 20, "{uploads}");
+    assert!((1..20).contains(&uploads), "{uploads}");
     let ledger = crate::ledger::Ledger::open(Some(dir.path())).unwrap();
     assert_eq!(ledger.entries().len(), uploads, "one charge per upload, none for the refusal");
     let spent = ledger.by_task()[0].epsilon;
