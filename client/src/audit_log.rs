@@ -79,6 +79,9 @@ pub enum Entry {
         ndcg_at_10: f64,
         /// Sum of actual values (demand forecasts).
         actual_sum: f64,
+        /// Under privacy: the evaluation's noise multiplier and per-field noise that was added
+        /// to the bounded sums above (which are what was sent).
+        privacy: Option<serde_json::Value>,
     },
 }
 

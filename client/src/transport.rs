@@ -61,6 +61,8 @@ pub struct EvalPlan {
     pub n_params: usize,
     /// Seed for ranking negatives.
     pub seed: u64,
+    /// Under privacy: how to bound and noise the sums, and whether customers are the units.
+    pub privacy: Option<(fedretail_core::privacy::evaluation::EvalPrivacy, bool)>,
 }
 
 /// What the coordinator asks of this client.
@@ -329,6 +331,14 @@ impl Transport for GrpcTransport {
                 model_version: v.model_version,
                 n_params: v.n_params as usize,
                 seed: v.round_seed,
+                privacy: match v.privacy {
+                    Some(p) => Some(p.try_into().map_err(
+                        |e: fedretail_proto::convert::ConvertError| {
+                            TransportError::Protocol(e.to_string())
+                        },
+                    )?),
+                    None => None,
+                },
             }),
             Some(A::Finished(f)) => Assignment::Finished {
                 state: pb::TaskState::try_from(f.state).map_or("unknown".into(), |s| {

@@ -211,6 +211,8 @@ mod tests {
                 adaptive_clipping: None,
                 accountant: AccountantKind::Rdp,
                 domain: "stores".into(),
+                evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+                evaluation_noise_multiplier: None,
             }),
         }
     }

@@ -146,6 +146,22 @@ impl Tasks {
                 Some(_) => {}
                 None => privacy.noise_multiplier = Some(z),
             }
+            // The evaluation metrics have their own budget, spread over the evaluating rounds.
+            let evaluations = driver::evaluating_rounds(&spec.plan);
+            let z_eval = calibrate_noise(
+                &privacy.accountant,
+                1.0,
+                evaluations,
+                privacy.evaluation_epsilon,
+                privacy.delta,
+            )
+            .map_err(|e| SpecError {
+                field: "privacy.evaluation_epsilon",
+                message: e.to_string(),
+            })?;
+            if privacy.evaluation_noise_multiplier.is_none_or(|given| given < z_eval) {
+                privacy.evaluation_noise_multiplier = Some(z_eval);
+            }
             tracing::info!(
                 noise_multiplier = privacy.noise_multiplier,
                 epsilon = privacy.target_epsilon,

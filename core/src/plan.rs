@@ -268,6 +268,20 @@ impl TaskSpec {
             {
                 return Err(bad("privacy.noise_multiplier", format!("must be positive, got {z}")));
             }
+            if !(privacy.evaluation_epsilon > 0.0 && privacy.evaluation_epsilon.is_finite()) {
+                return Err(bad(
+                    "privacy.evaluation_epsilon",
+                    format!("must be positive, got {}", privacy.evaluation_epsilon),
+                ));
+            }
+            if let Some(z) = privacy.evaluation_noise_multiplier
+                && !(z > 0.0 && z.is_finite())
+            {
+                return Err(bad(
+                    "privacy.evaluation_noise_multiplier",
+                    format!("must be positive, got {z}"),
+                ));
+            }
             if p.weight_by_examples {
                 return Err(bad(
                     "plan.weight_by_examples",

@@ -74,7 +74,51 @@ impl From<&PrivacySpec> for pb::PrivacySpec {
             }),
             accountant: pb::Accountant::from(p.accountant).into(),
             domain: p.domain.clone(),
+            evaluation_epsilon: p.evaluation_epsilon,
+            evaluation_noise_multiplier: p.evaluation_noise_multiplier.unwrap_or(0.0),
         }
+    }
+}
+
+/// Private evaluation with its unit: whether customers are the units.
+impl From<(fedretail_core::privacy::evaluation::EvalPrivacy, bool)> for pb::EvalPrivacy {
+    fn from(
+        (p, per_customer): (fedretail_core::privacy::evaluation::EvalPrivacy, bool),
+    ) -> pb::EvalPrivacy {
+        pb::EvalPrivacy {
+            noise_multiplier: p.noise_multiplier,
+            count_bound: p.count_bound,
+            error_bound: p.error_bound,
+            actual_bound: p.actual_bound,
+            per_customer,
+        }
+    }
+}
+
+impl TryFrom<pb::EvalPrivacy> for (fedretail_core::privacy::evaluation::EvalPrivacy, bool) {
+    type Error = ConvertError;
+    fn try_from(p: pb::EvalPrivacy) -> Result<Self, ConvertError> {
+        let finite = |v: f64| v.is_finite() && v >= 0.0;
+        let usable = p.noise_multiplier.is_finite()
+            && p.noise_multiplier > 0.0
+            && finite(p.error_bound)
+            && finite(p.actual_bound)
+            && p.count_bound > 0;
+        if !usable {
+            return Err(ConvertError {
+                field: "evaluate.privacy",
+                message: "noise multiplier, count and bounds must be positive and finite".into(),
+            });
+        }
+        Ok((
+            fedretail_core::privacy::evaluation::EvalPrivacy {
+                noise_multiplier: p.noise_multiplier,
+                count_bound: p.count_bound,
+                error_bound: p.error_bound,
+                actual_bound: p.actual_bound,
+            },
+            p.per_customer,
+        ))
     }
 }
 
@@ -149,6 +193,13 @@ impl TryFrom<pb::PrivacySpec> for PrivacySpec {
             } else {
                 p.domain
             },
+            evaluation_epsilon: if p.evaluation_epsilon == 0.0 {
+                fedretail_core::privacy::default_evaluation_epsilon()
+            } else {
+                p.evaluation_epsilon
+            },
+            evaluation_noise_multiplier: (p.evaluation_noise_multiplier != 0.0)
+                .then_some(p.evaluation_noise_multiplier),
         })
     }
 }
@@ -460,6 +511,8 @@ mod tests {
                 }),
                 accountant: AccountantKind::Pld,
                 domain: "stores-2026".into(),
+                evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+                evaluation_noise_multiplier: None,
             }),
         };
         let wire: pb::TaskSpec = (&spec).into();

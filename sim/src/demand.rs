@@ -389,6 +389,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             accountant: args.accountant.into(),
             // Each compared plan is an alternative, not a deployment: its own domain.
             domain: t.name.clone(),
+            evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+            evaluation_noise_multiplier: None,
         });
         t.validate().context("the scenario's DP task")?;
         runs.push((format!("federated_dp_eps{epsilon}"), t));
@@ -554,11 +556,7 @@ pub fn to_json(r: &DemandReport) -> Value {
         let t = m.total();
         v[&m.key] = json!({ "test": { "wape": round4(t.wape()), "mae": round4(t.mae()), "n_forecasts": t.n_ratings } });
         if let Some(p) = &m.privacy {
-            v[&m.key]["privacy"] = json!({
-                "epsilon": round4(p.epsilon), "delta": p.delta, "unit": p.unit, "noise_placement": p.noise_placement,
-                "noise_multiplier": round4(p.noise_multiplier), "sampling_rate": p.sampling_rate, "rounds": p.rounds,
-                "clip_norm": p.clip_norm, "accountant": p.accountant,
-            });
+            v[&m.key]["privacy"] = p.to_json();
         }
     }
     v["per_store"] = r

@@ -143,11 +143,7 @@ pub fn to_json(r: &Report) -> Value {
         "federated": { "failed_rounds": r.failed_rounds, "history": history, "test": method(&r.federated)["test"] },
         "central": method(&r.central),
         "local_only": method(&r.local_only),
-        "privacy": r.privacy.as_ref().map(|p| json!({
-            "epsilon": round4(p.epsilon), "delta": p.delta, "unit": p.unit, "noise_placement": p.noise_placement,
-            "noise_multiplier": round4(p.noise_multiplier), "sampling_rate": p.sampling_rate, "rounds": p.rounds,
-            "clip_norm": p.clip_norm, "accountant": p.accountant,
-        })),
+        "privacy": r.privacy.as_ref().map(crate::runner::PrivacyOutcome::to_json),
         "stores": r.stores.iter().map(|s| json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test})).collect::<Vec<_>>(),
     })
 }

@@ -33,8 +33,12 @@ pub struct FederatedResult {
     pub rounds: Vec<RoundRecord>,
     /// Rounds that failed.
     pub failed_rounds: u64,
-    /// The last evaluation (after the last round).
+    /// The last evaluation (after the last round): the coordinator's without privacy; under
+    /// privacy the stores' exact local sums merged (the coordinator's are noised).
     pub final_eval: EvalSums,
+    /// The last evaluation as the coordinator published it (noised under privacy; `None` when
+    /// withheld).
+    pub coordinator_eval: Option<EvalSums>,
     /// How each participant ended.
     pub outcomes: Vec<Outcome>,
     /// What the final model spent, for tasks with differential privacy.
@@ -62,6 +66,30 @@ pub struct PrivacyOutcome {
     pub clip_norm: f32,
     /// The accountant ε comes from (`rdp` or `pld`).
     pub accountant: String,
+    /// What the noised evaluation metrics spent (their own budget).
+    pub evaluation_epsilon: f64,
+    /// Training and evaluation composed.
+    pub total_epsilon: f64,
+    /// ε against the coordinator itself (infinite under central noise).
+    pub epsilon_against_coordinator: f64,
+}
+
+impl PrivacyOutcome {
+    /// The `privacy` object of a report.
+    pub fn to_json(&self) -> serde_json::Value {
+        let round4 = |v: f64| (v * 1e4).round() / 1e4;
+        // JSON has no infinity: an unbounded ε is written as null.
+        let finite = |v: f64| v.is_finite().then(|| round4(v));
+        serde_json::json!({
+            "epsilon": round4(self.epsilon), "delta": self.delta, "unit": self.unit,
+            "noise_placement": self.noise_placement, "noise_multiplier": round4(self.noise_multiplier),
+            "sampling_rate": self.sampling_rate, "rounds": self.rounds, "clip_norm": self.clip_norm,
+            "accountant": self.accountant,
+            "evaluation_epsilon": finite(self.evaluation_epsilon),
+            "total_epsilon": finite(self.total_epsilon),
+            "epsilon_against_coordinator": finite(self.epsilon_against_coordinator),
+        })
+    }
 }
 
 /// A throwaway PKI for one simulation: a CA, the coordinator's certificate, an operator's
@@ -365,12 +393,24 @@ pub async fn run_federated(
     for (i, r) in rounds.iter_mut().enumerate() {
         r.index = i as u64 + 1;
     }
-    let final_eval = rounds.last().and_then(|r| r.eval).unwrap_or_else(|| {
-        tracing::warn!(
-            "the last round has no evaluation (every store's predictions were non-finite?)"
-        );
-        EvalSums::default()
-    });
+    let coordinator_eval = rounds.last().and_then(|r| r.eval);
+    // Under privacy the coordinator sees only bounded, noised evaluation sums (issue 10, H1).
+    // The simulator holds every store's data anyway, so its report scores the final model on
+    // the stores' exact local sums, which in a deployment never leave the stores.
+    let final_eval = if spec.privacy.is_some() {
+        let mut exact = EvalSums::default();
+        for o in &outcomes {
+            exact.merge(&o.last_eval.unwrap_or_default());
+        }
+        exact
+    } else {
+        coordinator_eval.unwrap_or_else(|| {
+            tracing::warn!(
+                "the last round has no evaluation (every store's predictions were non-finite?)"
+            );
+            EvalSums::default()
+        })
+    };
     let privacy = status.privacy.map(|p| PrivacyOutcome {
         epsilon: p.epsilon,
         delta: p.delta,
@@ -392,11 +432,15 @@ pub async fn run_federated(
             }
             .into()
         }),
+        evaluation_epsilon: p.evaluation_epsilon,
+        total_epsilon: p.total_epsilon,
+        epsilon_against_coordinator: p.epsilon_against_coordinator,
     });
     Ok(FederatedResult {
         rounds,
         failed_rounds: status.failed_rounds,
         final_eval,
+        coordinator_eval,
         outcomes,
         privacy,
     })

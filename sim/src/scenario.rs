@@ -371,6 +371,8 @@ pub fn privacy_spec(args: &RunArgs, population: usize) -> anyhow::Result<Option<
         accountant: args.accountant.into(),
         // A simulated plan is evaluated on its own, never composed with another run's.
         domain: "simulation".into(),
+        evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+        evaluation_noise_multiplier: None,
     }))
 }
 

@@ -621,56 +621,191 @@ impl<T: Transport> Participant<T> {
     }
 
     async fn evaluate(&mut self, e: &Enrollment, plan: EvalPlan) -> Result<(), TransportError> {
+        // Under privacy the sums leave bounded and noised, and the store charges its own ledger
+        // first (H1).
+        let spend = match plan.privacy {
+            Some((p, _)) => match self.check_evaluate(e, &plan, &p) {
+                Ok(spend) => spend,
+                Err(refusal) => return Err(self.refuse(e, plan.round_id, refusal)),
+            },
+            None if e.spec.as_ref().is_some_and(|s| s.privacy.is_some()) => {
+                let refusal = crate::policy::Refusal {
+                    rule: "consistent_privacy",
+                    message: "an evaluation of a private task without privacy parameters".into(),
+                };
+                return Err(self.refuse(e, plan.round_id, refusal));
+            }
+            None => None,
+        };
         let global = self.transport.fetch_model(e, plan.model_version, plan.n_params).await?;
+        if !global.iter().all(|v| v.is_finite()) {
+            let refusal = crate::policy::Refusal {
+                rule: "finite_model",
+                message: "the model to evaluate holds values that are not finite".into(),
+            };
+            return Err(self.refuse(e, plan.round_id, refusal));
+        }
         let trainer = self.trainer.take().expect("prepared at enrolment");
-        let (trainer, sums) = tokio::task::spawn_blocking(move || {
-            let sums = match &trainer {
+        let seeded = self.config.seeded_privacy;
+        let store_seed = user_seed(&self.config.store_name);
+        let job_plan = plan.clone();
+        let (trainer, exact, sent) = tokio::task::spawn_blocking(move || {
+            let plan = job_plan;
+            let units: Vec<EvalSums> = match &trainer {
+                Trainer::Mf { model, ratings, local, .. }
+                    if plan.privacy.is_some_and(|(_, per_customer)| per_customer) =>
+                {
+                    model.evaluate_by_user(&global, local, &ratings.data, plan.seed)
+                }
                 Trainer::Mf { model, ratings, local, .. } => {
-                    model.evaluate(&global, local, &ratings.data, plan.seed)
+                    vec![model.evaluate(&global, local, &ratings.data, plan.seed)]
                 }
                 Trainer::Demand { model, data, local } => {
-                    model.evaluate(&global, local, data, plan.seed)
+                    vec![model.evaluate(&global, local, data, plan.seed)]
                 }
-                Trainer::Bench => EvalSums::default(),
+                Trainer::Bench => vec![EvalSums::default()],
             };
-            (trainer, sums)
+            // A diverged model predicts NaN or infinity; such sums would be refused, and the
+            // round would wait out its deadline. Report that nothing could be scored instead.
+            let finite = |s: &EvalSums| {
+                [s.squared_error, s.absolute_error, s.hits_at_10, s.ndcg_at_10, s.actual_sum]
+                    .iter()
+                    .all(|v| v.is_finite())
+            };
+            let units: Vec<EvalSums> = if units.iter().all(finite) { units } else { Vec::new() };
+            let mut exact = EvalSums::default();
+            for u in &units {
+                exact.merge(u);
+            }
+            let sent = match plan.privacy {
+                None => exact,
+                Some((p, _)) => {
+                    let mut rng = if seeded {
+                        rand::rngs::ChaCha20Rng::seed_from_u64(
+                            plan.seed ^ plan.round_id ^ store_seed,
+                        )
+                    } else {
+                        noise::os_seeded()
+                    };
+                    p.release(units, &mut rng)
+                }
+            };
+            (trainer, exact, sent)
         })
         .await
         .expect("local evaluation panicked");
         self.trainer = Some(trainer);
-        // A diverged model predicts NaN or infinity; such sums would be refused, and the round
-        // would wait out its deadline. Report that nothing could be scored instead.
-        let finite = [
-            sums.squared_error,
-            sums.absolute_error,
-            sums.hits_at_10,
-            sums.ndcg_at_10,
-            sums.actual_sum,
-        ];
-        let sums = if finite.iter().all(|v| v.is_finite()) {
-            sums
-        } else {
+        if exact == EvalSums::default() && !matches!(self.trainer, Some(Trainer::Bench)) {
             tracing::warn!(
                 round_id = plan.round_id,
-                "the model's predictions are not finite; reporting no scored ratings"
+                "nothing could be scored (predictions not finite, or no held-out data)"
             );
-            EvalSums::default()
-        };
+        }
+        if let Some(spend) = spend {
+            let ledger = self.ledger.as_mut().expect("opened when the run starts");
+            if let Err(err) = ledger.record(spend) {
+                tracing::error!(%err, "cannot write the privacy ledger; not sending");
+                return Err(TransportError::Protocol(format!("privacy ledger unavailable: {err}")));
+            }
+        }
         self.audit(&Entry::Metrics {
             task_id: e.task_id,
             round_id: plan.round_id,
-            n_ratings: sums.n_ratings,
-            n_ranked: sums.n_ranked,
-            squared_error: sums.squared_error,
-            absolute_error: sums.absolute_error,
-            hits_at_10: sums.hits_at_10,
-            ndcg_at_10: sums.ndcg_at_10,
-            actual_sum: sums.actual_sum,
+            n_ratings: sent.n_ratings,
+            n_ranked: sent.n_ranked,
+            squared_error: sent.squared_error,
+            absolute_error: sent.absolute_error,
+            hits_at_10: sent.hits_at_10,
+            ndcg_at_10: sent.ndcg_at_10,
+            actual_sum: sent.actual_sum,
+            privacy: plan.privacy.map(|(p, per_customer)| {
+                serde_json::json!({
+                    "noise_multiplier": p.noise_multiplier,
+                    "unit": if per_customer { "customer" } else { "client" },
+                    "count_bound": p.count_bound,
+                    "noise_std": p.noise_stds(),
+                })
+            }),
         })?;
-        self.transport.report(e, plan.round_id, sums).await?;
+        self.transport.report(e, plan.round_id, sent).await?;
         self.outcome.evaluations += 1;
-        self.outcome.last_eval = Some(sums);
+        // The store's own, exact view: it never leaves the store.
+        self.outcome.last_eval = Some(exact);
         Ok(())
+    }
+
+    /// Checks a private evaluation against the store's policy and budget; returns its charge.
+    fn check_evaluate(
+        &self,
+        e: &Enrollment,
+        plan: &EvalPlan,
+        p: &fedretail_core::privacy::evaluation::EvalPrivacy,
+    ) -> Result<Option<crate::ledger::Spend>, crate::policy::Refusal> {
+        let policy = &self.config.policy;
+        let refuse = |rule, message: String| Err(crate::policy::Refusal { rule, message });
+        if p.noise_multiplier < policy.min_noise_multiplier {
+            return refuse(
+                "min_noise_multiplier",
+                format!(
+                    "evaluation noise multiplier {}; at least {}",
+                    p.noise_multiplier, policy.min_noise_multiplier
+                ),
+            );
+        }
+        let Some(task) = e.spec.as_ref().and_then(|s| s.privacy.as_ref().map(|pr| (s, pr))) else {
+            return Ok(None);
+        };
+        let (spec, privacy) = task;
+        if privacy
+            .evaluation_noise_multiplier
+            .is_some_and(|z| p.noise_multiplier < z * (1.0 - 1e-9))
+        {
+            return refuse(
+                "consistent_privacy",
+                format!(
+                    "evaluation noise multiplier {}; the task's is {:?}",
+                    p.noise_multiplier, privacy.evaluation_noise_multiplier
+                ),
+            );
+        }
+        let spend = crate::ledger::Spend {
+            unix_ms: crate::ledger::now_ms(),
+            coordinator: self.transport.peer(),
+            task: spec.name.clone(),
+            task_id: e.task_id,
+            domain: privacy.domain.clone(),
+            round_id: plan.round_id,
+            kind: "evaluate".into(),
+            unit: privacy.unit,
+            placement: fedretail_core::privacy::NoisePlacement::Local,
+            sampling_rate: 1.0,
+            noise_multiplier: p.noise_multiplier,
+            clip_norm: 0.0,
+            noise_std: p.noise_stds()[0],
+            delta: privacy.delta,
+        };
+        let ledger = self.ledger.as_ref().expect("opened when the run starts");
+        let year = ledger.year_epsilon(spend.unix_ms, policy.max_delta, Some(&spend));
+        if year > policy.max_epsilon_per_year {
+            return refuse(
+                "max_epsilon_per_year",
+                format!(
+                    "this evaluation would bring the store's spend over the last 365 days to epsilon {year:.4}; the policy allows {}",
+                    policy.max_epsilon_per_year
+                ),
+            );
+        }
+        let task_total = ledger.task_epsilon_with(&spend);
+        let allowed = policy.max_epsilon_per_task + privacy.evaluation_epsilon;
+        if task_total > allowed {
+            return refuse(
+                "max_epsilon_per_task",
+                format!(
+                    "this evaluation would bring the store's spend on the task to epsilon {task_total:.4}; its training and evaluation budgets allow {allowed}"
+                ),
+            );
+        }
+        Ok(Some(spend))
     }
 
     /// Writes an audit entry; if that fails nothing may be sent, so the request is abandoned.

@@ -147,6 +147,7 @@ async fn updates_are_clipped_global_only_and_logged_before_they_leave() {
         model_version: 1,
         n_params: spec().n_global(),
         seed: 3,
+        privacy: None,
     });
     let (p, record) = participant(
         Some(dir.path()),
@@ -243,6 +244,7 @@ async fn customer_level_uploads_hold_only_the_sum_of_clipped_contributions() {
         model_version: 1,
         n_params: spec().n_global(),
         seed: 3,
+        privacy: None,
     });
     let (p, record) =
         participant(Some(dir.path()), vec![], vec![Ok(private(1)), Ok(private(2)), Ok(eval)]);
@@ -370,8 +372,13 @@ async fn a_demand_store_trains_evaluates_and_keeps_its_levels() {
             privacy: None,
         }))
     };
-    let eval =
-        Ok(Assignment::Evaluate(EvalPlan { round_id: 2, model_version: 1, n_params: n, seed: 0 }));
+    let eval = Ok(Assignment::Evaluate(EvalPlan {
+        round_id: 2,
+        model_version: 1,
+        n_params: n,
+        seed: 0,
+        privacy: None,
+    }));
     let (p, record) = demand_participant(
         dir.path(),
         &["Paper"],
@@ -439,6 +446,8 @@ fn private_task(epsilon: f64) -> fedretail_core::plan::TaskSpec {
             adaptive_clipping: None,
             accountant: AccountantKind::Rdp,
             domain: "stores".into(),
+            evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+            evaluation_noise_multiplier: None,
         }),
     }
 }
@@ -590,4 +599,51 @@ async fn a_model_that_is_not_finite_is_refused() {
     assert_eq!(outcome.rounds_trained, 0);
     assert!(record.lock().unwrap().uploads.is_empty());
     assert!(audit_kinds(dir.path()).iter().any(|e| e["rule"] == "finite_model"));
+}
+
+/// Issue 10 (H1): under privacy, evaluation sums leave the store bounded per customer and
+/// noised, after the store charged its own ledger; the store keeps the exact sums to itself.
+#[tokio::test]
+async fn private_evaluation_is_bounded_noised_and_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut task = private_task(8.0);
+    task.privacy.as_mut().unwrap().evaluation_noise_multiplier = Some(3.0);
+    let eval_privacy = fedretail_core::privacy::evaluation::EvalPrivacy {
+        noise_multiplier: 3.0,
+        count_bound: 10,
+        error_bound: 4.0,
+        actual_bound: 0.0,
+    };
+    let eval = |round_id, privacy| {
+        Ok(Assignment::Evaluate(EvalPlan {
+            round_id,
+            model_version: 1,
+            n_params: spec().n_global(),
+            seed: 3,
+            privacy,
+        }))
+    };
+    let (p, record) = strict(
+        dir.path(),
+        task,
+        crate::policy::StorePolicy::default(),
+        vec![eval(1, Some((eval_privacy, true))), eval(2, None)],
+    );
+    let outcome = p.run(CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.evaluations, 1, "the evaluation without privacy parameters is refused");
+    let record = record.lock().unwrap();
+    assert_eq!(record.reports.len(), 1);
+    let exact = outcome.last_eval.unwrap();
+    assert_eq!(exact.n_ratings, 1, "the store's own view is exact");
+    assert_ne!(record.reports[0], exact, "what left is noised");
+    let ledger = crate::ledger::Ledger::open(Some(dir.path())).unwrap();
+    assert_eq!(ledger.entries().len(), 1);
+    assert_eq!(
+        (ledger.entries()[0].kind.as_str(), ledger.entries()[0].noise_multiplier),
+        ("evaluate", 3.0)
+    );
+    let log = audit_kinds(dir.path());
+    let metrics = log.iter().find(|e| e["kind"] == "metrics").unwrap();
+    assert_eq!(metrics["privacy"]["noise_multiplier"], 3.0);
+    assert!(log.iter().any(|e| e["kind"] == "refused" && e["rule"] == "consistent_privacy"));
 }

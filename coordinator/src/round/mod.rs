@@ -121,6 +121,9 @@ pub enum Assignment {
         n_params: usize,
         /// Seed for evaluation sampling.
         seed: u64,
+        /// Under privacy: how the store bounds and noises its sums, and whether customers are
+        /// the units.
+        privacy: Option<(fedretail_core::privacy::evaluation::EvalPrivacy, bool)>,
     },
     /// The task has ended.
     Finished {
@@ -298,6 +301,15 @@ pub struct PrivacyReport {
     pub domain_delta: f64,
     /// Charged rounds lost to crashes (recorded failed as interrupted).
     pub interrupted_rounds: u64,
+    /// What the noised evaluation reports have spent.
+    pub evaluation_epsilon: f64,
+    /// Their budget.
+    pub evaluation_budget: f64,
+    /// Evaluating rounds charged.
+    pub evaluation_rounds: u64,
+    /// Training and evaluation composed: what somebody who sees the model and every
+    /// evaluation faces.
+    pub total_epsilon: f64,
 }
 
 /// A model version's parameters and checksum, shared without copying.

@@ -21,6 +21,10 @@ impl From<&PrivacyReport> for pb::PrivacyReport {
             domain_epsilon: p.domain_epsilon.unwrap_or(f64::NAN),
             domain_delta: p.domain_delta,
             interrupted_rounds: p.interrupted_rounds,
+            evaluation_epsilon: p.evaluation_epsilon,
+            evaluation_budget: p.evaluation_budget,
+            total_epsilon: p.total_epsilon,
+            evaluation_rounds: p.evaluation_rounds,
         }
     }
 }
@@ -64,12 +68,13 @@ impl From<Assignment> for pb::NextAssignmentResponse {
                 upload_timeout_ms: upload_timeout.as_millis() as u64,
                 encoding: pb::UpdateEncoding::Float32Le.into(),
             }),
-            Assignment::Evaluate { round, version, n_params, seed } => {
+            Assignment::Evaluate { round, version, n_params, seed, privacy } => {
                 A::Evaluate(pb::EvaluateAssignment {
                     round_id: round.0,
                     model_version: version.0,
                     n_params: n_params as u64,
                     round_seed: seed,
+                    privacy: privacy.map(Into::into),
                 })
             }
             Assignment::Finished { state, reason } => {

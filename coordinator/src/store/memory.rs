@@ -115,6 +115,7 @@ impl Store for MemoryStore {
             .1
             .ledger
             .iter()
+            .filter(|e| e.kind == entry.kind)
             .map(LedgerEntry::charge)
             .collect();
         let mut of_domain: Vec<_> = inner

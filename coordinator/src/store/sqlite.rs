@@ -8,7 +8,7 @@ use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::optim::OptimizerState;
 use fedretail_core::plan::TaskSpec;
 use fedretail_core::privacy::accountant::Charge;
-use fedretail_core::privacy::{LedgerEntry, PrivacyUnit};
+use fedretail_core::privacy::{ChargeKind, LedgerEntry, PrivacyUnit};
 use fedretail_core::update::{decode_f32s, encode_f32s};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -28,8 +28,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
     committed_rounds INTEGER NOT NULL, failed_rounds INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ledger (
-    round_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id),
-    sampling_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, clip_norm REAL NOT NULL, unit TEXT NOT NULL
+    round_id INTEGER NOT NULL, task_id INTEGER NOT NULL REFERENCES tasks(id),
+    sampling_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, clip_norm REAL NOT NULL, unit TEXT NOT NULL,
+    domain TEXT NOT NULL DEFAULT 'default', kind TEXT NOT NULL DEFAULT 'train',
+    PRIMARY KEY (round_id, kind)
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id), idx INTEGER NOT NULL,
@@ -52,10 +54,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 
 /// Columns added after a database format was first released: (table, column, type). Databases
 /// created before them gain them on opening.
-const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
-    ("rounds", "eval_actual_sum", "REAL"),
-    ("ledger", "domain", "TEXT NOT NULL DEFAULT 'default'"),
-];
+const ADDED_COLUMNS: [(&str, &str, &str); 1] = [("rounds", "eval_actual_sum", "REAL")];
 
 /// A store in one SQLite file.
 #[derive(Debug)]
@@ -124,6 +123,31 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let at = |e: rusqlite::Error| StoreError::Backend(format!("{}: {e}", path.display()));
         conn.execute_batch(SCHEMA).map_err(at)?;
+        // Ledgers from before evaluation charges keyed rows by round alone; a round now has a
+        // training and an evaluation charge.
+        let ledger_sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(at)?;
+        if !ledger_sql.contains("PRIMARY KEY (round_id, kind)") {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE ledger RENAME TO ledger_v1;
+                 CREATE TABLE ledger (
+                     round_id INTEGER NOT NULL, task_id INTEGER NOT NULL REFERENCES tasks(id),
+                     sampling_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, clip_norm REAL NOT NULL,
+                     unit TEXT NOT NULL, domain TEXT NOT NULL DEFAULT 'default',
+                     kind TEXT NOT NULL DEFAULT 'train', PRIMARY KEY (round_id, kind));
+                 INSERT INTO ledger (round_id, task_id, sampling_rate, noise_multiplier, clip_norm, unit)
+                     SELECT round_id, task_id, sampling_rate, noise_multiplier, clip_norm, unit FROM ledger_v1;
+                 DROP TABLE ledger_v1;
+                 COMMIT;",
+            )
+            .map_err(at)?;
+        }
         for (table, column, kind) in ADDED_COLUMNS {
             let present: bool = conn
                 .query_row(
@@ -347,8 +371,8 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         let mut stmt = conn
             .prepare(
-                "SELECT round_id, sampling_rate, noise_multiplier, clip_norm, unit FROM ledger
-                 WHERE task_id = ?1 ORDER BY round_id",
+                "SELECT round_id, sampling_rate, noise_multiplier, clip_norm, unit, kind FROM ledger
+                 WHERE task_id = ?1 ORDER BY round_id, kind DESC",
             )
             .map_err(backend)?;
         let ledger = stmt
@@ -359,11 +383,21 @@ impl Store for SqliteStore {
                     r.get::<_, f64>(2)?,
                     r.get::<_, f64>(3)?,
                     r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
                 ))
             })
             .map_err(backend)?
             .map(|row| {
-                let (round, q, z, c, unit) = row.map_err(backend)?;
+                let (round, q, z, c, unit, kind) = row.map_err(backend)?;
+                let kind = match kind.as_str() {
+                    "train" => ChargeKind::Train,
+                    "evaluate" => ChargeKind::Evaluate,
+                    other => {
+                        return Err(backend(format!(
+                            "ledger of round {round}: unknown kind {other:?}"
+                        )));
+                    }
+                };
                 let unit = match unit.as_str() {
                     "client" => PrivacyUnit::Client,
                     "customer" => PrivacyUnit::Customer,
@@ -379,6 +413,7 @@ impl Store for SqliteStore {
                     noise_multiplier: z,
                     clip_norm: c as f32,
                     unit,
+                    kind,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -464,10 +499,17 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             Ok(rows)
         };
-        let mut of_task = charges(
-            "SELECT sampling_rate, noise_multiplier FROM ledger WHERE task_id = ?1",
-            &(task.0 as i64),
-        )?;
+        let mut of_task: Vec<Charge> = {
+            let mut stmt = tx
+                .prepare("SELECT sampling_rate, noise_multiplier FROM ledger WHERE task_id = ?1 AND kind = ?2")
+                .map_err(backend)?;
+            stmt.query_map(params![task.0 as i64, entry.kind.as_str()], |r| {
+                Ok(Charge { sampling_rate: r.get(0)?, noise_multiplier: r.get(1)?, rounds: 1 })
+            })
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?
+        };
         let mut of_domain = charges(
             "SELECT sampling_rate, noise_multiplier FROM ledger WHERE domain = ?1",
             &limits.domain,
@@ -476,8 +518,8 @@ impl Store for SqliteStore {
         of_domain.push(entry.charge());
         let domain_epsilon = limits.check(&of_task, &of_domain)?;
         tx.execute(
-            "INSERT INTO ledger (round_id, task_id, sampling_rate, noise_multiplier, clip_norm, unit, domain)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO ledger (round_id, task_id, sampling_rate, noise_multiplier, clip_norm, unit, domain, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 entry.round.0 as i64,
                 task.0 as i64,
@@ -486,6 +528,7 @@ impl Store for SqliteStore {
                 f64::from(entry.clip_norm),
                 unit,
                 limits.domain,
+                entry.kind.as_str(),
             ],
         )
         .map_err(backend)?;
@@ -506,7 +549,8 @@ impl Store for SqliteStore {
                                      failure, model_version, mean_train_loss)
                  SELECT l.round_id, l.task_id, 0, 0, 0, 0, 0, ?2, s.version, 0
                  FROM ledger l JOIN snapshots s ON s.task_id = l.task_id
-                 WHERE l.task_id = ?1 AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = l.round_id)",
+                 WHERE l.task_id = ?1 AND l.kind = 'train'
+                   AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = l.round_id)",
                 params![task.0 as i64, super::INTERRUPTED],
             )
             .map_err(backend)?;
@@ -651,6 +695,7 @@ mod tests {
                 noise_multiplier: 2.0,
                 clip_norm: 1.0,
                 unit: PrivacyUnit::Client,
+                kind: ChargeKind::Train,
             };
             store.charge(id, &entry, &limits()).unwrap();
             id // the process dies here: no commit, no failure record
@@ -681,6 +726,7 @@ mod tests {
             noise_multiplier: 2.0,
             clip_norm: 1.0,
             unit: PrivacyUnit::Client,
+            kind: ChargeKind::Train,
         };
         // One round at z = 2 spends about 2.4 at delta 1e-5; a second would pass 3.
         store.charge(id, &entry(1), &tight).unwrap();
@@ -737,6 +783,7 @@ mod tests {
                 noise_multiplier: 1.25,
                 clip_norm: 0.5,
                 unit: PrivacyUnit::Client,
+                kind: ChargeKind::Train,
             };
             store.charge(id, &entry, &limits()).unwrap();
         }

@@ -22,6 +22,8 @@ fn private(name: &str, epsilon: f64) -> fedretail_core::plan::TaskSpec {
         adaptive_clipping: None,
         accountant: AccountantKind::Rdp,
         domain: "stores".into(),
+        evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+        evaluation_noise_multiplier: None,
     });
     spec
 }

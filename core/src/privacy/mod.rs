@@ -4,6 +4,7 @@
 pub mod accountant;
 mod clip;
 mod contribution;
+pub mod evaluation;
 pub mod noise;
 pub mod sampling;
 
@@ -141,6 +142,39 @@ pub struct PrivacySpec {
     /// the domain's total, so a new task name is not a new budget.
     #[serde(default = "default_domain")]
     pub domain: String,
+    /// The budget of the evaluation metrics, separate from `target_epsilon` (which the model
+    /// carries): evaluation sums leave the stores bounded and noised, and every evaluating
+    /// round is charged ([`evaluation`]). The privacy report states both and their composition.
+    #[serde(default = "default_evaluation_epsilon")]
+    pub evaluation_epsilon: f64,
+    /// z of the evaluation's Gaussian mechanism, calibrated at creation for the plan's
+    /// evaluating rounds; `None` until then.
+    #[serde(default)]
+    pub evaluation_noise_multiplier: Option<f64>,
+}
+
+/// The evaluation budget of tasks that state none.
+pub fn default_evaluation_epsilon() -> f64 {
+    1.0
+}
+
+/// What a ledger entry paid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeKind {
+    /// A training round's noised sum.
+    Train,
+    /// A round's noised evaluation reports.
+    Evaluate,
+}
+
+impl ChargeKind {
+    /// Stable name, as persisted.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeKind::Train => "train",
+            ChargeKind::Evaluate => "evaluate",
+        }
+    }
 }
 
 /// The domain of tasks that name none.
@@ -161,6 +195,8 @@ pub struct LedgerEntry {
     pub clip_norm: f32,
     /// The unit.
     pub unit: PrivacyUnit,
+    /// What the charge paid for.
+    pub kind: ChargeKind,
 }
 
 impl LedgerEntry {

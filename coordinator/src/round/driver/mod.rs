@@ -51,12 +51,16 @@ struct ClientEntry {
     last_seen: Instant,
 }
 
+/// What a compute job charged: the training entry, the evaluation entry if the round
+/// evaluates, and the domain's ε after them.
+type Charged = (LedgerEntry, Option<LedgerEntry>, Option<f64>);
+
 enum JobResult {
     /// The candidate, the optimiser state, the charge written, and adaptive clipping's next
     /// clipping norm.
-    Computed(Arc<ModelBlob>, OptimizerState, Option<(LedgerEntry, Option<f64>)>, Option<f32>),
+    Computed(Arc<ModelBlob>, OptimizerState, Option<Charged>, Option<f32>),
     /// The candidate model holds NaN or infinity: the round fails (its charge, if any, stays).
-    NotFinite(Option<(LedgerEntry, Option<f64>)>),
+    NotFinite(Option<Charged>),
     /// The privacy charge could not be written: nothing may be released. `true` when the
     /// task's or its domain's budget refused it.
     NotCharged(String, bool),
@@ -89,8 +93,10 @@ struct Driver {
     interrupted_rounds: u64,
     /// The privacy domain's ε after this task's last charge (where the policy has a ceiling).
     domain_spent: Option<f64>,
-    /// Every privacy charge of this task, oldest first.
+    /// Every training charge of this task, oldest first.
     ledger: Vec<LedgerEntry>,
+    /// Every evaluation charge of this task, oldest first.
+    eval_ledger: Vec<LedgerEntry>,
     /// ε of the first `n` ledger entries, as `(n, ε)`: the ledger only grows, and the PLD
     /// accountant takes a tenth of a second for a few hundred rounds.
     spent: std::cell::Cell<Option<(usize, f64)>>,
@@ -117,7 +123,11 @@ pub(crate) fn spawn(
     let (tx, rx) = mpsc::channel(INBOX);
     let (changes, changes_rx) = watch::channel(0);
     let adaptive = spec.privacy.as_ref().is_some_and(|p| p.adaptive_clipping.is_some());
-    let clip_norm = match snapshot.ledger.last() {
+    let clip_norm = match snapshot
+        .ledger
+        .iter()
+        .rfind(|e| e.kind == fedretail_core::privacy::ChargeKind::Train)
+    {
         Some(last) if adaptive => last.clip_norm,
         _ => spec.plan.clip_norm,
     };
@@ -135,7 +145,18 @@ pub(crate) fn spawn(
         committed_rounds: snapshot.committed_rounds,
         failed_rounds: snapshot.failed_rounds,
         history: snapshot.history.into_iter().rev().take(HISTORY).rev().collect(),
-        ledger: snapshot.ledger,
+        ledger: snapshot
+            .ledger
+            .iter()
+            .filter(|e| e.kind == fedretail_core::privacy::ChargeKind::Train)
+            .copied()
+            .collect(),
+        eval_ledger: snapshot
+            .ledger
+            .iter()
+            .filter(|e| e.kind == fedretail_core::privacy::ChargeKind::Evaluate)
+            .copied()
+            .collect(),
         spent: std::cell::Cell::new(None),
         plan_fits: None,
         clients: BTreeMap::new(),
@@ -483,7 +504,8 @@ impl Driver {
         } else {
             noise::os_seeded()
         };
-        let limits = self.spec.privacy.is_some().then(|| self.charge_limits());
+        let limits =
+            self.spec.privacy.is_some().then(|| (self.charge_limits(), self.eval_charge_limits()));
         self.job = Some(tokio::task::spawn_blocking(move || {
             let (delta, charged, next_clip) = match noising {
                 None => (sum.mean(), None, None),
@@ -496,17 +518,33 @@ impl Driver {
                         let fraction = count[0] / n.expected_count.max(f64::MIN_POSITIVE);
                         rule.next_clip_norm(n.charge.clip_norm, fraction)
                     });
-                    let limits = limits.as_ref().expect("private rounds have limits");
-                    let domain_epsilon = match store.charge(task, &n.charge, limits) {
+                    let (limits, eval_limits) =
+                        limits.as_ref().expect("private rounds have limits");
+                    let mut domain_epsilon = match store.charge(task, &n.charge, limits) {
                         Ok(e) => e,
                         Err(e) => {
                             let budget = matches!(e, crate::store::StoreError::BudgetExceeded(_));
                             return JobResult::NotCharged(e.to_string(), budget);
                         }
                     };
+                    // The evaluation is charged before any store is asked for its noised
+                    // sums. If it cannot be, the training charge stays and nothing is released.
+                    if let Some(entry) = &n.evaluation {
+                        match store.charge(task, entry, eval_limits) {
+                            Ok(e) => domain_epsilon = e.or(domain_epsilon),
+                            Err(e) => {
+                                let budget =
+                                    matches!(e, crate::store::StoreError::BudgetExceeded(_));
+                                return JobResult::NotCharged(
+                                    format!("evaluation: {e} (the training charge stays)"),
+                                    budget,
+                                );
+                            }
+                        }
+                    }
                     let divisor = n.expected_count.max(f64::MIN_POSITIVE);
                     let delta = noised.iter().map(|v| (v / divisor) as f32).collect();
-                    (delta, Some((n.charge, domain_epsilon)), next_clip)
+                    (delta, Some((n.charge, n.evaluation, domain_epsilon)), next_clip)
                 }
             };
             let mut values = base.values.clone();
@@ -554,8 +592,9 @@ impl Driver {
         let Some(round) = self.round.as_mut() else { return };
         match result {
             JobResult::NotFinite(charged) => {
-                if let Some((entry, _)) = charged {
+                if let Some((entry, evaluation, _)) = charged {
                     self.ledger.push(entry);
+                    self.eval_ledger.extend(evaluation);
                 }
                 tracing::error!("the candidate model is not finite; the round applies nothing");
                 round.fail(FailReason::NotFinite);
@@ -571,8 +610,9 @@ impl Driver {
             }
             JobResult::Computed(blob, optimizer, charged, next_clip) => {
                 // The charge is durable whatever happens to the round from here on.
-                if let Some((entry, domain_epsilon)) = charged {
+                if let Some((entry, evaluation, domain_epsilon)) = charged {
                     self.ledger.push(entry);
+                    self.eval_ledger.extend(evaluation);
                     if domain_epsilon.is_some() {
                         self.domain_spent = domain_epsilon;
                     }
@@ -661,6 +701,23 @@ impl Driver {
                 }
             }
             other => unreachable!("finish_round in phase {}", other.name()),
+        }
+    }
+
+    /// What the store checks an evaluation charge of this task against: its own budget.
+    fn eval_charge_limits(&mut self) -> crate::store::ChargeLimits {
+        let p = self.spec.privacy.as_ref().expect("only private tasks are charged");
+        let z = p.evaluation_noise_multiplier.expect("calibrated at creation");
+        let rounds = evaluating_rounds(&self.spec.plan);
+        crate::store::ChargeLimits {
+            accountant: p.accountant,
+            task_epsilon: p.evaluation_epsilon,
+            task_delta: p.delta,
+            // Calibrated for exactly these rounds at creation.
+            plan: Some(Charge { sampling_rate: 1.0, noise_multiplier: z, rounds }),
+            domain: p.domain.clone(),
+            domain_epsilon: self.config.domain_epsilon,
+            domain_delta: self.config.domain_delta,
         }
     }
 
@@ -797,7 +854,27 @@ impl Driver {
                 }
             }
         };
+        let eval_charges: Vec<Charge> = self.eval_ledger.iter().map(LedgerEntry::charge).collect();
+        let compose = |charges: &[Charge]| {
+            if charges.is_empty() {
+                0.0
+            } else {
+                p.accountant.epsilon(charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon)
+            }
+        };
+        let evaluation_epsilon = compose(&eval_charges);
+        let total_epsilon = if eval_charges.is_empty() {
+            epsilon
+        } else {
+            let all: Vec<Charge> =
+                self.ledger.iter().map(LedgerEntry::charge).chain(eval_charges).collect();
+            compose(&all)
+        };
         Some(super::PrivacyReport {
+            evaluation_epsilon,
+            evaluation_budget: p.evaluation_epsilon,
+            evaluation_rounds: self.eval_ledger.len() as u64,
+            total_epsilon,
             epsilon_against_coordinator: against_coordinator,
             domain: p.domain.clone(),
             domain_epsilon: self.domain_spent,
@@ -829,6 +906,11 @@ fn random_client_id() -> ClientId {
     let mut bytes = [0u8; 8];
     ring::rand::SystemRandom::new().fill(&mut bytes).expect("the OS random source works");
     ClientId(u64::from_le_bytes(bytes) >> 1)
+}
+
+/// How many rounds of `spec`'s plan evaluate (each charged under privacy).
+pub(crate) fn evaluating_rounds(plan: &fedretail_core::plan::TrainingPlan) -> u64 {
+    (1..=plan.rounds).filter(|&n| plan.evaluates_round(n)).count() as u64
 }
 
 /// The initial model (version 0) of a task, from its seed.

@@ -61,6 +61,8 @@ fn private_spec(rounds: u64) -> TaskSpec {
         adaptive_clipping: None,
         accountant: AccountantKind::Rdp,
         domain: fedretail_core::privacy::default_domain(),
+        evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
+        evaluation_noise_multiplier: None,
     });
     s
 }
@@ -203,7 +205,9 @@ async fn a_private_round_is_charged_before_its_model_can_be_fetched() {
     };
     let task = f.handle.task();
     let ledger = f.store.load(task).unwrap().unwrap().ledger;
-    assert_eq!(ledger.len(), 1, "charged before the candidate could be fetched");
+    // The training charge, and the evaluation's (issue 10, H1), both before anything is out.
+    assert_eq!(ledger.len(), 2, "charged before the candidate could be fetched");
+    assert_eq!(ledger[0].kind, fedretail_core::privacy::ChargeKind::Train);
     assert_eq!(ledger[0].round, round);
     assert!(ledger[0].noise_multiplier > 0.5, "calibrated z {}", ledger[0].noise_multiplier);
     let candidate = f.handle.model(f.clients[0], version).await.unwrap();
@@ -332,7 +336,8 @@ async fn tasks_of_one_privacy_domain_share_one_budget() {
     let done = a.status(10).await.unwrap();
     assert_eq!(done.state, crate::round::TaskState::Finished, "{}", done.state_reason);
     let spent = done.privacy.as_ref().unwrap().domain_epsilon.unwrap();
-    assert!(spent > 4.9 && spent <= 5.0 + 1e-9, "the domain has spent {spent}");
+    // Training (5.0 of its own budget) and its evaluation, composed.
+    assert!(spent > 5.0 && spent < 6.0, "the domain has spent {spent}");
 
     // Same domain, new name: its first charge would take the domain over 6.
     let b = tasks.get(tasks.create(second).unwrap()).unwrap();
@@ -378,4 +383,49 @@ async fn a_poisson_draw_below_the_quorum_fails_and_is_charged() {
     assert_eq!(ledger.len() as u64, status.failed_rounds, "every failed draw is charged");
     assert_eq!(ledger[0].sampling_rate, 0.01);
     assert_eq!(status.model_version, ModelVersion(0), "nothing applied");
+}
+
+/// Issue 10 (H1): under privacy an evaluating round is charged for its evaluation before any
+/// store is asked, the stores are told how to bound and noise, status never shows a sum in
+/// progress, and fewer reports than the quorum are withheld.
+#[tokio::test(start_paused = true)]
+async fn private_evaluation_is_charged_first_and_never_shown_alone() {
+    let f = start_with(private_spec(1)).await;
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![0.1, 0.0, 0.0]).await;
+    send(&f, f.clients[1], round, vec![0.0, 0.1, 0.0]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let ledger = f.store.load(f.handle.task()).unwrap().unwrap().ledger;
+    let kinds: Vec<_> = ledger.iter().map(|e| e.kind).collect();
+    use fedretail_core::privacy::ChargeKind;
+    assert_eq!(kinds, [ChargeKind::Train, ChargeKind::Evaluate], "both charged before evaluation");
+    let Assignment::Evaluate { privacy: Some((p, per_customer)), .. } =
+        f.handle.poll(f.clients[0], Duration::from_secs(1)).await.unwrap()
+    else {
+        panic!("an evaluation with privacy parameters")
+    };
+    assert!(!per_customer);
+    assert_eq!(p.noise_multiplier, ledger[1].noise_multiplier);
+    assert_eq!(p.count_bound, 1, "a store reports its means under store-level privacy");
+    let sums = fedretail_core::model::metrics::EvalSums {
+        n_ratings: 3,
+        squared_error: 2.0,
+        ..Default::default()
+    };
+    f.handle.report(f.clients[0], round, sums).await.unwrap();
+    let during = f.handle.status(1).await.unwrap();
+    assert_eq!(during.rounds[0].eval, None, "no sum in progress is shown");
+    // The other store never reports: one report is below the quorum of 2, so it is withheld.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let after = f.handle.status(1).await.unwrap();
+    assert_eq!(after.committed_rounds, 1);
+    assert_eq!(after.rounds[0].eval, None, "a lone store's report is never published");
+    let report = after.privacy.unwrap();
+    assert_eq!(report.evaluation_rounds, 1);
+    assert!(
+        report.evaluation_epsilon > 0.0
+            && report.evaluation_epsilon <= report.evaluation_budget + 1e-9
+    );
+    assert!(report.total_epsilon > report.epsilon);
 }

@@ -14,6 +14,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::time::Instant;
 
+/// Held-out ratings one customer contributes to private evaluation at most (more are scaled
+/// down to this many, keeping the customer's mean error).
+pub(crate) const EVAL_RATINGS_PER_CUSTOMER: u64 = 10;
+/// Under private evaluation, the bound on a demand forecast's error and actual units (per
+/// forecast, as each store reports its means).
+pub(crate) const DEMAND_EVAL_UNITS: f64 = 100.0;
+
 /// The largest FedAvg weight (declared example count) a client may send in a task without
 /// privacy.
 pub(crate) const MAX_WEIGHT: f64 = 1e7;
@@ -115,6 +122,9 @@ pub(crate) struct Noising {
     pub(crate) adapt: Option<(f64, f64, fedretail_core::privacy::AdaptiveClipping)>,
     /// The ledger entry to write before anything derived from the noised sum leaves.
     pub(crate) charge: fedretail_core::privacy::LedgerEntry,
+    /// The evaluation's charge, when this round evaluates: written with the training charge,
+    /// before any store is asked for its noised sums.
+    pub(crate) evaluation: Option<fedretail_core::privacy::LedgerEntry>,
 }
 
 /// One round of a task.
@@ -203,6 +213,30 @@ impl Round {
         }
     }
 
+    /// How stores bound and noise their evaluation sums under privacy.
+    fn eval_privacy(&self) -> Option<(fedretail_core::privacy::evaluation::EvalPrivacy, bool)> {
+        let p = self.spec.privacy.as_ref()?;
+        let per_customer = p.unit == PrivacyUnit::Customer;
+        let (error_bound, actual_bound) = match &self.spec.model {
+            fedretail_core::plan::ModelSpec::MatrixFactorization(mf) => {
+                (f64::from(mf.rating_max - mf.rating_min), 0.0)
+            }
+            fedretail_core::plan::ModelSpec::Demand(_) => (DEMAND_EVAL_UNITS, DEMAND_EVAL_UNITS),
+            fedretail_core::plan::ModelSpec::Bench { .. } => (1.0, 1.0),
+        };
+        Some((
+            fedretail_core::privacy::evaluation::EvalPrivacy {
+                noise_multiplier: p
+                    .evaluation_noise_multiplier
+                    .expect("tasks with privacy are calibrated at creation"),
+                count_bound: if per_customer { EVAL_RATINGS_PER_CUSTOMER } else { 1 },
+                error_bound,
+                actual_bound,
+            },
+            per_customer,
+        ))
+    }
+
     /// This round's ledger entry under `privacy`.
     fn ledger_entry(
         &self,
@@ -216,6 +250,7 @@ impl Round {
                 .expect("tasks with privacy are calibrated at creation"),
             clip_norm: self.clip_norm,
             unit: privacy.unit,
+            kind: fedretail_core::privacy::ChargeKind::Train,
         }
     }
 
@@ -288,7 +323,7 @@ impl Round {
             n_uploads: self.uploaded.len() as u32,
             n_rejected: self.n_rejected,
             failure,
-            eval: (self.eval.n_ratings > 0 || self.eval.n_ranked > 0).then_some(self.eval),
+            eval: self.published_eval(),
             model_version: if committed_like {
                 self.candidate.unwrap_or(self.base)
             } else {
@@ -300,6 +335,19 @@ impl Round {
                 0.0
             },
         }
+    }
+
+    /// The evaluation as it may be shown. Under privacy: only once the round is committing, and
+    /// only from at least `min_clients` reports, so no store's (noised) report stands alone and
+    /// status never shows a sum in progress (H1).
+    fn published_eval(&self) -> Option<EvalSums> {
+        let any = self.eval.n_ratings > 0 || self.eval.n_ranked > 0;
+        if self.spec.privacy.is_none() {
+            return any.then_some(self.eval);
+        }
+        let committing = matches!(self.phase, Phase::Committing | Phase::Committed);
+        let enough = self.reported.len() >= self.spec.plan.min_clients as usize;
+        (any && committing && enough).then_some(self.eval)
     }
 
     /// Advances on time: samples the cohort once enough clients are connected, and handles
@@ -411,6 +459,7 @@ impl Round {
                     version: self.candidate.expect("Evaluating has a candidate"),
                     n_params: self.n_params,
                     seed: self.spec.plan.seed,
+                    privacy: self.eval_privacy(),
                 }
             }
             _ => Assignment::Wait,
@@ -569,6 +618,16 @@ impl Round {
                     .clone()
                     .map(|a| (self.unclipped_sum, if central { noise.count_std } else { 0.0 }, a)),
                 charge: self.ledger_entry(p),
+                evaluation: self.spec.plan.evaluates_round(self.index).then(|| {
+                    fedretail_core::privacy::LedgerEntry {
+                        sampling_rate: 1.0,
+                        noise_multiplier: p
+                            .evaluation_noise_multiplier
+                            .expect("tasks with privacy are calibrated at creation"),
+                        kind: fedretail_core::privacy::ChargeKind::Evaluate,
+                        ..self.ledger_entry(p)
+                    }
+                }),
             }
         });
         self.outputs.push(Output::Compute(sum, noising));

@@ -365,15 +365,33 @@ impl Model for MfModel {
     }
 
     fn evaluate(&self, global: &[f32], local: &MfLocal, data: &MfData, seed: u64) -> EvalSums {
+        let mut sums = EvalSums::default();
+        for user in self.evaluate_by_user(global, local, data, seed) {
+            sums.merge(&user);
+        }
+        sums
+    }
+}
+
+impl MfModel {
+    /// [`Model::evaluate`] per user (indexed like `data.user_seeds`): what private evaluation
+    /// bounds one customer at a time ([`crate::privacy::evaluation`]).
+    pub fn evaluate_by_user(
+        &self,
+        global: &[f32],
+        local: &MfLocal,
+        data: &MfData,
+        seed: u64,
+    ) -> Vec<EvalSums> {
         let offsets = self.local_item_offsets(global, local, data);
         let predict = |user, item: u32| {
             self.predict(global, local, user, item)
                 + offsets.as_ref().map_or(0.0, |o| o[item as usize])
         };
-        let mut sums = EvalSums::default();
+        let mut sums = vec![EvalSums::default(); data.n_users()];
         for r in &data.test {
             let p = predict(r.user, r.item).clamp(self.spec.rating_min, self.spec.rating_max);
-            sums.add_rating(p, r.value);
+            sums[r.user as usize].add_rating(p, r.value);
         }
         // Leave-one-out ranking: each user's newest held-out item against N_NEGATIVES items the
         // user never rated, sampled with a seed fixed by the user, so every method ranks the
@@ -409,7 +427,7 @@ impl Model for MfModel {
             }
             let pos = predict(t.user, t.item);
             let rank = negatives.iter().filter(|&&i| predict(t.user, i) > pos).count();
-            sums.add_rank(rank);
+            sums[u].add_rank(rank);
         }
         sums
     }
