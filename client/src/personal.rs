@@ -87,17 +87,30 @@ fn read_saved<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, 
         .map_err(|e| PersonalError::Corrupt { path: path.into(), message: e.to_string() })
 }
 
+/// Writes `file` in `dir` so that a crash leaves the old or the new version: a private (0600)
+/// temporary file named for this process, synced, renamed over the old one, and the directory
+/// synced so the rename itself survives a crash (L5, L6).
 fn write_atomically(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), PersonalError> {
     let path = dir.join(file);
     let io = |source| PersonalError::Io { path: path.clone(), source };
-    let tmp = dir.join(format!("{file}.tmp"));
+    let tmp = dir.join(format!("{file}.{}.tmp", std::process::id()));
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut f = options.open(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
-    std::fs::rename(&tmp, &path).map_err(io)
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
 }
 
 /// Writes a demand store's `local` (one store; `groups[i]` names series `i`) atomically.
@@ -219,6 +232,12 @@ mod tests {
         l.user_bias[1] = 0.5;
         l.user_factors[[1, 2]] = -1.5;
         save(dir.path(), &keys, &l).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "customers' parameters are private to the store (L5)");
+        }
         // A new user "c" joins and "a" leaves: "b" keeps its parameters at its new index.
         let keys2 = vec!["b".to_string(), "c".to_string()];
         let got = load(dir.path(), &keys2, local(2, 3, 9.0)).unwrap().unwrap();

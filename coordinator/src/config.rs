@@ -296,15 +296,19 @@ max_delta = 1e-5
 min_cohort = 2                    # the smallest quorum (plan.min_clients)
 max_model_params = 50000000
 max_live_tasks = 16
-{TASK}"#
+
+# Tasks are created by an operator: fedretail-coordinator admin create-task --spec FILE
+# (`example-task` prints one). A [[task]] here is created at start-up instead.
+"#
     )
 }
 
-const TASK: &str = r#"
-[[task]]
+/// A commented example task: what `admin create-task --spec FILE` takes, and, under a
+/// `[[task]]` header with `task.`-prefixed tables, what a config's tasks look like.
+pub const EXAMPLE_TASK: &str = r#"# A fedretail task (fedretail-coordinator admin create-task --spec FILE).
 name = "movielens"
 
-[task.model]
+[model]
 kind = "matrix_factorization"
 n_items = 1682                  # item ids in the stores' CSV files are 0..n_items
 dim = 1                         # the simulator's private preset (BENCHMARKS.md)
@@ -314,7 +318,7 @@ init_std = 0.1
 init_mean = 3.5                 # customer-level rounds keep the global mean fixed
 local_item_offsets = 20.0       # each store's own item offsets; never sent
 
-[task.plan]
+[plan]
 rounds = 30
 cohort_size = 2                 # clients sampled per round
 min_clients = 2                 # quorum: fewer acks or uploads fail the round
@@ -328,21 +332,34 @@ collect_timeout_secs = 120.0
 evaluate_timeout_secs = 60.0
 seed = 42
 
-[task.plan.server_optimizer]
+[plan.server_optimizer]
 kind = "fed_avg"                # or fed_avg_m (momentum), fed_adam (beta1, beta2, tau)
 learning_rate = 1.0
 
 # Customer-level differential privacy: each store sums one clipped contribution per customer,
 # sampled with rate q, and the coordinator adds Gaussian noise calibrated to epsilon.
-[task.privacy]
+[privacy]
 unit = "customer"
 noise_placement = "central"
-target_epsilon = 8.0
+target_epsilon = 8.0            # what the model carries
+evaluation_epsilon = 1.0        # the noised evaluation metrics' own budget
 delta = 1e-5
 sampling_rate = 0.3
 population = 943                # customers across the stores (a public figure)
 domain = "stores-2026"          # every task over the same customers shares this budget
 "#;
+
+/// [`EXAMPLE_TASK`] as a `[[task]]` of a config file.
+pub fn example_task_in_config() -> String {
+    let mut out = String::from("[[task]]\n");
+    for line in EXAMPLE_TASK.lines().skip(1) {
+        match line.strip_prefix('[') {
+            Some(table) => out.push_str(&format!("[task.{table}\n")),
+            None => out.push_str(&format!("{line}\n")),
+        }
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
@@ -350,11 +367,14 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let config = RawConfig::from_toml(&example("/etc/pki"), "/etc/example.toml")
+        let text = example("/etc/pki") + &example_task_in_config();
+        let config = RawConfig::from_toml(&text, "/etc/example.toml")
             .unwrap()
             .validate("/etc/example.toml")
             .unwrap();
         assert_eq!(config.tasks.len(), 1);
+        let alone: fedretail_core::plan::TaskSpec = toml::from_str(EXAMPLE_TASK).unwrap();
+        assert_eq!(alone, config.tasks[0], "the standalone task and the config's are one task");
         let Security::Mtls(files) = &config.security else { panic!("the example uses mTLS") };
         assert_eq!(files.ca, Path::new("/etc/pki/ca.crt"));
         assert_ne!(config.listen, config.admin_listen);
@@ -375,7 +395,8 @@ mod tests {
         assert!(err.contains("unknown field `colour`"), "{err}");
         let err = RawConfig::from_toml("", "c.toml").unwrap().validate("c.toml").unwrap_err();
         assert!(err.to_string().contains("no [tls] section"), "plaintext needs insecure = true");
-        let bad = example("pki").replace("min_clients = 2                 #", "min_clients = 3  #");
+        let bad = (example("pki") + &example_task_in_config())
+            .replace("min_clients = 2                 #", "min_clients = 3  #");
         let err = RawConfig::from_toml(&bad, "c.toml")
             .unwrap()
             .validate("c.toml")

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML config, raw and validated.
+//! - [`admin_cli`]: `fedretail-coordinator admin`, the Admin service from the command line.
 //! - [`run`]: wires store, tasks, gRPC services and shutdown together.
 //! - `round/`: the pure round state machine, its async driver and [`round::RoundHandle`].
 //! - [`tasks`]: the registry of tasks and their handles.
@@ -12,6 +13,7 @@
 //! - [`pki`]: the deployment CA, store and administrator certificates.
 //! - [`tls`]: TLS 1.3 with client certificates, identities, and the accept loop.
 
+pub mod admin_cli;
 pub mod config;
 pub mod pki;
 pub mod policy;

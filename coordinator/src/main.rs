@@ -36,9 +36,13 @@ enum Command {
         #[arg(long, default_value = "pki")]
         pki: PathBuf,
     },
+    /// Prints a commented example task for `admin create-task --spec FILE`.
+    ExampleTask,
     /// The deployment's certificate authority: stores and administrators.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Calls the Admin service with an administrator's certificate (prints JSON).
+    Admin(fedretail_coordinator::admin_cli::AdminArgs),
     /// Prints the audit log from the config's store (works while the coordinator runs).
     Audit {
         /// The coordinator's TOML config.
@@ -204,6 +208,13 @@ fn main() -> ExitCode {
     init_tracing();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`| head`) is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             #[allow(clippy::print_stderr)]
             // reason: the error must reach the user even with logging filtered
@@ -227,6 +238,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             use std::io::Write;
             let text = fedretail_coordinator::config::example(&pki.display().to_string());
             std::io::stdout().write_all(text.as_bytes())?;
+            Ok(())
+        }
+        Command::ExampleTask => {
+            use std::io::Write;
+            std::io::stdout().write_all(fedretail_coordinator::config::EXAMPLE_TASK.as_bytes())?;
+            Ok(())
+        }
+        Command::Admin(args) => {
+            use std::io::Write;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let value = runtime.block_on(fedretail_coordinator::admin_cli::run(args))?;
+            writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&value)?)?;
             Ok(())
         }
         Command::Pki(command) => {

@@ -154,6 +154,10 @@ fn exported_sales_and_config_fit_together() {
     };
     assert_eq!(spec.groups.len(), 17);
     assert_eq!(config.tasks[0].plan.min_clients, 4);
+    config.policy.check(&config.tasks[0], 0).unwrap();
+    let policy = std::fs::read_to_string(dir.path().join("store-policy.toml")).unwrap();
+    let policy = fedretail_client::policy::StorePolicy::from_toml(&policy).unwrap();
+    policy.check_task(&config.tasks[0]).unwrap();
     for store in ["Central", "East", "South", "West"] {
         let sales = fedretail_client::data::sales::load_store(
             &dir.path().join(format!("{store}.csv")),
