@@ -1,9 +1,11 @@
 //! Coordinator integration tests over real gRPC on loopback: one binary, several modules.
 
+mod crash_kill;
 mod crash_resume;
 mod happy_path;
 mod mtls;
 mod policy;
 mod privacy_cli;
 mod rejects;
+mod stress;
 mod support;
