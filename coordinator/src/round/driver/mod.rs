@@ -241,7 +241,13 @@ impl Driver {
             let admitted = if within_plan {
                 Ok(true)
             } else {
-                admits(&accountant, &charges, next, target, delta)
+                // PLD composition takes a tenth of a second or more: off the reactor (L3).
+                let charges = charges.clone();
+                tokio::task::spawn_blocking(move || {
+                    admits(&accountant, &charges, next, target, delta)
+                })
+                .await
+                .expect("the accountant panicked")
             };
             match admitted {
                 Ok(true) => {}
@@ -279,6 +285,14 @@ impl Driver {
                 };
                 let mut round =
                     Round::new(id, index, self.spec.clone(), self.model.version, now, seed);
+                if !self.config.deterministic {
+                    let digest = ring::digest::digest(
+                        &ring::digest::SHA256,
+                        &[b"fedretail local order".as_slice(), &seed.to_le_bytes()].concat(),
+                    );
+                    let bytes: [u8; 8] = digest.as_ref()[..8].try_into().expect("32 bytes");
+                    round.set_local_seed(u64::from_le_bytes(bytes));
+                }
                 round.set_clip_norm(self.clip_norm);
                 self.round = Some(round);
             }
@@ -512,6 +526,9 @@ impl Driver {
                 Some(n) => {
                     let mut noised = sum.sum().to_vec();
                     noise::add_gaussian(&mut noised, n.std, &mut rng);
+                    for &i in &n.fixed {
+                        noised[i] = sum.sum()[i];
+                    }
                     let next_clip = n.adapt.map(|(count, count_std, rule)| {
                         let mut count = [count];
                         noise::add_gaussian(&mut count, count_std, &mut rng);

@@ -429,3 +429,71 @@ async fn private_evaluation_is_charged_first_and_never_shown_alone() {
     );
     assert!(report.total_epsilon > report.epsilon);
 }
+
+/// Issue 10 (L9): under customer-level privacy μ is fixed; the coordinator's noise leaves it
+/// alone, so the released μ stays exactly the task's.
+#[tokio::test(start_paused = true)]
+async fn customer_level_noise_leaves_the_fixed_mean_alone() {
+    use fedretail_core::model::mf::MfSpec;
+    let mut spec = private_spec(1);
+    let mf = MfSpec {
+        n_items: 1,
+        dim: 1,
+        learning_rate: 0.01,
+        regularization: 0.0,
+        init_std: 0.1,
+        rating_min: 1.0,
+        rating_max: 5.0,
+        init_mean: 3.5,
+        local_item_offsets: None,
+    };
+    spec.model = ModelSpec::MatrixFactorization(mf);
+    let p = spec.privacy.as_mut().unwrap();
+    p.unit = PrivacyUnit::Customer;
+    p.population = Some(10);
+    let f = start_with(spec).await;
+    let mut round = None;
+    for c in f.clients {
+        if let Assignment::Train { round: r, .. } =
+            f.handle.poll(c, Duration::from_secs(1)).await.unwrap()
+        {
+            round = Some(r);
+        }
+    }
+    let round = round.unwrap();
+    for c in f.clients {
+        f.handle.begin_upload(c, round).await.unwrap();
+        let upload = Upload {
+            client: c,
+            round,
+            values: vec![0.0, 0.1, 0.1],
+            weight: 1.0,
+            summary: TrainSummary::default(),
+        };
+        f.handle.upload(upload).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let model = f.handle.latest_model().await.unwrap();
+    assert_eq!(model.version, ModelVersion(1));
+    assert_eq!(model.values[0], 3.5, "μ is released without noise");
+}
+
+/// Issue 10 (L8): the mean training loss is shown only once the round is over, so it cannot be
+/// differenced upload by upload.
+#[tokio::test(start_paused = true)]
+async fn the_training_loss_is_shown_only_when_the_round_is_over() {
+    let f = start(1).await;
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    f.handle.begin_upload(f.clients[0], round).await.unwrap();
+    let summary = TrainSummary { n_examples: 10, train_loss: 0.7, ..TrainSummary::default() };
+    let upload =
+        Upload { client: f.clients[0], round, values: vec![0.1, 0.0, 0.0], weight: 1.0, summary };
+    f.handle.upload(upload).await.unwrap();
+    let during = f.handle.status(1).await.unwrap();
+    assert_eq!(during.rounds[0].mean_train_loss, 0.0, "one store's loss would stand alone");
+    send(&f, f.clients[1], round, vec![0.0, 0.1, 0.0]).await;
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let after = f.handle.status(1).await.unwrap();
+    assert!(after.rounds[0].mean_train_loss > 0.0);
+}

@@ -125,6 +125,9 @@ pub(crate) struct Noising {
     /// The evaluation's charge, when this round evaluates: written with the training charge,
     /// before any store is asked for its noised sums.
     pub(crate) evaluation: Option<fedretail_core::privacy::LedgerEntry>,
+    /// Coordinates no contribution may move (μ under customer-level privacy): released without
+    /// noise, which would only make them drift at random (L9).
+    pub(crate) fixed: Vec<usize>,
 }
 
 /// One round of a task.
@@ -137,6 +140,9 @@ pub(crate) struct Round {
     base: ModelVersion,
     n_params: usize,
     seed: u64,
+    /// The seed stores get for their local data order: not the cohort seed (see
+    /// [`Round::set_local_seed`]).
+    local_seed: u64,
     phase: Phase,
     cohort: BTreeSet<ClientId>,
     acked: BTreeSet<ClientId>,
@@ -192,6 +198,7 @@ impl Round {
             base,
             n_params,
             seed,
+            local_seed: seed,
             phase: Phase::Selecting { deadline },
             cohort: BTreeSet::new(),
             acked: BTreeSet::new(),
@@ -252,6 +259,13 @@ impl Round {
             unit: privacy.unit,
             kind: fedretail_core::privacy::ChargeKind::Train,
         }
+    }
+
+    /// Sets the seed sent to the cohort for local data order. The coordinator sends a one-way
+    /// function of the cohort seed, so a cohort member cannot recompute who else was drawn
+    /// (L1); simulations send the cohort seed itself, which is public there.
+    pub(crate) fn set_local_seed(&mut self, local_seed: u64) {
+        self.local_seed = local_seed;
     }
 
     /// Sets this round's clipping norm (adaptive clipping); call before Selecting ends.
@@ -329,7 +343,11 @@ impl Round {
             } else {
                 self.base
             },
-            mean_train_loss: if self.loss_weight > 0.0 {
+            // Shown once the round is over: during Collecting, differencing it after each upload
+            // would give each store's own loss (L8).
+            mean_train_loss: if self.loss_weight > 0.0
+                && (committed_like || matches!(self.phase, Phase::Failed(_)))
+            {
                 self.loss_sum / self.loss_weight
             } else {
                 0.0
@@ -440,7 +458,7 @@ impl Round {
                     n_params: self.n_params,
                     local_epochs: plan.local_epochs,
                     clip_norm: self.clip_norm,
-                    round_seed: self.seed,
+                    round_seed: self.local_seed,
                     upload_timeout: upload_deadline.saturating_duration_since(now),
                     privacy: self.train_privacy(),
                 };
@@ -618,6 +636,15 @@ impl Round {
                     .clone()
                     .map(|a| (self.unclipped_sum, if central { noise.count_std } else { 0.0 }, a)),
                 charge: self.ledger_entry(p),
+                fixed: match (&self.spec.model, p.unit) {
+                    (
+                        fedretail_core::plan::ModelSpec::MatrixFactorization(_),
+                        PrivacyUnit::Customer,
+                    ) => {
+                        vec![0]
+                    }
+                    _ => Vec::new(),
+                },
                 evaluation: self.spec.plan.evaluates_round(self.index).then(|| {
                     fedretail_core::privacy::LedgerEntry {
                         sampling_rate: 1.0,

@@ -305,3 +305,18 @@ proptest! {
         }
     }
 }
+
+/// Issue 10 (L1): the seed a cohort member receives is the one set for local order, not the
+/// seed that drew the cohort.
+#[test]
+fn cohort_members_get_the_local_seed_not_the_cohort_seed() {
+    let t0 = Instant::now();
+    let cohort_seed = derive_seed(7, 1);
+    let mut r = Round::new(RoundId(1), 1, spec(2, 2, 1), ModelVersion(0), t0, cohort_seed);
+    r.set_local_seed(cohort_seed ^ 0x5eed);
+    r.tick(t0, &clients(2));
+    match r.poll(t0, clients(2)[0]) {
+        Assignment::Train { round_seed, .. } => assert_eq!(round_seed, cohort_seed ^ 0x5eed),
+        other => panic!("{other:?}"),
+    }
+}
