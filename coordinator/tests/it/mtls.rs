@@ -1,16 +1,15 @@
 //! The trust boundary over real TLS on loopback: who may connect, who a store is, and what each
 //! administrator role may do (issue 10; findings C1, C2, H9).
 
-use crate::support::{bench_task, start_secured};
+use crate::support::{bench_task, channel, start_secured};
 use fedretail_coordinator::config::Security;
 use fedretail_coordinator::pki::{self, PkiDir, Role};
 use fedretail_coordinator::tls::TlsFiles;
 use fedretail_proto::pb;
 use fedretail_proto::pb::admin_client::AdminClient;
 use fedretail_proto::pb::training_client::TrainingClient;
-use std::path::Path;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 struct Pki {
     _dir: tempfile::TempDir,
@@ -42,29 +41,6 @@ fn security(p: &Pki) -> Security {
         key: p.pki.coordinator_key(),
         revoked: Some(p.revoked_file.clone()),
     })
-}
-
-/// A channel to `url` trusting `ca`, presenting `cert`/`key` if given.
-async fn channel(
-    url: &str,
-    ca: &Path,
-    identity: Option<(&Path, &Path)>,
-) -> Result<Channel, String> {
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(cert).unwrap(),
-            std::fs::read(key).unwrap(),
-        ));
-    }
-    Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))
 }
 
 async fn store(url: &str, p: &PkiDir, name: &str) -> TrainingClient<Channel> {

@@ -249,18 +249,9 @@ impl Attacker {
     }
 }
 
-async fn channel(url: &str, pki: &pki::PkiDir, store: &str) -> Channel {
+async fn store_channel(url: &str, pki: &pki::PkiDir, store: &str) -> Channel {
     let (cert, key) = pki.store(store);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(pki.ca_cert()).unwrap()))
-        .identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
-    Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    crate::support::channel(url, &pki.ca_cert(), Some((&cert, &key))).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +323,7 @@ async fn hostile_messages_of_every_kind_are_answered_precisely_and_the_task_comp
         let pki = pki.clone();
         let url = c.url.clone();
         async move {
-            let mut t = TrainingClient::new(channel(&url, &pki, store).await);
+            let mut t = TrainingClient::new(store_channel(&url, &pki, store).await);
             let e = t
                 .enroll(pb::EnrollRequest { task_name: "stress".into(), ..Default::default() })
                 .await

@@ -68,23 +68,7 @@ fn private_spec(rounds: u64) -> TaskSpec {
 }
 
 async fn start_with(spec: TaskSpec) -> Fixture {
-    let store = Arc::new(MemoryStore::new());
-    let cancel = CancellationToken::new();
-    let config = super::DriverConfig {
-        liveness_timeout: Duration::from_secs(600),
-        deterministic: true,
-        max_clients: 10_000,
-        domain_epsilon: f64::INFINITY,
-        domain_delta: 1e-5,
-    };
-    let (tasks, _drivers) = Tasks::resume(
-        store.clone(),
-        config,
-        crate::policy::Policy::permissive(),
-        true,
-        cancel.clone(),
-    )
-    .unwrap();
+    let (tasks, store, cancel) = tasks_with_ceiling(f64::INFINITY);
     let id = tasks.create(spec).unwrap();
     let handle = tasks.get(id).unwrap();
     let a = handle.enroll("a".into()).await.unwrap();
