@@ -326,3 +326,124 @@ mod tests {
         assert!(StorePolicy::from_toml("units = []").is_err());
     }
 }
+
+#[cfg(test)]
+mod rules {
+    use super::*;
+    use fedretail_core::optim::ServerOptimizer;
+    use fedretail_core::plan::TrainingPlan;
+    use fedretail_core::privacy::PrivacySpec;
+    use fedretail_core::privacy::accountant::AccountantKind;
+
+    fn p(t: &mut TaskSpec) -> &mut PrivacySpec {
+        t.privacy.as_mut().unwrap()
+    }
+
+    fn task() -> TaskSpec {
+        TaskSpec {
+            name: "t".into(),
+            model: ModelSpec::Bench { n_params: 100 },
+            plan: TrainingPlan {
+                rounds: 10,
+                cohort_size: 3,
+                min_clients: 3,
+                local_epochs: 2,
+                clip_norm: 1.0,
+                server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+                eval_every: 0,
+                eval_fraction: 1.0,
+                select_timeout_secs: 1.0,
+                configure_timeout_secs: 1.0,
+                collect_timeout_secs: 1.0,
+                evaluate_timeout_secs: 1.0,
+                seed: 0,
+                weight_by_examples: false,
+            },
+            privacy: Some(PrivacySpec {
+                unit: PrivacyUnit::Client,
+                noise_placement: NoisePlacement::Central,
+                target_epsilon: 4.0,
+                delta: 1e-6,
+                sampling_rate: 0.5,
+                noise_multiplier: Some(1.0),
+                population: None,
+                adaptive_clipping: None,
+                accountant: AccountantKind::Rdp,
+                domain: "d".into(),
+                evaluation_epsilon: 1.0,
+                evaluation_noise_multiplier: Some(5.0),
+            }),
+        }
+    }
+
+    /// Issue 10 (H6): every rule of the store's policy refuses on its own, naming itself.
+    #[test]
+    fn each_rule_refuses_and_names_itself() {
+        let policy = StorePolicy::default();
+        policy.check_task(&task()).unwrap();
+        let rule = |edit: &dyn Fn(&mut TaskSpec), policy: &StorePolicy| {
+            let mut t = task();
+            edit(&mut t);
+            policy.check_task(&t).unwrap_err().rule
+        };
+        assert_eq!(
+            rule(&|t| t.model = ModelSpec::Bench { n_params: 60_000_000 }, &policy),
+            "max_model_params"
+        );
+        assert_eq!(rule(&|t| t.plan.min_clients = 1, &policy), "min_cohort");
+        assert_eq!(rule(&|t| t.plan.local_epochs = 101, &policy), "max_local_epochs");
+        // (Benchmark tasks carry no data and may run without privacy; a recommender may not.)
+        let mf = ModelSpec::MatrixFactorization(fedretail_core::model::mf::MfSpec {
+            n_items: 10,
+            dim: 2,
+            learning_rate: 0.01,
+            regularization: 0.0,
+            init_std: 0.1,
+            rating_min: 1.0,
+            rating_max: 5.0,
+            init_mean: 3.0,
+            local_item_offsets: None,
+        });
+        assert_eq!(
+            rule(
+                &|t| {
+                    t.privacy = None;
+                    t.model = mf.clone();
+                },
+                &policy
+            ),
+            "allow_without_privacy"
+        );
+        let clients_only =
+            StorePolicy { units: vec![PrivacyUnit::Customer], ..StorePolicy::default() };
+        assert_eq!(rule(&|_| {}, &clients_only), "units");
+        assert_eq!(rule(&|t| p(t).delta = 1e-4, &policy), "max_delta");
+        assert_eq!(rule(&|t| p(t).target_epsilon = 11.0, &policy), "max_epsilon_per_task");
+        assert_eq!(rule(&|t| p(t).noise_multiplier = Some(0.4), &policy), "min_noise_multiplier");
+        let tight_q = StorePolicy { max_sampling_rate: 0.1, ..StorePolicy::default() };
+        assert_eq!(rule(&|_| {}, &tight_q), "max_sampling_rate");
+        assert_eq!(rule(&|t| t.plan.clip_norm = 11.0, &policy), "max_clip_norm");
+        // Each round: the clipping norm and the local epochs are checked again.
+        let t = task();
+        let privacy = TrainPrivacy {
+            per_customer: false,
+            sampling_rate: 0.5,
+            noise_std: 0.0,
+            report_unclipped: false,
+            count_noise_std: 0.0,
+        };
+        policy.check_assignment(&t, 100, 2, 1.0, Some(&privacy)).unwrap();
+        assert_eq!(
+            policy.check_assignment(&t, 100, 2, 2.0, Some(&privacy)).unwrap_err().rule,
+            "consistent_privacy"
+        );
+        assert_eq!(
+            policy.check_assignment(&t, 100, 0, 1.0, Some(&privacy)).unwrap_err().rule,
+            "max_local_epochs"
+        );
+        assert_eq!(
+            policy.check_assignment(&t, 100, 2, f32::NAN, Some(&privacy)).unwrap_err().rule,
+            "max_clip_norm"
+        );
+    }
+}
