@@ -106,16 +106,25 @@ pub struct PrivacyRecord {
     pub task_epsilon: f64,
 }
 
+/// Size at which the log moves aside and a new one starts (L6).
+pub const ROTATE_BYTES: u64 = 64 << 20;
+
 /// The log file.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
+    rotate_bytes: u64,
 }
 
 impl AuditLog {
     /// The log in `dir` (created on first write).
     pub fn new(dir: &Path) -> AuditLog {
-        AuditLog { path: dir.join(FILE) }
+        AuditLog { path: dir.join(FILE), rotate_bytes: ROTATE_BYTES }
+    }
+
+    /// The log in `dir`, moved aside once it holds `rotate_bytes` (tests).
+    pub fn with_rotation(dir: &Path, rotate_bytes: u64) -> AuditLog {
+        AuditLog { path: dir.join(FILE), rotate_bytes }
     }
 
     /// Its path.
@@ -136,6 +145,17 @@ impl AuditLog {
         value["unix_ms"] = unix_ms.into();
         let mut line = serde_json::to_vec(&value).expect("plain data serialises");
         line.push(b'\n');
+        // Bounded, and still append-only: a full log is kept whole under the time it was
+        // closed (`sent.jsonl.<unix_ms>`), and a new one starts.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.rotate_bytes) {
+            let mut closed = self.path.with_extension(format!("jsonl.{unix_ms}"));
+            let mut n = 1;
+            while closed.exists() {
+                n += 1;
+                closed = self.path.with_extension(format!("jsonl.{unix_ms}-{n}"));
+            }
+            std::fs::rename(&self.path, closed)?;
+        }
         let mut options = std::fs::OpenOptions::new();
         options.create(true).append(true);
         #[cfg(unix)]
@@ -160,5 +180,29 @@ impl AuditLog {
             Err(e) => return Err(e),
         };
         text.lines().map(|l| serde_json::from_str(l).map_err(std::io::Error::other)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10 (L6): the log is bounded; full logs are kept whole beside it.
+    #[test]
+    fn a_full_log_moves_aside_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::with_rotation(dir.path(), 300);
+        let entry =
+            Entry::Refused { task_id: 1, round_id: 2, rule: "r".into(), message: "m".repeat(50) };
+        for _ in 0..10 {
+            log.append(&entry).unwrap();
+        }
+        let files: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(files.len() > 1, "{files:?}");
+        let lines: usize =
+            files.iter().map(|f| std::fs::read_to_string(f).unwrap().lines().count()).sum();
+        assert_eq!(lines, 10);
+        assert!(std::fs::metadata(log.path()).unwrap().len() < 300 + 200);
     }
 }

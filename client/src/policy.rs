@@ -372,6 +372,7 @@ mod rules {
                 domain: "d".into(),
                 evaluation_epsilon: 1.0,
                 evaluation_noise_multiplier: Some(5.0),
+                max_stores_per_customer: 1,
             }),
         }
     }

@@ -213,6 +213,7 @@ mod tests {
                 domain: "stores".into(),
                 evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
                 evaluation_noise_multiplier: None,
+                max_stores_per_customer: 1,
             }),
         }
     }

@@ -268,6 +268,12 @@ impl TaskSpec {
             {
                 return Err(bad("privacy.noise_multiplier", format!("must be positive, got {z}")));
             }
+            if privacy.max_stores_per_customer == 0 || privacy.max_stores_per_customer > 10_000 {
+                return Err(bad(
+                    "privacy.max_stores_per_customer",
+                    format!("must be in 1..=10000, got {}", privacy.max_stores_per_customer),
+                ));
+            }
             if !(privacy.evaluation_epsilon > 0.0 && privacy.evaluation_epsilon.is_finite()) {
                 return Err(bad(
                     "privacy.evaluation_epsilon",

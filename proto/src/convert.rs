@@ -76,6 +76,7 @@ impl From<&PrivacySpec> for pb::PrivacySpec {
             domain: p.domain.clone(),
             evaluation_epsilon: p.evaluation_epsilon,
             evaluation_noise_multiplier: p.evaluation_noise_multiplier.unwrap_or(0.0),
+            max_stores_per_customer: p.max_stores_per_customer,
         }
     }
 }
@@ -200,6 +201,7 @@ impl TryFrom<pb::PrivacySpec> for PrivacySpec {
             },
             evaluation_noise_multiplier: (p.evaluation_noise_multiplier != 0.0)
                 .then_some(p.evaluation_noise_multiplier),
+            max_stores_per_customer: p.max_stores_per_customer.max(1),
         })
     }
 }
@@ -513,6 +515,7 @@ mod tests {
                 domain: "stores-2026".into(),
                 evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
                 evaluation_noise_multiplier: None,
+                max_stores_per_customer: 3,
             }),
         };
         let wire: pb::TaskSpec = (&spec).into();

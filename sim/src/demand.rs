@@ -391,6 +391,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             domain: t.name.clone(),
             evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
             evaluation_noise_multiplier: None,
+            max_stores_per_customer: 1,
         });
         t.validate().context("the scenario's DP task")?;
         runs.push((format!("federated_dp_eps{epsilon}"), t));

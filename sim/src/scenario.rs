@@ -373,6 +373,7 @@ pub fn privacy_spec(args: &RunArgs, population: usize) -> anyhow::Result<Option<
         domain: "simulation".into(),
         evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
         evaluation_noise_multiplier: None,
+        max_stores_per_customer: 1,
     }))
 }
 

@@ -254,6 +254,7 @@ impl Training for TrainingService {
         let upload = match received {
             Ok(upload) => upload,
             Err(status) => {
+                tracing::warn!(client_id = %client, round_id = %round, code = ?status.code(), reason = status.message(), "upload rejected");
                 handle.rejected(round).await;
                 return Err(status);
             }

@@ -24,6 +24,7 @@ fn private(name: &str, epsilon: f64) -> fedretail_core::plan::TaskSpec {
         domain: "stores".into(),
         evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
         evaluation_noise_multiplier: None,
+        max_stores_per_customer: 1,
     });
     spec
 }

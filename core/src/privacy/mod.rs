@@ -151,6 +151,16 @@ pub struct PrivacySpec {
     /// evaluating rounds; `None` until then.
     #[serde(default)]
     pub evaluation_noise_multiplier: Option<f64>,
+    /// Customer unit: the most stores one customer may shop in (loyalty cards across stores).
+    /// Each store clips its customers on its own, so a customer in k stores moves a round's
+    /// sum by up to k·C: the noise is scaled by k so that the guarantee is per customer, not
+    /// per (customer, store) pair (security review M3). Default 1.
+    #[serde(default = "one_store")]
+    pub max_stores_per_customer: u32,
+}
+
+fn one_store() -> u32 {
+    1
 }
 
 /// The evaluation budget of tasks that state none.

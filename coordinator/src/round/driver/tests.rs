@@ -63,6 +63,7 @@ fn private_spec(rounds: u64) -> TaskSpec {
         domain: fedretail_core::privacy::default_domain(),
         evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),
         evaluation_noise_multiplier: None,
+        max_stores_per_customer: 1,
     });
     s
 }
@@ -480,4 +481,37 @@ async fn the_training_loss_is_shown_only_when_the_round_is_over() {
     tokio::time::sleep(Duration::from_secs(31)).await;
     let after = f.handle.status(1).await.unwrap();
     assert!(after.rounds[0].mean_train_loss > 0.0);
+}
+
+/// Issue 10 (H9): the registry is bounded, and a store that enrols again replaces its old id
+/// instead of taking another place.
+#[tokio::test(start_paused = true)]
+async fn the_registry_is_bounded_and_a_store_holds_one_place() {
+    let store = Arc::new(MemoryStore::new());
+    let cancel = CancellationToken::new();
+    let config = super::DriverConfig {
+        liveness_timeout: Duration::from_secs(600),
+        deterministic: true,
+        max_clients: 2,
+        domain_epsilon: f64::INFINITY,
+        domain_delta: 1e-5,
+    };
+    let (tasks, _drivers) =
+        Tasks::resume(store, config, crate::policy::Policy::permissive(), true, cancel.clone())
+            .unwrap();
+    let handle = tasks.get(tasks.create(spec(1)).unwrap()).unwrap();
+    let first = handle.enroll("a".into()).await.unwrap();
+    let again = handle.enroll("a".into()).await.unwrap();
+    assert_ne!(first, again);
+    assert!(matches!(
+        handle.check_owner(first, "a".into()).await,
+        Err(crate::round::Reject::UnknownClient(_))
+    ));
+    handle.check_owner(again, "a".into()).await.unwrap();
+    assert!(matches!(
+        handle.check_owner(again, "b".into()).await,
+        Err(crate::round::Reject::NotYours(_))
+    ));
+    handle.enroll("b".into()).await.unwrap();
+    assert_eq!(handle.enroll("c".into()).await, Err(crate::round::Reject::TooManyClients(2)));
 }

@@ -283,7 +283,16 @@ impl Round {
             ),
             None => (z, 0.0),
         };
-        Some(RoundNoise { z, update_std: z_update * f64::from(self.clip_norm), count_std })
+        // A customer in k stores is clipped by each: sensitivity k·C (M3).
+        let k = match p.unit {
+            PrivacyUnit::Customer => f64::from(p.max_stores_per_customer.max(1)),
+            PrivacyUnit::Client => 1.0,
+        };
+        Some(RoundNoise {
+            z,
+            update_std: z_update * f64::from(self.clip_norm) * k,
+            count_std: count_std * k,
+        })
     }
 
     fn train_privacy(&self) -> Option<TrainPrivacy> {

@@ -320,3 +320,39 @@ fn cohort_members_get_the_local_seed_not_the_cohort_seed() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Issue 10 (M3): a customer who shops in k stores is clipped by each of them, so the noise
+/// is scaled by k: the guarantee is per customer, not per (customer, store) pair.
+#[test]
+fn customers_in_several_stores_get_noise_for_all_of_them() {
+    use fedretail_core::privacy::accountant::AccountantKind;
+    use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+    let noise_std = |k: u32| {
+        let mut s = (*spec(2, 2, 1)).clone();
+        s.privacy = Some(PrivacySpec {
+            unit: PrivacyUnit::Customer,
+            noise_placement: NoisePlacement::Distributed,
+            target_epsilon: 4.0,
+            delta: 1e-5,
+            sampling_rate: 0.5,
+            noise_multiplier: Some(2.0),
+            population: Some(10),
+            adaptive_clipping: None,
+            accountant: AccountantKind::Rdp,
+            domain: "d".into(),
+            evaluation_epsilon: 1.0,
+            evaluation_noise_multiplier: Some(5.0),
+            max_stores_per_customer: k,
+        });
+        let t0 = Instant::now();
+        let mut r = Round::new(RoundId(1), 1, Arc::new(s), ModelVersion(0), t0, derive_seed(7, 1));
+        r.tick(t0, &clients(2));
+        match r.poll(t0, clients(2)[0]) {
+            Assignment::Train { privacy: Some(p), .. } => p.noise_std,
+            other => panic!("{other:?}"),
+        }
+    };
+    let one = noise_std(1);
+    assert!(one > 0.0);
+    assert!((noise_std(3) / one - 3.0).abs() < 1e-9);
+}
