@@ -21,11 +21,10 @@ pub struct Keygen {
 /// A name that is not 1–64 letters, digits, '-', '_' or '.', existing files, I/O errors.
 pub fn keygen(store: &str, out: &Path) -> anyhow::Result<Keygen> {
     use anyhow::Context;
-    let ok = !store.is_empty()
-        && store.len() <= 64
-        && !store.starts_with('.')
-        && store.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    anyhow::ensure!(ok, "invalid store name {store:?}: use 1 to 64 letters, digits, '-', '_', '.'");
+    anyhow::ensure!(
+        fedretail_core::ids::is_valid_name(store),
+        "invalid store name {store:?}: use 1 to 64 letters, digits, '-', '_', '.'"
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let key_path = out.join(format!("{store}.key"));
     let csr_path = out.join(format!("{store}.csr"));

@@ -25,8 +25,6 @@ use std::path::{Path, PathBuf};
 
 /// Organisation name written into every certificate's subject.
 const ORGANISATION: &str = "fedretail";
-/// Longest store or administrator name (bytes).
-pub const MAX_NAME_BYTES: usize = 64;
 
 /// What a certificate's holder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -126,11 +124,7 @@ fn cert(context: impl Into<String>) -> impl FnOnce(rcgen::Error) -> PkiError {
 ///
 /// [`PkiError::BadName`].
 pub fn check_name(name: &str) -> Result<(), PkiError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if fedretail_core::ids::is_valid_name(name) {
         Ok(())
     } else {
         // Echo at most 64 characters: the name may be huge or carry forged log lines.

@@ -46,3 +46,16 @@ impl ModelVersion {
         ModelVersion(self.0 + 1)
     }
 }
+
+/// Longest store or administrator name (bytes).
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Whether `name` may name a store or an administrator: 1 to [`MAX_NAME_BYTES`] letters,
+/// digits, '-', '_' and '.', not starting with '.'. Such names become file names (certificates,
+/// keys) and appear in logs, so nothing else is allowed.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

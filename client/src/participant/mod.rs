@@ -403,6 +403,38 @@ impl<T: Transport> Participant<T> {
         })
     }
 
+    /// Checks that `spend` keeps the store's own ledger within `task_allowance` for its task and
+    /// within the policy's yearly total.
+    fn check_budget(
+        &self,
+        spend: &crate::ledger::Spend,
+        task_allowance: f64,
+    ) -> Result<(), crate::policy::Refusal> {
+        let policy = &self.config.policy;
+        let ledger = self.ledger.as_ref().expect("opened when the run starts");
+        let what = if spend.kind == "evaluate" { "evaluation" } else { "round" };
+        let task = ledger.task_epsilon_with(spend);
+        if task > task_allowance {
+            return Err(crate::policy::Refusal {
+                rule: "max_epsilon_per_task",
+                message: format!(
+                    "this {what} would bring the store's spend on the task to epsilon {task:.4}; the policy allows {task_allowance}"
+                ),
+            });
+        }
+        let year = ledger.year_epsilon(spend.unix_ms, policy.max_delta, Some(spend));
+        if year > policy.max_epsilon_per_year {
+            return Err(crate::policy::Refusal {
+                rule: "max_epsilon_per_year",
+                message: format!(
+                    "this {what} would bring the store's spend over the last 365 days to epsilon {year:.4}; the policy allows {}",
+                    policy.max_epsilon_per_year
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks an assignment and the store's budget before it trains.
     fn check_train(
         &self,
@@ -429,27 +461,7 @@ impl<T: Transport> Participant<T> {
             });
         }
         let Some(spend) = self.spend(e, plan) else { return Ok(None) };
-        let ledger = self.ledger.as_ref().expect("opened when the run starts");
-        let task = ledger.task_epsilon_with(&spend);
-        if task > policy.max_epsilon_per_task {
-            return Err(crate::policy::Refusal {
-                rule: "max_epsilon_per_task",
-                message: format!(
-                    "this round would bring the store's spend on the task to epsilon {task:.4}; the policy allows {}",
-                    policy.max_epsilon_per_task
-                ),
-            });
-        }
-        let year = ledger.year_epsilon(spend.unix_ms, policy.max_delta, Some(&spend));
-        if year > policy.max_epsilon_per_year {
-            return Err(crate::policy::Refusal {
-                rule: "max_epsilon_per_year",
-                message: format!(
-                    "this round would bring the store's spend over the last 365 days to epsilon {year:.4}; the policy allows {}",
-                    policy.max_epsilon_per_year
-                ),
-            });
-        }
+        self.check_budget(&spend, policy.max_epsilon_per_task)?;
         Ok(Some(spend))
     }
 
@@ -784,27 +796,8 @@ impl<T: Transport> Participant<T> {
             noise_std: p.noise_stds()[0],
             delta: privacy.delta,
         };
-        let ledger = self.ledger.as_ref().expect("opened when the run starts");
-        let year = ledger.year_epsilon(spend.unix_ms, policy.max_delta, Some(&spend));
-        if year > policy.max_epsilon_per_year {
-            return refuse(
-                "max_epsilon_per_year",
-                format!(
-                    "this evaluation would bring the store's spend over the last 365 days to epsilon {year:.4}; the policy allows {}",
-                    policy.max_epsilon_per_year
-                ),
-            );
-        }
-        let task_total = ledger.task_epsilon_with(&spend);
-        let allowed = policy.max_epsilon_per_task + privacy.evaluation_epsilon;
-        if task_total > allowed {
-            return refuse(
-                "max_epsilon_per_task",
-                format!(
-                    "this evaluation would bring the store's spend on the task to epsilon {task_total:.4}; its training and evaluation budgets allow {allowed}"
-                ),
-            );
-        }
+        // A task's evaluation has its own budget on top of the training one.
+        self.check_budget(&spend, policy.max_epsilon_per_task + privacy.evaluation_epsilon)?;
         Ok(Some(spend))
     }
 

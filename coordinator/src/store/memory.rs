@@ -108,7 +108,7 @@ impl Store for MemoryStore {
         limits: &super::ChargeLimits,
     ) -> Result<Option<f64>, StoreError> {
         let mut inner = self.lock();
-        let mut of_task: Vec<_> = inner
+        let of_task = inner
             .tasks
             .get(&task)
             .ok_or(StoreError::UnknownTask(task))?
@@ -118,15 +118,13 @@ impl Store for MemoryStore {
             .filter(|e| e.kind == entry.kind)
             .map(LedgerEntry::charge)
             .collect();
-        let mut of_domain: Vec<_> = inner
+        let of_domain = inner
             .tasks
             .values()
             .filter(|(t, _)| t.spec.privacy.as_ref().is_some_and(|p| p.domain == limits.domain))
             .flat_map(|(_, s)| s.ledger.iter().map(LedgerEntry::charge))
             .collect();
-        of_task.push(entry.charge());
-        of_domain.push(entry.charge());
-        let domain_epsilon = limits.check(&of_task, &of_domain)?;
+        let domain_epsilon = limits.check(entry, of_task, of_domain)?;
         let (_, snap) = inner.tasks.get_mut(&task).ok_or(StoreError::UnknownTask(task))?;
         snap.ledger.push(*entry);
         Ok(domain_epsilon)

@@ -56,13 +56,22 @@ pub struct ChargeLimits {
 }
 
 impl ChargeLimits {
-    /// Checks `task` (the task's charges, the new one included) and `domain` (the domain's);
-    /// returns the domain's ε when there is a ceiling to check it against.
+    /// Checks that `entry` fits: `task` holds the task's charges of its kind so far, `domain`
+    /// the domain's; returns the domain's ε with `entry` when there is a ceiling to check it
+    /// against. Both stores call this inside the transaction that writes `entry`.
     ///
     /// # Errors
     ///
     /// [`StoreError::BudgetExceeded`] naming the budget.
-    pub fn check(&self, task: &[Charge], domain: &[Charge]) -> Result<Option<f64>, StoreError> {
+    pub fn check(
+        &self,
+        entry: &LedgerEntry,
+        mut task: Vec<Charge>,
+        mut domain: Vec<Charge>,
+    ) -> Result<Option<f64>, StoreError> {
+        task.push(entry.charge());
+        domain.push(entry.charge());
+        let (task, domain) = (&task[..], &domain[..]);
         let within_plan = self.plan.is_some_and(|plan| {
             task.len() as u64 <= plan.rounds
                 && task.iter().all(|c| {

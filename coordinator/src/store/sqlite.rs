@@ -488,35 +488,25 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(backend)?;
-        let charges = |sql: &str, key: &dyn rusqlite::ToSql| -> Result<Vec<Charge>, StoreError> {
-            let mut stmt = tx.prepare(sql).map_err(backend)?;
-            let rows = stmt
-                .query_map([key], |r| {
+        let charges =
+            |sql: &str, params: &[&dyn rusqlite::ToSql]| -> Result<Vec<Charge>, StoreError> {
+                let mut stmt = tx.prepare(sql).map_err(backend)?;
+                stmt.query_map(params, |r| {
                     Ok(Charge { sampling_rate: r.get(0)?, noise_multiplier: r.get(1)?, rounds: 1 })
                 })
                 .map_err(backend)?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(backend)?;
-            Ok(rows)
-        };
-        let mut of_task: Vec<Charge> = {
-            let mut stmt = tx
-                .prepare("SELECT sampling_rate, noise_multiplier FROM ledger WHERE task_id = ?1 AND kind = ?2")
-                .map_err(backend)?;
-            stmt.query_map(params![task.0 as i64, entry.kind.as_str()], |r| {
-                Ok(Charge { sampling_rate: r.get(0)?, noise_multiplier: r.get(1)?, rounds: 1 })
-            })
-            .map_err(backend)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(backend)?
-        };
-        let mut of_domain = charges(
-            "SELECT sampling_rate, noise_multiplier FROM ledger WHERE domain = ?1",
-            &limits.domain,
+                .map_err(backend)
+            };
+        let of_task = charges(
+            "SELECT sampling_rate, noise_multiplier FROM ledger WHERE task_id = ?1 AND kind = ?2",
+            &[&(task.0 as i64), &entry.kind.as_str()],
         )?;
-        of_task.push(entry.charge());
-        of_domain.push(entry.charge());
-        let domain_epsilon = limits.check(&of_task, &of_domain)?;
+        let of_domain = charges(
+            "SELECT sampling_rate, noise_multiplier FROM ledger WHERE domain = ?1",
+            &[&limits.domain],
+        )?;
+        let domain_epsilon = limits.check(entry, of_task, of_domain)?;
         tx.execute(
             "INSERT INTO ledger (round_id, task_id, sampling_rate, noise_multiplier, clip_norm, unit, domain, kind)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

@@ -51,6 +51,15 @@ struct ClientEntry {
     last_seen: Instant,
 }
 
+/// What a task's ledgers add up to.
+#[derive(Debug, Clone, Copy)]
+struct Spent {
+    epsilon: f64,
+    evaluation_epsilon: f64,
+    total_epsilon: f64,
+    against_coordinator: f64,
+}
+
 /// What a compute job charged: the training entry, the evaluation entry if the round
 /// evaluates, and the domain's ε after them.
 type Charged = (LedgerEntry, Option<LedgerEntry>, Option<f64>);
@@ -97,9 +106,9 @@ struct Driver {
     ledger: Vec<LedgerEntry>,
     /// Every evaluation charge of this task, oldest first.
     eval_ledger: Vec<LedgerEntry>,
-    /// ε of the first `n` ledger entries, as `(n, ε)`: the ledger only grows, and the PLD
-    /// accountant takes a tenth of a second for a few hundred rounds.
-    spent: std::cell::Cell<Option<(usize, f64)>>,
+    /// The composed figures for the ledgers' lengths `(training, evaluation)`: the ledgers only
+    /// grow, and the PLD accountant takes a tenth of a second for a few hundred rounds.
+    spent: std::cell::Cell<Option<((usize, usize), Spent)>>,
     /// Whether the whole plan (`plan.rounds` rounds at the task's q and z) fits the budget,
     /// once checked: then every round of a ledger of such rounds up to `plan.rounds` is
     /// admitted without recomposing it (ε only grows with rounds).
@@ -835,43 +844,9 @@ impl Driver {
         }
     }
 
-    fn privacy_report(&self) -> Option<super::PrivacyReport> {
-        let p = self.spec.privacy.as_ref()?;
-        let epsilon = match self.spent.get() {
-            Some((n, epsilon)) if n == self.ledger.len() => epsilon,
-            _ => {
-                let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
-                let epsilon =
-                    p.accountant.epsilon(&charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon);
-                self.spent.set(Some((self.ledger.len(), epsilon)));
-                epsilon
-            }
-        };
-        let z = p.noise_multiplier.unwrap_or(f64::NAN);
-        let against_coordinator = match p.noise_placement {
-            // The coordinator adds the noise: it sees every clipped update without it.
-            fedretail_core::privacy::NoisePlacement::Central => f64::INFINITY,
-            // It sees each store's noised share, and knows which stores took part (a store's
-            // worst case is every round, unamplified); customers are sampled inside the stores.
-            placement => {
-                let z_share = placement.client_share(z, self.spec.plan.min_clients);
-                let q = match p.unit {
-                    fedretail_core::privacy::PrivacyUnit::Client => 1.0,
-                    fedretail_core::privacy::PrivacyUnit::Customer => p.sampling_rate,
-                };
-                let charge = Charge {
-                    sampling_rate: q,
-                    noise_multiplier: z_share,
-                    rounds: self.ledger.len() as u64,
-                };
-                if charge.rounds == 0 {
-                    0.0
-                } else {
-                    p.accountant.epsilon(&[charge], p.delta).map_or(f64::INFINITY, |e| e.epsilon)
-                }
-            }
-        };
-        let eval_charges: Vec<Charge> = self.eval_ledger.iter().map(LedgerEntry::charge).collect();
+    /// Composes the ledgers into the report's figures; [`Driver::privacy_report`] caches them
+    /// per ledger length, since status is asked for far more often than rounds are charged.
+    fn compose_spent(&self, p: &fedretail_core::privacy::PrivacySpec) -> Spent {
         let compose = |charges: &[Charge]| {
             if charges.is_empty() {
                 0.0
@@ -879,14 +854,48 @@ impl Driver {
                 p.accountant.epsilon(charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon)
             }
         };
-        let evaluation_epsilon = compose(&eval_charges);
-        let total_epsilon = if eval_charges.is_empty() {
+        let train: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
+        let eval: Vec<Charge> = self.eval_ledger.iter().map(LedgerEntry::charge).collect();
+        let epsilon = compose(&train);
+        let total_epsilon = if eval.is_empty() {
             epsilon
         } else {
-            let all: Vec<Charge> =
-                self.ledger.iter().map(LedgerEntry::charge).chain(eval_charges).collect();
-            compose(&all)
+            compose(&train.iter().chain(&eval).copied().collect::<Vec<_>>())
         };
+        let against_coordinator = match p.noise_placement {
+            // The coordinator adds the noise: it sees every clipped update without it.
+            fedretail_core::privacy::NoisePlacement::Central => f64::INFINITY,
+            // It sees each store's noised share, and knows which stores took part (a store's
+            // worst case is every round, unamplified); customers are sampled inside the stores.
+            placement => {
+                let z = p.noise_multiplier.unwrap_or(f64::NAN);
+                let q = match p.unit {
+                    fedretail_core::privacy::PrivacyUnit::Client => 1.0,
+                    fedretail_core::privacy::PrivacyUnit::Customer => p.sampling_rate,
+                };
+                let shares = Charge {
+                    sampling_rate: q,
+                    noise_multiplier: placement.client_share(z, self.spec.plan.min_clients),
+                    rounds: train.len() as u64,
+                };
+                if train.is_empty() { 0.0 } else { compose(&[shares]) }
+            }
+        };
+        Spent { epsilon, evaluation_epsilon: compose(&eval), total_epsilon, against_coordinator }
+    }
+
+    fn privacy_report(&self) -> Option<super::PrivacyReport> {
+        let p = self.spec.privacy.as_ref()?;
+        let key = (self.ledger.len(), self.eval_ledger.len());
+        let spent = match self.spent.get() {
+            Some((k, spent)) if k == key => spent,
+            _ => {
+                let spent = self.compose_spent(p);
+                self.spent.set(Some((key, spent)));
+                spent
+            }
+        };
+        let Spent { epsilon, evaluation_epsilon, total_epsilon, against_coordinator } = spent;
         Some(super::PrivacyReport {
             evaluation_epsilon,
             evaluation_budget: p.evaluation_epsilon,
