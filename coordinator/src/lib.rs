@@ -96,6 +96,24 @@ impl Listeners {
     }
 }
 
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+/// gRPC prescribes `RESOURCE_EXHAUSTED` for a message over the receiver's limit; tonic's codec
+/// answers `OUT_OF_RANGE`. Rewrite the status of such refusals (always trailers-only, so the
+/// status is in the headers) and leave every other response alone.
+fn oversized_is_resource_exhausted(mut response: HttpResponse) -> HttpResponse {
+    if let Some(status) = tonic::Status::from_header_map(response.headers())
+        && status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large")
+    {
+        let status = tonic::Status::resource_exhausted(status.message());
+        if status.add_header(response.headers_mut()).is_err() {
+            tracing::warn!("cannot rewrite an oversized message's status");
+        }
+    }
+    response
+}
+
 /// Serves the coordinator on `listeners` until `shutdown` resolves, with the store the config
 /// names (SQLite), or an in-memory one.
 ///
@@ -230,6 +248,9 @@ pub async fn run_with_store(
     // open unbounded streams, and every call ends (long polls and uploads end well before).
     let server = || {
         tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                oversized_is_resource_exhausted as fn(HttpResponse) -> HttpResponse,
+            ))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .max_concurrent_streams(Some(64))

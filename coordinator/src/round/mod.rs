@@ -394,11 +394,15 @@ pub enum Control {
     Cancel,
 }
 
-/// The way into a running task: a bounded queue to its driver, with a reply per request.
+/// The way into a running task: bounded queues to its driver, with a reply per request. Stores'
+/// requests share one queue; administrators' (status, control, export) have their own, which
+/// the driver serves first, so a flood of store requests cannot delay an operator (L3).
 #[derive(Debug, Clone)]
 pub struct RoundHandle {
     task: TaskId,
+    spec: Arc<TaskSpec>,
     tx: mpsc::Sender<Request>,
+    admin_tx: mpsc::Sender<Request>,
     changes: watch::Receiver<u64>,
 }
 
@@ -408,9 +412,29 @@ impl RoundHandle {
         self.task
     }
 
+    /// The task's specification (fixed at creation).
+    pub fn spec(&self) -> &Arc<TaskSpec> {
+        &self.spec
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, Reject> {
+        Self::ask_on(&self.tx, make).await
+    }
+
+    /// Asks on the administrators' queue.
+    async fn ask_admin<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, Reject> {
+        Self::ask_on(&self.admin_tx, make).await
+    }
+
+    async fn ask_on<T>(
+        tx: &mpsc::Sender<Request>,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, Reject> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| Reject::ShuttingDown)?;
+        tx.send(make(reply)).await.map_err(|_| Reject::ShuttingDown)?;
         rx.await.map_err(|_| Reject::ShuttingDown)
     }
 
@@ -455,7 +479,7 @@ impl RoundHandle {
 
     /// The newest committed model.
     pub async fn latest_model(&self) -> Result<Arc<ModelBlob>, Reject> {
-        self.ask(|reply| Request::LatestModel { reply }).await
+        self.ask_admin(|reply| Request::LatestModel { reply }).await
     }
 
     /// Checks that `client` may upload for `round`; returns the expected size and the instant
@@ -490,11 +514,11 @@ impl RoundHandle {
 
     /// Pauses, resumes or cancels the task; returns its status afterwards.
     pub async fn control(&self, action: Control) -> Result<TaskStatus, Reject> {
-        self.ask(|reply| Request::Control { action, reply }).await?
+        self.ask_admin(|reply| Request::Control { action, reply }).await?
     }
 
     /// The task's status with its newest `max_rounds` rounds.
     pub async fn status(&self, max_rounds: usize) -> Result<TaskStatus, Reject> {
-        self.ask(|reply| Request::Status { max_rounds, reply }).await
+        self.ask_admin(|reply| Request::Status { max_rounds, reply }).await
     }
 }

@@ -151,6 +151,30 @@ pub(crate) fn model_chunks(
     })
 }
 
+/// A client speaks this coordinator's protocol if its version has the same major version (for
+/// 0.x, the same minor version: semantic versioning's rule for breaking changes). Anything else
+/// is refused at enrolment with both versions named, rather than failing later in a round.
+fn check_client_version(client: &str) -> Result<(), Status> {
+    let ours = env!("CARGO_PKG_VERSION");
+    let series = |v: &str| -> Option<(u64, u64)> {
+        let mut parts = v.split(['.', '-', '+']);
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some((major, minor))
+    };
+    let compatible = |(a, b): (u64, u64), (c, d): (u64, u64)| a == c && (a > 0 || b == d);
+    match series(client) {
+        None => Err(Status::invalid_argument(format!(
+            "client_version {client:?} is not a version (MAJOR.MINOR.PATCH)"
+        ))),
+        Some(theirs) if compatible(theirs, series(ours).expect("our version parses")) => Ok(()),
+        Some(_) => Err(Status::failed_precondition(format!(
+            "client version {client} cannot work with coordinator version {ours}; \
+             upgrade the client to a compatible release"
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl Training for TrainingService {
     async fn enroll(
@@ -172,15 +196,16 @@ impl Training for TrainingService {
         if req.task_name.len() > 128 {
             return Err(Status::invalid_argument("task_name is longer than 128 bytes"));
         }
+        check_client_version(&req.client_version)?;
         let handle = self.tasks.by_name(&req.task_name).map_err(|r| to_status(&r))?;
         let client = handle.enroll(store).await.map_err(|r| to_status(&r))?;
-        let status = handle.status(0).await.map_err(|r| to_status(&r))?;
+        let spec = handle.spec();
         Ok(Response::new(pb::EnrollResponse {
             client_id: client.0,
             task_id: handle.task().0,
-            model: Some((&status.spec.model).into()),
+            model: Some((&spec.model).into()),
             poll_timeout_ms: self.poll_timeout.as_millis() as u64,
-            spec: Some(status.spec.as_ref().into()),
+            spec: Some(spec.as_ref().into()),
         }))
     }
 

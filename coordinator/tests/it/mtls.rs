@@ -57,7 +57,7 @@ fn enroll_request(store_name: &str) -> pb::EnrollRequest {
     pb::EnrollRequest {
         task_name: "t".into(),
         store_name: store_name.into(),
-        client_version: "test".into(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
 

@@ -15,7 +15,7 @@ pub(crate) async fn enroll(
     let req = pb::EnrollRequest {
         task_name: task.into(),
         store_name: store.into(),
-        client_version: "test".into(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
     };
     t.enroll(req).await.unwrap().into_inner()
 }
@@ -161,7 +161,7 @@ async fn admin_rejects_invalid_and_duplicate_tasks_and_health_is_serving() {
     let req = pb::EnrollRequest {
         task_name: "nope".into(),
         store_name: "s".into(),
-        client_version: String::new(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
     };
     assert_eq!(t.enroll(req).await.unwrap_err().code(), Code::NotFound);
 
@@ -226,13 +226,13 @@ async fn hostile_uploads_are_refused_and_the_round_goes_on() {
     let forged = pb::EnrollRequest {
         task_name: "hostile".into(),
         store_name: "a\nINFO coordinator: all good".into(),
-        client_version: "test".into(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
     };
     assert_eq!(t.enroll(forged).await.unwrap_err().code(), Code::InvalidArgument);
     let huge = pb::EnrollRequest {
         task_name: "hostile".into(),
         store_name: "x".repeat(1 << 16),
-        client_version: "test".into(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
     };
     let e = t.enroll(huge).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -284,4 +284,66 @@ async fn hostile_uploads_are_refused_and_the_round_goes_on() {
     let r = status.rounds.iter().find(|r| r.round_id == round).unwrap();
     assert_eq!(r.n_uploads, 1);
     assert!(r.n_rejected >= 5, "{r:?}");
+}
+
+/// The protocol's edges (findings, "also seen"): an oversized message is `RESOURCE_EXHAUSTED`
+/// as gRPC prescribes (tonic alone says `OUT_OF_RANGE`), a client of an incompatible version
+/// is refused at enrolment naming both versions, and an upload or report after the task ended
+/// is told the task ended rather than that some round is not current.
+#[tokio::test]
+async fn oversized_messages_versions_and_ended_tasks_get_precise_statuses() {
+    let c = start_coordinator().await; // max_message_bytes = 4 MiB
+    let task_id = create_task(&c.admin_url, &bench_task("edges", 4, 5, 1)).await.unwrap();
+    let mut t =
+        TrainingClient::connect(c.url.clone()).await.unwrap().max_encoding_message_size(64 << 20);
+    let with_version = |v: &str| pb::EnrollRequest {
+        task_name: "edges".into(),
+        store_name: "a".into(),
+        client_version: v.into(),
+    };
+
+    let oversized = pb::EnrollRequest { task_name: "x".repeat(5 << 20), ..with_version("0.1.0") };
+    let e = t.enroll(oversized).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = t.enroll(with_version("banana")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    for incompatible in ["0.2.0", "1.1.0", ""] {
+        let e = t.enroll(with_version(incompatible)).await.unwrap_err();
+        assert_ne!(e.code(), Code::Ok);
+        if !incompatible.is_empty() {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{incompatible}: {e:?}");
+            assert!(e.message().contains(incompatible), "{e:?}");
+            assert!(e.message().contains(env!("CARGO_PKG_VERSION")), "{e:?}");
+        }
+    }
+    let a = t.enroll(with_version("0.1.7-rc.1")).await.expect("a patch release is compatible");
+    let a = a.into_inner();
+    let round = train_round(&poll(&mut t, &a).await.unwrap());
+    let huge_chunk = vec![0u8; 5 << 20];
+    let e = send_parts(&mut t, &a, round, 1.0, vec![huge_chunk], 0.0).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    let mut admin = pb::admin_client::AdminClient::connect(c.admin_url.clone()).await.unwrap();
+    admin.cancel_task(pb::TaskActionRequest { task_id, reason: "test".into() }).await.unwrap();
+    // The cancel is applied by the task's driver; wait until no round is open.
+    for _ in 0..100 {
+        if task_status(&c.admin_url, task_id).await.rounds.iter().all(|r| r.phase == "Failed") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let e = send_parts(&mut t, &a, round, 1.0, vec![vec![0; 16]], 0.0).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("task has ended"), "{e:?}");
+    let e = t
+        .report_metrics(pb::ReportMetricsRequest {
+            client_id: a.client_id,
+            task_id,
+            round_id: round,
+            sums: Some(pb::EvalSums::default()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("task has ended"), "{e:?}");
 }

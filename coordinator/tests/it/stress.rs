@@ -23,6 +23,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 enum Hostile {
     EnrollUnknownTask(String),
     EnrollHugeTaskName(usize),
+    /// A version that is not one, or one of another series.
+    EnrollBadVersion(String),
     PollUnknownClient(u64),
     PollStolenId,
     PollUnknownTask(u64),
@@ -40,10 +42,14 @@ enum Hostile {
     UploadBadPayload(u8, f64),
 }
 
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 fn hostile() -> impl Strategy<Value = Hostile> {
     prop_oneof![
         "[a-z]{1,20}".prop_map(Hostile::EnrollUnknownTask),
         (129usize..4096).prop_map(Hostile::EnrollHugeTaskName),
+        prop_oneof!["[a-z]{0,8}", "(0\\.[2-9]|[1-9]\\.[0-9])\\.[0-9]"]
+            .prop_map(Hostile::EnrollBadVersion),
         any::<u64>().prop_map(Hostile::PollUnknownClient),
         Just(Hostile::PollStolenId),
         (2u64..u64::MAX).prop_map(Hostile::PollUnknownTask),
@@ -121,6 +127,7 @@ impl Attacker {
                     .t
                     .enroll(pb::EnrollRequest {
                         task_name: format!("no-{name}"),
+                        client_version: VERSION.into(),
                         ..Default::default()
                     })
                     .await;
@@ -129,9 +136,24 @@ impl Attacker {
             Hostile::EnrollHugeTaskName(n) => {
                 let r = self
                     .t
-                    .enroll(pb::EnrollRequest { task_name: "x".repeat(*n), ..Default::default() })
+                    .enroll(pb::EnrollRequest {
+                        task_name: "x".repeat(*n),
+                        client_version: VERSION.into(),
+                        ..Default::default()
+                    })
                     .await;
                 (code(r.map(|_| ())), &[InvalidArgument])
+            }
+            Hostile::EnrollBadVersion(version) => {
+                let r = self
+                    .t
+                    .enroll(pb::EnrollRequest {
+                        task_name: "stress".into(),
+                        client_version: version.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                (code(r.map(|_| ())), &[InvalidArgument, FailedPrecondition])
             }
             Hostile::PollUnknownClient(id) => {
                 let id =
@@ -325,7 +347,11 @@ async fn hostile_messages_of_every_kind_are_answered_precisely_and_the_task_comp
         async move {
             let mut t = TrainingClient::new(store_channel(&url, &pki, store).await);
             let e = t
-                .enroll(pb::EnrollRequest { task_name: "stress".into(), ..Default::default() })
+                .enroll(pb::EnrollRequest {
+                    task_name: "stress".into(),
+                    client_version: VERSION.into(),
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -362,7 +388,7 @@ async fn hostile_messages_of_every_kind_are_answered_precisely_and_the_task_comp
         let kind = format!("{h:?}").split(['(', ' ']).next().unwrap().to_string();
         *answered.entry(kind).or_default() += 1;
     }
-    assert_eq!(answered.len(), 15, "every kind was sent: {answered:?}");
+    assert_eq!(answered.len(), 16, "every kind was sent: {answered:?}");
     let attack = started.elapsed();
 
     // The honest stores finish the task despite all of it.

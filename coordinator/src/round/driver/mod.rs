@@ -29,6 +29,8 @@ use tracing::Instrument;
 const HISTORY: usize = 1000;
 /// Queue depth of a task's inbox; senders wait when it is full (backpressure).
 const INBOX: usize = 1024;
+/// Capacity of a task's administrators' queue (status, control, export).
+const ADMIN_INBOX: usize = 64;
 
 /// Settings of the driver that come from the coordinator's config.
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +132,7 @@ pub(crate) fn spawn(
     cancel: CancellationToken,
 ) -> (RoundHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(INBOX);
+    let (admin_tx, admin_rx) = mpsc::channel(ADMIN_INBOX);
     let (changes, changes_rx) = watch::channel(0);
     let adaptive = spec.privacy.as_ref().is_some_and(|p| p.adaptive_clipping.is_some());
     let clip_norm = match snapshot
@@ -143,7 +146,7 @@ pub(crate) fn spawn(
     let driver = Driver {
         clip_norm,
         task,
-        spec,
+        spec: spec.clone(),
         store,
         config,
         state: state.0,
@@ -179,12 +182,17 @@ pub(crate) fn spawn(
         domain_spent: None,
     };
     let span = tracing::info_span!("task", task_id = %task);
-    let join = tokio::spawn(driver.run(rx, cancel).instrument(span));
-    (RoundHandle { task, tx, changes: changes_rx }, join)
+    let join = tokio::spawn(driver.run(rx, admin_rx, cancel).instrument(span));
+    (RoundHandle { task, spec, tx, admin_tx, changes: changes_rx }, join)
 }
 
 impl Driver {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Request>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Request>,
+        mut admin: mpsc::Receiver<Request>,
+        cancel: CancellationToken,
+    ) {
         tracing::info!(name = %self.spec.name, committed = self.committed_rounds, "task driver started");
         loop {
             let now = Instant::now();
@@ -198,6 +206,8 @@ impl Driver {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
+                // Administrators first: a flood of store requests cannot delay them (L3).
+                Some(request) = admin.recv() => self.handle(request),
                 result = async { self.job.as_mut().expect("guarded by the if").await }, if self.job.is_some() => {
                     self.job = None;
                     match result {
@@ -349,8 +359,7 @@ impl Driver {
             Request::BeginUpload { client, round, reply } => {
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
                     Some(r) => r.begin_upload(client, round),
-                    None if self.state.is_final() => Err(Reject::TaskEnded),
-                    None => Err(Reject::StaleRound { got: round, current: "none".into() }),
+                    None => Err(no_round(self.state, round)),
                 });
                 log_reject(client, "begin upload", &result);
                 let _ = reply.send(result);
@@ -362,9 +371,10 @@ impl Driver {
             }
             Request::Upload { upload, reply } => {
                 let client = upload.client;
+                let state = self.state;
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
                     Some(r) => r.upload(upload),
-                    None => Err(Reject::StaleRound { got: upload.round, current: "none".into() }),
+                    None => Err(no_round(state, upload.round)),
                 });
                 log_reject(client, "upload", &result);
                 if result.is_ok() {
@@ -375,7 +385,7 @@ impl Driver {
             Request::Report { client, round, sums, reply } => {
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
                     Some(r) => r.report(client, round, &sums),
-                    None => Err(Reject::StaleRound { got: round, current: "none".into() }),
+                    None => Err(no_round(self.state, round)),
                 });
                 log_reject(client, "report", &result);
                 let _ = reply.send(result);
@@ -917,6 +927,16 @@ impl Driver {
             clip_norm: self.ledger.last().map_or(self.spec.plan.clip_norm, |e| e.clip_norm),
             accountant: p.accountant,
         })
+    }
+}
+
+/// Why a request for `round` finds no open round: the task has ended (which the store should
+/// hear as such), or the next round has not started yet.
+fn no_round(state: TaskState, round: fedretail_core::ids::RoundId) -> Reject {
+    if state.is_final() {
+        Reject::TaskEnded
+    } else {
+        Reject::StaleRound { got: round, current: "none open".into() }
     }
 }
 

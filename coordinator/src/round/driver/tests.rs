@@ -515,3 +515,79 @@ async fn the_registry_is_bounded_and_a_store_holds_one_place() {
     handle.enroll("b".into()).await.unwrap();
     assert_eq!(handle.enroll("c".into()).await, Err(crate::round::Reject::TooManyClients(2)));
 }
+
+/// H8: a candidate that is not finite (here a legal but absurd server learning rate overflows
+/// f32 in the second round) is never committed or served; the round fails and says why.
+#[tokio::test(start_paused = true)]
+async fn a_candidate_that_is_not_finite_is_never_committed() {
+    let mut s = spec(2);
+    s.plan.server_optimizer = ServerOptimizer::FedAvg { learning_rate: 3e38 };
+    s.plan.eval_every = 0;
+    let f = start_with(s).await;
+    let round = train(&f, f.clients[0]).await;
+    train(&f, f.clients[1]).await;
+    send(&f, f.clients[0], round, vec![1.0, 0.0, 0.0]).await;
+    send(&f, f.clients[1], round, vec![1.0, 0.0, 0.0]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let first = f.handle.latest_model().await.unwrap();
+    assert_eq!((first.version, first.values[0]), (ModelVersion(1), 3e38), "finite: committed");
+
+    let round = match f.handle.poll(f.clients[0], Duration::from_secs(1)).await.unwrap() {
+        Assignment::Train { round, .. } => round,
+        other => panic!("expected a training assignment, got {other:?}"),
+    };
+    f.handle.poll(f.clients[1], Duration::from_secs(1)).await.unwrap();
+    send(&f, f.clients[0], round, vec![1.0, 0.0, 0.0]).await;
+    send(&f, f.clients[1], round, vec![1.0, 0.0, 0.0]).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let status = f.handle.status(10).await.unwrap();
+    let failed = status.rounds.iter().find(|r| r.round == round).unwrap();
+    assert_eq!(
+        failed.failure.as_deref(),
+        Some("the candidate model is not finite; nothing applied"),
+        "{:?}",
+        status.rounds
+    );
+    let served = f.handle.latest_model().await.unwrap();
+    assert_eq!(served.version, ModelVersion(1), "the overflowed candidate is not served");
+    assert!(served.values.iter().all(|v| v.is_finite()));
+    assert!(f.handle.model(f.clients[0], ModelVersion(2)).await.is_err());
+}
+
+/// L3: administrators have their own queue, served first, so a task's status answers at once
+/// even behind a full queue of store requests.
+#[tokio::test(start_paused = true)]
+async fn an_operator_is_served_before_a_flood_of_store_requests() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let f = start(1).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let flood = 3 * super::INBOX;
+    let mut stores = Vec::new();
+    for _ in 0..flood {
+        let (handle, done) = (f.handle.clone(), done.clone());
+        stores.push(tokio::spawn(async move {
+            let _ = handle.check_owner(ClientId(1), "a".into()).await;
+            done.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    // Let every store request reach the driver's queue (or wait for room in it).
+    tokio::task::yield_now().await;
+    let handle = f.handle.clone();
+    let status = tokio::spawn(async move {
+        handle.status(1).await.unwrap();
+    });
+    let served_before = loop {
+        tokio::task::yield_now().await;
+        if status.is_finished() {
+            break done.load(Ordering::SeqCst);
+        }
+    };
+    assert!(
+        served_before < super::INBOX / 4,
+        "{served_before} of {flood} store requests were served before the operator"
+    );
+    for s in stores {
+        s.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), flood);
+}
