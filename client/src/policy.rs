@@ -404,6 +404,7 @@ mod rules {
             rating_max: 5.0,
             init_mean: 3.0,
             local_item_offsets: None,
+            objective: fedretail_core::model::mf::Objective::Rating,
         });
         assert_eq!(
             rule(

@@ -6,7 +6,7 @@
 use crate::pb;
 use fedretail_core::model::demand::{DemandLoss, DemandSpec};
 use fedretail_core::model::metrics::EvalSums;
-use fedretail_core::model::mf::MfSpec;
+use fedretail_core::model::mf::{MfSpec, Objective};
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
 use fedretail_core::privacy::accountant::AccountantKind;
@@ -238,6 +238,12 @@ impl From<&ModelSpec> for pb::ModelSpec {
                     rating_max: mf.rating_max,
                     init_mean: mf.init_mean,
                     local_item_offsets: mf.local_item_offsets.unwrap_or(0.0),
+                    ranking: match mf.objective {
+                        Objective::Rating => None,
+                        Objective::Ranking { alpha, item_regularization } => {
+                            Some(pb::RankingObjective { alpha, item_regularization })
+                        }
+                    },
                 })
             }
             ModelSpec::Bench { n_params } => {
@@ -280,6 +286,13 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                     init_mean: mf.init_mean,
                     local_item_offsets: (mf.local_item_offsets != 0.0)
                         .then_some(mf.local_item_offsets),
+                    objective: match mf.ranking {
+                        None => Objective::Rating,
+                        Some(r) => Objective::Ranking {
+                            alpha: r.alpha,
+                            item_regularization: r.item_regularization,
+                        },
+                    },
                 })
             }
             pb::model_spec::Kind::Bench(b) => {
@@ -476,6 +489,7 @@ mod tests {
                 rating_max: 5.0,
                 init_mean: 0.0,
                 local_item_offsets: Some(5.0),
+                objective: Objective::Ranking { alpha: 3.0, item_regularization: 0.01 },
             }),
             plan: TrainingPlan {
                 rounds: 100,

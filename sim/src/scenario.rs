@@ -444,6 +444,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         rating_max: 5.0,
         init_mean,
         local_item_offsets: h.local_item_offsets,
+        objective: fedretail_core::model::mf::Objective::Rating,
     };
     let population = stores.iter().map(|s| s.users.len()).sum();
     let privacy = privacy_spec(args, population)?;

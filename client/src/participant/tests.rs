@@ -80,6 +80,7 @@ fn spec() -> MfSpec {
         rating_max: 5.0,
         init_mean: 0.0,
         local_item_offsets: None,
+        objective: fedretail_core::model::mf::Objective::Rating,
     }
 }
 

@@ -52,6 +52,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
             rating_max: 5.0,
             init_mean: 0.0,
             local_item_offsets: None,
+            objective: fedretail_core::model::mf::Objective::Rating,
         }),
         plan: p,
         privacy: None,

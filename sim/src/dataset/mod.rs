@@ -70,6 +70,32 @@ pub fn split(
     (shuffled, test)
 }
 
+/// Strict leave-one-out: each user's newest rating is held out, every earlier one trains.
+/// Ratings with the same newest timestamp (MovieLens users often rate several films in one
+/// second) are tied: one of them is chosen at random, seeded by the user and the item, so the
+/// split is deterministic and favours no kind of item. Users with a single rating only train.
+pub fn leave_newest_out(ratings: &[RawRating]) -> (Vec<RawRating>, Vec<RawRating>) {
+    let tiebreak = |r: &RawRating| user_seed(&format!("{}/{}", r.user, r.item));
+    let mut newest: BTreeMap<u32, RawRating> = BTreeMap::new();
+    let mut count: BTreeMap<u32, usize> = BTreeMap::new();
+    for r in ratings {
+        *count.entry(r.user).or_default() += 1;
+        let slot = newest.entry(r.user).or_insert(*r);
+        if (r.timestamp, tiebreak(r)) > (slot.timestamp, tiebreak(slot)) {
+            *slot = *r;
+        }
+    }
+    let test: Vec<RawRating> = newest.values().filter(|r| count[&r.user] > 1).copied().collect();
+    let held: std::collections::BTreeSet<(u32, u32, i64)> =
+        test.iter().map(|r| (r.user, r.item, r.timestamp)).collect();
+    let train = ratings
+        .iter()
+        .filter(|r| !held.contains(&(r.user, r.item, r.timestamp)))
+        .copied()
+        .collect();
+    (train, test)
+}
+
 /// Groups train and test ratings into stores; stores are sorted by name.
 pub fn partition(
     dataset: &RatingsDataset,
@@ -147,6 +173,24 @@ mod tests {
             .map(|(u, s)| (u, s.to_string()))
             .collect();
         RatingsDataset { name: "tiny".into(), ratings, n_items: 7, user_region }
+    }
+
+    #[test]
+    fn leave_newest_out_holds_out_each_users_newest_and_breaks_ties_evenly() {
+        let r = |user, item, timestamp| RawRating { user, item, value: 1.0, timestamp };
+        let mut ratings = vec![r(0, 1, 10), r(0, 2, 30), r(0, 3, 20), r(1, 4, 5)];
+        // Users 2..: two items tied at the newest second.
+        for user in 2..202 {
+            ratings.extend([r(user, 1, 1), r(user, 5, 9), r(user, 6, 9)]);
+        }
+        let (train, test) = leave_newest_out(&ratings);
+        assert_eq!(test[0], r(0, 2, 30), "the newest is held out");
+        assert!(test.iter().all(|t| t.user != 1), "a single rating only trains");
+        assert_eq!(train.len() + test.len(), ratings.len());
+        assert!(!train.contains(&r(0, 2, 30)));
+        let fives = test.iter().filter(|t| t.item == 5).count();
+        assert!((70..=130).contains(&fives), "ties go either way: {fives} of 200 held out item 5");
+        assert_eq!(leave_newest_out(&ratings), (train, test), "deterministic");
     }
 
     #[test]

@@ -431,6 +431,7 @@ async fn customer_level_noise_leaves_the_fixed_mean_alone() {
         rating_max: 5.0,
         init_mean: 3.5,
         local_item_offsets: None,
+        objective: fedretail_core::model::mf::Objective::Rating,
     };
     spec.model = ModelSpec::MatrixFactorization(mf);
     let p = spec.privacy.as_mut().unwrap();

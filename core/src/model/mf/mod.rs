@@ -10,6 +10,7 @@
 //! Global layout: `[μ, b_0 .. b_{n_items-1}, q_0 (dim values), .., q_{n_items-1}]`.
 
 mod customer;
+mod ranking;
 
 pub use customer::{CustomerSum, RatingsByUser};
 
@@ -55,6 +56,34 @@ pub struct MfSpec {
     /// never leave the store, and no update depends on them, so they cost no privacy.
     #[serde(default)]
     pub local_item_offsets: Option<f32>,
+    /// What the model is trained for: rating prediction (explicit ratings, the default) or
+    /// ranking (implicit feedback, [`ranking`]).
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// The recommender's training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum Objective {
+    /// Explicit ratings: squared error of `μ + b_u + b_i + p_u·q_i` (module docs).
+    #[default]
+    Rating,
+    /// Implicit feedback trained for ranking: weighted matrix factorisation ([`ranking`]).
+    Ranking {
+        /// Confidence per unit of an interaction's value: `c = 1 + alpha · value`.
+        alpha: f32,
+        /// λ_Y: L2 regularisation of the item side, per user (the objective is a mean over
+        /// users).
+        item_regularization: f32,
+    },
+}
+
+impl Objective {
+    /// Whether the model is trained for ranking.
+    pub fn is_ranking(&self) -> bool {
+        matches!(self, Objective::Ranking { .. })
+    }
 }
 
 fn one() -> f32 {
@@ -111,6 +140,29 @@ impl MfSpec {
         }
         if !(self.init_std >= 0.0 && self.init_std.is_finite()) {
             return err("model.init_std", format!("must be >= 0, got {}", self.init_std));
+        }
+        if let Objective::Ranking { alpha, item_regularization } = self.objective {
+            if !(alpha >= 0.0 && alpha.is_finite()) {
+                return err("model.objective.alpha", format!("must be >= 0, got {alpha}"));
+            }
+            if !(item_regularization >= 0.0 && item_regularization.is_finite()) {
+                return err(
+                    "model.objective.item_regularization",
+                    format!("must be >= 0, got {item_regularization}"),
+                );
+            }
+            if self.dim > 256 {
+                return err(
+                    "model.dim",
+                    format!("must be at most 256 for the ranking objective, got {}", self.dim),
+                );
+            }
+            if self.local_item_offsets.is_some() {
+                return err(
+                    "model.local_item_offsets",
+                    "rating residuals; the ranking objective has none".into(),
+                );
+            }
         }
         if self.rating_min.partial_cmp(&self.rating_max) != Some(std::cmp::Ordering::Less) {
             return err(
@@ -338,6 +390,12 @@ impl Model for MfModel {
         epochs: u32,
         rng: &mut dyn Rng,
     ) -> TrainStats {
+        if self.spec.objective.is_ranking() {
+            let mean_loss = self.train_ranking(global, local, data, epochs);
+            // The item side's step is a mean over users: FedAvg weights it by users.
+            let n_users = ranking::user_items(data).iter().filter(|l| !l.is_empty()).count();
+            return TrainStats { n_examples: n_users, mean_loss };
+        }
         let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);
         let mut g = self.split_mut(global);
         let mut order: Vec<u32> = (0..data.train.len() as u32).collect();
@@ -383,15 +441,22 @@ impl MfModel {
         data: &MfData,
         seed: u64,
     ) -> Vec<EvalSums> {
-        let offsets = self.local_item_offsets(global, local, data);
-        let predict = |user, item: u32| {
-            self.predict(global, local, user, item)
-                + offsets.as_ref().map_or(0.0, |o| o[item as usize])
+        let ranking = self.spec.objective.is_ranking();
+        let offsets = if ranking { None } else { self.local_item_offsets(global, local, data) };
+        let folded = ranking.then(|| self.ranking_scores(global, data));
+        let predict = |user, item: u32| match &folded {
+            Some(score) => score(user, item),
+            None => {
+                self.predict(global, local, user, item)
+                    + offsets.as_ref().map_or(0.0, |o| o[item as usize])
+            }
         };
         let mut sums = vec![EvalSums::default(); data.n_users()];
-        for r in &data.test {
-            let p = predict(r.user, r.item).clamp(self.spec.rating_min, self.spec.rating_max);
-            sums[r.user as usize].add_rating(p, r.value);
+        if !ranking {
+            for r in &data.test {
+                let p = predict(r.user, r.item).clamp(self.spec.rating_min, self.spec.rating_max);
+                sums[r.user as usize].add_rating(p, r.value);
+            }
         }
         // Leave-one-out ranking: each user's newest held-out item against N_NEGATIVES items the
         // user never rated, sampled with a seed fixed by the user, so every method ranks the
@@ -425,8 +490,9 @@ impl MfModel {
                     negatives.push(item);
                 }
             }
+            // A negative that ties with the target counts against it: never in its favour.
             let pos = predict(t.user, t.item);
-            let rank = negatives.iter().filter(|&&i| predict(t.user, i) > pos).count();
+            let rank = negatives.iter().filter(|&&i| predict(t.user, i) >= pos).count();
             sums[u].add_rank(rank);
         }
         sums

@@ -14,6 +14,7 @@ fn spec(n_items: usize, dim: usize) -> MfSpec {
         rating_max: 5.0,
         init_mean: 0.0,
         local_item_offsets: None,
+        objective: crate::model::mf::Objective::Rating,
     }
 }
 
