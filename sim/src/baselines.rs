@@ -27,3 +27,60 @@ pub fn local_only(spec: &MfSpec, stores: &[StoreData], epochs: u32, seed: u64) -
     }
     sums
 }
+
+/// Ranking objective: pooled (or one store's) alternating least squares from the seeded
+/// initial model, `iterations` times, evaluated on the store's held-out interactions.
+pub fn als_alone(spec: &MfSpec, store: &StoreData, iterations: u32, seed: u64) -> EvalSums {
+    let model = MfModel::new(spec.clone());
+    let mut global = model.init_global(&mut rand::rngs::ChaCha8Rng::seed_from_u64(seed));
+    model.als_fit(&mut global, &store.data, iterations);
+    let local = model.init_local(&store.data, None);
+    model.evaluate(&global, &local, &store.data, seed)
+}
+
+/// Every store alone under ALS; the stores' sums are merged.
+pub fn als_local_only(spec: &MfSpec, stores: &[StoreData], iterations: u32, seed: u64) -> EvalSums {
+    let mut sums = EvalSums::default();
+    for store in stores {
+        sums.merge(&als_alone(spec, store, iterations, seed));
+    }
+    sums
+}
+
+/// A model that scores every item by how many users of `counted` interacted with it in
+/// training: item biases only, factors 0 (users then solve to 0), so the shared evaluation
+/// (negatives, ties) ranks by popularity.
+fn popularity_model(spec: &MfSpec, counted: &StoreData) -> (MfModel, Vec<f32>) {
+    let model = MfModel::new(spec.clone());
+    let mut global = vec![0.0; model.n_global()];
+    let mut seen = std::collections::HashSet::new();
+    for r in &counted.data.train {
+        if seen.insert((r.user, r.item)) {
+            global[1 + r.item as usize] += 1.0;
+        }
+    }
+    (model, global)
+}
+
+/// Most popular items across all stores (a count over every store's training interactions),
+/// evaluated in every store.
+pub fn popularity(spec: &MfSpec, pooled: &StoreData, stores: &[StoreData], seed: u64) -> EvalSums {
+    let (model, global) = popularity_model(spec, pooled);
+    let mut sums = EvalSums::default();
+    for store in stores {
+        let local = model.init_local(&store.data, None);
+        sums.merge(&model.evaluate(&global, &local, &store.data, seed));
+    }
+    sums
+}
+
+/// Each store's own most popular items.
+pub fn popularity_per_store(spec: &MfSpec, stores: &[StoreData], seed: u64) -> EvalSums {
+    let mut sums = EvalSums::default();
+    for store in stores {
+        let (model, global) = popularity_model(spec, store);
+        let local = model.init_local(&store.data, None);
+        sums.merge(&model.evaluate(&global, &local, &store.data, seed));
+    }
+    sums
+}

