@@ -225,13 +225,7 @@ impl TaskSpec {
                         "customer-level privacy needs a model with customers (the recommender)",
                     ));
                 }
-                if matches!(&self.model, ModelSpec::MatrixFactorization(mf) if mf.objective.is_ranking())
-                {
-                    return Err(bad(
-                        "privacy.unit",
-                        "customer-level privacy is not yet available for the ranking objective",
-                    ));
-                }
+
                 if privacy.population.is_none_or(|n| n == 0) {
                     return Err(bad(
                         "privacy.population",

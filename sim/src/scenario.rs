@@ -490,9 +490,6 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     })
     .await??;
     let ranking = args.ranking();
-    if ranking && args.privacy_unit == Some(PrivacyUnitArg::Customer) {
-        anyhow::bail!("customer-level privacy is not yet available for the ranking objective");
-    }
     if !ranking && args.scenario == ScenarioKind::RetailRecommend {
         anyhow::bail!("Complete Journey has purchases, not ratings: use --objective ranking");
     }

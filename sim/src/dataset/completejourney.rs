@@ -479,10 +479,50 @@ mod tests {
         assert_eq!(data.ratings.len(), 10, "five households × two products, once each");
     }
 
+    /// Writes `products.parquet` in `dir` with one required column of the given type.
+    fn write_products(
+        dir: &Path,
+        message: &str,
+        write: impl FnOnce(&mut parquet::file::writer::SerializedColumnWriter<'_>),
+    ) {
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        let schema =
+            std::sync::Arc::new(parquet::schema::parser::parse_message_type(message).unwrap());
+        let file = std::fs::File::create(dir.join("products.parquet")).unwrap();
+        let props = std::sync::Arc::new(WriterProperties::builder().build());
+        let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        let mut column = group.next_column().unwrap().unwrap();
+        write(&mut column);
+        column.close().unwrap();
+        group.close().unwrap();
+        writer.close().unwrap();
+    }
+
     #[test]
-    fn a_missing_file_or_column_is_named() {
+    fn a_missing_file_column_or_type_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let err = load_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("products.parquet"), "{err}");
+
+        write_products(dir.path(), "message p { REQUIRED INT64 product_id; }", |c| {
+            c.typed::<parquet::data_type::Int64Type>().write_batch(&[1, 2], None, None).unwrap();
+        });
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("products.parquet") && err.contains("no column `department`"),
+            "{err}"
+        );
+
+        write_products(dir.path(), "message p { REQUIRED INT32 product_id; }", |c| {
+            c.typed::<parquet::data_type::Int32Type>().write_batch(&[1, 2], None, None).unwrap();
+        });
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("products.parquet")
+                && err.contains("`product_id` is INT32, expected INT64"),
+            "{err}"
+        );
     }
 }

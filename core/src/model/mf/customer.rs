@@ -40,6 +40,16 @@ pub struct CustomerSum {
 }
 
 impl CustomerSum {
+    /// Assembled by the model's own customer rounds only (each term clipped).
+    pub(super) fn new(
+        sum: Vec<f64>,
+        n_sampled: usize,
+        n_unclipped: usize,
+        mean_loss: f64,
+    ) -> CustomerSum {
+        CustomerSum { sum, n_sampled, n_unclipped, mean_loss }
+    }
+
     /// Σ over sampled customers of their clipped contribution (length `n_global`).
     pub fn sum(&self) -> &[f64] {
         &self.sum
@@ -109,6 +119,9 @@ impl MfModel {
     ) -> CustomerSum {
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
         assert!(clip_norm.is_finite() && clip_norm > 0.0, "clip_norm must be positive");
+        if self.spec.objective.is_ranking() {
+            return self.ranking_customer_round(global, local, data, sampling_rate, clip_norm, rng);
+        }
         let (n_items, dim) = (self.spec.n_items, self.spec.dim);
         let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);
         let users: Vec<u32> = (0..data.n_users() as u32).collect();

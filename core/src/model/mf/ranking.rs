@@ -290,6 +290,89 @@ impl MfModel {
         loss
     }
 
+    /// One customer-level round under the ranking objective (see `customer.rs` for the
+    /// contract): every customer's factors are solved against the round's model (their own data
+    /// and the public model: no privacy cost, and they stay here); each Poisson-sampled customer
+    /// contributes `−learning_rate · ∇ℓ_u` with respect to the item side, clipped to
+    /// `clip_norm`. The contribution is dense (the unobserved items' term touches every item)
+    /// and carries no item regularisation, which is the model's, not a customer's.
+    pub(crate) fn ranking_customer_round<R: rand::Rng + ?Sized>(
+        &self,
+        global: &[f32],
+        local: &mut MfLocal,
+        data: &MfData,
+        sampling_rate: f64,
+        clip_norm: f32,
+        rng: &mut R,
+    ) -> super::CustomerSum {
+        let (alpha, _) = self.ranking_params();
+        let (n_items, d) = (self.spec.n_items, self.spec.dim);
+        let (bias, y) = self.item_side(global);
+        let x = self.solve_users(global, data);
+        let items = user_items(data);
+        let users: Vec<u32> = (0..data.n_users() as u32).collect();
+        let sample = crate::privacy::sampling::poisson(&users, sampling_rate, rng);
+        let lr = f64::from(self.spec.learning_rate);
+        let mut sum = vec![0.0f64; global.len()];
+        let (mut n_unclipped, mut loss, mut n_sampled) = (0usize, 0.0f64, 0usize);
+        let mut grad = vec![0.0f64; global.len()];
+        for &u in &sample.members {
+            n_sampled += 1;
+            let own = &items[u as usize];
+            if own.is_empty() {
+                // No interactions: no loss, no contribution (but still sampled: the count is
+                // the data's, and stays here).
+                n_unclipped += 1;
+                continue;
+            }
+            let xu = x.row(u as usize);
+            let mut next = own.iter().peekable();
+            let mut user_loss = f64::from(self.spec.regularization)
+                * xu.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+            for i in 0..n_items {
+                let yi = y.row(i);
+                let s = f64::from(bias[i])
+                    + (0..d).map(|p| f64::from(xu[p]) * f64::from(yi[p])).sum::<f64>();
+                let coef = match next.peek() {
+                    Some(&&(j, value)) if j as usize == i => {
+                        next.next();
+                        let c = 1.0 + f64::from(alpha) * f64::from(value);
+                        user_loss += c * (1.0 - s).powi(2);
+                        -2.0 * c * (1.0 - s)
+                    }
+                    _ => {
+                        user_loss += s * s;
+                        2.0 * s
+                    }
+                };
+                grad[1 + i] = coef;
+                let row = 1 + n_items + i * d;
+                for p in 0..d {
+                    grad[row + p] = coef * f64::from(xu[p]);
+                }
+            }
+            loss += user_loss;
+            let norm = lr * grad.iter().map(|g| g * g).sum::<f64>().sqrt();
+            if !norm.is_finite() {
+                continue;
+            }
+            if norm <= f64::from(clip_norm) {
+                n_unclipped += 1;
+            }
+            let scale = if norm > 0.0 { -lr * (f64::from(clip_norm) / norm).min(1.0) } else { 0.0 };
+            for (s, g) in sum.iter_mut().zip(&grad) {
+                *s += scale * g;
+            }
+        }
+        local.user_factors = x;
+        super::CustomerSum::new(
+            sum,
+            n_sampled,
+            n_unclipped,
+            if n_sampled == 0 { 0.0 } else { loss / n_sampled as f64 },
+        )
+    }
+
     /// Pooled alternating least squares: both sides solved exactly, `iterations` times, from
     /// `global` (the central and local-only references of the ranking objective).
     pub fn als_fit(&self, global: &mut [f32], data: &MfData, iterations: u32) {
@@ -389,7 +472,7 @@ impl MfModel {
 mod tests {
     use super::*;
     use crate::model::Model;
-    use crate::model::mf::{MfSpec, Rating};
+    use crate::model::mf::{MfSpec, Rating, RatingsByUser};
     use rand::SeedableRng;
 
     fn spec(n_items: usize, dim: usize) -> MfSpec {
@@ -507,6 +590,55 @@ mod tests {
         assert!(objective(&trained) < objective(&start));
         assert!(objective(&als) < objective(&start));
         assert!(objective(&als) <= objective(&trained) + 1e-3);
+    }
+
+    /// Unclipped and with every customer sampled, the customer round's sum is −lr times the sum
+    /// of the users' gradients (the item regularisation aside); clipped, each customer moves it
+    /// by at most C.
+    #[test]
+    fn a_customer_round_sums_each_customers_clipped_gradient() {
+        let model = MfModel::new(spec(5, 3));
+        let data = data();
+        let g = global(&model, 5);
+        let mut local = model.init_local(&data, None);
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(1);
+        let round = model.customer_round(
+            &g,
+            &mut local,
+            &data,
+            &RatingsByUser::new(&data),
+            1.0,
+            1,
+            1e9,
+            &mut rng,
+        );
+        assert_eq!((round.n_sampled(), round.n_unclipped()), (4, 4));
+        let x = model.solve_users(&g, &data);
+        assert_eq!(local.user_factors, x, "every customer's factors are refreshed");
+        let (mean, _) = model.ranking_gradient(&g, &x, &data);
+        let users = 3.0; // user 3 has no interactions
+        for k in 1..g.len() {
+            let expected = -0.5 * users * (mean[k] - 2.0 * 0.01 * f64::from(g[k]));
+            assert!(
+                (round.sum()[k] - expected).abs() < 1e-4,
+                "{k}: {} vs {expected}",
+                round.sum()[k]
+            );
+        }
+        let clip = 0.01;
+        let clipped = model.customer_round(
+            &g,
+            &mut local,
+            &data,
+            &RatingsByUser::new(&data),
+            1.0,
+            1,
+            clip,
+            &mut rng,
+        );
+        let norm = clipped.sum().iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(norm <= users * f64::from(clip) + 1e-9, "{norm}");
+        assert!(norm > 0.5 * f64::from(clip));
     }
 
     #[test]
