@@ -331,10 +331,14 @@ impl RunArgs {
     /// or the defaults measured on MovieLens-100K and Complete Journey (BENCHMARKS.md): 32
     /// factors, user λ 10, confidence α 5, item λ_Y 0.02 per user; one exact user solve and one
     /// item gradient step per round, FedAdam with step 0.06 at the coordinator, 100 rounds.
+    ///
+    /// Under customer-level DP: 8 factors and FedAdam step 0.02 (each customer's clipped
+    /// gradient is dense, so fewer factors mean less noise per signal; BENCHMARKS.md).
     pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
+        let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
         let spec = MfSpec {
             n_items,
-            dim: self.dim.unwrap_or(32),
+            dim: self.dim.unwrap_or(if private { 8 } else { 32 }),
             learning_rate: self.learning_rate.unwrap_or(0.5),
             regularization: self.regularization.unwrap_or(10.0),
             init_std: 0.1,
@@ -347,7 +351,7 @@ impl RunArgs {
                 item_regularization: 0.02,
             },
         };
-        let learning_rate = self.server_lr.unwrap_or(0.06);
+        let learning_rate = self.server_lr.unwrap_or(if private { 0.02 } else { 0.06 });
         let optimizer =
             ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
         (spec, self.rounds.unwrap_or(100), optimizer)
@@ -543,7 +547,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         spec.plan.local_epochs = args.local_epochs.unwrap_or(1);
         spec.plan.server_optimizer = optimizer;
         spec.plan.eval_every = args.eval_every.min(rounds as u32);
-        spec.plan.clip_norm = args.clip_norm.unwrap_or(1e6);
+        // Under customer-level DP a customer's step (learning rate 0.5 times their gradient) is
+        // clipped to 16: every contribution measured was above it.
+        let private = args.privacy_unit == Some(PrivacyUnitArg::Customer);
+        spec.plan.clip_norm = args.clip_norm.unwrap_or(if private { 16.0 } else { 1e6 });
     }
     if let Some(privacy) = privacy {
         // Under DP every clipped update counts once. A Poisson cohort of stores may be any
