@@ -24,6 +24,16 @@ enum Command {
     /// Runs the scenario at every ε of --epsilons (and without privacy for `inf`); writes
     /// sweep.json, sweep.md and sweep.svg (RMSE against ε with the references).
     Sweep(Box<fedretail_sim::sweep::SweepArgs>),
+    /// Writes the ranking split (train.csv, test.csv) of a scenario, to compare other libraries
+    /// on the same split (sim/scripts/implicit_reference.py).
+    ExportSplit {
+        /// The scenario's options (`--scenario`, ...).
+        #[command(flatten)]
+        args: Box<RunArgs>,
+        /// Output directory.
+        #[arg(long = "split-dir")]
+        split_dir: std::path::PathBuf,
+    },
     /// Writes each store's ratings as CSV files for `fedretail-client` (the README's tour).
     ExportStores(fedretail_sim::bench::ExportArgs),
     /// Writes each Superstore store's sales as CSV for `fedretail-client --sales`, and a
@@ -91,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println_out(&fedretail_sim::sweep::markdown(&sweep));
             Ok(())
         }),
+        Command::ExportSplit { args, split_dir } => scenario::export_split(&args, &split_dir),
         Command::ExportStores(args) => fedretail_sim::bench::export_stores(&args),
         Command::ExportSales(args) => fedretail_sim::demand::export_sales(&args),
         Command::Bench(cmd) => runtime.block_on(fedretail_sim::bench::run(cmd)),

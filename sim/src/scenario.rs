@@ -397,6 +397,57 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
     })
 }
 
+/// The ranking protocol's split: implicit feedback (every MovieLens rating is a positive of
+/// value 1; a Complete Journey pair's value is its number of purchases), each user's newest
+/// interaction held out.
+pub fn ranking_split(
+    args: &RunArgs,
+    data: &RatingsDataset,
+) -> (Vec<dataset::RawRating>, Vec<dataset::RawRating>) {
+    let positives: Vec<dataset::RawRating> = data
+        .ratings
+        .iter()
+        .map(|r| dataset::RawRating {
+            value: if args.scenario == ScenarioKind::RetailRecommend { r.value } else { 1.0 },
+            ..*r
+        })
+        .collect();
+    dataset::leave_newest_out(&positives)
+}
+
+/// Writes the ranking split of the scenario as `train.csv` (`user,item,value`) and `test.csv`
+/// (`user,item`) into `dir`, with the dataset's ids: for comparing with other libraries on the
+/// very same split (`sim/scripts/implicit_reference.py`).
+///
+/// # Errors
+///
+/// Data or I/O failures.
+pub fn export_split(args: &RunArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let data = load_dataset(args)?;
+    let (train, test) = ranking_split(args, &data);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, rows: &[dataset::RawRating], with_value: bool| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        let mut w =
+            csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
+        let header: &[&str] =
+            if with_value { &["user", "item", "value"] } else { &["user", "item"] };
+        w.write_record(header)?;
+        for r in rows {
+            let mut record = vec![r.user.to_string(), r.item.to_string()];
+            if with_value {
+                record.push(r.value.to_string());
+            }
+            w.write_record(&record)?;
+        }
+        w.flush().with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    };
+    write("train.csv", &train, true)?;
+    write("test.csv", &test, false)?;
+    Ok(())
+}
+
 /// The task's privacy settings from the options; `population` is the number of customers
 /// across stores (the customer unit's public divisor).
 ///
@@ -498,17 +549,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         anyhow::bail!("Complete Journey has purchases, not ratings: use --objective ranking");
     }
     let (train, test) = if ranking {
-        // Implicit feedback: every MovieLens rating is a positive of value 1; a Complete
-        // Journey pair's value is its number of purchases.
-        let positives: Vec<dataset::RawRating> = data
-            .ratings
-            .iter()
-            .map(|r| dataset::RawRating {
-                value: if args.scenario == ScenarioKind::RetailRecommend { r.value } else { 1.0 },
-                ..*r
-            })
-            .collect();
-        dataset::leave_newest_out(&positives)
+        ranking_split(args, &data)
     } else {
         dataset::split(&data.ratings, args.test_fraction, args.seed)
     };
