@@ -57,7 +57,7 @@ pub struct MfSpec {
     #[serde(default)]
     pub local_item_offsets: Option<f32>,
     /// What the model is trained for: rating prediction (explicit ratings, the default) or
-    /// ranking (implicit feedback, [`ranking`]).
+    /// ranking (implicit feedback, `mf/ranking.rs`).
     #[serde(default)]
     pub objective: Objective,
 }
@@ -69,7 +69,7 @@ pub enum Objective {
     /// Explicit ratings: squared error of `μ + b_u + b_i + p_u·q_i` (module docs).
     #[default]
     Rating,
-    /// Implicit feedback trained for ranking: weighted matrix factorisation ([`ranking`]).
+    /// Implicit feedback trained for ranking: weighted matrix factorisation (`mf/ranking.rs`).
     Ranking {
         /// Confidence per unit of an interaction's value: `c = 1 + alpha · value`.
         alpha: f32,
