@@ -21,9 +21,14 @@ pub fn train_alone(spec: &MfSpec, store: &StoreData, epochs: u32, seed: u64) -> 
 
 /// Every store alone, with its own copy of the model; the stores' sums are merged.
 pub fn local_only(spec: &MfSpec, stores: &[StoreData], epochs: u32, seed: u64) -> EvalSums {
+    merged(stores, |store| train_alone(spec, store, epochs, seed))
+}
+
+/// `evaluate` in every store, the stores' sums merged.
+fn merged(stores: &[StoreData], evaluate: impl Fn(&StoreData) -> EvalSums) -> EvalSums {
     let mut sums = EvalSums::default();
     for store in stores {
-        sums.merge(&train_alone(spec, store, epochs, seed));
+        sums.merge(&evaluate(store));
     }
     sums
 }
@@ -34,17 +39,12 @@ pub fn als_alone(spec: &MfSpec, store: &StoreData, iterations: u32, seed: u64) -
     let model = MfModel::new(spec.clone());
     let mut global = model.init_global(&mut rand::rngs::ChaCha8Rng::seed_from_u64(seed));
     model.als_fit(&mut global, &store.data, iterations);
-    let local = model.init_local(&store.data, None);
-    model.evaluate(&global, &local, &store.data, seed)
+    evaluate_in(&model, &global, store, seed)
 }
 
 /// Every store alone under ALS; the stores' sums are merged.
 pub fn als_local_only(spec: &MfSpec, stores: &[StoreData], iterations: u32, seed: u64) -> EvalSums {
-    let mut sums = EvalSums::default();
-    for store in stores {
-        sums.merge(&als_alone(spec, store, iterations, seed));
-    }
-    sums
+    merged(stores, |store| als_alone(spec, store, iterations, seed))
 }
 
 /// A model that scores every item by how many users of `counted` interacted with it in
@@ -66,21 +66,20 @@ fn popularity_model(spec: &MfSpec, counted: &StoreData) -> (MfModel, Vec<f32>) {
 /// evaluated in every store.
 pub fn popularity(spec: &MfSpec, pooled: &StoreData, stores: &[StoreData], seed: u64) -> EvalSums {
     let (model, global) = popularity_model(spec, pooled);
-    let mut sums = EvalSums::default();
-    for store in stores {
-        let local = model.init_local(&store.data, None);
-        sums.merge(&model.evaluate(&global, &local, &store.data, seed));
-    }
-    sums
+    merged(stores, |store| evaluate_in(&model, &global, store, seed))
+}
+
+/// `global` evaluated on `store`'s held-out data (user parameters fresh: the ranking objective
+/// solves them from the model).
+fn evaluate_in(model: &MfModel, global: &[f32], store: &StoreData, seed: u64) -> EvalSums {
+    let local = model.init_local(&store.data, None);
+    model.evaluate(global, &local, &store.data, seed)
 }
 
 /// Each store's own most popular items.
 pub fn popularity_per_store(spec: &MfSpec, stores: &[StoreData], seed: u64) -> EvalSums {
-    let mut sums = EvalSums::default();
-    for store in stores {
+    merged(stores, |store| {
         let (model, global) = popularity_model(spec, store);
-        let local = model.init_local(&store.data, None);
-        sums.merge(&model.evaluate(&global, &local, &store.data, seed));
-    }
-    sums
+        evaluate_in(&model, &global, store, seed)
+    })
 }

@@ -572,9 +572,9 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
     // rating scale, a choice made without looking at the data.
     let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
-    let (mf, reference_mf) = if ranking {
-        let (spec, _, _) = args.ranking_setup(data.n_items);
-        (spec.clone(), spec)
+    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items));
+    let (mf, reference_mf) = if let Some((spec, _, _)) = &ranking_setup {
+        (spec.clone(), spec.clone())
     } else {
         (
             mf_spec(args.hyper(), if customer { 3.0 } else { 0.0 }),
@@ -582,8 +582,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         )
     };
     let mut spec = task_spec(args, &mf, stores.len());
-    if ranking {
-        let (_, rounds, optimizer) = args.ranking_setup(data.n_items);
+    if let Some((_, rounds, optimizer)) = ranking_setup {
         spec.plan.rounds = rounds;
         spec.plan.local_epochs = args.local_epochs.unwrap_or(1);
         spec.plan.server_optimizer = optimizer;

@@ -391,9 +391,7 @@ impl Model for MfModel {
         rng: &mut dyn Rng,
     ) -> TrainStats {
         if self.spec.objective.is_ranking() {
-            let mean_loss = self.train_ranking(global, local, data, epochs);
-            // The item side's step is a mean over users: FedAvg weights it by users.
-            let n_users = ranking::user_items(data).iter().filter(|l| !l.is_empty()).count();
+            let (mean_loss, n_users) = self.train_ranking(global, local, data, epochs);
             return TrainStats { n_examples: n_users, mean_loss };
         }
         let (lr, reg) = (self.spec.learning_rate, self.spec.regularization);

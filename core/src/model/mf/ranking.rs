@@ -31,7 +31,7 @@ use super::{MfData, MfLocal, MfModel, Objective};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 /// One user's interactions: items (sorted, distinct) with their summed values.
-pub(crate) fn user_items(data: &MfData) -> Vec<Vec<(u32, f32)>> {
+fn user_items(data: &MfData) -> Vec<Vec<(u32, f32)>> {
     let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); data.n_users()];
     for r in &data.train {
         by_user[r.user as usize].push((r.item, r.value));
@@ -131,6 +131,11 @@ impl MfModel {
     ///
     /// If the task's objective is not ranking or `global` has the wrong length.
     pub fn solve_users(&self, global: &[f32], data: &MfData) -> Array2<f32> {
+        self.solve_grouped(global, &user_items(data))
+    }
+
+    /// [`MfModel::solve_users`] for interactions already grouped by [`user_items`].
+    fn solve_grouped(&self, global: &[f32], by_user: &[Vec<(u32, f32)>]) -> Array2<f32> {
         let (alpha, _) = self.ranking_params();
         let d = self.spec.dim;
         let (bias, y) = self.item_side(global);
@@ -144,9 +149,9 @@ impl MfModel {
             }
         }
         let lambda = f64::from(self.spec.regularization);
-        let mut x = Array2::<f32>::zeros((data.n_users(), d));
+        let mut x = Array2::<f32>::zeros((by_user.len(), d));
         let (mut a, mut rhs) = (vec![0.0f64; d * d], vec![0.0f64; d]);
-        for (u, items) in user_items(data).iter().enumerate() {
+        for (u, items) in by_user.iter().enumerate() {
             if items.is_empty() {
                 continue;
             }
@@ -196,11 +201,20 @@ impl MfModel {
         x: &Array2<f32>,
         data: &MfData,
     ) -> (Vec<f64>, f64) {
+        self.gradient_grouped(global, x, &user_items(data))
+    }
+
+    /// [`MfModel::ranking_gradient`] for interactions already grouped by [`user_items`].
+    fn gradient_grouped(
+        &self,
+        global: &[f32],
+        x: &Array2<f32>,
+        items: &[Vec<(u32, f32)>],
+    ) -> (Vec<f64>, f64) {
         let (alpha, item_reg) = self.ranking_params();
         let (n_items, d) = (self.spec.n_items, self.spec.dim);
         let (bias, y) = self.item_side(global);
-        let items = user_items(data);
-        let active: Vec<usize> = (0..data.n_users()).filter(|&u| !items[u].is_empty()).collect();
+        let active: Vec<usize> = (0..items.len()).filter(|&u| !items[u].is_empty()).collect();
         let mut grad = vec![0.0f64; global.len()];
         let n = active.len();
         let mut loss = 0.0f64;
@@ -267,27 +281,30 @@ impl MfModel {
     }
 
     /// Local training under the ranking objective: per epoch, solve every user exactly, then
-    /// one gradient step of size `learning_rate` on the item side. Stores `x` in `local`.
+    /// one gradient step of size `learning_rate` on the item side. `local` keeps the factors of
+    /// the last solve (users are solved again from whatever model is evaluated or served).
+    /// Returns the mean loss and the users with interactions (FedAvg's weight: the step is a
+    /// mean over them).
     pub(crate) fn train_ranking(
         &self,
         global: &mut [f32],
         local: &mut MfLocal,
         data: &MfData,
         epochs: u32,
-    ) -> f64 {
+    ) -> (f64, usize) {
         let lr = f64::from(self.spec.learning_rate);
+        let by_user = user_items(data);
         let mut loss = 0.0;
         for _ in 0..epochs {
-            let x = self.solve_users(global, data);
-            let (grad, l) = self.ranking_gradient(global, &x, data);
+            let x = self.solve_grouped(global, &by_user);
+            let (grad, l) = self.gradient_grouped(global, &x, &by_user);
             loss = l;
             for (g, d) in global.iter_mut().zip(&grad).skip(1) {
                 *g -= (lr * d) as f32;
             }
             local.user_factors = x;
         }
-        local.user_factors = self.solve_users(global, data);
-        loss
+        (loss, by_user.iter().filter(|l| !l.is_empty()).count())
     }
 
     /// One customer-level round under the ranking objective (see `customer.rs` for the
@@ -308,8 +325,8 @@ impl MfModel {
         let (alpha, _) = self.ranking_params();
         let (n_items, d) = (self.spec.n_items, self.spec.dim);
         let (bias, y) = self.item_side(global);
-        let x = self.solve_users(global, data);
         let items = user_items(data);
+        let x = self.solve_grouped(global, &items);
         let users: Vec<u32> = (0..data.n_users() as u32).collect();
         let sample = crate::privacy::sampling::poisson(&users, sampling_rate, rng);
         let lr = f64::from(self.spec.learning_rate);
@@ -391,7 +408,7 @@ impl MfModel {
         // The item side's λ in ℓ's units: λ_Y per user times the users.
         let lambda = f64::from(item_reg) * n_active;
         for _ in 0..iterations {
-            let x = self.solve_users(global, data);
+            let x = self.solve_grouped(global, &items);
             let mut xtx = vec![0.0f64; d * d];
             add_gram(&mut xtx, x.view());
             let mut xsum = vec![0.0f64; d];
