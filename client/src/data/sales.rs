@@ -225,6 +225,9 @@ pub struct StoreSales {
     pub n_weeks: usize,
     /// Per product group: units per week and the week's discount (NaN without rows).
     pub groups: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    /// Per product group with a promotion calendar: the weekly shares of its products on
+    /// display and in the mailer (see [`Series::display`]).
+    pub promotions: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
 }
 
 impl StoreSales {
@@ -267,7 +270,7 @@ impl StoreSales {
                 (name, (units, mean))
             })
             .collect();
-        StoreSales { first_week: first, n_weeks, groups }
+        StoreSales { first_week: first, n_weeks, groups, promotions: BTreeMap::new() }
     }
 
     /// The series of the task's `groups` that this store sells, as the model's data (one
@@ -285,6 +288,8 @@ impl StoreSales {
                     start: 0,
                     units: units.clone(),
                     discount: discount.clone(),
+                    display: self.promotions.get(name).map(|p| p.0.clone()).unwrap_or_default(),
+                    mailer: self.promotions.get(name).map(|p| p.1.clone()).unwrap_or_default(),
                 }),
                 None => unknown.push(name.clone()),
             }

@@ -315,6 +315,8 @@ fn demand_spec(groups: &[&str]) -> fedretail_core::model::demand::DemandSpec {
         planned_discounts: false,
         personal_regularization: 10.0,
         whole_units: true,
+        relative_to_recent: false,
+        hidden_units: 0,
     }
 }
 
@@ -326,6 +328,7 @@ fn sales(group: &str) -> crate::data::sales::StoreSales {
         first_week: 0,
         n_weeks: 110,
         groups: [(group.to_string(), (units, discount))].into(),
+        promotions: Default::default(),
     }
 }
 

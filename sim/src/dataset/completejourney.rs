@@ -10,6 +10,8 @@
 
 use super::movielens::{MovieLensError, fetch_wheel};
 use super::{RatingsDataset, RawRating};
+use fedretail_client::data::sales::{SalesRow, StoreSales};
+use fedretail_core::model::demand::week_of_day;
 use parquet::basic::Type as PhysicalType;
 use parquet::column::reader::{ColumnReader, ColumnReaderImpl};
 use parquet::data_type::{ByteArray, DataType, Int96};
@@ -246,6 +248,19 @@ impl Table {
     where
         T::T: Clone,
     {
+        self.column_map(name, physical, typed, |v: Option<&T::T>| v.cloned())
+    }
+
+    /// A column's values mapped one by one as they are read, in batches of at most a million
+    /// rows (the promotions table's 21 million strings are never all held at once).
+    fn column_map<T: DataType, V>(
+        &mut self,
+        name: &str,
+        physical: PhysicalType,
+        typed: impl Fn(ColumnReader) -> Option<ColumnReaderImpl<T>>,
+        map: impl Fn(Option<&T::T>) -> V,
+    ) -> Result<Vec<V>, CompleteJourneyError> {
+        const BATCH: usize = 1 << 20;
         let schema = self.reader.metadata().file_metadata().schema_descr_ptr();
         let index = (0..schema.num_columns())
             .find(|&i| schema.column(i).name() == name)
@@ -274,24 +289,26 @@ impl Table {
             let mut reader = typed(group.get_column_reader(index).map_err(parquet_err)?)
                 .ok_or_else(|| bad(format!("cannot be read as {physical}")))?;
             let read_before = out.len();
-            let mut values = Vec::with_capacity(rows);
-            let mut defs = Vec::with_capacity(rows);
+            let mut values = Vec::with_capacity(rows.min(BATCH));
+            let mut defs = Vec::with_capacity(rows.min(BATCH));
             let mut read = 0;
             while read < rows {
+                values.clear();
+                defs.clear();
                 let (records, _, _) = reader
-                    .read_records(rows - read, Some(&mut defs), None, &mut values)
+                    .read_records((rows - read).min(BATCH), Some(&mut defs), None, &mut values)
                     .map_err(parquet_err)?;
                 if records == 0 {
                     break;
                 }
                 read += records;
-            }
-            if max_def == 0 {
-                out.extend(values.into_iter().map(Some));
-            } else {
-                let mut values = values.into_iter();
-                for &d in &defs {
-                    out.push(if d == max_def { values.next() } else { None });
+                if max_def == 0 {
+                    out.extend(values.iter().map(|v| map(Some(v))));
+                } else {
+                    let mut values = values.iter();
+                    for &d in &defs {
+                        out.push(map(if d == max_def { values.next() } else { None }));
+                    }
                 }
             }
             if out.len() != read_before + rows {
@@ -363,6 +380,19 @@ impl Table {
                 )
             })
             .collect())
+    }
+
+    /// A string column as flags: whether each value is present and differs from `off`.
+    fn flags(&mut self, name: &str, off: &str) -> Result<Vec<bool>, CompleteJourneyError> {
+        self.column_map::<parquet::data_type::ByteArrayType, bool>(
+            name,
+            PhysicalType::BYTE_ARRAY,
+            |c| match c {
+                ColumnReader::ByteArrayColumnReader(r) => Some(r),
+                _ => None,
+            },
+            |b| b.is_some_and(|b| b.data() != off.as_bytes()),
+        )
     }
 
     /// A legacy INT96 timestamp column, as seconds since the epoch.
@@ -444,6 +474,177 @@ pub fn recommendation(cj: &CompleteJourney, options: RecommendOptions) -> Rating
         .filter_map(|h| kept(h).map(|s| (h, format!("store-{s}"))))
         .collect();
     RatingsDataset { name: "Complete Journey".into(), ratings, n_items: ranked.len(), user_region }
+}
+
+/// What a demand series is a sum over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grouping {
+    /// This many most purchased departments (12: those with at least 2,500 purchase lines).
+    Departments(usize),
+    /// This many most purchased product categories (the rest left out).
+    Categories(usize),
+}
+
+/// How the demand data is built from the purchases.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct DemandOptions {
+    /// A store id is kept if at least this many distinct households bought there.
+    pub min_households: usize,
+    /// The product groups.
+    pub grouping: Grouping,
+}
+
+impl Default for DemandOptions {
+    fn default() -> DemandOptions {
+        DemandOptions { min_households: 5, grouping: Grouping::Departments(12) }
+    }
+}
+
+/// The full weeks of the data, as [`week_of_day`] indices: 2017-01-02 (the first Monday; week
+/// 1 of the data is a partial Sunday) to the week ending 2017-12-24 (week 53 is partial).
+pub fn full_weeks() -> (i64, i64) {
+    let day = |m, d| {
+        fedretail_client::data::sales::day_number(jiff::civil::date(2017, m, d))
+            .expect("a 2017 date")
+    };
+    (week_of_day(day(1, 2)), week_of_day(day(12, 24)))
+}
+
+/// Each kept store's purchase lines as the sales rows its point of sale exports (the product
+/// column holding its group), over [`full_weeks`]; store names are `store-ID`.
+pub fn demand_rows(cj: &CompleteJourney, options: DemandOptions) -> BTreeMap<String, Vec<SalesRow>> {
+    let mut households: HashMap<u32, std::collections::HashSet<u32>> = HashMap::new();
+    for p in &cj.purchases {
+        households.entry(p.store).or_default().insert(p.household);
+    }
+    let group_of = group_of(cj, options.grouping);
+    let (first, last) = full_weeks();
+    let mut stores: BTreeMap<String, Vec<SalesRow>> = BTreeMap::new();
+    for p in &cj.purchases {
+        if households[&p.store].len() < options.min_households {
+            continue;
+        }
+        let Some(group) = group_of.get(&p.product) else { continue };
+        let day = p.timestamp.div_euclid(86_400);
+        if !(first..=last).contains(&week_of_day(day)) {
+            continue;
+        }
+        stores.entry(format!("store-{}", p.store)).or_default().push(SalesRow {
+            day,
+            store: format!("store-{}", p.store),
+            product: group.clone(),
+            quantity: p.quantity,
+            price: p.price,
+            discount: if p.price > 0.0 { (p.discount / p.price).clamp(0.0, 0.99) } else { 0.0 },
+        });
+    }
+    stores
+}
+
+/// The group of every product the grouping keeps: the `n` most purchased departments or
+/// categories (by purchase lines; ties by name), the dropped departments never among them.
+fn group_of(cj: &CompleteJourney, grouping: Grouping) -> HashMap<u32, String> {
+    let (n, name): (usize, fn(&Product) -> &str) = match grouping {
+        Grouping::Departments(n) => (n, |p| p.department.as_str()),
+        Grouping::Categories(n) => (n, |p| p.category.as_str()),
+    };
+    let mut lines: HashMap<&str, usize> = HashMap::new();
+    for p in &cj.purchases {
+        if let Some(product) = cj.products.get(&p.product) {
+            *lines.entry(name(product)).or_default() += 1;
+        }
+    }
+    let mut ranked: Vec<(&str, usize)> = lines.into_iter().collect();
+    ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let kept: std::collections::HashSet<&str> = ranked.into_iter().take(n).map(|(g, _)| g).collect();
+    cj.products
+        .iter()
+        .filter(|(_, p)| !DROPPED_DEPARTMENTS.contains(&p.department.as_str()))
+        .filter(|(_, p)| kept.contains(name(p)))
+        .map(|(&id, p)| (id, name(p).to_string()))
+        .collect()
+}
+
+/// The promotion calendar of `stores` (names `store-ID`): per store and group, the weekly
+/// shares over [`full_weeks`] of the group's promoted products that are on in-store display
+/// and in the mailer. A group's promoted products are those it had on display or in the mailer
+/// at that store in any week of the year, so a share of 1 means all of them at once.
+///
+/// # Errors
+///
+/// A missing or malformed `promotions.parquet`, naming file and column.
+pub fn promotions(
+    cj: &CompleteJourney,
+    grouping: Grouping,
+    stores: &[String],
+) -> Result<BTreeMap<String, BTreeMap<String, (Vec<f32>, Vec<f32>)>>, CompleteJourneyError> {
+    let ids: HashMap<u32, &str> = stores
+        .iter()
+        .filter_map(|s| s.strip_prefix("store-").and_then(|id| id.parse().ok()).map(|id| (id, s.as_str())))
+        .collect();
+    let group_of = group_of(cj, grouping);
+    let mut t = Table::open(&cj.dir.join("promotions.parquet"))?;
+    let store = t.int64("store_id")?;
+    let product = t.int64("product_id")?;
+    let week = t.int64("week")?;
+    let display = t.flags("display_location", "0")?;
+    let mailer = t.flags("mailer_location", "0")?;
+    let (first, last) = full_weeks();
+    let n_weeks = (last - first + 1) as usize;
+    // Data week 2 is the calendar's first full week.
+    type Counts = (Vec<f32>, Vec<f32>, std::collections::HashSet<u32>);
+    let mut counts: BTreeMap<(&str, &str), Counts> = BTreeMap::new();
+    for k in 0..store.len() {
+        let (Some(&name), Some(group)) =
+            (ids.get(&(store[k] as u32)), group_of.get(&(product[k] as u32)))
+        else {
+            continue;
+        };
+        let w = week[k] - 2;
+        if !(0..n_weeks as i64).contains(&w) || !(display[k] || mailer[k]) {
+            continue;
+        }
+        let e = counts
+            .entry((name, group.as_str()))
+            .or_insert_with(|| (vec![0.0; n_weeks], vec![0.0; n_weeks], Default::default()));
+        e.0[w as usize] += f32::from(u8::from(display[k]));
+        e.1[w as usize] += f32::from(u8::from(mailer[k]));
+        e.2.insert(product[k] as u32);
+    }
+    let mut out: BTreeMap<String, BTreeMap<String, (Vec<f32>, Vec<f32>)>> = BTreeMap::new();
+    for ((name, group), (display, mailer, products)) in counts {
+        let n = products.len().max(1) as f32;
+        let share = |v: Vec<f32>| v.into_iter().map(|c| (c / n).min(1.0)).collect();
+        out.entry(name.to_string())
+            .or_default()
+            .insert(group.to_string(), (share(display), share(mailer)));
+    }
+    Ok(out)
+}
+
+/// The demand scenario's stores: each kept store's weekly sales per group over [`full_weeks`],
+/// with its promotion calendar.
+///
+/// # Errors
+///
+/// See [`promotions`].
+pub fn demand(
+    cj: &CompleteJourney,
+    options: DemandOptions,
+) -> Result<Vec<(String, StoreSales)>, CompleteJourneyError> {
+    let rows = demand_rows(cj, options);
+    let names: Vec<String> = rows.keys().cloned().collect();
+    let mut calendar = promotions(cj, options.grouping, &names)?;
+    let range = full_weeks();
+    Ok(rows
+        .into_iter()
+        .map(|(name, rows)| {
+            let mut sales = StoreSales::from_rows(&rows, Some(range));
+            sales.promotions = calendar.remove(&name).unwrap_or_default();
+            (name, sales)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -7,12 +7,14 @@
 //! ```text
 //! η = β₀ + b_g + a_k + a_s + Σ_j w_j ℓ(y_{t-j}) + Σ_j m_j [t-j before the data]
 //!     + Σ_W v_W ℓ(mean of the last W weeks) + d · (last observed discount)
+//!     + p_d · (display share of week t) + p_m · (mailer share of week t)
 //!     + Σ_h (c_h sin(2πht/P) + c'_h cos(2πht/P))
 //! ```
 //!
 //! plus, per group, its own seasonal terms `Σ_h (e_{g,h} sin(2πht/P) + e'_{g,h} cos(2πht/P))`,
-//! with lags `j ∈ {1, 2, 4, 52}`, windows `W ∈ {13, 52}` and `P` the mean year in weeks.
-//! `β₀, w, m, v, d, c, b, e` are global. Local to the store: the store level `a_k`, the series
+//! with lags `j ∈ {1, 2, 4, 52}`, windows `W ∈ {4, 13, 52}` and `P` the mean year in weeks.
+//! Missing lags (the first year of a series, or a data set of one year) are switched off by
+//! their indicators `m_j`. `β₀, w, m, v, d, p, c, b, e` are global. Local to the store: the store level `a_k`, the series
 //! level `a_s`, the store's offsets to `w, m, v, d, c` and the series' offsets to `e_g`, the
 //! offsets under a prior that keeps small stores near the federated values
 //! ([`DemandSpec::personal_regularization`]).
@@ -31,6 +33,10 @@
 //! the origin): in order lines a discount is observed only when something sold, so the same
 //! week's discount would leak the target. Stores that record a promotion calendar set
 //! [`DemandSpec::planned_discounts`], and then the target week's own discount is used.
+//!
+//! Promotions (the share of the group's products on in-store display, and in the mailer) come
+//! from the store's promotion calendar, which is planned ahead: the target week's own shares
+//! are features. A series without a calendar has none (zero).
 
 #[cfg(test)]
 mod tests;
@@ -45,7 +51,7 @@ use serde::{Deserialize, Serialize};
 /// Lags of the target used as features, in weeks.
 pub const LAGS: [usize; 4] = [1, 2, 4, 52];
 /// Trailing windows whose mean is a feature, in weeks.
-pub const WINDOWS: [usize; 2] = [13, 52];
+pub const WINDOWS: [usize; 3] = [4, 13, 52];
 /// The mean Gregorian year in weeks: the period of the seasonal terms.
 pub const YEAR_WEEKS: f64 = 365.2425 / 7.0;
 /// Within one call of `train`, epoch `e` steps with `learning_rate / (1 + e / DECAY_EPOCHS)`:
@@ -110,6 +116,22 @@ pub struct DemandSpec {
     /// estimated as 0.03 would be charged as error in every week without sales.
     #[serde(default)]
     pub whole_units: bool,
+    /// Forecast relative to the recent level: `ℓ(mean of the last 4 weeks)` is added to `η` as
+    /// a fixed offset, so every weight (all regularised towards zero) describes a departure
+    /// from the 4-week moving average, and a model that learns nothing forecasts it. That
+    /// level is the store's own, computed from its own sales in the store, so the model then
+    /// has no further local part: store and series levels and personal offsets are neither
+    /// trained nor used (on Complete Journey they overfit one year of weeks; BENCHMARKS.md).
+    #[serde(default)]
+    pub relative_to_recent: bool,
+    /// Hidden units of a global one-layer tanh network added to `η` (0: none). Its inputs are
+    /// the features relative to the recent level (see [`DemandModel::network_inputs`]) and the
+    /// group's one-hot code, so it learns how lags, windows and promotions interact per group,
+    /// which no linear term can (on Complete Journey a linear model only ties the moving
+    /// average; BENCHMARKS.md). Its output weights start at zero: an untrained network adds
+    /// nothing.
+    #[serde(default)]
+    pub hidden_units: u32,
 }
 
 impl DemandSpec {
@@ -119,9 +141,24 @@ impl DemandSpec {
     }
 
     /// Length of the global vector: the shared weights, then per group its effect and its own
-    /// seasonal coefficients.
+    /// seasonal coefficients, then the network's weights.
     pub fn n_global(&self) -> usize {
+        self.network_offset() + self.network_len()
+    }
+
+    /// Where the network's weights start: per hidden unit its input weights and bias, then the
+    /// output weights.
+    fn network_offset(&self) -> usize {
         self.group_offset() + self.groups.len() * self.group_width()
+    }
+
+    /// Inputs of the network: [`NETWORK_FEATURES`] and the group's one-hot code.
+    fn network_inputs(&self) -> usize {
+        NETWORK_FEATURES + self.groups.len()
+    }
+
+    fn network_len(&self) -> usize {
+        self.hidden_units as usize * (self.network_inputs() + 2)
     }
 
     /// Global values per group: the effect `b_g` and `2 × harmonics` seasonal coefficients.
@@ -155,6 +192,12 @@ impl DemandSpec {
         if !(1..=52).contains(&self.horizon) {
             return err("model.horizon", format!("must be in 1..=52, got {}", self.horizon));
         }
+        if self.hidden_units > 256 {
+            return err(
+                "model.hidden_units",
+                format!("must be at most 256, got {}", self.hidden_units),
+            );
+        }
         if self.harmonics > 26 {
             return err("model.harmonics", format!("must be at most 26, got {}", self.harmonics));
         }
@@ -181,12 +224,18 @@ impl DemandSpec {
 }
 
 /// Global slots before the seasonal terms: intercept, lag weights, missing-lag indicators,
-/// window means, discount.
-const FIXED: usize = 1 + 2 * LAGS.len() + WINDOWS.len() + 1;
+/// window means, discount, display and mailer shares.
+const FIXED: usize = 1 + 2 * LAGS.len() + WINDOWS.len() + 3;
 const LAG_AT: usize = 1;
 const MISSING_AT: usize = LAG_AT + LAGS.len();
 const WINDOW_AT: usize = MISSING_AT + LAGS.len();
 const DISCOUNT_AT: usize = WINDOW_AT + WINDOWS.len();
+const DISPLAY_AT: usize = DISCOUNT_AT + 1;
+const MAILER_AT: usize = DISCOUNT_AT + 2;
+/// Network inputs besides the group code: the recent level `ℓ(4-week mean)` / 4, each lag and
+/// longer window minus that level (0 where missing), the missing-lag indicators, discount,
+/// display and mailer shares.
+const NETWORK_FEATURES: usize = 1 + LAGS.len() + (WINDOWS.len() - 1) + LAGS.len() + 3;
 
 /// One store's weekly sales of one product group.
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +252,12 @@ pub struct Series {
     /// The week's mean discount (fraction of the list price) over its sales; NaN in weeks
     /// without sales (not observed).
     pub discount: Vec<f32>,
+    /// Promotion calendar: per week, the share in `[0, 1]` of the group's products on in-store
+    /// display. Empty when the store records no calendar.
+    pub display: Vec<f32>,
+    /// Per week, the share of the group's products featured in the mailer; empty without a
+    /// calendar.
+    pub mailer: Vec<f32>,
 }
 
 /// A store's (or, for the central reference, several stores') weekly series on one calendar.
@@ -327,6 +382,14 @@ impl DemandModel {
             if s.units.iter().any(|u| !(u.is_finite() && *u >= 0.0)) {
                 return Err("units must be finite and non-negative".into());
             }
+            for (name, shares) in [("display", &s.display), ("mailer", &s.mailer)] {
+                if !shares.is_empty() && shares.len() != n {
+                    return Err(format!("a series' {name} shares differ in length from its units"));
+                }
+                if shares.iter().any(|v| !(0.0..=1.0).contains(v)) {
+                    return Err(format!("{name} shares must lie in [0, 1]"));
+                }
+            }
         }
         Ok(())
     }
@@ -360,6 +423,9 @@ impl DemandModel {
             .find(|d| !d.is_nan())
             .copied()
             .unwrap_or(0.0);
+        let planned = |shares: &[f32]| shares.get(t).copied().unwrap_or(0.0);
+        x[DISPLAY_AT] = planned(&h.series.display);
+        x[MAILER_AT] = planned(&h.series.mailer);
         let week = (first_week + t as i64) as f64;
         for k in 0..self.spec.harmonics as usize {
             let angle = std::f64::consts::TAU * (k + 1) as f64 * week / YEAR_WEEKS;
@@ -406,15 +472,25 @@ impl DemandModel {
         x: &[f32],
     ) -> f32 {
         let s = &data.series[si];
-        let own = self.store_weights(local, s.store);
-        let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum::<f32>()
-            + x[1..].iter().zip(own).map(|(a, b)| a * b).sum::<f32>();
+        let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum();
         let block = &global[self.spec.group_at(s.group)..][..self.spec.group_width()];
         let season: f32 =
             x[FIXED..self.spec.group_offset()].iter().zip(&block[1..]).map(|(a, b)| a * b).sum();
-        let eta = dot
-            + block[0]
-            + season
+        let network = if self.spec.hidden_units > 0 {
+            let mut z = vec![0.0; self.spec.network_inputs()];
+            let mut hidden = vec![0.0; self.spec.hidden_units as usize];
+            self.network(global, x, s.group, &mut z, &mut hidden)
+        } else {
+            0.0
+        };
+        let shared = network + dot + block[0] + season;
+        // Relative to the recent level, the store's own level is that level: no local part.
+        if self.spec.relative_to_recent {
+            return (x[WINDOW_AT] + shared).min(MAX_ETA);
+        }
+        let own = self.store_weights(local, s.store);
+        let eta = shared
+            + x[1..].iter().zip(own).map(|(a, b)| a * b).sum::<f32>()
             + local.store_level[s.store as usize]
             + local.series_level[si]
             + x[FIXED..self.spec.group_offset()]
@@ -423,6 +499,72 @@ impl DemandModel {
                 .map(|(a, b)| a * b)
                 .sum::<f32>();
         eta.min(MAX_ETA)
+    }
+
+    /// The network's inputs for features `x` of a series in `group`, into `z`.
+    fn network_input(&self, x: &[f32], group: u32, z: &mut [f32]) {
+        let level = x[WINDOW_AT];
+        z.fill(0.0);
+        z[0] = level / 4.0;
+        for j in 0..LAGS.len() {
+            let missing = x[MISSING_AT + j];
+            z[1 + j] = if missing > 0.0 { 0.0 } else { x[LAG_AT + j] - level };
+            z[1 + LAGS.len() + j] = missing;
+        }
+        let mut k = 1 + 2 * LAGS.len();
+        for j in 1..WINDOWS.len() {
+            z[k] = x[WINDOW_AT + j] - level;
+            k += 1;
+        }
+        z[k] = x[DISCOUNT_AT];
+        z[k + 1] = x[DISPLAY_AT];
+        z[k + 2] = x[MAILER_AT];
+        z[NETWORK_FEATURES + group as usize] = 1.0;
+    }
+
+    /// The network's output for features `x` of a series in `group`; `z` receives its inputs
+    /// and `hidden` its hidden activations (for the gradient).
+    fn network(
+        &self,
+        global: &[f32],
+        x: &[f32],
+        group: u32,
+        z: &mut [f32],
+        hidden: &mut [f32],
+    ) -> f32 {
+        self.network_input(x, group, z);
+        let (n_in, h) = (self.spec.network_inputs(), self.spec.hidden_units as usize);
+        let net = &global[self.spec.network_offset()..];
+        let (weights, out) = net.split_at(h * (n_in + 1));
+        for (k, a) in hidden.iter_mut().enumerate() {
+            let row = &weights[k * (n_in + 1)..(k + 1) * (n_in + 1)];
+            let pre: f32 = row[..n_in].iter().zip(z.iter()).map(|(w, v)| w * v).sum::<f32>()
+                + row[n_in];
+            *a = pre.tanh();
+        }
+        hidden.iter().zip(out).map(|(a, v)| a * v).sum()
+    }
+
+    /// One SGD step of the network's weights for an example with loss gradient `grad` (with
+    /// respect to `η`).
+    fn network_step(&self, global: &mut [f32], x: &[f32], group: u32, grad: f32, lr: f32) {
+        let (n_in, h) = (self.spec.network_inputs(), self.spec.hidden_units as usize);
+        let mut z = vec![0.0; n_in];
+        let mut hidden = vec![0.0; h];
+        self.network(global, x, group, &mut z, &mut hidden);
+        let reg = self.spec.regularization;
+        let net = &mut global[self.spec.network_offset()..];
+        let (weights, out) = net.split_at_mut(h * (n_in + 1));
+        for k in 0..h {
+            // d η / d pre_k = v_k (1 - a_k²), with v_k before its own step.
+            let back = grad * out[k] * (1.0 - hidden[k] * hidden[k]);
+            out[k] -= lr * (grad * hidden[k] + reg * out[k]);
+            let row = &mut weights[k * (n_in + 1)..(k + 1) * (n_in + 1)];
+            for (w, v) in row[..n_in].iter_mut().zip(&z) {
+                *w -= lr * (back * v + reg * *w);
+            }
+            row[n_in] -= lr * (back + reg * row[n_in]);
+        }
     }
 
     /// The forecast (units) from a linear predictor.
@@ -463,18 +605,26 @@ impl DemandModel {
         let s = &data.series[si];
         let reg = f64::from(self.spec.regularization);
         let sq = |v: f32| f64::from(v).powi(2);
-        let weights: f64 = global[1..self.spec.group_offset()].iter().map(|&w| sq(w)).sum();
+        let personal = f64::from(self.personal_regularization(data)[s.store as usize]);
+        // Relative to the recent level the local part is unused (see `eta`).
+        let local_terms = if self.spec.relative_to_recent { 0.0 } else { 1.0 };
+        let levels = sq(local.store_level[s.store as usize]) + sq(local.series_level[si]);
+        let weights: f64 = global[1..self.spec.group_offset()]
+            .iter()
+            .chain(&global[self.spec.network_offset()..])
+            .map(|&w| sq(w))
+            .sum();
         fit + 0.5
             * reg
             * (weights
                 + global[self.spec.group_at(s.group)..][..self.spec.group_width()]
                     .iter()
                     .map(|&v| sq(v))
-                    .sum::<f64>()
-                + sq(local.store_level[s.store as usize])
-                + sq(local.series_level[si]))
+                    .sum::<f64>())
+            + 0.5 * local_terms * reg * levels
             + 0.5
-                * f64::from(self.personal_regularization(data)[s.store as usize])
+                * local_terms
+                * personal
                 * self
                     .series_season(local, si)
                     .iter()
@@ -518,6 +668,9 @@ impl DemandModel {
             }
         };
         let s = &data.series[si];
+        if self.spec.hidden_units > 0 {
+            self.network_step(global, x, s.group, grad, lr);
+        }
         global[0] -= lr * grad;
         for (w, xi) in global[1..x.len()].iter_mut().zip(&x[1..]) {
             *w -= lr * (grad * xi + reg * *w);
@@ -527,6 +680,9 @@ impl DemandModel {
         block[0] -= lr * (grad + reg * block[0]);
         for (c, xi) in block[1..].iter_mut().zip(&x[FIXED..]) {
             *c -= lr * (grad * xi + reg * *c);
+        }
+        if self.spec.relative_to_recent {
+            return fit;
         }
         let a = &mut local.store_level[s.store as usize];
         *a -= lr * (grad + reg * *a);
@@ -687,9 +843,22 @@ impl Model for DemandModel {
         self.spec.n_global()
     }
 
-    /// All zeros: a forecast of one unit (Poisson) or none (log), whatever the seed.
-    fn init_global(&self, _rng: &mut dyn Rng) -> Vec<f32> {
-        vec![0.0; self.n_global()]
+    /// All zeros but the network's input weights (normal, standard deviation `1/√inputs`, from
+    /// `rng`): a forecast of one unit (Poisson) or none (log), or of the recent level
+    /// ([`DemandSpec::relative_to_recent`]), as the network's output weights start at zero.
+    fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
+        let mut global = vec![0.0; self.n_global()];
+        let n_in = self.spec.network_inputs();
+        let normal = rand_distr::Normal::new(0.0, 1.0 / (n_in as f32).sqrt())
+            .expect("a positive standard deviation");
+        let h = self.spec.hidden_units as usize;
+        let weights = &mut global[self.spec.network_offset()..][..h * (n_in + 1)];
+        for (k, w) in weights.iter_mut().enumerate() {
+            if k % (n_in + 1) != n_in {
+                *w = rand_distr::Distribution::sample(&normal, rng);
+            }
+        }
+        global
     }
 
     fn init_local(&self, data: &DemandData, previous: Option<DemandLocal>) -> DemandLocal {
