@@ -445,9 +445,19 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
     let task = task_spec(args, &spec, &h, n, base_name.clone());
     task.validate().context("the scenario's task")?;
     let mut runs = vec![("federated".to_string(), task.clone())];
+    // One year of data: noisy updates do best with fewer, smaller steps (BENCHMARKS.md).
+    let dp_h = if stores.one_year {
+        DemandHyper {
+            rounds: args.rounds.unwrap_or(30),
+            server_lr: args.server_lr.unwrap_or(1.0),
+            ..h
+        }
+    } else {
+        h
+    };
     for &epsilon in &args.dp_epsilons {
-        let mut t = task_spec(args, &spec, &h, n, format!("{base_name}-dp{epsilon}"));
-        t.plan.clip_norm = h.clip_norm;
+        let mut t = task_spec(args, &spec, &dp_h, n, format!("{base_name}-dp{epsilon}"));
+        t.plan.clip_norm = dp_h.clip_norm;
         t.plan.weight_by_examples = false;
         t.plan.min_clients = 1;
         t.privacy = Some(PrivacySpec {
@@ -698,6 +708,18 @@ fn label(r: &DemandReport, key: &str) -> String {
             .strip_prefix("federated_dp_eps")
             .map_or(k.into(), |e| format!("federated, store-level DP ε = {e}")),
     }
+}
+
+/// The head of the report: title, the table of methods, the setup and the targets (up to the
+/// fairness section).
+pub fn summary(r: &DemandReport) -> String {
+    to_markdown(r, "wape_per_store.svg")
+        .lines()
+        .take_while(|l| !l.starts_with("## Fairness"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .trim_end()
+        .to_string()
 }
 
 /// The report as Markdown; `plot` names the WAPE-per-store plot beside it.

@@ -7,6 +7,8 @@
 //! - [`runner`]: an in-process coordinator and one gRPC client per store on loopback.
 //! - [`scenario`]: a run's options, the run itself, and where its report goes.
 //! - [`report`]: `report.json` and `report.md`.
+//! - [`retail`]: the default scenario, both models on Complete Journey.
+//! - [`demand`]: the demand-forecasting scenarios.
 //! - [`sweep`]: the privacy–utility curve over ε, with its plot.
 //! - [`mod@bench`]: transport and aggregation benchmarks.
 
@@ -15,6 +17,7 @@ pub mod bench;
 pub mod dataset;
 pub mod demand;
 pub mod report;
+pub mod retail;
 pub mod runner;
 pub mod scenario;
 pub mod sweep;

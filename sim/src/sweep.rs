@@ -18,7 +18,8 @@ pub struct SweepArgs {
     /// (default: `out/sweep`).
     #[arg(long = "sweep-out")]
     pub sweep_out: Option<PathBuf>,
-    /// The run's options (use --privacy-unit to choose the unit; customer by default).
+    /// The run's options (use --privacy-unit to choose the unit; customer by default; the
+    /// scenario is MovieLens-100K unless another rating scenario is named).
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -59,6 +60,10 @@ pub struct Sweep {
 pub async fn run(args: &SweepArgs) -> anyhow::Result<Sweep> {
     let dir = args.sweep_out.clone().unwrap_or_else(|| PathBuf::from("out").join("sweep"));
     let mut base = args.run.clone();
+    // The sweep plots RMSE: with no rating scenario named it sweeps MovieLens-100K.
+    if base.scenario == scenario::ScenarioKind::Retail {
+        base.scenario = scenario::ScenarioKind::Movielens;
+    }
     if base.privacy_unit.is_none() {
         base.privacy_unit = Some(scenario::PrivacyUnitArg::Customer);
     }

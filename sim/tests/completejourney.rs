@@ -61,3 +61,37 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
     );
     assert_eq!(r.failed_rounds, 0);
 }
+
+/// Issue 11's demand scenario on Complete Journey: weekly units per store and department over
+/// one year, with discounts and the promotion calendar. The federated model (relative to the
+/// recent level, with its network) beats the 4-week moving average and each store alone
+/// overall, and on most stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_demand_beats_the_moving_average_and_each_store_alone() {
+    if !slow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = args(&[
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--scenario",
+        "retail-demand",
+        "--dp-epsilons",
+    ]);
+    let r = fedretail_sim::demand::run(&args).await.unwrap();
+    assert!((110..=130).contains(&r.stores.len()), "{} stores", r.stores.len());
+    assert_eq!(r.test_weeks, 13);
+    let wape = |key: &str| r.method(key).unwrap().total().wape();
+    let federated = wape("federated");
+    assert!(federated < wape("moving_average"), "federated {federated} vs moving average");
+    assert!(federated < wape("local_only"), "federated {federated} vs local-only");
+    assert!(federated < wape("last_week"), "federated {federated} vs last week");
+    let f = fedretail_sim::demand::fairness(&r);
+    assert!(
+        f.federated_beats_local_only as f64 >= 0.6 * f.stores_compared as f64,
+        "federated beats local-only on {} of {} stores",
+        f.federated_beats_local_only,
+        f.stores_compared
+    );
+}

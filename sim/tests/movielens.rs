@@ -3,9 +3,13 @@
 
 mod common;
 
-use common::args;
 use fedretail_sim::dataset::{self, Partition};
-use fedretail_sim::scenario;
+use fedretail_sim::scenario::{self, RunArgs};
+
+/// A quiet MovieLens run with `options`.
+fn args(options: &[&str]) -> RunArgs {
+    common::args(&[&["--scenario", "movielens"], options].concat())
+}
 
 fn slow() -> bool {
     common::slow("MovieLens")

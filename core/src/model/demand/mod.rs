@@ -538,8 +538,8 @@ impl DemandModel {
         let (weights, out) = net.split_at(h * (n_in + 1));
         for (k, a) in hidden.iter_mut().enumerate() {
             let row = &weights[k * (n_in + 1)..(k + 1) * (n_in + 1)];
-            let pre: f32 = row[..n_in].iter().zip(z.iter()).map(|(w, v)| w * v).sum::<f32>()
-                + row[n_in];
+            let pre: f32 =
+                row[..n_in].iter().zip(z.iter()).map(|(w, v)| w * v).sum::<f32>() + row[n_in];
             *a = pre.tanh();
         }
         hidden.iter().zip(out).map(|(a, v)| a * v).sum()

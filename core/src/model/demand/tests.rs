@@ -37,7 +37,11 @@ fn data(seed: u64) -> DemandData {
             let discount = units.iter().map(|&u| if u > 0.0 { 0.1 } else { f32::NAN }).collect();
             // Store 0 keeps a promotion calendar, store 1 none.
             let mut shares = || -> Vec<f32> {
-                if store == 0 { (0..160).map(|_| rng.random_range(0.0f32..1.0)).collect() } else { Vec::new() }
+                if store == 0 {
+                    (0..160).map(|_| rng.random_range(0.0f32..1.0)).collect()
+                } else {
+                    Vec::new()
+                }
             };
             let (display, mailer) = (shares(), shares());
             series.push(Series { store, group, start: 0, units, discount, display, mailer });
@@ -218,14 +222,14 @@ fn hindsight_median_is_the_best_constant_and_zero_on_sparse_series() {
         first_week: 2052,
         n_stores: 1,
         series: vec![Series {
-        store: 0,
-        group: 0,
-        start: 0,
-        discount: vec![f32::NAN; 120],
-        units,
-        display: Vec::new(),
-        mailer: Vec::new(),
-    }],
+            store: 0,
+            group: 0,
+            start: 0,
+            discount: vec![f32::NAN; 120],
+            units,
+            display: Vec::new(),
+            mailer: Vec::new(),
+        }],
     };
     let sparse_sums = model.evaluate_naive(&data(sparse), Naive::HindsightMedian);
     assert!(sparse_sums.actual_sum > 0.0);
