@@ -81,12 +81,20 @@ struct RunArgs {
     #[arg(long)]
     store: String,
     /// The store's ratings, for recommender tasks (CSV with user_id,item_id,rating[,timestamp]).
-    #[arg(long, required_unless_present = "sales", conflicts_with = "sales")]
+    #[arg(long, conflicts_with_all = ["sales", "purchases"])]
     ratings: Option<PathBuf>,
     /// The store's sales, for demand tasks (CSV with date,store,product,quantity,price,discount;
     /// rows of other stores in the file are skipped).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "purchases")]
     sales: Option<PathBuf>,
+    /// The store's purchases, for either kind of task (CSV with
+    /// date,store,customer,product,quantity,price,discount; rows of other stores are skipped);
+    /// needs --catalogue.
+    #[arg(long, requires = "catalogue")]
+    purchases: Option<PathBuf>,
+    /// The task's catalogue: product,item,group (see `fedretail-sim export-retail`).
+    #[arg(long, requires = "purchases")]
+    catalogue: Option<PathBuf>,
     /// Fraction of ratings held out for local evaluation.
     #[arg(long, default_value_t = 0.2)]
     holdout: f64,
@@ -205,6 +213,25 @@ fn run(cli: RunArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(cli.max_backoff_secs > 0.0, "--max-backoff-secs must be positive");
     let data = match (&cli.ratings, &cli.sales) {
+        _ if cli.purchases.is_some() => {
+            let (path, catalogue) =
+                (cli.purchases.as_ref().expect("checked"), cli.catalogue.as_ref());
+            let catalogue = fedretail_client::data::purchases::load_catalogue(
+                catalogue.context("--purchases needs --catalogue")?,
+            )?;
+            let (rows, sales) =
+                fedretail_client::data::purchases::load_store(path, &cli.store, &catalogue)?;
+            let ratings = StoreRatings::from_rows(&rows, cli.holdout, cli.seed);
+            tracing::info!(
+                path = %path.display(),
+                customers = ratings.user_keys.len(),
+                interactions = rows.len(),
+                groups = sales.groups.len(),
+                weeks = sales.n_weeks,
+                "purchases loaded"
+            );
+            LocalData::Purchases { ratings, sales }
+        }
         (Some(path), _) => {
             let rows =
                 fedretail_client::data::csv::load_ratings(path).context("loading ratings")?;
@@ -223,7 +250,7 @@ fn run(cli: RunArgs) -> anyhow::Result<()> {
             tracing::info!(path = %path.display(), groups = sales.groups.len(), weeks = sales.n_weeks, "sales loaded");
             LocalData::Sales(sales)
         }
-        (None, None) => anyhow::bail!("give --ratings or --sales"),
+        (None, None) => anyhow::bail!("give --ratings, --sales or --purchases"),
     };
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("creating {}", cli.state_dir.display()))?;

@@ -225,23 +225,42 @@ pub fn load(args: &RunArgs) -> anyhow::Result<DemandStores> {
     })
 }
 
-/// The model spec: the last [`TEST_WEEKS`] weeks are held out.
+/// The model spec: the last [`DemandStores::test_weeks`] weeks are held out.
 pub fn model_spec(stores: &DemandStores, h: &DemandHyper) -> DemandSpec {
+    spec_for(
+        stores.groups.clone(),
+        stores.first_week + stores.n_weeks as i64 - stores.test_weeks,
+        h,
+        stores.planned_discounts,
+        stores.one_year,
+    )
+}
+
+/// The demand model of the scenarios: over several years with seasonal terms and each store's
+/// own levels and offsets; over `one_year` relative to the recent level, with the network and
+/// no seasonal terms (BENCHMARKS.md, "Demand on Complete Journey").
+pub fn spec_for(
+    groups: Vec<String>,
+    first_test_week: i64,
+    h: &DemandHyper,
+    planned_discounts: bool,
+    one_year: bool,
+) -> DemandSpec {
     DemandSpec {
-        groups: stores.groups.clone(),
-        first_test_week: stores.first_week + stores.n_weeks as i64 - stores.test_weeks,
+        groups,
+        first_test_week,
         horizon: HORIZON,
         // Seasonal terms fitted on 38 weeks of one year extrapolate badly into its last 13.
-        harmonics: if stores.one_year { 0 } else { 2 },
+        harmonics: if one_year { 0 } else { 2 },
         learning_rate: h.learning_rate,
         regularization: h.regularization,
         loss: h.loss,
-        planned_discounts: stores.planned_discounts,
+        planned_discounts,
         personal_regularization: h.personal_regularization,
-        // Both datasets count units.
+        // Every data set counts units.
         whole_units: true,
-        relative_to_recent: stores.one_year,
-        hidden_units: if stores.one_year { ONE_YEAR_HIDDEN_UNITS } else { 0 },
+        relative_to_recent: one_year,
+        hidden_units: if one_year { ONE_YEAR_HIDDEN_UNITS } else { 0 },
     }
 }
 
@@ -909,6 +928,74 @@ pub fn write_report(dir: &Path, r: &DemandReport) -> anyhow::Result<()> {
     plot(&dir.join("wape_per_store.svg"), r)
 }
 
+/// A plan for stores started by hand, which come and go: wait a little for each phase, not ten
+/// minutes.
+pub fn by_hand(task: &mut TaskSpec) {
+    task.plan.eval_every = 10.min(task.plan.rounds as u32);
+    task.plan.select_timeout_secs = 10.0;
+    task.plan.configure_timeout_secs = 60.0;
+    task.plan.collect_timeout_secs = 120.0;
+    task.plan.evaluate_timeout_secs = 60.0;
+}
+
+/// Writes `coordinator.toml` (listening on loopback, mTLS with the PKI that
+/// `fedretail-coordinator pki init --out pki` makes beside it, these `tasks`) and
+/// `store-policy.toml` (the stores' opt-in to non-private tasks) into `dir`.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn write_tour_config(dir: &Path, tasks: &[TaskSpec], header: &str) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Tls<'a> {
+        ca: &'a str,
+        cert: &'a str,
+        key: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Policy {
+        allow_without_privacy: bool,
+    }
+    #[derive(serde::Serialize)]
+    struct Config<'a> {
+        listen: &'a str,
+        admin_listen: &'a str,
+        store: &'a str,
+        tls: Tls<'a>,
+        policy: Policy,
+        task: &'a [TaskSpec],
+    }
+    let toml = toml::to_string(&Config {
+        listen: "127.0.0.1:50051",
+        admin_listen: "127.0.0.1:50052",
+        store: "coordinator.db",
+        tls: Tls { ca: "pki/ca.crt", cert: "pki/coordinator.crt", key: "pki/coordinator.key" },
+        // The tour's tasks are not private (store-level DP does not converge on a handful of
+        // stores); the coordinator and the stores must both opt in to that explicitly.
+        policy: Policy { allow_without_privacy: true },
+        task: tasks,
+    })
+    .context("writing the tasks as TOML")?;
+    let path = dir.join("coordinator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{header}\n# Make its PKI with `fedretail-coordinator pki init --out pki` in this directory.\n{toml}"
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    let policy = dir.join("store-policy.toml");
+    std::fs::write(
+        &policy,
+        "# The stores' policy for these non-private tasks (fedretail-client --policy).\n\
+         # The store's updates leave clipped, not noised. Every other rule keeps its strict\n\
+         # default (client/store-policy.toml).\n\
+         allow_without_privacy = true\n",
+    )
+    .with_context(|| format!("writing {}", policy.display()))?;
+    Ok(())
+}
+
 /// Options of `fedretail-sim export-sales`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExportSalesArgs {
@@ -957,76 +1044,16 @@ pub fn export_sales(args: &ExportSalesArgs) -> anyhow::Result<()> {
     let last_week = rows.iter().map(|r| fedretail_core::model::demand::week_of_day(r.day)).max();
     let run = crate::scenario::RunArgs::parse_defaults();
     let h = hyper(&run);
-    let spec = DemandSpec {
-        groups,
-        first_test_week: last_week.context("no order lines")? + 1 - TEST_WEEKS,
-        horizon: HORIZON,
-        harmonics: 2,
-        learning_rate: h.learning_rate,
-        regularization: h.regularization,
-        loss: h.loss,
-        planned_discounts: false,
-        personal_regularization: h.personal_regularization,
-        whole_units: true,
-        relative_to_recent: false,
-        hidden_units: 0,
-    };
+    let first_test = last_week.context("no order lines")? + 1 - TEST_WEEKS;
+    let spec = spec_for(groups, first_test, &h, false, false);
     let mut task = task_spec(&run, &spec, &h, stores.len(), "superstore-demand".into());
-    // By hand, clients come and go: wait a little for each phase, not ten minutes.
-    task.plan.eval_every = 10;
-    task.plan.select_timeout_secs = 10.0;
-    task.plan.configure_timeout_secs = 60.0;
-    task.plan.collect_timeout_secs = 120.0;
-    task.plan.evaluate_timeout_secs = 60.0;
+    by_hand(&mut task);
     task.validate().context("the exported task")?;
-    #[derive(serde::Serialize)]
-    struct Tls<'a> {
-        ca: &'a str,
-        cert: &'a str,
-        key: &'a str,
-    }
-    #[derive(serde::Serialize)]
-    struct Policy {
-        allow_without_privacy: bool,
-    }
-    #[derive(serde::Serialize)]
-    struct Config<'a> {
-        listen: &'a str,
-        admin_listen: &'a str,
-        store: &'a str,
-        tls: Tls<'a>,
-        policy: Policy,
-        task: [&'a TaskSpec; 1],
-    }
-    // mTLS with the PKI that `fedretail-coordinator pki init --out pki` makes beside the file.
-    let toml = toml::to_string(&Config {
-        listen: "127.0.0.1:50051",
-        admin_listen: "127.0.0.1:50052",
-        store: "coordinator.db",
-        tls: Tls { ca: "pki/ca.crt", cert: "pki/coordinator.crt", key: "pki/coordinator.key" },
-        // Store-level DP does not converge on four stores (README), so this task is not
-        // private; the coordinator and the stores must both opt in to that explicitly.
-        policy: Policy { allow_without_privacy: true },
-        task: [&task],
-    })
-    .context("writing the task as TOML")?;
-    let path = args.out.join("coordinator.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "# A demand task for the stores in this directory (fedretail-sim export-sales).\n# Make its PKI with `fedretail-coordinator pki init --out pki` in this directory.\n{toml}"
-        ),
-    )
-    .with_context(|| format!("writing {}", path.display()))?;
-    tracing::info!(path = %path.display(), stores = stores.len(), "coordinator config written");
-    let policy = args.out.join("store-policy.toml");
-    std::fs::write(
-        &policy,
-        "# The stores' policy for this non-private demand task (fedretail-client --policy).\n\
-         # Only weekly sales per product group are modelled; the store's updates leave clipped,\n\
-         # not noised. Every other rule keeps its strict default (client/store-policy.toml).\n\
-         allow_without_privacy = true\n",
-    )
-    .with_context(|| format!("writing {}", policy.display()))?;
+    write_tour_config(
+        &args.out,
+        &[task],
+        "# A demand task for the stores in this directory (fedretail-sim export-sales).",
+    )?;
+    tracing::info!(stores = stores.len(), "coordinator config written");
     Ok(())
 }

@@ -39,6 +39,10 @@ enum Command {
     /// Writes each Superstore store's sales as CSV for `fedretail-client --sales`, and a
     /// coordinator config with a demand task for them.
     ExportSales(fedretail_sim::demand::ExportSalesArgs),
+    /// Writes Complete Journey's largest stores as their own purchases CSV files for
+    /// `fedretail-client --purchases`, the catalogue (`--catalogue`) and a coordinator config
+    /// with the retail tasks (the README's tour).
+    ExportRetail(fedretail_sim::retail::ExportRetailArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(fedretail_sim::bench::BenchCommand),
@@ -106,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportSplit { args, split_dir } => scenario::export_split(&args, &split_dir),
         Command::ExportStores(args) => fedretail_sim::bench::export_stores(&args),
         Command::ExportSales(args) => fedretail_sim::demand::export_sales(&args),
+        Command::ExportRetail(args) => fedretail_sim::retail::export_retail(&args),
         Command::Bench(cmd) => runtime.block_on(fedretail_sim::bench::run(cmd)),
         Command::ServeCoordinator { pki } => {
             runtime.block_on(fedretail_sim::bench::serve_coordinator(pki))

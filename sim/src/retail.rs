@@ -93,3 +93,109 @@ fn write(
         .with_context(|| format!("writing {}", dir.display()))?;
     Ok(())
 }
+
+/// Options of `fedretail-sim export-retail`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportRetailArgs {
+    /// Directory for one purchases CSV per store, `catalogue.csv`, `coordinator.toml` and
+    /// `store-policy.toml`.
+    #[arg(long, default_value = "out/retail-stores")]
+    pub out: std::path::PathBuf,
+    /// Only the N stores with the most purchase lines (of those with at least 5 households).
+    #[arg(long, default_value_t = 4)]
+    pub limit: usize,
+    /// Where downloaded data is cached.
+    #[arg(long)]
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// Writes Complete Journey as the stores' own exports: one purchases CSV per store
+/// (`fedretail-client --purchases`), the catalogue that maps products to recommender items and
+/// demand groups (`--catalogue`), and a coordinator config with the retail scenario's two
+/// tasks (the ranking recommender and demand forecasting), for the README's tour.
+///
+/// # Errors
+///
+/// Download, parse or I/O errors.
+pub fn export_retail(args: &ExportRetailArgs) -> anyhow::Result<()> {
+    use fedretail_client::data::purchases::{PurchaseRow, write_purchases};
+    anyhow::ensure!(args.limit > 0, "--limit must be at least 1");
+    let cj = completejourney::load_cached(&cache_dir(args.cache_dir.as_ref()))?;
+    let options = completejourney::DemandOptions::default();
+    // The demand scenario's stores and calendar, largest first.
+    let kept = completejourney::demand_rows(&cj, options);
+    let mut stores: Vec<(&String, usize)> = kept.iter().map(|(n, r)| (n, r.len())).collect();
+    stores.sort_by_key(|&(name, lines)| (std::cmp::Reverse(lines), name.clone()));
+    stores.truncate(args.limit);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let (first, last) = completejourney::full_weeks();
+    let weeks = first..=last;
+    for &(name, _) in &stores {
+        let id: u32 = name.trim_start_matches("store-").parse().context("a store-ID name")?;
+        let rows: Vec<PurchaseRow> = cj
+            .purchases
+            .iter()
+            .filter(|p| p.store == id)
+            .map(|p| (p, p.timestamp.div_euclid(86_400)))
+            .filter(|(_, day)| weeks.contains(&fedretail_core::model::demand::week_of_day(*day)))
+            .map(|(p, day)| PurchaseRow {
+                day,
+                store: name.clone(),
+                customer: format!("hh-{}", p.household),
+                product: p.product.to_string(),
+                quantity: p.quantity,
+                price: p.price,
+                discount: if p.price > 0.0 { (p.discount / p.price).clamp(0.0, 0.99) } else { 0.0 },
+            })
+            .collect();
+        let path = args.out.join(format!("{name}.csv"));
+        write_purchases(&path, &rows).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(path = %path.display(), lines = rows.len(), "store written");
+    }
+    // The catalogue: every product of a kept department; items are the recommender's.
+    let items =
+        completejourney::top_products(&cj, completejourney::RecommendOptions::default().n_products);
+    let item_of: std::collections::HashMap<u32, usize> =
+        items.iter().enumerate().map(|(k, &p)| (p, k)).collect();
+    let path = args.out.join("catalogue.csv");
+    let mut w =
+        csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
+    w.write_record(fedretail_client::data::purchases::CATALOGUE_COLUMNS)?;
+    let mut products: Vec<(&u32, &completejourney::Product)> = cj
+        .products
+        .iter()
+        .filter(|(_, p)| !completejourney::DROPPED_DEPARTMENTS.contains(&p.department.as_str()))
+        .collect();
+    products.sort_by_key(|(id, _)| **id);
+    for (id, p) in products {
+        let item = item_of.get(id).map_or(String::new(), ToString::to_string);
+        w.write_record([id.to_string(), item, p.department.clone()])?;
+    }
+    w.flush().with_context(|| format!("writing {}", path.display()))?;
+
+    // The two tasks, as the simulator runs them.
+    let run = RunArgs::parse_options(["--scenario", "retail-recommend"]).expect("valid options");
+    let (mf, rounds, optimizer) = run.ranking_setup(items.len());
+    let mut recommend = scenario::task_spec(&run, &mf, stores.len());
+    scenario::ranking_plan(&run, &mut recommend.plan, rounds, optimizer);
+    recommend.name = "retail-recommend".into();
+    let run = RunArgs::parse_options(["--scenario", "retail-demand"]).expect("valid options");
+    let h = demand::hyper(&run);
+    let groups = completejourney::demand_groups(&cj, options.grouping);
+    let first_test = last + 1 - demand::TEST_WEEKS_ONE_YEAR;
+    let spec = demand::spec_for(groups, first_test, &h, false, true);
+    let forecast = demand::task_spec(&run, &spec, &h, stores.len(), "retail-demand".into());
+    let mut tasks = [recommend, forecast];
+    for task in &mut tasks {
+        demand::by_hand(task);
+        task.validate().with_context(|| format!("the exported task {}", task.name))?;
+    }
+    demand::write_tour_config(
+        &args.out,
+        &tasks,
+        "# The retail tasks for the stores in this directory (fedretail-sim export-retail).",
+    )?;
+    tracing::info!(dir = %args.out.display(), stores = stores.len(), "retail stores written");
+    Ok(())
+}

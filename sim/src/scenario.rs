@@ -571,6 +571,24 @@ pub fn in_process_plan(rounds: u64, clients: u32, local_epochs: u32, seed: u64) 
     }
 }
 
+/// The ranking recommender's plan: `rounds` of one local epoch (one exact user solve and one
+/// item step), `optimizer` at the coordinator.
+pub fn ranking_plan(
+    args: &RunArgs,
+    plan: &mut TrainingPlan,
+    rounds: u64,
+    optimizer: ServerOptimizer,
+) {
+    plan.rounds = rounds;
+    plan.local_epochs = args.local_epochs.unwrap_or(1);
+    plan.server_optimizer = optimizer;
+    plan.eval_every = args.eval_every.min(rounds as u32);
+    // Under customer-level DP a customer's step (learning rate 0.5 times their gradient) is
+    // clipped to 16: every contribution measured was above it.
+    let private = args.privacy_unit == Some(PrivacyUnitArg::Customer);
+    plan.clip_norm = args.clip_norm.unwrap_or(if private { 16.0 } else { 1e6 });
+}
+
 /// Runs the scenario: federated over loopback gRPC, plus the references; returns the report.
 ///
 /// # Errors
@@ -621,14 +639,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     };
     let mut spec = task_spec(args, &mf, stores.len());
     if let Some((_, rounds, optimizer)) = ranking_setup {
-        spec.plan.rounds = rounds;
-        spec.plan.local_epochs = args.local_epochs.unwrap_or(1);
-        spec.plan.server_optimizer = optimizer;
-        spec.plan.eval_every = args.eval_every.min(rounds as u32);
-        // Under customer-level DP a customer's step (learning rate 0.5 times their gradient) is
-        // clipped to 16: every contribution measured was above it.
-        let private = args.privacy_unit == Some(PrivacyUnitArg::Customer);
-        spec.plan.clip_norm = args.clip_norm.unwrap_or(if private { 16.0 } else { 1e6 });
+        ranking_plan(args, &mut spec.plan, rounds, optimizer);
     }
     if let Some(privacy) = privacy {
         // Under DP every clipped update counts once. A Poisson cohort of stores may be any

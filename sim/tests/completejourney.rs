@@ -95,3 +95,53 @@ async fn federated_demand_beats_the_moving_average_and_each_store_alone() {
         f.stores_compared
     );
 }
+
+/// What a store exports is what the simulator trains on: the client's purchases reader and
+/// catalogue give the store the same weekly units per department as the simulator's demand
+/// scenario, and interactions over the recommender's items.
+#[test]
+fn an_exported_store_reads_back_as_the_scenarios_data() {
+    if !slow() {
+        return;
+    }
+    use fedretail_client::data::purchases;
+    let dir = tempfile::tempdir().unwrap();
+    let args = fedretail_sim::retail::ExportRetailArgs {
+        out: dir.path().to_path_buf(),
+        limit: 1,
+        cache_dir: None,
+    };
+    fedretail_sim::retail::export_retail(&args).unwrap();
+    let config = std::fs::read_to_string(dir.path().join("coordinator.toml")).unwrap();
+    assert!(config.contains("retail-recommend") && config.contains("retail-demand"));
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "csv")
+                && p.file_name().unwrap().to_str().unwrap().starts_with("store-")
+        })
+        .unwrap();
+    let store = file.file_stem().unwrap().to_str().unwrap().to_string();
+    let catalogue = purchases::load_catalogue(&dir.path().join("catalogue.csv")).unwrap();
+    let (interactions, sales) = purchases::load_store(&file, &store, &catalogue).unwrap();
+    assert!(!interactions.is_empty());
+    assert!(interactions.iter().all(|r| r.item < 2_000 && r.rating >= 1.0));
+
+    let cj = completejourney::load_cached(&scenario::cache_dir(None)).unwrap();
+    let scenario = completejourney::demand(&cj, Default::default()).unwrap();
+    let (_, expected) = scenario.iter().find(|(name, _)| *name == store).unwrap();
+    // The client's weeks run from the store's first to its last sale; the scenario's over the
+    // whole calendar.
+    let offset = (sales.first_week - expected.first_week) as usize;
+    let groups =
+        completejourney::demand_groups(&cj, completejourney::DemandOptions::default().grouping);
+    for g in &groups {
+        let Some((units, discount)) = expected.groups.get(g) else { continue };
+        let (got_units, got_discount) = &sales.groups[g];
+        assert_eq!(&units[offset..offset + got_units.len()], &got_units[..], "{g}");
+        for (a, b) in discount[offset..].iter().zip(got_discount) {
+            assert!(a.is_nan() && b.is_nan() || (a - b).abs() < 1e-5, "{g}: {a} vs {b}");
+        }
+    }
+}

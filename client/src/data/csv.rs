@@ -174,6 +174,124 @@ pub fn read_ratings(reader: impl std::io::Read, path: &Path) -> Result<Vec<CsvRa
 }
 
 /// A CSV-level error (I/O, ragged row) as a [`CsvError`] naming `path` and the line.
+/// One row of a table read by [`read_table`]: typed access to its fields, whose errors name the
+/// file, the line and the column.
+pub(crate) struct Fields<'a> {
+    record: &'a csv::StringRecord,
+    index: &'a [usize],
+    columns: &'a [&'static str],
+    path: &'a Path,
+    line: u64,
+}
+
+impl Fields<'_> {
+    fn raw(&self, k: usize) -> &str {
+        self.record.get(self.index[k]).unwrap_or("")
+    }
+
+    /// An error about column `k` of this row.
+    pub(crate) fn bad(&self, k: usize, message: String) -> CsvError {
+        CsvError::BadValue {
+            path: self.path.into(),
+            line: self.line,
+            column: self.columns[k],
+            message,
+        }
+    }
+
+    /// A non-empty text.
+    pub(crate) fn text(&self, k: usize) -> Result<String, CsvError> {
+        match self.raw(k) {
+            "" => Err(self.bad(k, "is empty".into())),
+            v => Ok(v.to_string()),
+        }
+    }
+
+    /// A finite number ≥ 0.
+    pub(crate) fn number(&self, k: usize) -> Result<f32, CsvError> {
+        let v: f32 = self
+            .raw(k)
+            .parse()
+            .map_err(|_| self.bad(k, format!("{:?} is not a number", self.raw(k))))?;
+        if !v.is_finite() {
+            return Err(self.bad(k, format!("{v} is not finite")));
+        }
+        if v < 0.0 {
+            return Err(self.bad(k, format!("{v} is negative")));
+        }
+        Ok(v)
+    }
+
+    /// A fraction in `[0, 1)`.
+    pub(crate) fn fraction(&self, k: usize) -> Result<f32, CsvError> {
+        let v = self.number(k)?;
+        if v >= 1.0 {
+            return Err(self.bad(k, format!("{v} is not a fraction below 1")));
+        }
+        Ok(v)
+    }
+
+    /// A `YYYY-MM-DD` date, as days since 1970-01-01.
+    pub(crate) fn day(&self, k: usize) -> Result<i64, CsvError> {
+        let date: jiff::civil::Date = self.raw(k).parse().map_err(|e| {
+            self.bad(k, format!("{:?} is not a date of the form YYYY-MM-DD ({e})", self.raw(k)))
+        })?;
+        super::sales::day_number(date).map_err(|e| self.bad(k, e.to_string()))
+    }
+}
+
+/// Reads a table whose header has exactly `columns` (any order, any case; `expected` lists
+/// them for the error), calling `each` on every row. A file without rows is an error.
+///
+/// # Errors
+///
+/// See [`CsvError`]; `each`'s errors pass through.
+pub(crate) fn read_table(
+    reader: impl std::io::Read,
+    path: &Path,
+    columns: &[&'static str],
+    expected: &'static str,
+    mut each: impl FnMut(&Fields<'_>) -> Result<(), CsvError>,
+) -> Result<(), CsvError> {
+    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
+    let header = rdr.headers().map_err(|e| row_error(e, path))?.clone();
+    if header.is_empty() || header.iter().all(str::is_empty) {
+        return Err(CsvError::Empty { path: path.into() });
+    }
+    if let Some(unknown) =
+        header.iter().find(|h| !columns.iter().any(|c| c.eq_ignore_ascii_case(h)))
+    {
+        return Err(CsvError::UnknownColumn {
+            path: path.into(),
+            column: unknown.into(),
+            expected,
+        });
+    }
+    let index = columns
+        .iter()
+        .map(|&name| {
+            header.iter().position(|h| h.eq_ignore_ascii_case(name)).ok_or_else(|| {
+                CsvError::MissingColumn {
+                    path: path.into(),
+                    column: name,
+                    header: header.iter().collect::<Vec<_>>().join(","),
+                }
+            })
+        })
+        .collect::<Result<Vec<usize>, CsvError>>()?;
+    let mut record = csv::StringRecord::new();
+    let mut rows = 0usize;
+    while rdr.read_record(&mut record).map_err(|e| row_error(e, path))? {
+        let line = record.position().map_or(0, csv::Position::line);
+        each(&Fields { record: &record, index: &index, columns, path, line })?;
+        rows += 1;
+    }
+    if rows == 0 {
+        return Err(CsvError::Empty { path: path.into() });
+    }
+    Ok(())
+}
+
 pub(crate) fn row_error(e: csv::Error, path: &Path) -> CsvError {
     match e.position() {
         Some(p) => CsvError::BadRow { path: path.into(), line: p.line(), message: e.to_string() },

@@ -1,6 +1,7 @@
 //! A store's data, ready for local training.
 
 pub mod csv;
+pub mod purchases;
 pub mod sales;
 
 use csv::CsvRating;

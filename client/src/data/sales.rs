@@ -23,7 +23,7 @@
 //! discount is the mean over its rows weighted by `max(quantity, 1)`; weeks without rows
 //! have none (NaN).
 
-use super::csv::{CsvError, row_error};
+use super::csv::{CsvError, read_table};
 use fedretail_core::model::demand::{DemandData, Series, week_of_day};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -65,78 +65,18 @@ pub fn load_sales(path: &Path) -> Result<Vec<SalesRow>, CsvError> {
 ///
 /// See [`CsvError`].
 pub fn read_sales(reader: impl std::io::Read, path: &Path) -> Result<Vec<SalesRow>, CsvError> {
-    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
-    let header = rdr.headers().map_err(|e| row_error(e, path))?.clone();
-    if header.is_empty() || header.iter().all(str::is_empty) {
-        return Err(CsvError::Empty { path: path.into() });
-    }
-    let expected = "date,store,product,quantity,price,discount";
-    if let Some(unknown) =
-        header.iter().find(|h| !COLUMNS.iter().any(|c| c.eq_ignore_ascii_case(h)))
-    {
-        return Err(CsvError::UnknownColumn {
-            path: path.into(),
-            column: unknown.into(),
-            expected,
-        });
-    }
-    let mut index = [0usize; 6];
-    for (slot, name) in index.iter_mut().zip(COLUMNS) {
-        *slot = header.iter().position(|h| h.eq_ignore_ascii_case(name)).ok_or_else(|| {
-            CsvError::MissingColumn {
-                path: path.into(),
-                column: name,
-                header: header.iter().collect::<Vec<_>>().join(","),
-            }
-        })?;
-    }
     let mut out = Vec::new();
-    let mut record = csv::StringRecord::new();
-    while rdr.read_record(&mut record).map_err(|e| row_error(e, path))? {
-        let line = record.position().map_or(0, csv::Position::line);
-        let bad = |column: &'static str, message: String| CsvError::BadValue {
-            path: path.into(),
-            line,
-            column,
-            message,
-        };
-        let field = |k: usize| record.get(index[k]).unwrap_or("");
-        let date: jiff::civil::Date = field(0).parse().map_err(|e| {
-            bad("date", format!("{:?} is not a date of the form YYYY-MM-DD ({e})", field(0)))
-        })?;
-        let day = day_number(date).map_err(|e| bad("date", e.to_string()))?;
-        let text = |k: usize, column: &'static str| {
-            let v = field(k);
-            if v.is_empty() { Err(bad(column, "is empty".into())) } else { Ok(v.to_string()) }
-        };
-        let number = |k: usize, column: &'static str| -> Result<f32, CsvError> {
-            let v: f32 = field(k)
-                .parse()
-                .map_err(|_| bad(column, format!("{:?} is not a number", field(k))))?;
-            if !v.is_finite() {
-                return Err(bad(column, format!("{v} is not finite")));
-            }
-            if v < 0.0 {
-                return Err(bad(column, format!("{v} is negative")));
-            }
-            Ok(v)
-        };
-        let discount = number(5, "discount")?;
-        if discount >= 1.0 {
-            return Err(bad("discount", format!("{discount} is not a fraction below 1")));
-        }
+    read_table(reader, path, &COLUMNS, "date,store,product,quantity,price,discount", |f| {
         out.push(SalesRow {
-            day,
-            store: text(1, "store")?,
-            product: text(2, "product")?,
-            quantity: number(3, "quantity")?,
-            price: number(4, "price")?,
-            discount,
+            day: f.day(0)?,
+            store: f.text(1)?,
+            product: f.text(2)?,
+            quantity: f.number(3)?,
+            price: f.number(4)?,
+            discount: f.fraction(5)?,
         });
-    }
-    if out.is_empty() {
-        return Err(CsvError::Empty { path: path.into() });
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -54,6 +54,14 @@ pub enum LocalData {
     Ratings(StoreRatings),
     /// A store's weekly sales, for demand forecasting.
     Sales(StoreSales),
+    /// A store's purchases, read once and seen as either: interactions for a recommender task,
+    /// weekly sales for a demand task.
+    Purchases {
+        /// The interactions.
+        ratings: StoreRatings,
+        /// The weekly sales.
+        sales: StoreSales,
+    },
     /// No data: only benchmark tasks (opaque parameter vectors) can be joined.
     None,
 }
@@ -475,7 +483,15 @@ impl<T: Transport> Participant<T> {
             task: self.config.task.clone(),
             message,
         };
-        let data = self.data.take().expect("prepare runs once before the trainer exists");
+        let data = match (&enrollment.model, self.data.take()) {
+            (ModelSpec::MatrixFactorization(_), Some(LocalData::Purchases { ratings, .. })) => {
+                LocalData::Ratings(ratings)
+            }
+            (ModelSpec::Demand(_), Some(LocalData::Purchases { sales, .. })) => {
+                LocalData::Sales(sales)
+            }
+            (_, data) => data.expect("prepare runs once before the trainer exists"),
+        };
         self.trainer = Some(match (&enrollment.model, data) {
             (ModelSpec::MatrixFactorization(spec), LocalData::Ratings(ratings)) => {
                 let model = MfModel::new(spec.clone());

@@ -433,6 +433,18 @@ impl Default for RecommendOptions {
     }
 }
 
+/// The `n` most purchased products (by purchase lines; ties by id), most purchased first: the
+/// recommender's items, in item order.
+pub fn top_products(cj: &CompleteJourney, n: usize) -> Vec<u32> {
+    let mut popularity: HashMap<u32, u64> = HashMap::new();
+    for p in &cj.purchases {
+        *popularity.entry(p.product).or_default() += 1;
+    }
+    let mut ranked: Vec<(u32, u64)> = popularity.into_iter().collect();
+    ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.into_iter().take(n).map(|(product, _)| product).collect()
+}
+
 /// Households as customers of their main store, and (household, product) purchases over the
 /// most purchased products as implicit feedback: one interaction per pair, its value the number
 /// of purchase lines, its time the latest purchase. Store names are `store-ID`.
@@ -456,15 +468,9 @@ pub fn recommendation(cj: &CompleteJourney, options: RecommendOptions) -> Rating
     let kept = |household: u32| {
         main.get(&household).map(|&(s, _)| s).filter(|s| households_of[s] >= options.min_households)
     };
-    let mut popularity: HashMap<u32, u64> = HashMap::new();
-    for p in &cj.purchases {
-        *popularity.entry(p.product).or_default() += 1;
-    }
-    let mut ranked: Vec<(u32, u64)> = popularity.into_iter().collect();
-    ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    ranked.truncate(options.n_products);
+    let ranked = top_products(cj, options.n_products);
     let item_of: HashMap<u32, u32> =
-        ranked.iter().enumerate().map(|(k, &(product, _))| (product, k as u32)).collect();
+        ranked.iter().enumerate().map(|(k, &product)| (product, k as u32)).collect();
     let mut pairs: BTreeMap<(u32, u32), (f32, i64)> = BTreeMap::new();
     for p in &cj.purchases {
         let Some(&item) = item_of.get(&p.product) else { continue };
@@ -579,6 +585,14 @@ fn group_of(cj: &CompleteJourney, grouping: Grouping) -> HashMap<u32, String> {
         .filter(|(_, p)| kept.contains(name(p)))
         .map(|(&id, p)| (id, name(p).to_string()))
         .collect()
+}
+
+/// The grouping's group names, sorted.
+pub fn demand_groups(cj: &CompleteJourney, grouping: Grouping) -> Vec<String> {
+    let mut groups: Vec<String> = group_of(cj, grouping).into_values().collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
 }
 
 /// The promotion calendar of `stores` (names `store-ID`): per store and group, the weekly
