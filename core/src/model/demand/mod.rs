@@ -125,7 +125,7 @@ pub struct DemandSpec {
     #[serde(default)]
     pub relative_to_recent: bool,
     /// Hidden units of a global one-layer tanh network added to `η` (0: none). Its inputs are
-    /// the features relative to the recent level (see [`DemandModel::network_inputs`]) and the
+    /// the features relative to the recent level (see `DemandModel::network_input`) and the
     /// group's one-hot code, so it learns how lags, windows and promotions interact per group,
     /// which no linear term can (on Complete Journey a linear model only ties the moving
     /// average; BENCHMARKS.md). Its output weights start at zero: an untrained network adds
