@@ -21,15 +21,18 @@ pub fn train_alone(spec: &MfSpec, store: &StoreData, epochs: u32, seed: u64) -> 
 
 /// Every store alone, with its own copy of the model; the stores' sums are merged.
 pub fn local_only(spec: &MfSpec, stores: &[StoreData], epochs: u32, seed: u64) -> EvalSums {
-    merged(stores, |store| train_alone(spec, store, epochs, seed))
+    merge_all(&each(stores, |store| train_alone(spec, store, epochs, seed)))
 }
 
-/// `evaluate` in every store, the stores' sums merged.
-fn merged(stores: &[StoreData], evaluate: impl Fn(&StoreData) -> EvalSums) -> EvalSums {
+/// `evaluate` in every store, in store order.
+fn each(stores: &[StoreData], evaluate: impl Fn(&StoreData) -> EvalSums) -> Vec<EvalSums> {
+    stores.iter().map(evaluate).collect()
+}
+
+/// The stores' sums merged.
+pub fn merge_all(per_store: &[EvalSums]) -> EvalSums {
     let mut sums = EvalSums::default();
-    for store in stores {
-        sums.merge(&evaluate(store));
-    }
+    per_store.iter().for_each(|e| sums.merge(e));
     sums
 }
 
@@ -42,9 +45,14 @@ pub fn als_alone(spec: &MfSpec, store: &StoreData, iterations: u32, seed: u64) -
     evaluate_in(&model, &global, store, seed)
 }
 
-/// Every store alone under ALS; the stores' sums are merged.
-pub fn als_local_only(spec: &MfSpec, stores: &[StoreData], iterations: u32, seed: u64) -> EvalSums {
-    merged(stores, |store| als_alone(spec, store, iterations, seed))
+/// Every store alone under ALS; per store, in store order.
+pub fn als_local_only(
+    spec: &MfSpec,
+    stores: &[StoreData],
+    iterations: u32,
+    seed: u64,
+) -> Vec<EvalSums> {
+    each(stores, |store| als_alone(spec, store, iterations, seed))
 }
 
 /// A model that scores every item by how many users of `counted` interacted with it in
@@ -63,10 +71,15 @@ fn popularity_model(spec: &MfSpec, counted: &StoreData) -> (MfModel, Vec<f32>) {
 }
 
 /// Most popular items across all stores (a count over every store's training interactions),
-/// evaluated in every store.
-pub fn popularity(spec: &MfSpec, pooled: &StoreData, stores: &[StoreData], seed: u64) -> EvalSums {
+/// evaluated in every store; per store, in store order.
+pub fn popularity(
+    spec: &MfSpec,
+    pooled: &StoreData,
+    stores: &[StoreData],
+    seed: u64,
+) -> Vec<EvalSums> {
     let (model, global) = popularity_model(spec, pooled);
-    merged(stores, |store| evaluate_in(&model, &global, store, seed))
+    each(stores, |store| evaluate_in(&model, &global, store, seed))
 }
 
 /// `global` evaluated on `store`'s held-out data (user parameters fresh: the ranking objective
@@ -76,9 +89,9 @@ fn evaluate_in(model: &MfModel, global: &[f32], store: &StoreData, seed: u64) ->
     model.evaluate(global, &local, &store.data, seed)
 }
 
-/// Each store's own most popular items.
-pub fn popularity_per_store(spec: &MfSpec, stores: &[StoreData], seed: u64) -> EvalSums {
-    merged(stores, |store| {
+/// Each store's own most popular items; per store, in store order.
+pub fn popularity_per_store(spec: &MfSpec, stores: &[StoreData], seed: u64) -> Vec<EvalSums> {
+    each(stores, |store| {
         let (model, global) = popularity_model(spec, store);
         evaluate_in(&model, &global, store, seed)
     })

@@ -106,6 +106,66 @@ pub struct Report {
     pub history: Vec<RoundRecord>,
     /// Stores.
     pub stores: Vec<StoreRow>,
+    /// Ranking only: each method's sums per store (in the order of `stores`), federated first,
+    /// then local-only and the popularity baselines.
+    pub per_store: Vec<(String, Vec<EvalSums>)>,
+}
+
+/// How the ranking methods fare across stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankingFairness {
+    /// Stores with a held-out interaction.
+    pub stores_compared: usize,
+    /// Of those, stores where federated HR@10 is above local-only's.
+    pub federated_beats_local_only: usize,
+    /// Of those, stores where they are equal.
+    pub ties: usize,
+    /// Per method, the pooled HR@10 of its worst tenth of stores (by its own HR@10).
+    pub worst_decile: Vec<(String, f64)>,
+    /// Per method, the pooled HR@10 of the quarter of stores with the fewest users.
+    pub small_stores: Vec<(String, f64)>,
+    /// How many stores that quarter holds.
+    pub n_small: usize,
+}
+
+/// The fairness summary of a ranking report.
+pub fn ranking_fairness(r: &Report) -> RankingFairness {
+    let hr = |key: &str, k: usize| {
+        r.per_store.iter().find(|(m, _)| m == key).map_or(f64::NAN, |(_, v)| v[k].hr_at_10())
+    };
+    let compared: Vec<usize> = (0..r.stores.len())
+        .filter(|&k| r.per_store.first().is_some_and(|(_, v)| v[k].n_ranked > 0))
+        .collect();
+    let beats = compared.iter().filter(|&&k| hr("federated", k) > hr("local-only", k)).count();
+    let ties = compared.iter().filter(|&&k| hr("federated", k) == hr("local-only", k)).count();
+    let pooled = |sums: &[EvalSums], ks: &[usize]| {
+        let mut t = EvalSums::default();
+        ks.iter().for_each(|&k| t.merge(&sums[k]));
+        t.hr_at_10()
+    };
+    let tenth = compared.len().div_ceil(10);
+    let worst_decile = r
+        .per_store
+        .iter()
+        .map(|(m, sums)| {
+            let mut ks = compared.clone();
+            ks.sort_by(|&a, &b| sums[a].hr_at_10().total_cmp(&sums[b].hr_at_10()));
+            (m.clone(), pooled(sums, &ks[..tenth]))
+        })
+        .collect();
+    let mut by_size = compared.clone();
+    by_size.sort_by_key(|&k| (r.stores[k].users, k));
+    by_size.truncate(compared.len().div_ceil(4));
+    let small_stores =
+        r.per_store.iter().map(|(m, sums)| (m.clone(), pooled(sums, &by_size))).collect();
+    RankingFairness {
+        stores_compared: compared.len(),
+        federated_beats_local_only: beats,
+        ties,
+        worst_decile,
+        small_stores,
+        n_small: by_size.len(),
+    }
 }
 
 fn round4(x: f64) -> Value {
@@ -150,7 +210,21 @@ pub fn to_json(r: &Report) -> Value {
         "objective": if r.ranking { "ranking" } else { "rating" },
         "baselines": r.baselines.iter().map(|(name, m)| json!({"name": name, "test": method(m)["test"]})).collect::<Vec<_>>(),
         "privacy": r.privacy.as_ref().map(crate::runner::PrivacyOutcome::to_json),
-        "stores": r.stores.iter().map(|s| json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test})).collect::<Vec<_>>(),
+        "stores": r.stores.iter().enumerate().map(|(k, s)| {
+            let hr: serde_json::Map<String, Value> = r.per_store.iter().map(|(m, v)| (m.clone(), round4(v[k].hr_at_10()))).collect();
+            json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test, "hr_at_10": hr})
+        }).collect::<Vec<_>>(),
+        "fairness": (!r.per_store.is_empty()).then(|| {
+            let f = ranking_fairness(r);
+            json!({
+                "stores_compared": f.stores_compared,
+                "federated_beats_local_only": f.federated_beats_local_only,
+                "ties_with_local_only": f.ties,
+                "worst_decile_hr_at_10": f.worst_decile.iter().map(|(m, v)| (m.clone(), round4(*v))).collect::<serde_json::Map<_, _>>(),
+                "small_stores": f.n_small,
+                "small_store_hr_at_10": f.small_stores.iter().map(|(m, v)| (m.clone(), round4(*v))).collect::<serde_json::Map<_, _>>(),
+            })
+        }),
     })
 }
 
@@ -267,10 +341,59 @@ pub fn to_markdown(r: &Report) -> String {
             )
         };
     }
+    if !r.per_store.is_empty() {
+        ranking_stores(&mut s, r);
+        return s;
+    }
     let _ =
         writeln!(s, "\n## Clients\n\n| client | users | train | test |\n| --- | --- | --- | --- |");
     for st in &r.stores {
         let _ = writeln!(s, "| {} | {} | {} | {} |", st.name, st.users, st.train, st.test);
     }
     s
+}
+
+/// The ranking report's fairness section and per-store table.
+fn ranking_stores(s: &mut String, r: &Report) {
+    let f = ranking_fairness(r);
+    let _ = writeln!(s, "\n## Fairness across stores\n");
+    let _ = writeln!(
+        s,
+        "Federated HR@10 is above local-only's in {} of {} stores with a held-out interaction ({:.1} %; the issue's target ≥ 90 %), equal in {}.\n",
+        f.federated_beats_local_only,
+        f.stores_compared,
+        100.0 * f.federated_beats_local_only as f64 / f.stores_compared.max(1) as f64,
+        f.ties
+    );
+    let _ = writeln!(
+        s,
+        "| method | HR@10 of its worst 10 % of stores | HR@10 of the {} stores with the fewest users |\n| --- | --- | --- |",
+        f.n_small
+    );
+    for ((m, worst), (_, small)) in f.worst_decile.iter().zip(&f.small_stores) {
+        let _ = writeln!(s, "| {m} | {worst:.4} | {small:.4} |");
+    }
+    let keys: Vec<&str> = r.per_store.iter().map(|(m, _)| m.as_str()).collect();
+    let _ = writeln!(
+        s,
+        "\n## Per store (HR@10)\n\n| store | users | train | test | {} |\n| --- | --- | --- | --- |{}",
+        keys.join(" | "),
+        " --- |".repeat(keys.len())
+    );
+    let mut order: Vec<usize> = (0..r.stores.len()).collect();
+    order.sort_by_key(|&k| (r.stores[k].users, k));
+    for k in order {
+        let st = &r.stores[k];
+        let cells: Vec<String> =
+            r.per_store.iter().map(|(_, v)| format!("{:.3}", v[k].hr_at_10())).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            st.name,
+            st.users,
+            st.train,
+            st.test,
+            cells.join(" | ")
+        );
+    }
 }

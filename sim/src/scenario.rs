@@ -9,6 +9,7 @@ use crate::{baselines, report};
 use anyhow::Context;
 use fedretail_client::data::StoreRatings;
 use fedretail_client::participant::LocalData;
+use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::MfSpec;
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
@@ -673,11 +674,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
                         baselines::popularity_per_store(&mf, &stores_ref, seed),
                     ),
                 ];
-                (central, local, popular)
+                (central, baselines::merge_all(&local), local, popular)
             } else {
                 let central = baselines::train_alone(&mf, &central_data, epochs, seed);
                 let local = baselines::local_only(&mf, &stores_ref, epochs, seed);
-                (central, local, Vec::new())
+                (central, local, Vec::new(), Vec::new())
             }
         })
     };
@@ -704,7 +705,23 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     coordinator.stop().await?;
     progress.finish_and_clear();
     let federated = federated?;
-    let (central, local_only, popular) = references.await?;
+    let (central, local_only, local_per_store, popular) = references.await?;
+    // Per store (ranking): the federated model as each store evaluated it, and the references.
+    let per_store = if ranking {
+        let by_name: std::collections::HashMap<&str, EvalSums> = federated
+            .outcomes
+            .iter()
+            .map(|o| (o.store_name.as_str(), o.last_eval.unwrap_or_default()))
+            .collect();
+        let federated_each =
+            stores.iter().map(|s| by_name.get(s.name.as_str()).copied().unwrap_or_default());
+        std::iter::once(("federated".to_string(), federated_each.collect()))
+            .chain(std::iter::once(("local-only".to_string(), local_per_store)))
+            .chain(popular.iter().cloned())
+            .collect()
+    } else {
+        Vec::new()
+    };
     tracing::info!(
         seconds = wall.as_secs_f64(),
         rounds = spec.plan.rounds,
@@ -726,7 +743,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         federated: MethodResult::from(&federated.final_eval),
         central: MethodResult::from(&central),
         local_only: MethodResult::from(&local_only),
-        baselines: popular.iter().map(|(n, e)| (n.clone(), MethodResult::from(e))).collect(),
+        baselines: popular
+            .iter()
+            .map(|(n, e)| (n.clone(), MethodResult::from(&baselines::merge_all(e))))
+            .collect(),
+        per_store,
         ranking,
         failed_rounds: federated.failed_rounds,
         privacy: federated.privacy,

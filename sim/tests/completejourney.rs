@@ -60,6 +60,18 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
         r.local_only.hr_at_10
     );
     assert_eq!(r.failed_rounds, 0);
+    // Per store: federated is better than the store alone in most stores, and its worst tenth
+    // of stores fares better than local-only's (measured: 93 of 110; 0.31 against 0.16).
+    let f = fedretail_sim::report::ranking_fairness(&r);
+    assert_eq!(f.stores_compared, r.n_clients);
+    assert!(
+        f.federated_beats_local_only * 10 >= f.stores_compared * 8,
+        "federated beats local-only in {} of {} stores",
+        f.federated_beats_local_only,
+        f.stores_compared
+    );
+    let worst = |m: &str| f.worst_decile.iter().find(|(k, _)| k == m).unwrap().1;
+    assert!(worst("federated") > worst("local-only") + 0.05);
 }
 
 /// Issue 11's demand scenario on Complete Journey: weekly units per store and department over
