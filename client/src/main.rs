@@ -92,6 +92,10 @@ struct RunArgs {
     /// needs --catalogue.
     #[arg(long, requires = "catalogue")]
     purchases: Option<PathBuf>,
+    /// The store's promotion calendar for demand tasks (CSV with week,store,group,display,mailer:
+    /// the shares of each group's promoted products on display and in the mailer that week).
+    #[arg(long)]
+    promotions: Option<PathBuf>,
     /// The task's catalogue: product,item,group (see `fedretail-sim export-retail`).
     #[arg(long, requires = "purchases")]
     catalogue: Option<PathBuf>,
@@ -205,6 +209,21 @@ fn print_ledger(dir: &std::path::Path, delta: f64, json: bool) -> anyhow::Result
     Ok(())
 }
 
+/// Reads `--promotions` (if given) into the store's weekly sales.
+fn add_promotions(
+    cli: &RunArgs,
+    sales: &mut fedretail_client::data::sales::StoreSales,
+) -> anyhow::Result<()> {
+    let Some(path) = &cli.promotions else { return Ok(()) };
+    let rows = fedretail_client::data::sales::load_promotions(path)?;
+    let used = sales.set_promotions(&rows, &cli.store);
+    tracing::info!(path = %path.display(), weeks = used, "promotion calendar loaded");
+    if used == 0 {
+        tracing::warn!(path = %path.display(), store = %cli.store, "the promotion calendar has no rows for this store's weeks");
+    }
+    Ok(())
+}
+
 fn run(cli: RunArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         (0.0..1.0).contains(&cli.holdout),
@@ -219,8 +238,9 @@ fn run(cli: RunArgs) -> anyhow::Result<()> {
             let catalogue = fedretail_client::data::purchases::load_catalogue(
                 catalogue.context("--purchases needs --catalogue")?,
             )?;
-            let (rows, sales) =
+            let (rows, mut sales) =
                 fedretail_client::data::purchases::load_store(path, &cli.store, &catalogue)?;
+            add_promotions(&cli, &mut sales)?;
             let ratings = StoreRatings::from_rows(&rows, cli.holdout, cli.seed);
             tracing::info!(
                 path = %path.display(),
@@ -246,7 +266,8 @@ fn run(cli: RunArgs) -> anyhow::Result<()> {
             LocalData::Ratings(ratings)
         }
         (None, Some(path)) => {
-            let sales = fedretail_client::data::sales::load_store(path, &cli.store)?;
+            let mut sales = fedretail_client::data::sales::load_store(path, &cli.store)?;
+            add_promotions(&cli, &mut sales)?;
             tracing::info!(path = %path.display(), groups = sales.groups.len(), weeks = sales.n_weeks, "sales loaded");
             LocalData::Sales(sales)
         }

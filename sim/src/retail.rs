@@ -153,6 +153,29 @@ pub fn export_retail(args: &ExportRetailArgs) -> anyhow::Result<()> {
         write_purchases(&path, &rows).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %path.display(), lines = rows.len(), "store written");
     }
+    // The promotion calendar of the exported stores, as the demand scenario reads it.
+    let names: Vec<String> = stores.iter().map(|(n, _)| (*n).clone()).collect();
+    let calendar = completejourney::promotions(&cj, options.grouping, &names)?;
+    let mut promotions = Vec::new();
+    for (store, groups) in &calendar {
+        for (group, (display, mailer)) in groups {
+            for (w, (&d, &m)) in display.iter().zip(mailer).enumerate() {
+                if d > 0.0 || m > 0.0 {
+                    promotions.push(fedretail_client::data::sales::PromotionRow {
+                        week: first + w as i64,
+                        store: store.clone(),
+                        group: group.clone(),
+                        display: d,
+                        mailer: m,
+                    });
+                }
+            }
+        }
+    }
+    let path = args.out.join("promotions.csv");
+    fedretail_client::data::sales::write_promotions(&path, &promotions)
+        .with_context(|| format!("writing {}", path.display()))?;
+
     // The catalogue: every product of a kept department; items are the recommender's.
     let items =
         completejourney::top_products(&cj, completejourney::RecommendOptions::default().n_products);

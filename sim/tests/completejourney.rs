@@ -136,7 +136,10 @@ fn an_exported_store_reads_back_as_the_scenarios_data() {
         .unwrap();
     let store = file.file_stem().unwrap().to_str().unwrap().to_string();
     let catalogue = purchases::load_catalogue(&dir.path().join("catalogue.csv")).unwrap();
-    let (interactions, sales) = purchases::load_store(&file, &store, &catalogue).unwrap();
+    let (interactions, mut sales) = purchases::load_store(&file, &store, &catalogue).unwrap();
+    let calendar =
+        fedretail_client::data::sales::load_promotions(&dir.path().join("promotions.csv")).unwrap();
+    assert!(sales.set_promotions(&calendar, &store) > 0);
     assert!(!interactions.is_empty());
     assert!(interactions.iter().all(|r| r.item < 2_000 && r.rating >= 1.0));
 
@@ -154,6 +157,15 @@ fn an_exported_store_reads_back_as_the_scenarios_data() {
         assert_eq!(&units[offset..offset + got_units.len()], &got_units[..], "{g}");
         for (a, b) in discount[offset..].iter().zip(got_discount) {
             assert!(a.is_nan() && b.is_nan() || (a - b).abs() < 1e-5, "{g}: {a} vs {b}");
+        }
+        // The promotion shares too, as the written calendar carries them.
+        if let Some((display, mailer)) = expected.promotions.get(g) {
+            let none = (vec![0.0; sales.n_weeks], vec![0.0; sales.n_weeks]);
+            let (got_display, got_mailer) = sales.promotions.get(g).unwrap_or(&none);
+            let pairs = display[offset..].iter().zip(got_display);
+            for (a, b) in pairs.chain(mailer[offset..].iter().zip(got_mailer)) {
+                assert!((a - b).abs() < 1e-6, "{g}: promotion share {a} vs {b}");
+            }
         }
     }
 }

@@ -231,6 +231,15 @@ impl Fields<'_> {
         Ok(v)
     }
 
+    /// A share in `[0, 1]`.
+    pub(crate) fn share(&self, k: usize) -> Result<f32, CsvError> {
+        let v = self.number(k)?;
+        if v > 1.0 {
+            return Err(self.bad(k, format!("{v} is not a share in [0, 1]")));
+        }
+        Ok(v)
+    }
+
     /// A `YYYY-MM-DD` date, as days since 1970-01-01.
     pub(crate) fn day(&self, k: usize) -> Result<i64, CsvError> {
         let date: jiff::civil::Date = self.raw(k).parse().map_err(|e| {

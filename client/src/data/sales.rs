@@ -155,6 +155,91 @@ pub fn write_sales<'a>(
     w.flush()
 }
 
+/// The columns of a promotion calendar: per week (the date of any day in it, conventionally
+/// its Monday), store and product group, the shares of the group's promoted products on
+/// in-store display and in the mailer, each in `[0, 1]`. Weeks a calendar does not list have
+/// no promotion.
+///
+/// ```text
+/// week,store,group,display,mailer
+/// 2017-01-02,store-367,PRODUCE,0.25,0.1
+/// ```
+pub const PROMOTION_COLUMNS: [&str; 5] = ["week", "store", "group", "display", "mailer"];
+
+/// One row of a promotion calendar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromotionRow {
+    /// Week index ([`week_of_day`]).
+    pub week: i64,
+    /// Store name.
+    pub store: String,
+    /// Product group.
+    pub group: String,
+    /// Share on display.
+    pub display: f32,
+    /// Share in the mailer.
+    pub mailer: f32,
+}
+
+/// Reads a promotion calendar.
+///
+/// # Errors
+///
+/// See [`CsvError`]: each names the file and, where it applies, the line and the column.
+pub fn load_promotions(path: &Path) -> Result<Vec<PromotionRow>, CsvError> {
+    let file =
+        std::fs::File::open(path).map_err(|source| CsvError::Io { path: path.into(), source })?;
+    read_promotions(file, path)
+}
+
+/// [`load_promotions`] from any reader.
+///
+/// # Errors
+///
+/// See [`load_promotions`].
+pub fn read_promotions(
+    reader: impl std::io::Read,
+    path: &Path,
+) -> Result<Vec<PromotionRow>, CsvError> {
+    let mut out = Vec::new();
+    read_table(reader, path, &PROMOTION_COLUMNS, "week,store,group,display,mailer", |f| {
+        out.push(PromotionRow {
+            week: week_of_day(f.day(0)?),
+            store: f.text(1)?,
+            group: f.text(2)?,
+            display: f.share(3)?,
+            mailer: f.share(4)?,
+        });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Writes a promotion calendar (each week as its Monday).
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn write_promotions<'a>(
+    path: &Path,
+    rows: impl IntoIterator<Item = &'a PromotionRow>,
+) -> std::io::Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    w.write_record(PROMOTION_COLUMNS)?;
+    for r in rows {
+        // Week 0 starts on Monday 1970-01-05 (day 4).
+        let monday = date_of_day(4 + 7 * r.week).map_err(std::io::Error::other)?;
+        w.write_record([
+            monday.to_string(),
+            r.store.clone(),
+            r.group.clone(),
+            r.display.to_string(),
+            r.mailer.to_string(),
+        ])?;
+    }
+    w.flush()
+}
+
 /// One store's weekly sales per product group. Group names stay strings until a task says
 /// which groups it models ([`StoreSales::to_data`]).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -213,6 +298,28 @@ impl StoreSales {
         StoreSales { first_week: first, n_weeks, groups, promotions: BTreeMap::new() }
     }
 
+    /// Takes `store`'s rows of a promotion calendar as the groups' weekly display and mailer
+    /// shares over the store's weeks (weeks outside them are ignored, weeks not listed have
+    /// none). Returns how many rows were used.
+    pub fn set_promotions(&mut self, rows: &[PromotionRow], store: &str) -> usize {
+        let mut used = 0;
+        for r in rows.iter().filter(|r| r.store == store) {
+            let week = r.week - self.first_week;
+            if !(0..self.n_weeks as i64).contains(&week) {
+                continue;
+            }
+            let n = self.n_weeks;
+            let (display, mailer) = self
+                .promotions
+                .entry(r.group.clone())
+                .or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            display[week as usize] = r.display;
+            mailer[week as usize] = r.mailer;
+            used += 1;
+        }
+        used
+    }
+
     /// The series of the task's `groups` that this store sells, as the model's data (one
     /// store), and the store's groups the task does not model (left out).
     pub fn to_data(&self, groups: &[String]) -> (DemandData, Vec<String>) {
@@ -247,6 +354,31 @@ mod tests {
     }
 
     const HEADER: &str = "date,store,product,quantity,price,discount\n";
+
+    #[test]
+    fn a_promotion_calendar_fills_the_stores_weeks() {
+        let text = "week,store,group,display,mailer\n2017-01-02,S,A,0.5,0\n\
+                    2017-01-11,S,A,1,0.25\n2017-01-02,T,A,0.9,0.9\n2018-01-01,S,A,1,1\n";
+        let rows = read_promotions(text.as_bytes(), Path::new("promotions.csv")).unwrap();
+        let first = week_of_day(day_number(jiff::civil::date(2017, 1, 2)).unwrap());
+        let mut sales = StoreSales { first_week: first, n_weeks: 3, ..StoreSales::default() };
+        // S's two rows in its weeks (2017-01-11 is a Wednesday of the second week); T's and
+        // the week of 2018 are not used.
+        assert_eq!(sales.set_promotions(&rows, "S"), 2);
+        assert_eq!(sales.promotions["A"], (vec![0.5, 1.0, 0.0], vec![0.0, 0.25, 0.0]));
+        let err = read_promotions(
+            "week,store,group,display,mailer\n2017-01-02,S,A,1.5,0\n".as_bytes(),
+            Path::new("promotions.csv"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "promotions.csv:2: column \"display\": 1.5 is not a share in [0, 1]");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.csv");
+        write_promotions(&path, &rows).unwrap();
+        let back = load_promotions(&path).unwrap();
+        assert_eq!(back, rows, "weeks written as their Monday read back as the same weeks");
+    }
 
     #[test]
     fn reads_rows_in_any_column_order() {
