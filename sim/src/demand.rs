@@ -859,58 +859,35 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
 ///
 /// Drawing errors.
 pub fn plot(path: &Path, r: &DemandReport) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let draw = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing the plot: {e:?}");
     let mut order: Vec<usize> =
         (0..r.stores.len()).filter(|&k| r.methods[0].per_store[k].actual_sum > 0.0).collect();
     order.sort_by_key(|&k| (r.weeks_of_sales[k], k));
     let shown = [r.target_baseline.0.as_str(), "local_only", "central", "federated"];
     let dp = r.methods.iter().rev().find(|m| m.privacy.is_some()).map(|m| m.key.as_str());
-    let series: Vec<&MethodRun> =
-        shown.iter().copied().chain(dp).filter_map(|k| r.method(k)).collect();
+    let series: Vec<crate::plot::Series> = shown
+        .iter()
+        .copied()
+        .chain(dp)
+        .filter_map(|k| r.method(k))
+        .map(|m| crate::plot::Series {
+            label: label(r, &m.key).replace("**", ""),
+            values: order.iter().map(|&k| m.per_store[k].wape()).collect(),
+        })
+        .collect();
     let ymax = series
         .iter()
-        .flat_map(|m| order.iter().map(|&k| m.per_store[k].wape()))
+        .flat_map(|s| s.values.iter().copied())
         .filter(|v| v.is_finite())
         .fold(1.0f64, f64::max)
         .min(4.0);
-    let root = SVGBackend::new(path, (900, 460)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| draw(&e))?;
-    let n = order.len() as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("Test WAPE per store ({})", r.dataset), ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5..n - 0.5, 0.0..ymax * 1.05)
-        .map_err(|e| draw(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("stores, fewest weeks with sales first")
-        .y_desc("WAPE (capped at 4)")
-        .draw()
-        .map_err(|e| draw(&e))?;
-    let colors = [RGBColor(150, 150, 150), RED, GREEN, BLUE, MAGENTA];
-    for (m, color) in series.iter().zip(colors) {
-        let pts: Vec<(f64, f64)> = order
-            .iter()
-            .enumerate()
-            .map(|(x, &k)| (x as f64, m.per_store[k].wape().min(ymax)))
-            .collect();
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| draw(&e))?
-            .label(label(r, &m.key).replace("**", ""))
-            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| draw(&e))?;
-    root.present().map_err(|e| draw(&e))?;
-    Ok(())
+    crate::plot::per_store(
+        path,
+        &format!("Test WAPE per store ({})", r.dataset),
+        "stores, fewest weeks with sales first",
+        "WAPE (capped at 4)",
+        ymax,
+        &series,
+    )
 }
 
 /// Writes `report.json`, `report.md` and `wape_per_store.svg` into `dir`.

@@ -6,7 +6,7 @@
 //! - [`baselines`]: central (pooled) and local-only training, the references.
 //! - [`runner`]: an in-process coordinator and one gRPC client per store on loopback.
 //! - [`scenario`]: a run's options, the run itself, and where its report goes.
-//! - [`report`]: `report.json` and `report.md`.
+//! - [`report`]: `report.json` and `report.md`; [`plot`]: the per-store plots.
 //! - [`retail`]: the default scenario, both models on Complete Journey.
 //! - [`demand`]: the demand-forecasting scenarios.
 //! - [`sweep`]: the privacy–utility curve over ε, with its plot.
@@ -16,6 +16,7 @@ pub mod baselines;
 pub mod bench;
 pub mod dataset;
 pub mod demand;
+pub mod plot;
 pub mod report;
 pub mod retail;
 pub mod runner;

@@ -353,6 +353,32 @@ pub fn to_markdown(r: &Report) -> String {
     s
 }
 
+/// Draws each store's HR@10 per method (stores with fewest users first) for a ranking report.
+///
+/// # Errors
+///
+/// Drawing errors.
+pub fn plot_ranking(path: &std::path::Path, r: &Report) -> anyhow::Result<()> {
+    let mut order: Vec<usize> = (0..r.stores.len()).collect();
+    order.sort_by_key(|&k| (r.stores[k].users, k));
+    let series: Vec<crate::plot::Series> = r
+        .per_store
+        .iter()
+        .map(|(m, sums)| crate::plot::Series {
+            label: m.clone(),
+            values: order.iter().map(|&k| sums[k].hr_at_10()).collect(),
+        })
+        .collect();
+    crate::plot::per_store(
+        path,
+        &format!("HR@10 per store ({})", r.dataset),
+        "stores, fewest users first",
+        "HR@10",
+        1.0,
+        &series,
+    )
+}
+
 /// The ranking report's fairness section and per-store table.
 fn ranking_stores(s: &mut String, r: &Report) {
     let f = ranking_fairness(r);
@@ -373,6 +399,7 @@ fn ranking_stores(s: &mut String, r: &Report) {
     for ((m, worst), (_, small)) in f.worst_decile.iter().zip(&f.small_stores) {
         let _ = writeln!(s, "| {m} | {worst:.4} | {small:.4} |");
     }
+    let _ = writeln!(s, "\n![HR@10 per store](hr_per_store.svg)");
     let keys: Vec<&str> = r.per_store.iter().map(|(m, _)| m.as_str()).collect();
     let _ = writeln!(
         s,

@@ -777,5 +777,8 @@ pub fn write_report(dir: &std::path::Path, report: &Report) -> anyhow::Result<()
         .with_context(|| format!("writing {}", dir.display()))?;
     std::fs::write(dir.join("report.md"), report::to_markdown(report))
         .with_context(|| format!("writing {}", dir.display()))?;
+    if !report.per_store.is_empty() {
+        report::plot_ranking(&dir.join("hr_per_store.svg"), report)?;
+    }
     Ok(())
 }

@@ -121,4 +121,15 @@ async fn the_ranking_run_meets_its_targets() {
         &r.baselines.iter().find(|(n, _)| n.starts_with("popularity (global")).unwrap().1;
     assert!(popularity.hr_at_10 < r.federated.hr_at_10 - 0.2, "popularity {}", popularity.hr_at_10);
     assert_eq!(r.failed_rounds, 0);
+    // The report per store: every method's HR@10 in each of the 11 stores, pooled back to the
+    // totals, with its fairness section and plot.
+    let federated = r.per_store.iter().find(|(m, _)| m == "federated").unwrap();
+    assert_eq!(federated.1.len(), 11);
+    let pooled = fedretail_sim::baselines::merge_all(&federated.1);
+    assert!((pooled.hr_at_10() - r.federated.hr_at_10).abs() < 1e-9);
+    scenario::write_report(&args.out_dir(), &r).unwrap();
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("## Fairness across stores") && md.contains("## Per store (HR@10)"));
+    let svg = std::fs::read_to_string(dir.path().join("hr_per_store.svg")).unwrap();
+    assert_eq!(svg.matches("<circle").count(), 4 * 11 + 4, "4 methods × 11 stores and a legend");
 }
