@@ -301,6 +301,25 @@ pub(crate) fn read_table(
     Ok(())
 }
 
+/// The error for a file without rows for `store`, listing (sorted, the first ten) the stores
+/// it has.
+pub(crate) fn no_rows_for<'a>(
+    path: &Path,
+    store: &str,
+    names: impl IntoIterator<Item = &'a str>,
+) -> CsvError {
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    let more = names.len().saturating_sub(10);
+    names.truncate(10);
+    let mut has = names.join(", ");
+    if more > 0 {
+        has.push_str(&format!(" and {more} more"));
+    }
+    CsvError::NoRowsFor { path: path.into(), store: store.into(), has }
+}
+
 pub(crate) fn row_error(e: csv::Error, path: &Path) -> CsvError {
     match e.position() {
         Some(p) => CsvError::BadRow { path: path.into(), line: p.line(), message: e.to_string() },

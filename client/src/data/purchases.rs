@@ -30,7 +30,7 @@
 //! 9999999,,GROCERY
 //! ```
 
-use super::csv::{CsvError, CsvRating, read_table};
+use super::csv::{CsvError, CsvRating, no_rows_for, read_table};
 use super::sales::{SalesRow, StoreSales, date_of_day};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -238,16 +238,7 @@ pub fn load_store(
     let rows = load_purchases(path)?;
     let mine: Vec<PurchaseRow> = rows.iter().filter(|r| r.store == store).cloned().collect();
     if mine.is_empty() {
-        let mut names: Vec<&str> = rows.iter().map(|r| r.store.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        let more = names.len().saturating_sub(10);
-        names.truncate(10);
-        let mut has = names.join(", ");
-        if more > 0 {
-            has.push_str(&format!(" and {more} more"));
-        }
-        return Err(CsvError::NoRowsFor { path: path.into(), store: store.into(), has });
+        return Err(no_rows_for(path, store, rows.iter().map(|r| r.store.as_str())));
     }
     let (sales, unknown) = catalogue.sales_rows(&mine);
     if unknown > 0 {

@@ -23,7 +23,7 @@
 //! discount is the mean over its rows weighted by `max(quantity, 1)`; weeks without rows
 //! have none (NaN).
 
-use super::csv::{CsvError, read_table};
+use super::csv::{CsvError, no_rows_for, read_table};
 use fedretail_core::model::demand::{DemandData, Series, week_of_day};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -91,14 +91,7 @@ pub fn load_store(path: &Path, store: &str) -> Result<StoreSales, CsvError> {
     let rows = load_sales(path)?;
     let mut stores = by_store(&rows);
     let Some(mine) = stores.remove(store) else {
-        let mut names: Vec<&str> = stores.into_keys().collect();
-        let more = names.len().saturating_sub(10);
-        names.truncate(10);
-        let mut has = names.join(", ");
-        if more > 0 {
-            has.push_str(&format!(" and {more} more"));
-        }
-        return Err(CsvError::NoRowsFor { path: path.into(), store: store.into(), has });
+        return Err(no_rows_for(path, store, stores.into_keys()));
     };
     Ok(StoreSales::from_rows(mine, None))
 }
