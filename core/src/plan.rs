@@ -149,6 +149,44 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// The ranking recommender under customer-level privacy: its uploads carry statistics
+    /// beside the model's coordinates ([`crate::model::mf::MfModel::ranking_server_step`]).
+    fn ranking_statistics(&self) -> Option<crate::model::mf::MfModel> {
+        match (&self.model, &self.privacy) {
+            (ModelSpec::MatrixFactorization(mf), Some(p))
+                if p.unit == crate::privacy::PrivacyUnit::Customer
+                    && matches!(mf.objective, crate::model::mf::Objective::Ranking { .. }) =>
+            {
+                Some(crate::model::mf::MfModel::new(mf.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Length of a store's upload: the model's parameters, then any statistics the model's
+    /// server step reads (the ranking recommender's under customer-level privacy).
+    pub fn upload_len(&self) -> usize {
+        self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
+    }
+
+    /// The change of the model from `mean`, the (noised) sum of the uploads divided by the
+    /// round's divisor (length [`TaskSpec::upload_len`]), at model `global`: `mean` itself for
+    /// most tasks; for the ranking recommender under customer-level privacy, the pure server
+    /// step that forms the unobserved items' term from the statistics.
+    ///
+    /// # Panics
+    ///
+    /// If a length is wrong.
+    pub fn model_delta(&self, global: &[f32], mean: Vec<f32>) -> Vec<f32> {
+        match self.ranking_statistics() {
+            Some(model) => model.ranking_server_step(global, &mean),
+            None => {
+                assert_eq!(mean.len(), global.len(), "upload has the wrong length");
+                mean
+            }
+        }
+    }
+
     /// Checks every field, naming the first bad one.
     ///
     /// # Errors

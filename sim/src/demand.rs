@@ -15,7 +15,6 @@ use fedretail_core::model::demand::{
     DemandData, DemandLocal, DemandLoss, DemandModel, DemandSpec, Naive,
 };
 use fedretail_core::model::metrics::EvalSums;
-use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
 use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
 use rand::SeedableRng;
@@ -99,6 +98,8 @@ pub struct DemandHyper {
     pub loss: DemandLoss,
     /// Prior weight on the stores' personal weights.
     pub personal_regularization: f32,
+    /// Hidden units of the shared network, when set (else the data's default).
+    pub hidden_units: Option<u32>,
 }
 
 /// The demand hyper-parameters of `args` (BENCHMARKS.md, "Demand forecasting", says how the
@@ -113,6 +114,7 @@ pub fn hyper(args: &RunArgs) -> DemandHyper {
         server_lr: args.server_lr.unwrap_or(2.0),
         clip_norm: args.clip_norm.unwrap_or(0.5),
         personal_regularization: args.personal_regularization.unwrap_or(100.0),
+        hidden_units: args.hidden_units,
         loss: match args.loss {
             Some(LossArg::Poisson) => DemandLoss::Poisson,
             Some(LossArg::Log1pSquared) => DemandLoss::Log1pSquared,
@@ -260,7 +262,7 @@ pub fn spec_for(
         // Every data set counts units.
         whole_units: true,
         relative_to_recent: one_year,
-        hidden_units: if one_year { ONE_YEAR_HIDDEN_UNITS } else { 0 },
+        hidden_units: h.hidden_units.unwrap_or(if one_year { ONE_YEAR_HIDDEN_UNITS } else { 0 }),
     }
 }
 
@@ -418,7 +420,7 @@ pub fn task_spec(
         model: ModelSpec::Demand(spec.clone()),
         privacy: None,
         plan: TrainingPlan {
-            server_optimizer: ServerOptimizer::FedAvg { learning_rate: h.server_lr },
+            server_optimizer: args.server_optimizer_with(h.server_lr),
             // Evaluate after the last round only: forecasts are scored on the test weeks.
             ..crate::scenario::in_process_plan(h.rounds, n as u32, h.local_epochs, args.seed)
         },

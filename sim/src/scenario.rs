@@ -175,6 +175,10 @@ pub struct RunArgs {
     /// Demand scenarios: prior weight Λ on each store's personal feature weights and seasonal offsets [default: 100].
     #[arg(long)]
     pub personal_regularization: Option<f32>,
+    /// Demand scenarios: hidden units of the shared network (0: linear) [default: 16 on one
+    /// year of data, else 0].
+    #[arg(long)]
+    pub hidden_units: Option<u32>,
     /// Complete Journey: a store id is kept if at least this many households bought there
     /// (demand) or have it as their main store (recommendation).
     #[arg(long, default_value_t = 5)]
@@ -335,7 +339,11 @@ impl RunArgs {
     }
 
     fn server_optimizer(&self) -> ServerOptimizer {
-        let learning_rate = self.hyper().server_lr;
+        self.server_optimizer_with(self.hyper().server_lr)
+    }
+
+    /// The `--server-optimizer` with server step `learning_rate`.
+    pub fn server_optimizer_with(&self, learning_rate: f32) -> ServerOptimizer {
         match self.server_optimizer {
             OptimizerKind::FedAvg => ServerOptimizer::FedAvg { learning_rate },
             OptimizerKind::FedAvgM => ServerOptimizer::FedAvgM { learning_rate, momentum: 0.9 },
@@ -360,8 +368,8 @@ impl RunArgs {
     /// factors, user λ 10, confidence α 5, item λ_Y 0.02 per user; one exact user solve and one
     /// item gradient step per round, FedAdam with step 0.06 at the coordinator, 100 rounds.
     ///
-    /// Under customer-level DP: 8 factors and FedAdam step 0.02 (each customer's clipped
-    /// gradient is dense, so fewer factors mean less noise per signal; BENCHMARKS.md).
+    /// Under customer-level DP: 8 factors and FedAdam step 0.02 (the best on Complete Journey;
+    /// BENCHMARKS.md has the grid).
     pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
         let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
         let spec = MfSpec {

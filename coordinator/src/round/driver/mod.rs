@@ -529,6 +529,7 @@ impl Driver {
         let base = self.model.clone();
         let mut optimizer = self.optimizer.clone();
         let server = self.spec.plan.server_optimizer;
+        let spec = self.spec.clone();
         let (store, task) = (self.store.clone(), self.task);
         let mut rng = if self.config.deterministic {
             rand::rngs::ChaCha20Rng::seed_from_u64(
@@ -583,6 +584,9 @@ impl Driver {
                     (delta, Some((n.charge, n.evaluation, domain_epsilon)), next_clip)
                 }
             };
+            // The model's own server step (statistics to a change of the model): a pure
+            // function of the noised mean and the public model.
+            let delta = spec.model_delta(&base.values, delta);
             let mut values = base.values.clone();
             optim::apply(&server, &mut optimizer, &mut values, &delta);
             // A candidate that is not finite is never committed or served (H8). Under privacy

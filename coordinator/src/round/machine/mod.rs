@@ -139,6 +139,8 @@ pub(crate) struct Round {
     spec: Arc<TaskSpec>,
     base: ModelVersion,
     n_params: usize,
+    /// Length of an upload ([`TaskSpec::upload_len`]): `n_params`, then any statistics.
+    upload_len: usize,
     seed: u64,
     /// The seed stores get for their local data order: not the cohort seed (see
     /// [`Round::set_local_seed`]).
@@ -197,6 +199,7 @@ impl Round {
             index,
             base,
             n_params,
+            upload_len: spec.upload_len(),
             seed,
             local_seed: seed,
             phase: Phase::Selecting { deadline },
@@ -417,7 +420,7 @@ impl Round {
                         let n = connected.len().min(plan.cohort_size as usize);
                         self.cohort = sample(connected, n, self.seed).into_iter().collect();
                     }
-                    self.sum = Some(Aggregator::new(self.n_params));
+                    self.sum = Some(Aggregator::new(self.upload_len));
                     self.phase = Phase::Configuring { deadline: now + plan.configure_timeout() };
                 }
             }
@@ -517,7 +520,7 @@ impl Round {
             Phase::Collecting { deadline } => deadline,
             _ => Instant::now(),
         };
-        result.map(|()| (self.n_params, deadline))
+        result.map(|()| (self.upload_len, deadline))
     }
 
     /// Counts a request for `round` that was refused before it reached the machine.
@@ -560,7 +563,7 @@ impl Round {
     fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
         self.check_upload(upload.client, upload.round)?;
         let bound = self.upload_norm_bound();
-        validate(&upload.values, self.n_params, bound)?;
+        validate(&upload.values, self.upload_len, bound)?;
         // A client's count of unclipped contributions moves the next clipping norm: it must
         // be a number within what its contributions and its noise can explain (H7).
         let unclipped = upload.summary.unclipped;
@@ -603,7 +606,7 @@ impl Round {
             PrivacyUnit::Customer => c * p.population.unwrap_or(1) as f64,
         };
         let share = self.train_privacy().map_or(0.0, |t| t.noise_std);
-        let margin = share * ((self.n_params as f64).sqrt() + 10.0);
+        let margin = share * ((self.upload_len as f64).sqrt() + 10.0);
         if p.unit == PrivacyUnit::Client && share == 0.0 {
             self.clip_norm
         } else {

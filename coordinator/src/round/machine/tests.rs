@@ -321,29 +321,33 @@ fn cohort_members_get_the_local_seed_not_the_cohort_seed() {
     }
 }
 
+fn customer_privacy(max_stores_per_customer: u32) -> fedretail_core::privacy::PrivacySpec {
+    use fedretail_core::privacy::accountant::AccountantKind;
+    use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
+    PrivacySpec {
+        unit: PrivacyUnit::Customer,
+        noise_placement: NoisePlacement::Distributed,
+        target_epsilon: 4.0,
+        delta: 1e-5,
+        sampling_rate: 0.5,
+        noise_multiplier: Some(2.0),
+        population: Some(10),
+        adaptive_clipping: None,
+        accountant: AccountantKind::Rdp,
+        domain: "d".into(),
+        evaluation_epsilon: 1.0,
+        evaluation_noise_multiplier: Some(5.0),
+        max_stores_per_customer,
+    }
+}
+
 /// Issue 10 (M3): a customer who shops in k stores is clipped by each of them, so the noise
 /// is scaled by k: the guarantee is per customer, not per (customer, store) pair.
 #[test]
 fn customers_in_several_stores_get_noise_for_all_of_them() {
-    use fedretail_core::privacy::accountant::AccountantKind;
-    use fedretail_core::privacy::{NoisePlacement, PrivacySpec, PrivacyUnit};
     let noise_std = |k: u32| {
         let mut s = (*spec(2, 2, 1)).clone();
-        s.privacy = Some(PrivacySpec {
-            unit: PrivacyUnit::Customer,
-            noise_placement: NoisePlacement::Distributed,
-            target_epsilon: 4.0,
-            delta: 1e-5,
-            sampling_rate: 0.5,
-            noise_multiplier: Some(2.0),
-            population: Some(10),
-            adaptive_clipping: None,
-            accountant: AccountantKind::Rdp,
-            domain: "d".into(),
-            evaluation_epsilon: 1.0,
-            evaluation_noise_multiplier: Some(5.0),
-            max_stores_per_customer: k,
-        });
+        s.privacy = Some(customer_privacy(k));
         let t0 = Instant::now();
         let mut r = Round::new(RoundId(1), 1, Arc::new(s), ModelVersion(0), t0, derive_seed(7, 1));
         r.tick(t0, &clients(2));
@@ -355,4 +359,47 @@ fn customers_in_several_stores_get_noise_for_all_of_them() {
     let one = noise_std(1);
     assert!(one > 0.0);
     assert!((noise_std(3) / one - 3.0).abs() < 1e-9);
+}
+
+/// Issue 11: under customer-level privacy the ranking recommender's uploads carry its
+/// statistics after the model's coordinates; the stores still fetch and train the model alone.
+#[test]
+fn ranking_uploads_under_customer_privacy_carry_the_statistics() {
+    use fedretail_core::model::mf::{MfModel, MfSpec, Objective};
+    let mf = MfSpec {
+        n_items: 3,
+        dim: 2,
+        learning_rate: 0.5,
+        regularization: 1.0,
+        init_std: 0.1,
+        rating_min: 0.0,
+        rating_max: 1.0,
+        init_mean: 0.0,
+        local_item_offsets: None,
+        objective: Objective::Ranking { alpha: 1.0, item_regularization: 0.01 },
+    };
+    let (n_params, stats) = (mf.n_global(), MfModel::new(mf.clone()).statistics_len());
+    assert_eq!(stats, 6, "the upper triangle of a 3 × 3 matrix");
+    let mut s = (*spec(2, 2, 1)).clone();
+    s.model = ModelSpec::MatrixFactorization(mf);
+    s.privacy = Some(customer_privacy(1));
+    let t0 = Instant::now();
+    let mut r = Round::new(RoundId(9), 1, Arc::new(s), ModelVersion(0), t0, derive_seed(7, 1));
+    r.tick(t0, &clients(2));
+    for c in clients(2) {
+        match r.poll(t0, c) {
+            Assignment::Train { n_params: n, .. } => assert_eq!(n, n_params),
+            other => panic!("{other:?}"),
+        }
+    }
+    let round = RoundId(9);
+    assert_eq!(r.begin_upload(ClientId(1), round).map(|(n, _)| n), Ok(n_params + stats));
+    assert_eq!(
+        r.upload(upload(1, round, vec![0.0; n_params])),
+        Err(Reject::InvalidUpdate(AggregateError::WrongShape {
+            expected: n_params + stats,
+            got: n_params
+        }))
+    );
+    r.upload(upload(1, round, vec![0.01; n_params + stats])).unwrap();
 }

@@ -50,7 +50,8 @@ impl CustomerSum {
         CustomerSum { sum, n_sampled, n_unclipped, mean_loss }
     }
 
-    /// Σ over sampled customers of their clipped contribution (length `n_global`).
+    /// Σ over sampled customers of their clipped contribution (length [`crate::plan::TaskSpec::upload_len`]:
+    /// `n_global`, then the ranking objective's statistics).
     pub fn sum(&self) -> &[f64] {
         &self.sum
     }

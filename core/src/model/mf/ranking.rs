@@ -307,12 +307,30 @@ impl MfModel {
         (loss, by_user.iter().filter(|l| !l.is_empty()).count())
     }
 
+    /// Entries of the statistics a customer contributes beside their observed items' terms:
+    /// the upper triangle of `x̃ x̃ᵀ` with `x̃ = (1, x_u)`, that is their count, their factors
+    /// and the upper triangle of their Gram matrix (`(d + 1)(d + 2) / 2` values).
+    pub fn statistics_len(&self) -> usize {
+        let d = self.spec.dim + 1;
+        d * (d + 1) / 2
+    }
+
     /// One customer-level round under the ranking objective (see `customer.rs` for the
-    /// contract): every customer's factors are solved against the round's model (their own data
-    /// and the public model: no privacy cost, and they stay here); each Poisson-sampled customer
-    /// contributes `−learning_rate · ∇ℓ_u` with respect to the item side, clipped to
-    /// `clip_norm`. The contribution is dense (the unobserved items' term touches every item)
-    /// and carries no item regularisation, which is the model's, not a customer's.
+    /// contract). Every customer's factors are solved against the round's model (their own data
+    /// and the public model: no privacy cost, and they stay here). Each Poisson-sampled customer
+    /// contributes, clipped jointly to `clip_norm`:
+    ///
+    /// - `−learning_rate ·` the gradient of their *observed* items' terms, with the unobserved
+    ///   default `(p = 0, c = 1)` taken out (`−2c(1 − s) − 2s` per own item): sparse;
+    /// - `learning_rate · x̃ x̃ᵀ` (upper triangle, `x̃ = (1, x_u)`), from which
+    ///   [`MfModel::ranking_server_step`] forms every item's unobserved term, `2(G y_i + b_i Σx)`.
+    ///
+    /// The dense term is thus never part of one customer's contribution: the noise the
+    /// coordinator adds to `n_items · (1 + d)` coordinates meets the signal of every sampled
+    /// customer in the `(d + 1)(d + 2) / 2` statistics, instead of each customer's dense
+    /// gradient spending their clipping budget on every item. Without clipping and noise the
+    /// server step gives exactly the mean of the customers' full gradients (tested). The
+    /// contribution carries no item regularisation, which is the model's, not a customer's.
     pub(crate) fn ranking_customer_round<R: rand::Rng + ?Sized>(
         &self,
         global: &[f32],
@@ -330,9 +348,12 @@ impl MfModel {
         let users: Vec<u32> = (0..data.n_users() as u32).collect();
         let sample = crate::privacy::sampling::poisson(&users, sampling_rate, rng);
         let lr = f64::from(self.spec.learning_rate);
-        let mut sum = vec![0.0f64; global.len()];
+        let stats_at = global.len();
+        let mut sum = vec![0.0f64; stats_at + self.statistics_len()];
         let (mut n_unclipped, mut loss, mut n_sampled) = (0usize, 0.0f64, 0usize);
-        let mut grad = vec![0.0f64; global.len()];
+        // The customer's contribution: (coordinate, value) pairs, sparse.
+        let mut contribution: Vec<(usize, f64)> = Vec::new();
+        let mut tilde = vec![1.0f64; d + 1];
         for &u in &sample.members {
             n_sampled += 1;
             let own = &items[u as usize];
@@ -343,42 +364,46 @@ impl MfModel {
                 continue;
             }
             let xu = x.row(u as usize);
-            let mut next = own.iter().peekable();
+            let score = |i: usize| {
+                f64::from(bias[i])
+                    + (0..d).map(|p| f64::from(xu[p]) * f64::from(y[[i, p]])).sum::<f64>()
+            };
+            // ℓ_u = Σ_i s² + Σ_own [c (1 − s)² − s²] + λ|x|²; Σ_i s² = b·b + 2 x·(Yᵀb) + xᵀ(YᵀY)x
+            // costs a pass over the items, as the gradient did before.
             let mut user_loss = f64::from(self.spec.regularization)
-                * xu.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
-            for i in 0..n_items {
-                let yi = y.row(i);
-                let s = f64::from(bias[i])
-                    + (0..d).map(|p| f64::from(xu[p]) * f64::from(yi[p])).sum::<f64>();
-                let coef = match next.peek() {
-                    Some(&&(j, value)) if j as usize == i => {
-                        next.next();
-                        let c = 1.0 + f64::from(alpha) * f64::from(value);
-                        user_loss += c * (1.0 - s).powi(2);
-                        -2.0 * c * (1.0 - s)
-                    }
-                    _ => {
-                        user_loss += s * s;
-                        2.0 * s
-                    }
-                };
-                grad[1 + i] = coef;
+                * xu.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>()
+                + (0..n_items).map(|i| score(i).powi(2)).sum::<f64>();
+            contribution.clear();
+            for &(i, value) in own {
+                let i = i as usize;
+                let (c, s) = (1.0 + f64::from(alpha) * f64::from(value), score(i));
+                user_loss += c * (1.0 - s).powi(2) - s * s;
+                let g = -2.0 * c * (1.0 - s) - 2.0 * s;
+                contribution.push((1 + i, -lr * g));
                 let row = 1 + n_items + i * d;
-                for p in 0..d {
-                    grad[row + p] = coef * f64::from(xu[p]);
+                contribution.extend((0..d).map(|p| (row + p, -lr * g * f64::from(xu[p]))));
+            }
+            for p in 0..d {
+                tilde[1 + p] = f64::from(xu[p]);
+            }
+            let mut k = stats_at;
+            for a in 0..=d {
+                for b in a..=d {
+                    contribution.push((k, lr * tilde[a] * tilde[b]));
+                    k += 1;
                 }
             }
             loss += user_loss;
-            let norm = lr * grad.iter().map(|g| g * g).sum::<f64>().sqrt();
+            let norm = contribution.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
             if !norm.is_finite() {
                 continue;
             }
             if norm <= f64::from(clip_norm) {
                 n_unclipped += 1;
             }
-            let scale = if norm > 0.0 { -lr * (f64::from(clip_norm) / norm).min(1.0) } else { 0.0 };
-            for (s, g) in sum.iter_mut().zip(&grad) {
-                *s += scale * g;
+            let scale = if norm > 0.0 { (f64::from(clip_norm) / norm).min(1.0) } else { 0.0 };
+            for &(k, v) in &contribution {
+                sum[k] += scale * v;
             }
         }
         local.user_factors = x;
@@ -388,6 +413,53 @@ impl MfModel {
             n_unclipped,
             if n_sampled == 0 { 0.0 } else { loss / n_sampled as f64 },
         )
+    }
+
+    /// The coordinator's step for customer-level ranking rounds: from `mean`, the (noised) sum
+    /// of the customers' contributions divided by their expected count (the model's length,
+    /// then [`MfModel::statistics_len`] statistics), the change of the model: the observed
+    /// part as sent, plus `−learning_rate ·` every item's unobserved term formed from the
+    /// statistics, `2(n̂ b_i + x̄·y_i)` for the bias and `2(Ĝ y_i + b_i x̄)` for the factors,
+    /// where `(n̂, x̄, Ĝ)` are the statistics' means. A pure function of public values: the
+    /// noised sum and the model.
+    ///
+    /// # Panics
+    ///
+    /// If the objective is not ranking or a length is wrong.
+    pub fn ranking_server_step(&self, global: &[f32], mean: &[f32]) -> Vec<f32> {
+        let _ = self.ranking_params();
+        let (n_items, d) = (self.spec.n_items, self.spec.dim);
+        assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
+        assert_eq!(mean.len(), global.len() + self.statistics_len(), "upload has the wrong length");
+        let lr = f64::from(self.spec.learning_rate);
+        let (bias, y) = self.item_side(global);
+        // x̃ x̃ᵀ's mean, full (d + 1) × (d + 1), from its upper triangle.
+        let e = d + 1;
+        let mut stats = vec![0.0f64; e * e];
+        let mut k = global.len();
+        for a in 0..e {
+            for b in a..e {
+                let v = f64::from(mean[k]) / lr;
+                stats[a * e + b] = v;
+                stats[b * e + a] = v;
+                k += 1;
+            }
+        }
+        let n = stats[0];
+        let xbar = &stats[1..e];
+        let mut delta: Vec<f32> = mean[..global.len()].to_vec();
+        for i in 0..n_items {
+            let yi = y.row(i);
+            let b = f64::from(bias[i]);
+            let xbar_y: f64 = (0..d).map(|p| xbar[p] * f64::from(yi[p])).sum();
+            delta[1 + i] -= (lr * 2.0 * (n * b + xbar_y)) as f32;
+            let row = 1 + n_items + i * d;
+            for p in 0..d {
+                let gy: f64 = (0..d).map(|q| stats[(1 + p) * e + 1 + q] * f64::from(yi[q])).sum();
+                delta[row + p] -= (lr * 2.0 * (gy + b * xbar[p])) as f32;
+            }
+        }
+        delta
     }
 
     /// Pooled alternating least squares: both sides solved exactly, `iterations` times, from
@@ -609,9 +681,10 @@ mod tests {
         assert!(objective(&als) <= objective(&trained) + 1e-3);
     }
 
-    /// Unclipped and with every customer sampled, the customer round's sum is −lr times the sum
-    /// of the users' gradients (the item regularisation aside); clipped, each customer moves it
-    /// by at most C.
+    /// Unclipped and with every customer sampled, the server step on the customer round's sum
+    /// (divided by the customers) is −lr times the users' mean gradient (the item
+    /// regularisation aside), although no customer's contribution touches an item they did not
+    /// buy; clipped, each customer moves the sum by at most C.
     #[test]
     fn a_customer_round_sums_each_customers_clipped_gradient() {
         let model = MfModel::new(spec(5, 3));
@@ -630,16 +703,24 @@ mod tests {
             &mut rng,
         );
         assert_eq!((round.n_sampled(), round.n_unclipped()), (4, 4));
+        assert_eq!(round.sum().len(), g.len() + model.statistics_len());
         let x = model.solve_users(&g, &data);
         assert_eq!(local.user_factors, x, "every customer's factors are refreshed");
+        // Nobody bought item 4: its bias and factors get nothing from any customer.
+        let (n_items, d) = (5, 3);
+        let unbought = std::iter::once(1 + 4).chain((0..d).map(|p| 1 + n_items + 4 * d + p));
+        assert!(unbought.into_iter().all(|k| round.sum()[k] == 0.0), "{:?}", round.sum());
         let (mean, _) = model.ranking_gradient(&g, &x, &data);
         let users = 3.0; // user 3 has no interactions
+        let upload: Vec<f32> = round.sum().iter().map(|v| (v / users) as f32).collect();
+        let delta = model.ranking_server_step(&g, &upload);
+        assert_eq!(delta.len(), g.len());
         for k in 1..g.len() {
-            let expected = -0.5 * users * (mean[k] - 2.0 * 0.01 * f64::from(g[k]));
+            let expected = -0.5 * (mean[k] - 2.0 * 0.01 * f64::from(g[k]));
             assert!(
-                (round.sum()[k] - expected).abs() < 1e-4,
+                (f64::from(delta[k]) - expected).abs() < 1e-4,
                 "{k}: {} vs {expected}",
-                round.sum()[k]
+                delta[k]
             );
         }
         let clip = 0.01;
