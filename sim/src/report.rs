@@ -102,6 +102,9 @@ pub struct Report {
     pub failed_rounds: u64,
     /// The privacy the federated model carries, if the run had DP.
     pub privacy: Option<crate::runner::PrivacyOutcome>,
+    /// The ranking recommender's customer-level DP runs (`--dp-epsilons`), when the run itself
+    /// has no DP: each one's results and privacy.
+    pub dp_runs: Vec<(MethodResult, crate::runner::PrivacyOutcome)>,
     /// Committed rounds.
     pub history: Vec<RoundRecord>,
     /// Stores.
@@ -210,6 +213,7 @@ pub fn to_json(r: &Report) -> Value {
         "objective": if r.ranking { "ranking" } else { "rating" },
         "baselines": r.baselines.iter().map(|(name, m)| json!({"name": name, "test": method(m)["test"]})).collect::<Vec<_>>(),
         "privacy": r.privacy.as_ref().map(crate::runner::PrivacyOutcome::to_json),
+        "dp_runs": r.dp_runs.iter().map(|(m, p)| json!({"test": method(m)["test"], "privacy": p.to_json()})).collect::<Vec<_>>(),
         "stores": r.stores.iter().enumerate().map(|(k, s)| {
             let hr: serde_json::Map<String, Value> = r.per_store.iter().map(|(m, v)| (m.clone(), round4(v[k].hr_at_10()))).collect();
             json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test, "hr_at_10": hr})
@@ -282,7 +286,11 @@ pub fn to_markdown(r: &Report) -> String {
         (&*reference_label("local-only (each store alone", r), &r.local_only),
     ]
     .into_iter()
-    .chain(r.baselines.iter().map(|(n, m)| (n.as_str(), m)))
+    .map(|(n, m)| (n.to_string(), m))
+    .chain(r.dp_runs.iter().map(|(m, p)| {
+        (format!("federated, customer-level DP ε = {:.2} (δ = {})", p.epsilon, p.delta), m)
+    }))
+    .chain(r.baselines.iter().map(|(n, m)| (n.clone(), m)))
     {
         let _ = if r.ranking {
             writeln!(s, "| {name} | {:.4} | {:.4} |", m.hr_at_10, m.ndcg_at_10)
@@ -304,6 +312,21 @@ pub fn to_markdown(r: &Report) -> String {
         "\nFederated {metric} is {gap:+.2} % relative to central; {} rounds failed.\n",
         r.failed_rounds
     );
+    let popularity = r.baselines.iter().find(|(n, _)| n.starts_with("popularity (global"));
+    if let (Some((_, pop)), true) = (popularity, r.ranking) {
+        let (base, fed) = (pop.hr_at_10, r.federated.hr_at_10);
+        for (m, p) in &r.dp_runs {
+            let kept = (m.hr_at_10 - base) / (fed - base) * 100.0;
+            let _ = writeln!(
+                s,
+                "- Customer-level DP at ε = {:.2}: HR@10 {:.4}, keeping {kept:.0} % of federation's gain over global popularity ({base:.4} → {fed:.4}).",
+                p.epsilon, m.hr_at_10
+            );
+        }
+        if !r.dp_runs.is_empty() {
+            s.push('\n');
+        }
+    }
     if let Some(p) = &r.privacy {
         let _ = writeln!(
             s,

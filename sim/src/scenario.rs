@@ -168,8 +168,9 @@ pub struct RunArgs {
     /// Demand scenarios: the training loss [default: log1p-absolute].
     #[arg(long, value_enum)]
     pub loss: Option<crate::demand::LossArg>,
-    /// Demand scenarios: store-level DP runs at these ε (comma-separated; the option with no
-    /// value runs none).
+    /// Store-level DP runs at these ε (demand), or customer-level ones (the ranking
+    /// recommender, when the run itself has no DP), comma-separated; the option with no value
+    /// runs none.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,3,8")]
     pub dp_epsilons: Vec<f64>,
     /// Demand scenarios: prior weight Λ on each store's personal feature weights and seasonal offsets [default: 100].
@@ -307,7 +308,13 @@ impl RunArgs {
             regularization: self.regularization.unwrap_or(if customer { 0.02 } else { 0.1 }),
             server_lr: self.server_lr.unwrap_or(if customer { private_lr } else { 1.0 }),
             clip_norm: self.clip_norm.unwrap_or(if customer { 0.25 } else { 5.0 }),
-            sampling_rate: self.sampling_rate.unwrap_or(if customer { 0.3 } else { 1.0 }),
+            // The ranking recommender under customer-level DP does best with every customer in
+            // every round, over fewer rounds (BENCHMARKS.md, "Ranking").
+            sampling_rate: self.sampling_rate.unwrap_or(if customer && !self.ranking() {
+                0.3
+            } else {
+                1.0
+            }),
             // Noisier global item biases (small budgets) leave more to each store's own offsets.
             local_item_offsets: self.local_item_offsets.or(customer.then_some(if epsilon < 4.0 {
                 10.0
@@ -368,8 +375,8 @@ impl RunArgs {
     /// factors, user λ 10, confidence α 5, item λ_Y 0.02 per user; one exact user solve and one
     /// item gradient step per round, FedAdam with step 0.06 at the coordinator, 100 rounds.
     ///
-    /// Under customer-level DP: 8 factors and FedAdam step 0.02 (the best on Complete Journey;
-    /// BENCHMARKS.md has the grid).
+    /// Under customer-level DP: 8 factors, FedAdam step 0.02 and 30 rounds with every customer
+    /// sampled (the best on Complete Journey; BENCHMARKS.md has the grid).
     pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
         let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
         let spec = MfSpec {
@@ -390,7 +397,7 @@ impl RunArgs {
         let learning_rate = self.server_lr.unwrap_or(if private { 0.02 } else { 0.06 });
         let optimizer =
             ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
-        (spec, self.rounds.unwrap_or(100), optimizer)
+        (spec, self.rounds.unwrap_or(if private { 30 } else { 100 }), optimizer)
     }
 }
 
@@ -691,28 +698,29 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         })
     };
 
-    let progress = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(spec.plan.rounds);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] round {pos}/{len} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    };
-    let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
-    let clients =
-        stores.iter().map(|s| (s.name.clone(), LocalData::Ratings(store_ratings(s)))).collect();
     let started = tokio::time::Instant::now();
-    let federated = run_federated(&coordinator, &spec, clients, &progress).await;
+    let federated = federate(args, &spec, &stores, "").await;
     let wall = started.elapsed();
-    coordinator.stop().await?;
-    progress.finish_and_clear();
     let federated = federated?;
+    // The ranking recommender's customer-level DP runs, beside the run without DP.
+    let mut dp_runs = Vec::new();
+    if ranking && spec.privacy.is_none() {
+        for &epsilon in &args.dp_epsilons {
+            let mut dp = args.clone();
+            dp.privacy_unit = Some(PrivacyUnitArg::Customer);
+            dp.target_epsilon = Some(epsilon);
+            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items);
+            let mut spec = task_spec(&dp, &mf, stores.len());
+            spec.name = format!("{}-dp-{epsilon}", spec.name);
+            ranking_plan(&dp, &mut spec.plan, rounds, optimizer);
+            spec.plan.weight_by_examples = false;
+            spec.privacy = privacy_spec(&dp, population)?;
+            spec.validate().context("the scenario's DP task")?;
+            let run = federate(args, &spec, &stores, &format!("DP ε = {epsilon}")).await?;
+            let privacy = run.privacy.context("a DP run reports its privacy")?;
+            dp_runs.push((MethodResult::from(&run.final_eval), privacy));
+        }
+    }
     let (central, local_only, local_per_store, popular) = references.await?;
     // Per store (ranking): the federated model as each store evaluated it, and the references.
     let per_store = if ranking {
@@ -759,9 +767,41 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         ranking,
         failed_rounds: federated.failed_rounds,
         privacy: federated.privacy,
+        dp_runs,
         history: federated.rounds,
         stores: stores.iter().map(StoreRow::from).collect(),
     })
+}
+
+/// Runs `spec` over loopback gRPC with every store of `stores`, behind a progress bar labelled
+/// `label` (unless quiet).
+async fn federate(
+    args: &RunArgs,
+    spec: &TaskSpec,
+    stores: &[StoreData],
+    label: &str,
+) -> anyhow::Result<crate::runner::FederatedResult> {
+    let progress = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(spec.plan.rounds);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] round {pos}/{len} {prefix} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    };
+    let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
+    let clients =
+        stores.iter().map(|s| (s.name.clone(), LocalData::Ratings(store_ratings(s)))).collect();
+    let federated = run_federated(&coordinator, spec, clients, &progress).await;
+    coordinator.stop().await?;
+    progress.finish_and_clear();
+    federated
 }
 
 /// A store's data in the shape the client library takes.

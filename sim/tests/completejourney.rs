@@ -72,6 +72,9 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
     );
     let worst = |m: &str| f.worst_decile.iter().find(|(k, _)| k == m).unwrap().1;
     assert!(worst("federated") > worst("local-only") + 0.05);
+    // Customer-level DP at ε = 1, 3 and 8, each within its budget; more budget, better ranking
+    // (measured 0.3592, 0.3875, 0.4121; the issue's 0.449 at ε = 8 is not reached).
+    common::check_dp_ranking_runs(&r);
 }
 
 /// Issue 11's demand scenario on Complete Journey: weekly units per store and department over

@@ -19,3 +19,17 @@ pub(crate) fn slow(checks: &str) -> bool {
     }
     run
 }
+
+/// The ranking report's customer-level DP runs (the default `--dp-epsilons` 1, 3 and 8): each
+/// spends its budget and no more, at customer level, and a larger budget ranks better.
+#[allow(dead_code)] // reason: only the ranking tests' binaries call it
+pub(crate) fn check_dp_ranking_runs(r: &fedretail_sim::report::Report) {
+    let targets = [1.0, 3.0, 8.0];
+    assert_eq!(r.dp_runs.len(), targets.len());
+    for ((_, p), target) in r.dp_runs.iter().zip(targets) {
+        assert_eq!(p.unit, "customer");
+        assert!(p.epsilon <= target && p.epsilon > 0.99 * target, "ε {} for {target}", p.epsilon);
+    }
+    let hr: Vec<f64> = r.dp_runs.iter().map(|(m, _)| m.hr_at_10).collect();
+    assert!(hr[0] < hr[2], "HR@10 at ε = 1, 3, 8: {hr:?}");
+}
