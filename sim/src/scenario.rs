@@ -658,13 +658,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         ranking_plan(args, &mut spec.plan, rounds, optimizer);
     }
     if let Some(privacy) = privacy {
-        // Under DP every clipped update counts once. A Poisson cohort of stores may be any
-        // size; with customers sampled inside stores, every store takes part.
-        spec.plan.weight_by_examples = false;
-        if privacy.unit == PrivacyUnit::Client {
-            spec.plan.min_clients = 1;
-        }
-        spec.privacy = Some(privacy);
+        set_privacy(&mut spec, privacy);
     }
     spec.validate().context("the scenario's task")?;
     tracing::info!(dataset = %data.name, ratings = data.ratings.len(), clients = stores.len(), "scenario loaded");
@@ -713,8 +707,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let mut spec = task_spec(&dp, &mf, stores.len());
             spec.name = format!("{}-dp-{epsilon}", spec.name);
             ranking_plan(&dp, &mut spec.plan, rounds, optimizer);
-            spec.plan.weight_by_examples = false;
-            spec.privacy = privacy_spec(&dp, population)?;
+            set_privacy(&mut spec, privacy_spec(&dp, population)?.context("a DP run has privacy")?);
             spec.validate().context("the scenario's DP task")?;
             let run = federate(args, &spec, &stores, &format!("DP ε = {epsilon}")).await?;
             let privacy = run.privacy.context("a DP run reports its privacy")?;
@@ -771,6 +764,16 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         history: federated.rounds,
         stores: stores.iter().map(StoreRow::from).collect(),
     })
+}
+
+/// Gives `spec` its privacy. Under DP every clipped update counts once. A Poisson cohort of
+/// stores may be any size; with customers sampled inside stores, every store takes part.
+fn set_privacy(spec: &mut TaskSpec, privacy: PrivacySpec) {
+    spec.plan.weight_by_examples = false;
+    if privacy.unit == PrivacyUnit::Client {
+        spec.plan.min_clients = 1;
+    }
+    spec.privacy = Some(privacy);
 }
 
 /// Runs `spec` over loopback gRPC with every store of `stores`, behind a progress bar labelled

@@ -204,6 +204,40 @@ impl MfModel {
         self.gradient_grouped(global, x, &user_items(data))
     }
 
+    /// The unobserved part of the users' loss, every (user, item) pair at `p = 0, c = 1`:
+    /// `Σ_u Σ_i (b_i + x_u·y_i)²`, from the users' count `n`, factor sum `xsum` and Gram matrix
+    /// `gram = Σ x xᵀ` (`d × d`). Adds its gradient with respect to the item side,
+    /// `2(n b_i + xsum·y_i)` and `2(G y_i + b_i xsum)`, to `grad`; returns the loss.
+    fn add_unobserved(
+        &self,
+        global: &[f32],
+        n: f64,
+        xsum: &[f64],
+        gram: &[f64],
+        grad: &mut [f64],
+    ) -> f64 {
+        let (n_items, d) = (self.spec.n_items, self.spec.dim);
+        let (bias, y) = self.item_side(global);
+        let mut gy = vec![0.0f64; d];
+        let mut loss = 0.0;
+        for i in 0..n_items {
+            let yi = y.row(i);
+            let b = f64::from(bias[i]);
+            for p in 0..d {
+                gy[p] = (0..d).map(|q| gram[p * d + q] * f64::from(yi[q])).sum::<f64>();
+            }
+            let y_gy: f64 = (0..d).map(|p| f64::from(yi[p]) * gy[p]).sum();
+            let xsum_y: f64 = (0..d).map(|p| xsum[p] * f64::from(yi[p])).sum();
+            loss += y_gy + 2.0 * b * xsum_y + n * b * b;
+            grad[1 + i] += 2.0 * (n * b + xsum_y);
+            let row = 1 + n_items + i * d;
+            for p in 0..d {
+                grad[row + p] += 2.0 * (gy[p] + b * xsum[p]);
+            }
+        }
+        loss
+    }
+
     /// [`MfModel::ranking_gradient`] for interactions already grouped by [`user_items`].
     fn gradient_grouped(
         &self,
@@ -231,22 +265,7 @@ impl MfModel {
             }
             let rows = x.select(Axis(0), &active);
             add_gram(&mut gram, rows.view());
-            let mut gy = vec![0.0f64; d];
-            for i in 0..n_items {
-                let yi = y.row(i);
-                let b = f64::from(bias[i]);
-                for p in 0..d {
-                    gy[p] = (0..d).map(|q| gram[p * d + q] * f64::from(yi[q])).sum::<f64>();
-                }
-                let y_gy: f64 = (0..d).map(|p| f64::from(yi[p]) * gy[p]).sum();
-                let xbar_y: f64 = (0..d).map(|p| xsum[p] * f64::from(yi[p])).sum();
-                loss += y_gy + 2.0 * b * xbar_y + n as f64 * b * b;
-                grad[1 + i] += 2.0 * (n as f64 * b + xbar_y);
-                let row = 1 + n_items + i * d;
-                for p in 0..d {
-                    grad[row + p] += 2.0 * (gy[p] + b * xsum[p]);
-                }
-            }
+            loss += self.add_unobserved(global, n as f64, &xsum, &gram, &mut grad);
             // Observed pairs: replace the (p = 0, c = 1) term by the real one.
             for &u in &active {
                 let xu = x.row(u);
@@ -348,6 +367,14 @@ impl MfModel {
         let users: Vec<u32> = (0..data.n_users() as u32).collect();
         let sample = crate::privacy::sampling::poisson(&users, sampling_rate, rng);
         let lr = f64::from(self.spec.learning_rate);
+        // Σ_i s_ui² = b·b + 2 x·(Yᵀb) + xᵀ(YᵀY)x for every customer: the item side's moments,
+        // once per round, so a customer costs their own items, not a pass over all of them.
+        let mut yty = vec![0.0f64; d * d];
+        add_gram(&mut yty, y);
+        let ytb: Vec<f64> = (0..d)
+            .map(|p| (0..n_items).map(|i| f64::from(y[[i, p]]) * f64::from(bias[i])).sum())
+            .collect();
+        let bb: f64 = bias.iter().map(|&b| f64::from(b).powi(2)).sum();
         let stats_at = global.len();
         let mut sum = vec![0.0f64; stats_at + self.statistics_len()];
         let (mut n_unclipped, mut loss, mut n_sampled) = (0usize, 0.0f64, 0usize);
@@ -368,11 +395,16 @@ impl MfModel {
                 f64::from(bias[i])
                     + (0..d).map(|p| f64::from(xu[p]) * f64::from(y[[i, p]])).sum::<f64>()
             };
-            // ℓ_u = Σ_i s² + Σ_own [c (1 − s)² − s²] + λ|x|²; Σ_i s² = b·b + 2 x·(Yᵀb) + xᵀ(YᵀY)x
-            // costs a pass over the items, as the gradient did before.
+            // ℓ_u = Σ_i s² + Σ_own [c (1 − s)² − s²] + λ|x|², with Σ_i s² from the moments.
+            let xf: Vec<f64> = xu.iter().map(|&v| f64::from(v)).collect();
+            let all_items = bb
+                + 2.0 * (0..d).map(|p| xf[p] * ytb[p]).sum::<f64>()
+                + (0..d)
+                    .map(|p| xf[p] * (0..d).map(|q| yty[p * d + q] * xf[q]).sum::<f64>())
+                    .sum::<f64>();
             let mut user_loss = f64::from(self.spec.regularization)
-                * xu.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>()
-                + (0..n_items).map(|i| score(i).powi(2)).sum::<f64>();
+                * xf.iter().map(|v| v * v).sum::<f64>()
+                + all_items;
             contribution.clear();
             for &(i, value) in own {
                 let i = i as usize;
@@ -428,38 +460,34 @@ impl MfModel {
     /// If the objective is not ranking or a length is wrong.
     pub fn ranking_server_step(&self, global: &[f32], mean: &[f32]) -> Vec<f32> {
         let _ = self.ranking_params();
-        let (n_items, d) = (self.spec.n_items, self.spec.dim);
+        let d = self.spec.dim;
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
         assert_eq!(mean.len(), global.len() + self.statistics_len(), "upload has the wrong length");
         let lr = f64::from(self.spec.learning_rate);
-        let (bias, y) = self.item_side(global);
-        // x̃ x̃ᵀ's mean, full (d + 1) × (d + 1), from its upper triangle.
-        let e = d + 1;
-        let mut stats = vec![0.0f64; e * e];
+        // x̃ x̃ᵀ's mean from its upper triangle: the count, the factor sum and the Gram matrix.
+        let (mut n, mut xsum, mut gram) = (0.0f64, vec![0.0f64; d], vec![0.0f64; d * d]);
         let mut k = global.len();
-        for a in 0..e {
-            for b in a..e {
+        for a in 0..=d {
+            for b in a..=d {
                 let v = f64::from(mean[k]) / lr;
-                stats[a * e + b] = v;
-                stats[b * e + a] = v;
+                match (a, b) {
+                    (0, 0) => n = v,
+                    (0, b) => xsum[b - 1] = v,
+                    (a, b) => {
+                        gram[(a - 1) * d + b - 1] = v;
+                        gram[(b - 1) * d + a - 1] = v;
+                    }
+                }
                 k += 1;
             }
         }
-        let n = stats[0];
-        let xbar = &stats[1..e];
-        let mut delta: Vec<f32> = mean[..global.len()].to_vec();
-        for i in 0..n_items {
-            let yi = y.row(i);
-            let b = f64::from(bias[i]);
-            let xbar_y: f64 = (0..d).map(|p| xbar[p] * f64::from(yi[p])).sum();
-            delta[1 + i] -= (lr * 2.0 * (n * b + xbar_y)) as f32;
-            let row = 1 + n_items + i * d;
-            for p in 0..d {
-                let gy: f64 = (0..d).map(|q| stats[(1 + p) * e + 1 + q] * f64::from(yi[q])).sum();
-                delta[row + p] -= (lr * 2.0 * (gy + b * xbar[p])) as f32;
-            }
-        }
-        delta
+        let mut unobserved = vec![0.0f64; global.len()];
+        self.add_unobserved(global, n, &xsum, &gram, &mut unobserved);
+        mean[..global.len()]
+            .iter()
+            .zip(&unobserved)
+            .map(|(&m, &g)| (f64::from(m) - lr * g) as f32)
+            .collect()
     }
 
     /// Pooled alternating least squares: both sides solved exactly, `iterations` times, from
@@ -706,6 +734,13 @@ mod tests {
         assert_eq!(round.sum().len(), g.len() + model.statistics_len());
         let x = model.solve_users(&g, &data);
         assert_eq!(local.user_factors, x, "every customer's factors are refreshed");
+        // The loss the store keeps: the mean of ℓ_u over the four sampled customers.
+        let items = user_items(&data);
+        let expected_loss = (0..3)
+            .map(|u| model.ranking_user_loss(&g, x.row(u).as_slice().unwrap(), &items[u]))
+            .sum::<f64>()
+            / 4.0;
+        assert!((round.mean_loss() - expected_loss).abs() < 1e-6, "{}", round.mean_loss());
         // Nobody bought item 4: its bias and factors get nothing from any customer.
         let (n_items, d) = (5, 3);
         let unbought = std::iter::once(1 + 4).chain((0..d).map(|p| 1 + n_items + 4 * d + p));
