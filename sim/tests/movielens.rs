@@ -142,5 +142,5 @@ async fn the_ranking_run_meets_its_targets() {
         r.dp_runs[2].0.hr_at_10,
         popularity.hr_at_10
     );
-    assert!(md.contains("Customer-level DP at ε = 8.00"), "{md}");
+    assert!(md.contains("Customer-level DP at ε = 8.00 (training"), "{md}");
 }
