@@ -6,6 +6,7 @@ mod clip;
 mod contribution;
 pub mod evaluation;
 pub mod noise;
+pub mod release;
 pub mod sampling;
 
 pub use clip::{ClippedUpdate, clip};

@@ -2,7 +2,7 @@
 //! turns requests, time and finished jobs into calls on the pure machine, and executes what the
 //! machine asks for (compute on a blocking thread, commits to the store).
 
-use super::machine::{FailReason, Noising, Output, Phase, Round, derive_seed};
+use super::machine::{FailReason, Output, Phase, Round, derive_seed};
 use super::{
     Assignment, Control, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState,
     TaskStatus,
@@ -13,8 +13,9 @@ use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
 use fedretail_core::optim::{self, OptimizerState};
 use fedretail_core::plan::TaskSpec;
 use fedretail_core::privacy::LedgerEntry;
-use fedretail_core::privacy::accountant::{Accountant, Charge, admits};
+use fedretail_core::privacy::accountant::Charge;
 use fedretail_core::privacy::noise;
+use fedretail_core::privacy::release::{Admission, Ledgers, Release};
 use rand::SeedableRng;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -51,15 +52,6 @@ pub(crate) struct DriverConfig {
 struct ClientEntry {
     store_name: String,
     last_seen: Instant,
-}
-
-/// What a task's ledgers add up to.
-#[derive(Debug, Clone, Copy)]
-struct Spent {
-    epsilon: f64,
-    evaluation_epsilon: f64,
-    total_epsilon: f64,
-    against_coordinator: f64,
 }
 
 /// What a compute job charged: the training entry, the evaluation entry if the round
@@ -104,17 +96,8 @@ struct Driver {
     interrupted_rounds: u64,
     /// The privacy domain's ε after this task's last charge (where the policy has a ceiling).
     domain_spent: Option<f64>,
-    /// Every training charge of this task, oldest first.
-    ledger: Vec<LedgerEntry>,
-    /// Every evaluation charge of this task, oldest first.
-    eval_ledger: Vec<LedgerEntry>,
-    /// The composed figures for the ledgers' lengths `(training, evaluation)`: the ledgers only
-    /// grow, and the PLD accountant takes a tenth of a second for a few hundred rounds.
-    spent: std::cell::Cell<Option<((usize, usize), Spent)>>,
-    /// Whether the whole plan (`plan.rounds` rounds at the task's q and z) fits the budget,
-    /// once checked: then every round of a ledger of such rounds up to `plan.rounds` is
-    /// admitted without recomposing it (ε only grows with rounds).
-    plan_fits: Option<bool>,
+    /// Every charge of this task, with what is cached about them (admission, composed ε).
+    ledgers: Ledgers,
     /// The clipping norm of the next round: the plan's, or adaptive clipping's latest. After a
     /// restart adaptive clipping resumes from the last charged round's norm (the step computed
     /// from that round is not stored; it is one step of a slow-moving estimate).
@@ -157,20 +140,7 @@ pub(crate) fn spawn(
         committed_rounds: snapshot.committed_rounds,
         failed_rounds: snapshot.failed_rounds,
         history: snapshot.history.into_iter().rev().take(HISTORY).rev().collect(),
-        ledger: snapshot
-            .ledger
-            .iter()
-            .filter(|e| e.kind == fedretail_core::privacy::ChargeKind::Train)
-            .copied()
-            .collect(),
-        eval_ledger: snapshot
-            .ledger
-            .iter()
-            .filter(|e| e.kind == fedretail_core::privacy::ChargeKind::Evaluate)
-            .copied()
-            .collect(),
-        spent: std::cell::Cell::new(None),
-        plan_fits: None,
+        ledgers: Ledgers::new(&snapshot.ledger),
         clients: BTreeMap::new(),
         round: None,
         job: None,
@@ -243,42 +213,16 @@ impl Driver {
             return;
         }
         if let Some(privacy) = &self.spec.privacy {
-            let z =
-                privacy.noise_multiplier.expect("tasks with privacy are calibrated at creation");
-            let next =
-                Charge { sampling_rate: privacy.sampling_rate, noise_multiplier: z, rounds: 1 };
-            let charges: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
-            let accountant = privacy.accountant;
-            let (target, delta, planned) =
-                (privacy.target_epsilon, privacy.delta, self.spec.plan.rounds);
-            let within_plan = charges.len() < usize::try_from(planned).unwrap_or(usize::MAX)
-                && charges.iter().all(|c| *c == next)
-                && *self.plan_fits.get_or_insert_with(|| {
-                    let plan = Charge { rounds: planned, ..next };
-                    admits(&accountant, &[], plan, target, delta).unwrap_or(false)
-                });
-            let admitted = if within_plan {
-                Ok(true)
-            } else {
+            let admitted = match self.ledgers.admission(privacy, self.spec.plan.rounds) {
+                Admission::Admitted => Ok(None),
                 // PLD composition takes a tenth of a second or more: off the reactor (L3).
-                let charges = charges.clone();
-                tokio::task::spawn_blocking(move || {
-                    admits(&accountant, &charges, next, target, delta)
-                })
-                .await
-                .expect("the accountant panicked")
+                Admission::Check(check) => tokio::task::spawn_blocking(move || check.run())
+                    .await
+                    .expect("the accountant panicked"),
             };
             match admitted {
-                Ok(true) => {}
-                Ok(false) => {
-                    let spent =
-                        accountant.epsilon(&charges, privacy.delta).map_or(f64::NAN, |e| e.epsilon);
-                    let reason = format!(
-                        "privacy budget exhausted: {} rounds charged spend epsilon {spent:.4}; one more would exceed {} at delta {}",
-                        charges.len(),
-                        privacy.target_epsilon,
-                        privacy.delta
-                    );
+                Ok(None) => {}
+                Ok(Some(reason)) => {
                     self.end_task(TaskState::BudgetExhausted, reason).await;
                     return;
                 }
@@ -525,7 +469,7 @@ impl Driver {
     /// Aggregating, Noising and Applying, on a blocking thread. Under privacy the noise is drawn
     /// and the charge written durably before the candidate model exists: nothing derived from
     /// the noised sum can leave the coordinator uncharged.
-    fn start_compute(&mut self, sum: Aggregator, noising: Option<Noising>) {
+    fn start_compute(&mut self, sum: Aggregator, release: Option<Release>) {
         let base = self.model.clone();
         let mut optimizer = self.optimizer.clone();
         let server = self.spec.plan.server_optimizer;
@@ -533,7 +477,7 @@ impl Driver {
         let (store, task) = (self.store.clone(), self.task);
         let mut rng = if self.config.deterministic {
             rand::rngs::ChaCha20Rng::seed_from_u64(
-                self.spec.plan.seed ^ noising.as_ref().map_or(0, |n| n.charge.round.0),
+                self.spec.plan.seed ^ release.as_ref().map_or(0, |r| r.charge.round.0),
             )
         } else {
             noise::os_seeded()
@@ -541,23 +485,13 @@ impl Driver {
         let limits =
             self.spec.privacy.is_some().then(|| (self.charge_limits(), self.eval_charge_limits()));
         self.job = Some(tokio::task::spawn_blocking(move || {
-            let (delta, charged, next_clip) = match noising {
+            let (delta, charged, next_clip) = match release {
                 None => (sum.mean(), None, None),
-                Some(n) => {
-                    let mut noised = sum.sum().to_vec();
-                    noise::add_gaussian(&mut noised, n.std, &mut rng);
-                    for &i in &n.fixed {
-                        noised[i] = sum.sum()[i];
-                    }
-                    let next_clip = n.adapt.map(|(count, count_std, rule)| {
-                        let mut count = [count];
-                        noise::add_gaussian(&mut count, count_std, &mut rng);
-                        let fraction = count[0] / n.expected_count.max(f64::MIN_POSITIVE);
-                        rule.next_clip_norm(n.charge.clip_norm, fraction)
-                    });
+                Some(release) => {
+                    let noised = release.noise(sum.sum(), &mut rng);
                     let (limits, eval_limits) =
                         limits.as_ref().expect("private rounds have limits");
-                    let mut domain_epsilon = match store.charge(task, &n.charge, limits) {
+                    let mut domain_epsilon = match store.charge(task, &release.charge, limits) {
                         Ok(e) => e,
                         Err(e) => {
                             let budget = matches!(e, crate::store::StoreError::BudgetExceeded(_));
@@ -566,7 +500,7 @@ impl Driver {
                     };
                     // The evaluation is charged before any store is asked for its noised
                     // sums. If it cannot be, the training charge stays and nothing is released.
-                    if let Some(entry) = &n.evaluation {
+                    if let Some(entry) = &release.evaluation {
                         match store.charge(task, entry, eval_limits) {
                             Ok(e) => domain_epsilon = e.or(domain_epsilon),
                             Err(e) => {
@@ -579,9 +513,9 @@ impl Driver {
                             }
                         }
                     }
-                    let divisor = n.expected_count.max(f64::MIN_POSITIVE);
-                    let delta = noised.iter().map(|v| (v / divisor) as f32).collect();
-                    (delta, Some((n.charge, n.evaluation, domain_epsilon)), next_clip)
+                    let released = noised.release();
+                    let charged = (release.charge, release.evaluation, domain_epsilon);
+                    (released.mean, Some(charged), released.next_clip)
                 }
             };
             // The model's own server step (statistics to a change of the model): a pure
@@ -633,8 +567,8 @@ impl Driver {
         match result {
             JobResult::NotFinite(charged) => {
                 if let Some((entry, evaluation, _)) = charged {
-                    self.ledger.push(entry);
-                    self.eval_ledger.extend(evaluation);
+                    self.ledgers.push(entry);
+                    evaluation.into_iter().for_each(|e| self.ledgers.push(e));
                 }
                 tracing::error!("the candidate model is not finite; the round applies nothing");
                 round.fail(FailReason::NotFinite);
@@ -651,8 +585,8 @@ impl Driver {
             JobResult::Computed(blob, optimizer, charged, next_clip) => {
                 // The charge is durable whatever happens to the round from here on.
                 if let Some((entry, evaluation, domain_epsilon)) = charged {
-                    self.ledger.push(entry);
-                    self.eval_ledger.extend(evaluation);
+                    self.ledgers.push(entry);
+                    evaluation.into_iter().for_each(|e| self.ledgers.push(e));
                     if domain_epsilon.is_some() {
                         self.domain_spent = domain_epsilon;
                     }
@@ -713,7 +647,7 @@ impl Driver {
                             .expect("store call panicked");
                     match charged {
                         Ok(domain_epsilon) => {
-                            self.ledger.push(entry);
+                            self.ledgers.push(entry);
                             if domain_epsilon.is_some() {
                                 self.domain_spent = domain_epsilon;
                             }
@@ -764,20 +698,11 @@ impl Driver {
     /// What the store checks a charge of this task against.
     fn charge_limits(&mut self) -> crate::store::ChargeLimits {
         let p = self.spec.privacy.as_ref().expect("only private tasks are charged");
-        let z = p.noise_multiplier.expect("tasks with privacy are calibrated at creation");
-        let plan = Charge {
-            sampling_rate: p.sampling_rate,
-            noise_multiplier: z,
-            rounds: self.spec.plan.rounds,
-        };
-        let fits = *self.plan_fits.get_or_insert_with(|| {
-            admits(&p.accountant, &[], plan, p.target_epsilon, p.delta).unwrap_or(false)
-        });
         crate::store::ChargeLimits {
             accountant: p.accountant,
             task_epsilon: p.target_epsilon,
             task_delta: p.delta,
-            plan: fits.then_some(plan),
+            plan: self.ledgers.plan_fits(p, self.spec.plan.rounds),
             domain: p.domain.clone(),
             domain_epsilon: self.config.domain_epsilon,
             domain_delta: self.config.domain_delta,
@@ -858,62 +783,18 @@ impl Driver {
         }
     }
 
-    /// Composes the ledgers into the report's figures; [`Driver::privacy_report`] caches them
-    /// per ledger length, since status is asked for far more often than rounds are charged.
-    fn compose_spent(&self, p: &fedretail_core::privacy::PrivacySpec) -> Spent {
-        let compose = |charges: &[Charge]| {
-            if charges.is_empty() {
-                0.0
-            } else {
-                p.accountant.epsilon(charges, p.delta).map_or(f64::INFINITY, |e| e.epsilon)
-            }
-        };
-        let train: Vec<Charge> = self.ledger.iter().map(LedgerEntry::charge).collect();
-        let eval: Vec<Charge> = self.eval_ledger.iter().map(LedgerEntry::charge).collect();
-        let epsilon = compose(&train);
-        let total_epsilon = if eval.is_empty() {
-            epsilon
-        } else {
-            compose(&train.iter().chain(&eval).copied().collect::<Vec<_>>())
-        };
-        let against_coordinator = match p.noise_placement {
-            // The coordinator adds the noise: it sees every clipped update without it.
-            fedretail_core::privacy::NoisePlacement::Central => f64::INFINITY,
-            // It sees each store's noised share, and knows which stores took part (a store's
-            // worst case is every round, unamplified); customers are sampled inside the stores.
-            placement => {
-                let z = p.noise_multiplier.unwrap_or(f64::NAN);
-                let q = match p.unit {
-                    fedretail_core::privacy::PrivacyUnit::Client => 1.0,
-                    fedretail_core::privacy::PrivacyUnit::Customer => p.sampling_rate,
-                };
-                let shares = Charge {
-                    sampling_rate: q,
-                    noise_multiplier: placement.client_share(z, self.spec.plan.min_clients),
-                    rounds: train.len() as u64,
-                };
-                if train.is_empty() { 0.0 } else { compose(&[shares]) }
-            }
-        };
-        Spent { epsilon, evaluation_epsilon: compose(&eval), total_epsilon, against_coordinator }
-    }
-
     fn privacy_report(&self) -> Option<super::PrivacyReport> {
         let p = self.spec.privacy.as_ref()?;
-        let key = (self.ledger.len(), self.eval_ledger.len());
-        let spent = match self.spent.get() {
-            Some((k, spent)) if k == key => spent,
-            _ => {
-                let spent = self.compose_spent(p);
-                self.spent.set(Some((key, spent)));
-                spent
-            }
-        };
-        let Spent { epsilon, evaluation_epsilon, total_epsilon, against_coordinator } = spent;
+        let fedretail_core::privacy::release::Spent {
+            epsilon,
+            evaluation_epsilon,
+            total_epsilon,
+            against_coordinator,
+        } = self.ledgers.spent(p, self.spec.plan.min_clients);
         Some(super::PrivacyReport {
             evaluation_epsilon,
             evaluation_budget: p.evaluation_epsilon,
-            evaluation_rounds: self.eval_ledger.len() as u64,
+            evaluation_rounds: self.ledgers.evaluations() as u64,
             total_epsilon,
             epsilon_against_coordinator: against_coordinator,
             domain: p.domain.clone(),
@@ -925,10 +806,14 @@ impl Driver {
             target_epsilon: p.target_epsilon,
             unit: p.unit,
             noise_placement: p.noise_placement,
-            rounds: self.ledger.len() as u64,
+            rounds: self.ledgers.train().len() as u64,
             sampling_rate: p.sampling_rate,
             noise_multiplier: p.noise_multiplier.unwrap_or(f64::NAN),
-            clip_norm: self.ledger.last().map_or(self.spec.plan.clip_norm, |e| e.clip_norm),
+            clip_norm: self
+                .ledgers
+                .train()
+                .last()
+                .map_or(self.spec.plan.clip_norm, |e| e.clip_norm),
             accountant: p.accountant,
         })
     }

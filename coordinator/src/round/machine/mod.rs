@@ -6,6 +6,7 @@ use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::TaskSpec;
+use fedretail_core::privacy::release::{Adapt, Release};
 use fedretail_core::privacy::sampling::poisson;
 use fedretail_core::privacy::{NoisePlacement, PrivacyUnit, TrainPrivacy};
 use rand::SeedableRng;
@@ -103,31 +104,9 @@ impl Phase {
 pub(crate) enum Output {
     /// Turn the sum into the next model (off the reactor), then call [`Round::computed`].
     /// With privacy, noise is added to the sum and the round charged durably first.
-    Compute(Aggregator, Option<Noising>),
+    Compute(Aggregator, Option<Release>),
     /// Persist the round, then call [`Round::stored`].
     Commit(RoundSummary),
-}
-
-/// What the Noising step needs: the noise, the divisor and the charge.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Noising {
-    /// Standard deviation of the Gaussian noise the coordinator adds to each coordinate of the
-    /// sum: z·C under central placement, 0 where the clients add it.
-    pub(crate) std: f64,
-    /// The expected number of contributions: q × |connected| (client unit) or q × population
-    /// (customer unit). The sum is divided by it, not by the realised count.
-    pub(crate) expected_count: f64,
-    /// Adaptive clipping: the sum of the clients' unclipped counts, the noise the coordinator
-    /// adds to it, and the rule that turns it into the next clipping norm.
-    pub(crate) adapt: Option<(f64, f64, fedretail_core::privacy::AdaptiveClipping)>,
-    /// The ledger entry to write before anything derived from the noised sum leaves.
-    pub(crate) charge: fedretail_core::privacy::LedgerEntry,
-    /// The evaluation's charge, when this round evaluates: written with the training charge,
-    /// before any store is asked for its noised sums.
-    pub(crate) evaluation: Option<fedretail_core::privacy::LedgerEntry>,
-    /// Coordinates no contribution may move (μ under customer-level privacy): released without
-    /// noise, which would only make them drift at random (L9).
-    pub(crate) fixed: Vec<usize>,
 }
 
 /// One round of a task.
@@ -159,7 +138,7 @@ pub(crate) struct Round {
     reported: BTreeSet<ClientId>,
     eval: EvalSums,
     outputs: Vec<Output>,
-    /// Under privacy: the expected number of contributions (see [`Noising`]).
+    /// Under privacy: the expected number of contributions (see [`Release`]).
     expected_count: f64,
     /// This round's clipping norm (the plan's, or adaptive clipping's latest).
     clip_norm: f32,
@@ -637,16 +616,17 @@ impl Round {
     fn aggregate(&mut self) {
         let sum = self.sum.take().expect("the sum is taken once");
         self.phase = Phase::Aggregating;
-        let noising = self.spec.privacy.as_ref().map(|p| {
+        let release = self.spec.privacy.as_ref().map(|p| {
             let noise = self.noise().expect("privacy has noise");
             let central = p.noise_placement == NoisePlacement::Central;
-            Noising {
+            Release {
                 std: if central { noise.update_std } else { 0.0 },
                 expected_count: self.expected_count,
-                adapt: p
-                    .adaptive_clipping
-                    .clone()
-                    .map(|a| (self.unclipped_sum, if central { noise.count_std } else { 0.0 }, a)),
+                adapt: p.adaptive_clipping.clone().map(|rule| Adapt {
+                    unclipped_sum: self.unclipped_sum,
+                    count_std: if central { noise.count_std } else { 0.0 },
+                    rule,
+                }),
                 charge: self.ledger_entry(p),
                 fixed: match (&self.spec.model, p.unit) {
                     (
@@ -669,7 +649,7 @@ impl Round {
                 }),
             }
         });
-        self.outputs.push(Output::Compute(sum, noising));
+        self.outputs.push(Output::Compute(sum, release));
     }
 
     /// The driver computed candidate model `version`. `connected` are the clients that may be
