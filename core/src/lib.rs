@@ -12,6 +12,8 @@
 //! - [`privacy`]: L2 clipping, the only constructor of [`privacy::ClippedUpdate`].
 //! - [`aggregate`]: the streaming aggregator: one `f64` buffer, whatever the number of clients.
 //! - [`optim`]: server optimisers (FedAvg, FedAvgM, FedAdam).
+//! - [`secagg`]: SecAgg+ (Shamir sharing, key agreement, masks, the k-regular graph) and the
+//!   distributed discrete Gaussian (rotation, rounding, exact sampling, modular sums).
 
 pub mod aggregate;
 pub mod ids;
@@ -19,4 +21,5 @@ pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod privacy;
+pub mod secagg;
 pub mod update;
