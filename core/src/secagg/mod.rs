@@ -11,4 +11,6 @@
 pub mod graph;
 pub mod keys;
 pub mod masks;
+pub mod protocol;
 pub mod shamir;
+pub mod sum;

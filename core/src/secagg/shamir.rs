@@ -134,7 +134,23 @@ pub fn split<R: Rng + CryptoRng + ?Sized>(
     n: usize,
     rng: &mut R,
 ) -> Vec<Share> {
+    split_at(secret, threshold, &(1..=n as u32).collect::<Vec<_>>(), rng)
+}
+
+/// Shares `secret` among the holders at the distinct non-zero `points`.
+///
+/// # Panics
+///
+/// If `threshold` is 0 or above the number of points, or a point is 0.
+pub fn split_at<R: Rng + CryptoRng + ?Sized>(
+    secret: &[u8; 32],
+    threshold: usize,
+    points: &[u32],
+    rng: &mut R,
+) -> Vec<Share> {
+    let n = points.len();
     assert!(threshold >= 1 && threshold <= n, "threshold {threshold} of {n}");
+    assert!(points.iter().all(|&x| x != 0), "point 0 is the secret");
     let mut coefficients: Vec<[u64; LIMBS]> = Vec::with_capacity(threshold);
     let mut constant = [0u64; LIMBS];
     for (i, limb) in secret.chunks_exact(4).enumerate() {
@@ -148,8 +164,9 @@ pub fn split<R: Rng + CryptoRng + ?Sized>(
         }
         coefficients.push(c);
     }
-    (1..=n as u32)
-        .map(|x| {
+    points
+        .iter()
+        .map(|&x| {
             let xf = u64::from(x);
             let mut y = [0u64; LIMBS];
             for (l, value) in y.iter_mut().enumerate() {
