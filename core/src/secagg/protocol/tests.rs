@@ -50,13 +50,11 @@ fn run(drops: &[Vanish], k: usize, t: usize, bits: u32, len: usize, seed: u64) -
     let alive = |i: usize, after: Vanish| drops[i] == Vanish::Never || drops[i] > after;
     let mut sealed = Vec::new();
     let mut sharers = Vec::new();
-    for i in 0..n {
+    for (i, client) in clients.iter_mut().enumerate() {
         if !alive(i, Vanish::BeforeSharing) {
             continue;
         }
-        if let Ok(s) =
-            clients[i].share_keys(&adverts, |j| public.get(j as usize).copied(), &mut rng)
-        {
+        if let Ok(s) = client.share_keys(&adverts, |j| public.get(j as usize).copied(), &mut rng) {
             sealed.extend(s);
             sharers.push(i as u32);
         }
