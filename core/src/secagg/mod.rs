@@ -7,7 +7,9 @@
 //! - [`keys`]: seeds, X25519 agreement, HKDF-SHA256, AES-256-GCM, Ed25519.
 //! - [`masks`]: ChaCha20 mask expansion, exactly uniform mod 2^b.
 //! - [`graph`]: the k-regular graph and the choice of k and t.
+//! - [`ddg`]: rotation, conditional rounding, the exact discrete Gaussian, decoding.
 
+pub mod ddg;
 pub mod graph;
 pub mod keys;
 pub mod masks;
