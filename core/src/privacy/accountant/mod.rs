@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod ddg;
 pub mod pld;
 
 pub use pld::PldAccountant;
