@@ -38,6 +38,23 @@ pub enum BenchCommand {
     Aggregate,
     /// Time to compute ε with the RDP accountant for T = 10⁴ rounds (and a two-phase schedule).
     Accountant,
+    /// One SecAgg+ round with the distributed discrete Gaussian, in process: each client's
+    /// compute, the coordinator's, bytes per client and the expansion over a plain upload
+    /// (JSON).
+    Secagg {
+        /// Clients in the cohort.
+        #[arg(long, default_value_t = 500)]
+        clients: usize,
+        /// Parameters of an update.
+        #[arg(long, default_value_t = 100_000)]
+        params: usize,
+        /// Fraction of the cohort that vanishes after sharing keys (its masks are recovered).
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        /// Bits per coordinate (sums are mod 2^bits).
+        #[arg(long, default_value_t = 16)]
+        bits: u32,
+    },
 }
 
 /// Writes MovieLens stores as CSV.
@@ -85,6 +102,16 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Aggregate => tokio::task::spawn_blocking(bench_aggregate).await?,
         BenchCommand::Accountant => tokio::task::spawn_blocking(bench_accountant).await??,
+        BenchCommand::Secagg { clients, params, dropout, bits } => {
+            anyhow::ensure!(clients >= 2, "--clients must be at least 2");
+            anyhow::ensure!((0.0..1.0).contains(&dropout), "--dropout must be in [0, 1)");
+            anyhow::ensure!((1..=32).contains(&bits), "--bits must be in 1..=32");
+            let result = tokio::task::spawn_blocking(move || {
+                crate::secagg_bench::run(clients, params, dropout, bits)
+            })
+            .await??;
+            serde_json::to_string_pretty(&result)?
+        }
     };
     #[allow(clippy::print_stdout)] // reason: the benchmark's result goes to stdout
     {

@@ -21,4 +21,5 @@ pub mod report;
 pub mod retail;
 pub mod runner;
 pub mod scenario;
+pub mod secagg_bench;
 pub mod sweep;

@@ -203,13 +203,24 @@ fn uniform_unit<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// A uniform integer in [0, n).
+/// A uniform integer in [0, n), by rejection (one 64-bit draw per try below 2⁶⁴).
 fn below<R: Rng + ?Sized>(n: u128, rng: &mut R) -> u128 {
     debug_assert!(n > 0);
-    let bits = 128 - (n - 1).leading_zeros();
+    if n == 1 {
+        return 0;
+    }
+    if let Ok(small) = u64::try_from(n) {
+        let shift = (small - 1).leading_zeros();
+        loop {
+            let v = rng.next_u64() >> shift;
+            if v < small {
+                return u128::from(v);
+            }
+        }
+    }
+    let shift = (n - 1).leading_zeros();
     loop {
-        let v =
-            (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> (128 - bits.max(1));
+        let v = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> shift;
         if v < n {
             return v;
         }

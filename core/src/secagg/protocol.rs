@@ -278,11 +278,11 @@ impl Client {
             });
         }
         let mut y = input.to_vec();
-        masks::apply(&self.self_seed, Sign::Add, &mut y);
+        masks::apply(&self.self_seed, Sign::Add, self.ctx.bits, &mut y);
         for &v in self.held.keys() {
             let peer = &self.peers[&v];
             let seed = self.mask.agree(&peer.mask_key, &[&self.ctx.pair(self.index, v)])?;
-            masks::apply(&seed, pair_sign(self.index, v), &mut y);
+            masks::apply(&seed, pair_sign(self.index, v), self.ctx.bits, &mut y);
         }
         masks::reduce(&mut y, self.ctx.bits);
         self.uploaded = true;
@@ -409,9 +409,11 @@ impl Unmasker {
             let shares = by_owner.remove(&(u, kind)).unwrap_or_default();
             Ok(shamir::reconstruct(&shares, t)?)
         };
+        // Every mask to remove, as (seed, sign): a few dozen bytes each, then one pass over
+        // the sum per thread.
+        let mut jobs: Vec<(Seed, Sign)> = Vec::new();
         for u in self.survivors() {
-            let seed = take(u, SeedKind::SelfMask)?;
-            masks::apply(&seed, Sign::Subtract, &mut self.sum);
+            jobs.push((take(u, SeedKind::SelfMask)?, Sign::Subtract));
         }
         for u in self.dropped() {
             let mask = AgreementKey::from_seed(&take(u, SeedKind::PairwiseKey)?, b"mask");
@@ -427,9 +429,11 @@ impl Unmasker {
                     Sign::Add => Sign::Subtract,
                     Sign::Subtract => Sign::Add,
                 };
-                masks::apply(&seed, sign, &mut self.sum);
+                jobs.push((seed, sign));
             }
         }
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        masks::apply_many(&jobs, self.ctx.bits, &mut self.sum, threads);
         masks::reduce(&mut self.sum, self.ctx.bits);
         Ok(self.sum)
     }
