@@ -7,7 +7,7 @@ use fedretail_core::secagg::graph::{self, Assumptions, Graph};
 use fedretail_core::secagg::keys::SigningKey;
 use fedretail_core::secagg::protocol::{Advertised, Client, RoundContext, Sealed, Unmasker};
 use rand::{RngExt, SeedableRng};
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// What the bench measures, printed as JSON.
 #[derive(Debug, serde::Serialize)]
