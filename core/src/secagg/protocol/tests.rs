@@ -1,3 +1,6 @@
+//! Tests of one SecAgg+ round: masks cancel under random graphs and dropouts, uploads look
+//! uniform, honest clients refuse both shares, substituted keys fail.
+
 use super::*;
 use crate::secagg::graph;
 use proptest::prelude::*;
