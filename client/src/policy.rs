@@ -333,7 +333,6 @@ mod rules {
     use fedretail_core::optim::ServerOptimizer;
     use fedretail_core::plan::TrainingPlan;
     use fedretail_core::privacy::PrivacySpec;
-    use fedretail_core::privacy::accountant::AccountantKind;
 
     fn p(t: &mut TaskSpec) -> &mut PrivacySpec {
         t.privacy.as_mut().unwrap()
@@ -360,19 +359,10 @@ mod rules {
                 weight_by_examples: false,
             },
             privacy: Some(PrivacySpec {
-                unit: PrivacyUnit::Client,
-                noise_placement: NoisePlacement::Central,
-                target_epsilon: 4.0,
-                delta: 1e-6,
-                sampling_rate: 0.5,
                 noise_multiplier: Some(1.0),
-                population: None,
-                adaptive_clipping: None,
-                accountant: AccountantKind::Rdp,
                 domain: "d".into(),
-                evaluation_epsilon: 1.0,
                 evaluation_noise_multiplier: Some(5.0),
-                max_stores_per_customer: 1,
+                ..PrivacySpec::client_level(4.0, 1e-6, 0.5)
             }),
         }
     }

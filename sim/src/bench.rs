@@ -294,7 +294,8 @@ async fn bench_round_once(
     ))
 }
 
-fn median(values: &[f64]) -> f64 {
+/// The median (the mean of the middle two for an even count); NaN for none.
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {

@@ -156,17 +156,11 @@ pub fn run(clients: usize, params: usize, dropout: f64, bits: u32) -> anyhow::Re
         k: gp.k,
         t: gp.t,
         bounds_hold: gp.meets,
-        client_seconds: median(&live),
-        client_encode_seconds: median(&live_encode),
+        client_seconds: crate::bench::median(&live),
+        client_encode_seconds: crate::bench::median(&live_encode),
         coordinator_seconds: coordinator,
         bytes_per_client: per_client,
         expansion: per_client as f64 / (params as f64 * 4.0),
         sum_exact: sum == expected,
     })
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }

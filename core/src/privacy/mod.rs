@@ -160,6 +160,28 @@ pub struct PrivacySpec {
     pub max_stores_per_customer: u32,
 }
 
+impl PrivacySpec {
+    /// Client-level privacy with central noise, the RDP accountant, the default domain and
+    /// evaluation budget, and nothing calibrated yet: the base that callers edit.
+    pub fn client_level(target_epsilon: f64, delta: f64, sampling_rate: f64) -> PrivacySpec {
+        PrivacySpec {
+            unit: PrivacyUnit::Client,
+            noise_placement: NoisePlacement::Central,
+            target_epsilon,
+            delta,
+            sampling_rate,
+            noise_multiplier: None,
+            population: None,
+            adaptive_clipping: None,
+            accountant: accountant::AccountantKind::Rdp,
+            domain: default_domain(),
+            evaluation_epsilon: default_evaluation_epsilon(),
+            evaluation_noise_multiplier: None,
+            max_stores_per_customer: 1,
+        }
+    }
+}
+
 fn one_store() -> u32 {
     1
 }

@@ -3,7 +3,7 @@
 //! ledgers add up to.
 //!
 //! The coordinator's driver keeps only what is not pure: it asks [`Ledgers::admission`] before
-//! a round starts, calls [`Release::noise`], writes [`Release::charges`] durably, and only then
+//! a round starts, calls [`Release::noise`], writes its charges (`charge`, then `evaluation`) durably, and only then
 //! turns the noised sum into a mean with [`Noised::release`]. Nothing derived from the noised
 //! sum exists outside this module before the charge is written. Secure aggregation plugs in as
 //! one more way to produce the noised sum.
@@ -83,15 +83,17 @@ impl Release {
         Noised { sum: noised, divisor: self.expected_count.max(f64::MIN_POSITIVE), next_clip }
     }
 
-    /// The entries to write durably, in order, before [`Noised::release`].
-    pub fn charges(&self) -> impl Iterator<Item = &LedgerEntry> {
+    /// The entries to write durably, in order, before [`Noised::release`] (the driver writes
+    /// `charge` and `evaluation` itself, between its store calls).
+    #[cfg(test)]
+    pub(crate) fn charges(&self) -> impl Iterator<Item = &LedgerEntry> {
         std::iter::once(&self.charge).chain(&self.evaluation)
     }
 }
 
 impl Noised {
     /// The round's noised mean (sum ÷ expected count) and the next clipping norm. Call only
-    /// once [`Release::charges`] are written.
+    /// once the release's charges are written.
     pub fn release(self) -> Released {
         let divisor = self.divisor;
         Released {
@@ -308,19 +310,10 @@ mod tests {
 
     fn spec() -> PrivacySpec {
         PrivacySpec {
-            unit: PrivacyUnit::Client,
-            noise_placement: NoisePlacement::Central,
-            target_epsilon: 10.0,
-            delta: 1e-5,
-            sampling_rate: 0.5,
             noise_multiplier: Some(1.0),
-            population: None,
-            adaptive_clipping: None,
-            accountant: AccountantKind::Rdp,
             domain: "d".into(),
-            evaluation_epsilon: 1.0,
             evaluation_noise_multiplier: Some(5.0),
-            max_stores_per_customer: 1,
+            ..PrivacySpec::client_level(10.0, 1e-5, 0.5)
         }
     }
 

@@ -87,6 +87,10 @@ pub enum ProtocolError {
         /// Given.
         got: usize,
     },
+    /// The coordinator asked a client for its own pairwise-key share (it never holds one, and
+    /// revealing it would unmask its upload).
+    #[error("asked for client {0}'s own pairwise-key share; refused")]
+    OwnPairwiseKey(u32),
     /// A client uploaded twice, or a step ran out of order.
     #[error("{0}")]
     Order(&'static str),
@@ -152,6 +156,8 @@ pub struct Client {
     mask: AgreementKey,
     /// Neighbours' verified adverts.
     peers: BTreeMap<u32, Advertised>,
+    /// The AES-256-GCM key shared with each verified neighbour (derived once).
+    cipher_keys: BTreeMap<u32, Seed>,
     /// Shares of neighbours' seeds, from those whose shares arrived (U₂ ∩ N(u)).
     held: BTreeMap<u32, (Share, Share)>,
     /// What was revealed of each owner, across unmask requests.
@@ -186,6 +192,7 @@ impl Client {
             cipher,
             mask,
             peers: BTreeMap::new(),
+            cipher_keys: BTreeMap::new(),
             held: BTreeMap::new(),
             revealed: BTreeMap::new(),
             uploaded: false,
@@ -218,25 +225,28 @@ impl Client {
         if self.peers.len() < t {
             return Err(ProtocolError::TooFewNeighbours { got: self.peers.len(), threshold: t });
         }
+        for peer in self.peers.values() {
+            let key =
+                self.cipher.agree(&peer.cipher_key, &[&self.ctx.pair(self.index, peer.index)])?;
+            self.cipher_keys.insert(peer.index, key);
+        }
         let points: Vec<u32> = self.peers.keys().map(|&v| v + 1).collect();
         let pairwise = shamir::split_at(&self.pairwise_seed, t, &points, rng);
         let own = shamir::split_at(&self.self_seed, t, &points, rng);
         let aad = self.ctx.aad();
-        self.peers
-            .values()
+        Ok(self
+            .cipher_keys
+            .iter()
             .zip(pairwise.iter().zip(&own))
-            .map(|(peer, (s, b))| {
-                let key = self
-                    .cipher
-                    .agree(&peer.cipher_key, &[&self.ctx.pair(self.index, peer.index)])?;
+            .map(|((&to, key), (s, b))| {
                 let plain = [s.to_bytes(), b.to_bytes()].concat();
-                Ok(Sealed {
+                Sealed {
                     from: self.index,
-                    to: peer.index,
-                    ciphertext: keys::seal(&key, self.index, peer.index, &aad, &plain),
-                })
+                    to,
+                    ciphertext: keys::seal(key, self.index, to, &aad, &plain),
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Step 3: opens the shares sent to it, and masks `input` (values mod 2^b) with its
@@ -259,11 +269,11 @@ impl Client {
         }
         let aad = self.ctx.aad();
         for sealed in shares.iter().filter(|s| s.to == self.index) {
-            let peer =
-                self.peers.get(&sealed.from).ok_or(ProtocolError::NotNeighbour(sealed.from))?;
-            let key =
-                self.cipher.agree(&peer.cipher_key, &[&self.ctx.pair(self.index, peer.index)])?;
-            let plain = keys::open(&key, sealed.from, self.index, &aad, &sealed.ciphertext)?;
+            let key = self
+                .cipher_keys
+                .get(&sealed.from)
+                .ok_or(ProtocolError::NotNeighbour(sealed.from))?;
+            let plain = keys::open(key, sealed.from, self.index, &aad, &sealed.ciphertext)?;
             let half = plain.len() / 2;
             let (s, b) = (Share::from_bytes(&plain[..half])?, Share::from_bytes(&plain[half..])?);
             if s.x != self.index + 1 || b.x != self.index + 1 {
@@ -322,7 +332,7 @@ impl Client {
             }
         }
         if asked.get(&self.index) == Some(&SeedKind::PairwiseKey) {
-            return Err(ProtocolError::BothShares(self.index));
+            return Err(ProtocolError::OwnPairwiseKey(self.index));
         }
         let mut out = Vec::new();
         for (u, kind) in asked {

@@ -203,6 +203,8 @@ fn an_honest_client_never_reveals_both_shares_of_one_peer() {
     // Fewer survivors named than the threshold: the coordinator could learn an input.
     assert!(matches!(c.unmask(&[0, 1], &[]), Err(ProtocolError::TooFewNeighbours { .. })));
     assert_eq!(c.unmask(&[0, 1, 2, 3], &[3]), Err(ProtocolError::BothShares(3)));
+    // Its own pairwise-key seed would unmask its own upload.
+    assert_eq!(c.unmask(&[1, 2, 3], &[0]), Err(ProtocolError::OwnPairwiseKey(0)));
     let first = c.unmask(&[0, 1, 2], &[3]).unwrap();
     assert!(first.iter().any(|r| r.owner == 3 && r.kind == SeedKind::PairwiseKey));
     assert_eq!(c.unmask(&[0, 1, 2, 3], &[]), Err(ProtocolError::BothShares(3)));
