@@ -357,6 +357,7 @@ mod rules {
                 evaluate_timeout_secs: 1.0,
                 seed: 0,
                 weight_by_examples: false,
+                secure_aggregation: Default::default(),
             },
             privacy: Some(PrivacySpec {
                 noise_multiplier: Some(1.0),

@@ -199,6 +199,7 @@ mod tests {
                 evaluate_timeout_secs: 1.0,
                 seed: 0,
                 weight_by_examples: false,
+                secure_aggregation: Default::default(),
             },
             privacy: privacy.then(|| PrivacySpec {
                 unit: PrivacyUnit::Client,

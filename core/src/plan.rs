@@ -91,6 +91,30 @@ pub struct TrainingPlan {
     /// Weight updates by the clients' example counts (FedAvg) or equally.
     #[serde(default = "yes")]
     pub weight_by_examples: bool,
+    /// Whether the coordinator sees each store's update (`off`) or only the cohort's sum
+    /// (`secagg+`: [`crate::secagg`]).
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregation,
+}
+
+/// How a round's updates are summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecureAggregation {
+    /// Each store's update reaches the coordinator, which sums them.
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    /// SecAgg+ (Bell et al. 2020): stores upload masked integers; the coordinator learns only
+    /// their sum.
+    #[serde(rename = "secagg+")]
+    SecAggPlus,
+}
+
+impl SecureAggregation {
+    /// Whether updates are masked.
+    pub fn is_on(self) -> bool {
+        self == SecureAggregation::SecAggPlus
+    }
 }
 
 fn one() -> u32 {
@@ -110,6 +134,29 @@ fn yes() -> bool {
 }
 
 impl TrainingPlan {
+    /// A plan of `rounds` rounds of `cohort_size` clients with quorum `min_clients` and clipping
+    /// norm `clip_norm`; everything else at its default (FedAvg with learning rate 1, one local
+    /// epoch, evaluation after the last round, example weights, no secure aggregation).
+    pub fn new(rounds: u64, cohort_size: u32, min_clients: u32, clip_norm: f32) -> TrainingPlan {
+        TrainingPlan {
+            rounds,
+            cohort_size,
+            min_clients,
+            local_epochs: 1,
+            clip_norm,
+            server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
+            eval_every: 0,
+            eval_fraction: 1.0,
+            select_timeout_secs: ten_secs(),
+            configure_timeout_secs: sixty_secs(),
+            collect_timeout_secs: sixty_secs(),
+            evaluate_timeout_secs: sixty_secs(),
+            seed: 0,
+            weight_by_examples: true,
+            secure_aggregation: SecureAggregation::Off,
+        }
+    }
+
     /// [`TrainingPlan::select_timeout_secs`] as a duration.
     pub fn select_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.select_timeout_secs)
@@ -333,6 +380,48 @@ impl TaskSpec {
                     "must be false under differential privacy: example counts would weight the sum by private data",
                 ));
             }
+            use crate::privacy::NoisePlacement;
+            match privacy.noise_placement {
+                NoisePlacement::Distributed if !p.secure_aggregation.is_on() => {
+                    return Err(bad(
+                        "privacy.noise_placement",
+                        "distributed noise needs plan.secure_aggregation = \"secagg+\": without it \
+                         the coordinator sees each store's update with only its share of the noise",
+                    ));
+                }
+                NoisePlacement::Local if p.secure_aggregation.is_on() => {
+                    return Err(bad(
+                        "privacy.noise_placement",
+                        "local noise under secure aggregation adds noise nobody sees; use distributed",
+                    ));
+                }
+                _ => {}
+            }
+            if p.secure_aggregation.is_on() && privacy.adaptive_clipping.is_some() {
+                return Err(bad(
+                    "privacy.adaptive_clipping",
+                    "is not available under secure aggregation yet (the unclipped counts would \
+                     need their own secure sum)",
+                ));
+            }
+        }
+        if p.secure_aggregation.is_on() {
+            if p.weight_by_examples {
+                return Err(bad(
+                    "plan.weight_by_examples",
+                    "must be false under secure aggregation: the coordinator sees only the sum",
+                ));
+            }
+            if p.min_clients < 3 {
+                return Err(bad(
+                    "plan.min_clients",
+                    "must be at least 3 under secure aggregation: with two, each store could \
+                     subtract its own update from the sum",
+                ));
+            }
+            if self.upload_len() > 1 << 26 {
+                return Err(bad("model", "has more than 2^26 coordinates for secure aggregation"));
+            }
         }
         for (field, secs) in [
             ("plan.select_timeout_secs", p.select_timeout_secs),
@@ -372,6 +461,7 @@ mod tests {
                 evaluate_timeout_secs: 1.0,
                 seed: 0,
                 weight_by_examples: true,
+                secure_aggregation: Default::default(),
             },
         }
     }
@@ -391,6 +481,47 @@ mod tests {
             s.validate().unwrap_err().to_string(),
             "invalid task spec: plan.collect_timeout_secs: must be in (0, 86400] seconds, got -1"
         );
+    }
+
+    /// Issue 12: distributed noise only under secure aggregation (H2, H3), and what secure
+    /// aggregation cannot do (weights by example counts, fewer than three stores, adaptive
+    /// clipping, local noise) is refused at creation.
+    #[test]
+    fn secure_aggregation_rules_are_checked_at_creation() {
+        use crate::privacy::{AdaptiveClipping, NoisePlacement, PrivacySpec};
+        let private = |placement| {
+            let mut s = spec();
+            s.plan.weight_by_examples = false;
+            s.plan.cohort_size = 5;
+            s.plan.min_clients = 3;
+            s.privacy = Some(PrivacySpec {
+                noise_placement: placement,
+                ..PrivacySpec::client_level(8.0, 1e-5, 1.0)
+            });
+            s
+        };
+        let field = |s: &TaskSpec| s.validate().unwrap_err().field;
+        assert_eq!(field(&private(NoisePlacement::Distributed)), "privacy.noise_placement");
+        let mut s = private(NoisePlacement::Distributed);
+        s.plan.secure_aggregation = SecureAggregation::SecAggPlus;
+        assert_eq!(s.validate(), Ok(()));
+        s.privacy.as_mut().unwrap().noise_placement = NoisePlacement::Local;
+        assert_eq!(field(&s), "privacy.noise_placement");
+        s.privacy.as_mut().unwrap().noise_placement = NoisePlacement::Central;
+        assert_eq!(s.validate(), Ok(()));
+        s.privacy.as_mut().unwrap().adaptive_clipping = Some(AdaptiveClipping {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            count_noise_std: 10.0,
+        });
+        assert_eq!(field(&s), "privacy.adaptive_clipping");
+        let mut plain = spec();
+        plain.plan.secure_aggregation = SecureAggregation::SecAggPlus;
+        assert_eq!(field(&plain), "plan.weight_by_examples");
+        plain.plan.weight_by_examples = false;
+        assert_eq!(field(&plain), "plan.min_clients");
+        plain.plan.min_clients = 3;
+        assert_eq!(plain.validate(), Ok(()));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use fedretail_core::model::demand::{DemandLoss, DemandSpec};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::{MfSpec, Objective};
 use fedretail_core::optim::ServerOptimizer;
-use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
+use fedretail_core::plan::{ModelSpec, SecureAggregation, TaskSpec, TrainingPlan};
 use fedretail_core::privacy::accountant::AccountantKind;
 use fedretail_core::privacy::{
     AdaptiveClipping, NoisePlacement, PrivacySpec, PrivacyUnit, TrainPrivacy,
@@ -388,6 +388,10 @@ impl From<&TaskSpec> for pb::TaskSpec {
                 evaluate_timeout_ms: ms(p.evaluate_timeout_secs),
                 seed: p.seed,
                 weight_by_examples: p.weight_by_examples,
+                secure_aggregation: match p.secure_aggregation {
+                    SecureAggregation::Off => pb::SecureAggregation::Off.into(),
+                    SecureAggregation::SecAggPlus => pb::SecureAggregation::SecaggPlus.into(),
+                },
             }),
             privacy: spec.privacy.as_ref().map(Into::into),
         }
@@ -420,6 +424,16 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 evaluate_timeout_secs: secs(p.evaluate_timeout_ms),
                 seed: p.seed,
                 weight_by_examples: p.weight_by_examples,
+                secure_aggregation: match pb::SecureAggregation::try_from(p.secure_aggregation) {
+                    Ok(pb::SecureAggregation::SecaggPlus) => SecureAggregation::SecAggPlus,
+                    Ok(_) => SecureAggregation::Off,
+                    Err(_) => {
+                        return Err(ConvertError {
+                            field: "plan.secure_aggregation",
+                            message: format!("{} is not one of off, secagg+", p.secure_aggregation),
+                        });
+                    }
+                },
             },
             privacy: t.privacy.map(TryInto::try_into).transpose()?,
         })
@@ -515,6 +529,7 @@ mod tests {
                 evaluate_timeout_secs: 20.0,
                 seed: 42,
                 weight_by_examples: false,
+                secure_aggregation: SecureAggregation::SecAggPlus,
             },
             privacy: Some(PrivacySpec {
                 unit: PrivacyUnit::Client,

@@ -216,6 +216,7 @@ async fn bench_round_once(
             evaluate_timeout_secs: 600.0,
             seed: 1,
             weight_by_examples: false,
+            secure_aggregation: Default::default(),
         },
     };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{admin_addr}"))?;

@@ -584,6 +584,7 @@ pub fn in_process_plan(rounds: u64, clients: u32, local_epochs: u32, seed: u64) 
         evaluate_timeout_secs: 600.0,
         seed,
         weight_by_examples: true,
+        secure_aggregation: Default::default(),
     }
 }
 

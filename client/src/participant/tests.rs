@@ -438,6 +438,7 @@ fn private_task(epsilon: f64) -> fedretail_core::plan::TaskSpec {
             evaluate_timeout_secs: 1.0,
             seed: 0,
             weight_by_examples: false,
+            secure_aggregation: Default::default(),
         },
         privacy: Some(PrivacySpec {
             unit: PrivacyUnit::Customer,

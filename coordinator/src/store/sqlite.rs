@@ -630,6 +630,7 @@ mod tests {
                 evaluate_timeout_secs: 1.0,
                 seed: 0,
                 weight_by_examples: true,
+                secure_aggregation: Default::default(),
             },
             privacy: None,
         }

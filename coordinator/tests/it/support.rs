@@ -104,6 +104,7 @@ pub(crate) fn plan(rounds: u64, cohort: u32) -> TrainingPlan {
         evaluate_timeout_secs: 60.0,
         seed: 3,
         weight_by_examples: true,
+        secure_aggregation: Default::default(),
     }
 }
 

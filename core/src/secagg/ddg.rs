@@ -329,6 +329,11 @@ pub struct DdgPlan {
     /// The most contributions one sum holds in expectation (customers × q, or clients): the
     /// range mod 2^b must hold their sum.
     pub contributions: f64,
+    /// Conditional rounding (KLS21's β = e^{−1/2}), which needs each contribution rounded on its
+    /// own; `false` rounds without retries and bounds the sensitivity by the worst case
+    /// c/γ + √D, which also holds for a store that rounds its sum of contributions (coupling the
+    /// two roundings' randomness, Rényi divergence being jointly quasi-convex).
+    pub conditional: bool,
 }
 
 /// The parameters every client of a round uses, and the charge they cost per round.
@@ -366,7 +371,7 @@ pub fn calibrate(
     )?;
     let n = f64::from(plan.clients.max(1));
     let k = (2.0 * (2.0 * d as f64 / 1e-3).ln()).sqrt();
-    let beta = (-0.5f64).exp();
+    let beta = if plan.conditional { (-0.5f64).exp() } else { 0.0 };
     let mut central = z0 * plan.clip;
     let mut gamma = 0.0;
     let mut result = None;
@@ -473,6 +478,7 @@ mod tests {
                 len: 15_000,
                 bits: 16,
                 contributions: 300.0,
+                conditional: true,
             };
             let c = calibrate(&plan).unwrap();
             let spent =

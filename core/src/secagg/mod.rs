@@ -8,11 +8,14 @@
 //! - [`masks`]: ChaCha20 mask expansion, exactly uniform mod 2^b.
 //! - [`graph`]: the k-regular graph and the choice of k and t.
 //! - [`ddg`]: rotation, conditional rounding, the exact discrete Gaussian, decoding.
+//! - [`protocol`]: one round's client steps and the coordinator's unmasking.
+//! - [`round`]: a round's public parameters, chosen by the coordinator, checked by stores.
 
 pub mod ddg;
 pub mod graph;
 pub mod keys;
 pub mod masks;
 pub mod protocol;
+pub mod round;
 pub mod shamir;
 pub mod sum;

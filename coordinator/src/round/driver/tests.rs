@@ -33,6 +33,7 @@ fn spec(rounds: u64) -> TaskSpec {
             evaluate_timeout_secs: 30.0,
             seed: 1,
             weight_by_examples: false,
+            secure_aggregation: Default::default(),
         },
     }
 }

@@ -30,6 +30,7 @@ fn spec(cohort: u32, min: u32, rounds: u64) -> Arc<TaskSpec> {
             evaluate_timeout_secs: 30.0,
             seed: 7,
             weight_by_examples: true,
+            secure_aggregation: Default::default(),
         },
     })
 }
