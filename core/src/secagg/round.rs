@@ -47,7 +47,7 @@ impl RoundParams {
         };
         Ok(RoundParams {
             graph,
-            graph_seed: seed ^ 0x5ecA_66a4,
+            graph_seed: seed ^ 0x5eca_66a4,
             rotation_seed: seed ^ 0x0007_a7e5,
             ddg,
             input_len,
