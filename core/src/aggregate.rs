@@ -85,6 +85,12 @@ impl Aggregator {
         Aggregator { sum: vec![0.0; n_params], total_weight: 0.0, n_updates: 0 }
     }
 
+    /// A sum made elsewhere (secure aggregation's unmasked, decoded sum) of `n_updates`
+    /// updates with `total_weight` together.
+    pub fn from_sum(sum: Vec<f64>, total_weight: f64, n_updates: usize) -> Aggregator {
+        Aggregator { sum, total_weight, n_updates }
+    }
+
     /// Adds `weight * update`. Call [`validate`] first where the update is untrusted.
     ///
     /// # Errors

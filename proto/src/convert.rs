@@ -489,6 +489,164 @@ impl TryFrom<pb::EvalSums> for EvalSums {
     }
 }
 
+/// Secure aggregation's wire forms (`fedretail_core::secagg`).
+pub mod secagg {
+    use super::{ConvertError, pb};
+    use fedretail_core::secagg::ddg::DdgParams;
+    use fedretail_core::secagg::graph::GraphParams;
+    use fedretail_core::secagg::protocol::{Advertised, Revealed, Sealed, SeedKind};
+    use fedretail_core::secagg::round::RoundParams;
+    use fedretail_core::secagg::shamir::Share;
+
+    fn bad(field: &'static str, message: &str) -> ConvertError {
+        ConvertError { field, message: message.into() }
+    }
+
+    fn key(field: &'static str, bytes: &[u8]) -> Result<[u8; 32], ConvertError> {
+        bytes.try_into().map_err(|_| bad(field, "must be 32 bytes"))
+    }
+
+    impl From<&RoundParams> for pb::SecAggParams {
+        fn from(p: &RoundParams) -> pb::SecAggParams {
+            pb::SecAggParams {
+                n: p.graph.n as u32,
+                degree: p.graph.k as u32,
+                threshold: p.graph.t as u32,
+                graph_seed: p.graph_seed,
+                rotation_seed: p.rotation_seed,
+                bits: p.ddg.bits,
+                gamma: p.ddg.gamma,
+                clip: p.ddg.clip,
+                beta: p.ddg.beta,
+                sigma2_num: p.ddg.sigma2.0,
+                sigma2_den: p.ddg.sigma2.1,
+                input_len: p.input_len as u64,
+            }
+        }
+    }
+
+    impl TryFrom<pb::SecAggParams> for RoundParams {
+        type Error = ConvertError;
+        /// Shapes only; whether the values are safe for a task is
+        /// [`RoundParams::check`]'s question. `meets` is not carried (set false).
+        fn try_from(p: pb::SecAggParams) -> Result<RoundParams, ConvertError> {
+            let usable = (1..=32).contains(&p.bits)
+                && p.gamma.is_finite()
+                && p.gamma > 0.0
+                && p.clip.is_finite()
+                && p.clip > 0.0
+                && (0.0..1.0).contains(&p.beta)
+                && p.sigma2_den > 0
+                && p.degree < p.n.max(1)
+                && p.threshold >= 1
+                && p.threshold <= p.degree
+                && p.input_len > 0
+                && p.input_len <= 1 << 26;
+            if !usable {
+                return Err(bad("secagg.params", "out of range"));
+            }
+            Ok(RoundParams {
+                graph: GraphParams {
+                    n: p.n as usize,
+                    k: p.degree as usize,
+                    t: p.threshold as usize,
+                    meets: false,
+                },
+                graph_seed: p.graph_seed,
+                rotation_seed: p.rotation_seed,
+                ddg: DdgParams {
+                    bits: p.bits,
+                    gamma: p.gamma,
+                    clip: p.clip,
+                    beta: p.beta,
+                    sigma2: (p.sigma2_num, p.sigma2_den),
+                },
+                input_len: p.input_len as usize,
+            })
+        }
+    }
+
+    /// An advert and the identity key it is signed with.
+    pub fn advertised_to_pb(a: &Advertised, identity: &[u8; 32]) -> pb::AdvertisedKeys {
+        pb::AdvertisedKeys {
+            index: a.index,
+            signing_public_key: identity.to_vec(),
+            signature: a.signature.to_vec(),
+            cipher_public_key: a.cipher_key.to_vec(),
+            mask_public_key: a.mask_key.to_vec(),
+        }
+    }
+
+    /// The inverse of [`advertised_to_pb`].
+    ///
+    /// # Errors
+    ///
+    /// Keys or signature of the wrong length.
+    pub fn advertised_from_pb(a: &pb::AdvertisedKeys) -> Result<(Advertised, [u8; 32]), ConvertError> {
+        Ok((
+            Advertised {
+                index: a.index,
+                cipher_key: key("cipher_public_key", &a.cipher_public_key)?,
+                mask_key: key("mask_public_key", &a.mask_public_key)?,
+                signature: a
+                    .signature
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad("signature", "must be 64 bytes"))?,
+            },
+            key("signing_public_key", &a.signing_public_key)?,
+        ))
+    }
+
+    impl From<&Sealed> for pb::EncryptedShare {
+        fn from(s: &Sealed) -> pb::EncryptedShare {
+            pb::EncryptedShare {
+                sender_id: u64::from(s.from),
+                recipient_id: u64::from(s.to),
+                ciphertext: s.ciphertext.clone(),
+            }
+        }
+    }
+
+    impl TryFrom<&pb::EncryptedShare> for Sealed {
+        type Error = ConvertError;
+        fn try_from(s: &pb::EncryptedShare) -> Result<Sealed, ConvertError> {
+            let index = |v: u64| u32::try_from(v).map_err(|_| bad("share", "index out of range"));
+            if s.ciphertext.len() > 1024 {
+                return Err(bad("share.ciphertext", "longer than 1024 bytes"));
+            }
+            Ok(Sealed {
+                from: index(s.sender_id)?,
+                to: index(s.recipient_id)?,
+                ciphertext: s.ciphertext.clone(),
+            })
+        }
+    }
+
+    impl From<&Revealed> for pb::SeedShare {
+        fn from(r: &Revealed) -> pb::SeedShare {
+            pb::SeedShare { owner_id: u64::from(r.owner), x: r.share.x, y: r.share.to_bytes() }
+        }
+    }
+
+    /// A revealed share of `kind`.
+    ///
+    /// # Errors
+    ///
+    /// A malformed share, or one whose point disagrees with its encoding.
+    pub fn revealed_from_pb(s: &pb::SeedShare, kind: SeedKind) -> Result<Revealed, ConvertError> {
+        let share = Share::from_bytes(&s.y).map_err(|e| bad("seed_share", &e.to_string()))?;
+        if share.x != s.x {
+            return Err(bad("seed_share.x", "disagrees with the share"));
+        }
+        Ok(Revealed {
+            owner: u32::try_from(s.owner_id).map_err(|_| bad("seed_share", "index out of range"))?,
+            kind,
+            share,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,6 +110,8 @@ pub enum Assignment {
         upload_timeout: Duration,
         /// What differential privacy asks of the client.
         privacy: Option<fedretail_core::privacy::TrainPrivacy>,
+        /// Under secure aggregation: how to mask the update.
+        masked: Option<MaskedTrain>,
     },
     /// Evaluate a model version on held-out data.
     Evaluate {
@@ -132,6 +134,59 @@ pub enum Assignment {
         /// Why.
         reason: String,
     },
+    /// Secure aggregation, step 1: make and sign this round's keys.
+    Advertise {
+        /// The round.
+        round: RoundId,
+        /// Its public parameters.
+        params: Arc<fedretail_core::secagg::round::RoundParams>,
+        /// The cohort in index order.
+        cohort: Arc<Vec<ClientId>>,
+        /// This client's index.
+        index: u32,
+    },
+    /// Secure aggregation, step 2: the neighbours' signed keys, to share seeds with.
+    ShareKeys {
+        /// The round.
+        round: RoundId,
+        /// Each advertising neighbour's keys and the identity key they are signed with.
+        adverts: Vec<(Advertised, [u8; 32])>,
+    },
+    /// Secure aggregation, step 4: reveal shares.
+    Unmask {
+        /// The round.
+        round: RoundId,
+        /// Indices whose masked upload arrived: their self-mask shares.
+        survivors: Vec<u32>,
+        /// Indices that shared keys but did not upload: their pairwise-key shares.
+        dropped: Vec<u32>,
+    },
+}
+
+pub use fedretail_core::secagg::protocol::{Advertised, Revealed, Sealed};
+
+/// Secure aggregation, step 3: what a training client needs to mask its update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskedTrain {
+    /// The round's public parameters.
+    pub params: Arc<fedretail_core::secagg::round::RoundParams>,
+    /// The client's index.
+    pub index: u32,
+    /// The shares its neighbours sealed for it.
+    pub shares: Vec<Sealed>,
+}
+
+/// A masked upload: integers mod 2^b, reassembled and checksummed by the service.
+#[derive(Debug)]
+pub struct MaskedUpload {
+    /// Sender.
+    pub client: ClientId,
+    /// The round it is for.
+    pub round: RoundId,
+    /// The masked values.
+    pub values: Vec<u32>,
+    /// Training facts (all zero under privacy).
+    pub summary: TrainSummary,
 }
 
 /// Lifecycle of a task.
@@ -367,6 +422,29 @@ pub(crate) enum Request {
         upload: Upload,
         reply: oneshot::Sender<Result<(), Reject>>,
     },
+    MaskedUpload {
+        upload: MaskedUpload,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
+    Advertise {
+        client: ClientId,
+        round: RoundId,
+        advert: Advertised,
+        identity: [u8; 32],
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
+    Share {
+        client: ClientId,
+        round: RoundId,
+        sealed: Vec<Sealed>,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
+    Unmask {
+        client: ClientId,
+        round: RoundId,
+        revealed: Vec<Revealed>,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
     Report {
         client: ClientId,
         round: RoundId,
@@ -500,6 +578,42 @@ impl RoundHandle {
     /// Hands over a complete upload.
     pub async fn upload(&self, upload: Upload) -> Result<(), Reject> {
         self.ask(|reply| Request::Upload { upload, reply }).await?
+    }
+
+    /// Hands over a complete masked upload.
+    pub async fn masked_upload(&self, upload: MaskedUpload) -> Result<(), Reject> {
+        self.ask(|reply| Request::MaskedUpload { upload, reply }).await?
+    }
+
+    /// Secure aggregation: a client's signed keys and the identity key they verify with.
+    pub async fn advertise(
+        &self,
+        client: ClientId,
+        round: RoundId,
+        advert: Advertised,
+        identity: [u8; 32],
+    ) -> Result<(), Reject> {
+        self.ask(|reply| Request::Advertise { client, round, advert, identity, reply }).await?
+    }
+
+    /// Secure aggregation: a client's sealed shares for its neighbours.
+    pub async fn share(
+        &self,
+        client: ClientId,
+        round: RoundId,
+        sealed: Vec<Sealed>,
+    ) -> Result<(), Reject> {
+        self.ask(|reply| Request::Share { client, round, sealed, reply }).await?
+    }
+
+    /// Secure aggregation: the shares a client reveals.
+    pub async fn unmask(
+        &self,
+        client: ClientId,
+        round: RoundId,
+        revealed: Vec<Revealed>,
+    ) -> Result<(), Reject> {
+        self.ask(|reply| Request::Unmask { client, round, revealed, reply }).await?
     }
 
     /// Reports evaluation sums.

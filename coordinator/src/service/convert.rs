@@ -57,6 +57,7 @@ impl From<Assignment> for pb::NextAssignmentResponse {
                 round_seed,
                 upload_timeout,
                 privacy,
+                masked,
             } => A::Train(pb::TrainAssignment {
                 privacy: privacy.map(Into::into),
                 round_id: round.0,
@@ -66,7 +67,16 @@ impl From<Assignment> for pb::NextAssignmentResponse {
                 clip_norm,
                 round_seed,
                 upload_timeout_ms: upload_timeout.as_millis() as u64,
-                encoding: pb::UpdateEncoding::Float32Le.into(),
+                encoding: if masked.is_some() {
+                    pb::UpdateEncoding::MaskedU32Le.into()
+                } else {
+                    pb::UpdateEncoding::Float32Le.into()
+                },
+                masked: masked.map(|m| pb::MaskedTrain {
+                    params: Some(m.params.as_ref().into()),
+                    index: m.index,
+                    shares: m.shares.iter().map(Into::into).collect(),
+                }),
             }),
             Assignment::Evaluate { round, version, n_params, seed, privacy } => {
                 A::Evaluate(pb::EvaluateAssignment {
@@ -77,6 +87,28 @@ impl From<Assignment> for pb::NextAssignmentResponse {
                     privacy: privacy.map(Into::into),
                 })
             }
+            Assignment::Advertise { round, params, cohort, index } => {
+                A::AdvertiseKeys(pb::AdvertiseKeysAssignment {
+                    round_id: round.0,
+                    cohort: cohort.iter().map(|c| c.0).collect(),
+                    index,
+                    params: Some(params.as_ref().into()),
+                })
+            }
+            Assignment::ShareKeys { round, adverts } => A::ShareKeys(pb::ShareKeysAssignment {
+                round_id: round.0,
+                neighbours: adverts
+                    .iter()
+                    .map(|(a, identity)| {
+                        fedretail_proto::convert::secagg::advertised_to_pb(a, identity)
+                    })
+                    .collect(),
+            }),
+            Assignment::Unmask { round, survivors, dropped } => A::Unmask(pb::UnmaskAssignment {
+                round_id: round.0,
+                survivors: survivors.into_iter().map(u64::from).collect(),
+                dropped: dropped.into_iter().map(u64::from).collect(),
+            }),
             Assignment::Finished { state, reason } => {
                 A::Finished(pb::TaskFinished { state: pb::TaskState::from(state).into(), reason })
             }

@@ -4,7 +4,7 @@ pub(crate) mod admin;
 mod convert;
 mod status;
 
-use crate::round::{Reject, RoundHandle, TrainSummary, Upload};
+use crate::round::{MaskedUpload, Reject, RoundHandle, TrainSummary, Upload};
 use crate::tasks::Tasks;
 use fedretail_core::aggregate::AggregateError;
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId, TaskId};
@@ -252,13 +252,21 @@ impl Training for TrainingService {
             _ => return Err(malformed("the first message must be an UploadHeader".into())),
         };
         let (client, round) = (ClientId(header.client_id), RoundId(header.round_id));
-        if header.encoding != pb::UpdateEncoding::Float32Le as i32 {
+        let handle = self.task(header.task_id)?;
+        // Under secure aggregation only masked integers are taken, and only masked integers
+        // without it: a store's plaintext update never reaches a secure-aggregation round.
+        let wanted = if handle.spec().plan.secure_aggregation.is_on() {
+            pb::UpdateEncoding::MaskedU32Le
+        } else {
+            pb::UpdateEncoding::Float32Le
+        };
+        if header.encoding != wanted as i32 {
             return Err(malformed(format!(
-                "encoding {} is not supported for this task",
-                header.encoding
+                "encoding {} is not this task's ({})",
+                header.encoding,
+                wanted.as_str_name()
             )));
         }
-        let handle = self.task(header.task_id)?;
         if let Some(store) = store {
             handle.check_owner(client, store).await.map_err(|r| to_status(&r))?;
         }
@@ -284,7 +292,14 @@ impl Training for TrainingService {
                 return Err(status);
             }
         };
-        handle.upload(upload).await.map_err(|r| to_status(&r))?;
+        if wanted == pb::UpdateEncoding::MaskedU32Le {
+            // The reassembler reads 4-byte little-endian words; the bits are the integers.
+            let values = upload.values.iter().map(|v| v.to_bits()).collect();
+            let masked = MaskedUpload { client, round, values, summary: upload.summary };
+            handle.masked_upload(masked).await.map_err(|r| to_status(&r))?;
+        } else {
+            handle.upload(upload).await.map_err(|r| to_status(&r))?;
+        }
         Ok(Response::new(pb::UploadUpdateResponse {
             round_id: round.0,
             n_params_received: n_params as u64,
@@ -312,22 +327,67 @@ impl Training for TrainingService {
 
     async fn advertise_keys(
         &self,
-        _request: Request<pb::AdvertiseKeysRequest>,
+        request: Request<pb::AdvertiseKeysRequest>,
     ) -> Result<Response<pb::AdvertiseKeysResponse>, Status> {
-        Err(Status::unimplemented("secure aggregation is not available in this version"))
+        let handle =
+            self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
+        let req = request.into_inner();
+        let keys = pb::AdvertisedKeys {
+            index: req.index,
+            signing_public_key: req.signing_public_key,
+            signature: req.signature,
+            cipher_public_key: req.cipher_public_key,
+            mask_public_key: req.mask_public_key,
+        };
+        let (advert, identity) = fedretail_proto::convert::secagg::advertised_from_pb(&keys)
+            .map_err(|e| to_status(&Reject::Malformed(e.to_string())))?;
+        handle
+            .advertise(ClientId(req.client_id), RoundId(req.round_id), advert, identity)
+            .await
+            .map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::AdvertiseKeysResponse {}))
     }
 
     async fn share_keys(
         &self,
-        _request: Request<pb::ShareKeysRequest>,
+        request: Request<pb::ShareKeysRequest>,
     ) -> Result<Response<pb::ShareKeysResponse>, Status> {
-        Err(Status::unimplemented("secure aggregation is not available in this version"))
+        let handle =
+            self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
+        let req = request.into_inner();
+        let sealed = req
+            .shares
+            .iter()
+            .map(TryInto::try_into)
+            .collect::<Result<Vec<_>, fedretail_proto::convert::ConvertError>>()
+            .map_err(|e| to_status(&Reject::Malformed(e.to_string())))?;
+        handle
+            .share(ClientId(req.client_id), RoundId(req.round_id), sealed)
+            .await
+            .map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::ShareKeysResponse {}))
     }
 
     async fn unmask(
         &self,
-        _request: Request<pb::UnmaskRequest>,
+        request: Request<pb::UnmaskRequest>,
     ) -> Result<Response<pb::UnmaskResponse>, Status> {
-        Err(Status::unimplemented("secure aggregation is not available in this version"))
+        use fedretail_core::secagg::protocol::SeedKind;
+        use fedretail_proto::convert::secagg::revealed_from_pb;
+        let handle =
+            self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
+        let req = request.into_inner();
+        let revealed = req
+            .self_mask_shares
+            .iter()
+            .map(|s| revealed_from_pb(s, SeedKind::SelfMask))
+            .chain(req.pairwise_shares.iter().map(|s| revealed_from_pb(s, SeedKind::PairwiseKey)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| to_status(&Reject::Malformed(e.to_string())))?;
+        handle
+            .unmask(ClientId(req.client_id), RoundId(req.round_id), revealed)
+            .await
+            .map_err(|r| to_status(&r))?;
+        Ok(Response::new(pb::UnmaskResponse {}))
     }
 }

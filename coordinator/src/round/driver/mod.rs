@@ -2,7 +2,7 @@
 //! turns requests, time and finished jobs into calls on the pure machine, and executes what the
 //! machine asks for (compute on a blocking thread, commits to the store).
 
-use super::machine::{FailReason, Output, Phase, Round, derive_seed};
+use super::machine::{FailReason, Output, Phase, Round, Sum, derive_seed};
 use super::{
     Assignment, Control, ModelBlob, Reject, Request, RoundHandle, RoundSummary, TaskState,
     TaskStatus,
@@ -67,6 +67,8 @@ enum JobResult {
     /// The privacy charge could not be written: nothing may be released. `true` when the
     /// task's or its domain's budget refused it.
     NotCharged(String, bool),
+    /// Secure aggregation could not unmask the sum: nothing was learnt, charged or released.
+    NotUnmasked(String),
     Stored(Result<(), String>),
 }
 
@@ -326,6 +328,40 @@ impl Driver {
                 }
                 let _ = reply.send(result);
             }
+            Request::MaskedUpload { upload, reply } => {
+                let client = upload.client;
+                let state = self.state;
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.masked_upload(upload),
+                    None => Err(no_round(state, upload.round)),
+                });
+                log_reject(client, "masked upload", &result);
+                let _ = reply.send(result);
+            }
+            Request::Advertise { client, round, advert, identity, reply } => {
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.advertise(now, client, round, advert, identity),
+                    None => Err(no_round(self.state, round)),
+                });
+                log_reject(client, "keys", &result);
+                let _ = reply.send(result);
+            }
+            Request::Share { client, round, sealed, reply } => {
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.share(now, client, round, sealed),
+                    None => Err(no_round(self.state, round)),
+                });
+                log_reject(client, "shares", &result);
+                let _ = reply.send(result);
+            }
+            Request::Unmask { client, round, revealed, reply } => {
+                let result = self.known(client).and_then(|()| match self.round.as_mut() {
+                    Some(r) => r.reveal(client, round, revealed),
+                    None => Err(no_round(self.state, round)),
+                });
+                log_reject(client, "unmasking shares", &result);
+                let _ = reply.send(result);
+            }
             Request::Report { client, round, sums, reply } => {
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
                     Some(r) => r.report(client, round, &sums),
@@ -469,7 +505,7 @@ impl Driver {
     /// Aggregating, Noising and Applying, on a blocking thread. Under privacy the noise is drawn
     /// and the charge written durably before the candidate model exists: nothing derived from
     /// the noised sum can leave the coordinator uncharged.
-    fn start_compute(&mut self, sum: Aggregator, release: Option<Release>) {
+    fn start_compute(&mut self, sum: Sum, release: Option<Release>) {
         let base = self.model.clone();
         let mut optimizer = self.optimizer.clone();
         let server = self.spec.plan.server_optimizer;
@@ -485,6 +521,15 @@ impl Driver {
         let limits =
             self.spec.privacy.is_some().then(|| (self.charge_limits(), self.eval_charge_limits()));
         self.job = Some(tokio::task::spawn_blocking(move || {
+            // Secure aggregation: unmask and decode first. Until the release below, the sum
+            // carries only the stores' own noise (distributed) or none (central).
+            let sum: Aggregator = match sum {
+                Sum::Plain(sum) => sum,
+                Sum::Masked(masked) => match masked.finish() {
+                    Ok(sum) => sum,
+                    Err(e) => return JobResult::NotUnmasked(e),
+                },
+            };
             let (delta, charged, next_clip) = match release {
                 None => (sum.mean(), None, None),
                 Some(release) => {
@@ -572,6 +617,10 @@ impl Driver {
                 }
                 tracing::error!("the candidate model is not finite; the round applies nothing");
                 round.fail(FailReason::NotFinite);
+            }
+            JobResult::NotUnmasked(e) => {
+                tracing::error!(error = %e, "could not unmask the round's sum; nothing released");
+                round.fail(FailReason::SecureAggregation(e));
             }
             JobResult::NotCharged(e, budget) => {
                 tracing::error!(error = %e, "could not write the privacy charge; the round releases nothing");

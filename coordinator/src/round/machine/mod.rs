@@ -1,7 +1,10 @@
 //! The pure round state machine: no `.await`, no clock reads (`now` is passed in), no store and
 //! no wire types. The driver feeds it requests and time, and executes what it asks for.
 
-use super::{Assignment, Reject, RoundSummary, TrainSummary, Upload};
+mod secure;
+
+use super::{Assignment, MaskedUpload, Reject, Revealed, RoundSummary, TrainSummary, Upload};
+use secure::Secure;
 use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
@@ -36,6 +39,8 @@ pub(crate) enum FailReason {
     Shutdown,
     Cancelled,
     NotFinite,
+    /// Secure aggregation could not produce the sum (parameters, or too few shares revealed).
+    SecureAggregation(String),
 }
 
 impl std::fmt::Display for FailReason {
@@ -55,6 +60,7 @@ impl std::fmt::Display for FailReason {
             FailReason::Store(e) => write!(f, "could not commit: {e}"),
             FailReason::Shutdown => write!(f, "coordinator shut down"),
             FailReason::Cancelled => write!(f, "the task was cancelled"),
+            FailReason::SecureAggregation(e) => write!(f, "secure aggregation: {e}"),
             FailReason::NotFinite => {
                 write!(f, "the candidate model is not finite; nothing applied")
             }
@@ -70,7 +76,19 @@ pub(crate) enum Phase {
     Configuring {
         deadline: Instant,
     },
+    /// Secure aggregation: the cohort advertises its keys.
+    Advertising {
+        deadline: Instant,
+    },
+    /// Secure aggregation: the advertisers share their seeds with their neighbours.
+    Sharing {
+        deadline: Instant,
+    },
     Collecting {
+        deadline: Instant,
+    },
+    /// Secure aggregation: the survivors reveal the shares that remove the masks.
+    Unmasking {
         deadline: Instant,
     },
     /// The driver is computing the new model (aggregate mean + server optimiser).
@@ -89,6 +107,9 @@ impl Phase {
         match self {
             Phase::Selecting { .. } => "Selecting",
             Phase::Configuring { .. } => "Configuring",
+            Phase::Advertising { .. } => "Advertising",
+            Phase::Sharing { .. } => "Sharing",
+            Phase::Unmasking { .. } => "Unmasking",
             Phase::Collecting { .. } => "Collecting",
             Phase::Aggregating => "Aggregating",
             Phase::Evaluating { .. } => "Evaluating",
@@ -104,9 +125,48 @@ impl Phase {
 pub(crate) enum Output {
     /// Turn the sum into the next model (off the reactor), then call [`Round::computed`].
     /// With privacy, noise is added to the sum and the round charged durably first.
-    Compute(Aggregator, Option<Release>),
+    Compute(Sum, Option<Release>),
     /// Persist the round, then call [`Round::stored`].
     Commit(RoundSummary),
+}
+
+/// A round's sum as the driver receives it.
+#[derive(Debug)]
+pub(crate) enum Sum {
+    /// Summed in the clear.
+    Plain(Aggregator),
+    /// Masked: unmask and decode it first ([`MaskedSum::finish`]).
+    Masked(Box<MaskedSum>),
+}
+
+/// A masked sum and what unmasks and decodes it.
+#[derive(Debug)]
+pub(crate) struct MaskedSum {
+    unmasker: fedretail_core::secagg::protocol::Unmasker,
+    revealed: Vec<Revealed>,
+    params: Arc<fedretail_core::secagg::round::RoundParams>,
+    survivors: usize,
+    /// Coordinates no honest store changes (their sum is 0).
+    fixed: Vec<usize>,
+}
+
+impl MaskedSum {
+    /// Removes the masks, lifts the sum out of mod 2^b, un-scales and un-rotates it: the sum
+    /// of the survivors' quantised (and, under distributed noise, noised) updates.
+    ///
+    /// # Errors
+    ///
+    /// Too few or inconsistent shares of a seed that must be reconstructed.
+    pub(crate) fn finish(self) -> Result<Aggregator, String> {
+        let sum = self.unmasker.finish(&self.revealed).map_err(|e| e.to_string())?;
+        let p = &self.params;
+        let mut decoded =
+            fedretail_core::secagg::ddg::decode(&sum, &p.ddg, p.rotation_seed, p.input_len);
+        for &i in &self.fixed {
+            decoded[i] = 0.0;
+        }
+        Ok(Aggregator::from_sum(decoded, self.survivors as f64, self.survivors))
+    }
 }
 
 /// One round of a task.
@@ -144,6 +204,8 @@ pub(crate) struct Round {
     clip_norm: f32,
     /// Adaptive clipping: the sum of the uploads' unclipped counts.
     unclipped_sum: f64,
+    /// Secure aggregation's state, from the cohort's draw on.
+    secure: Option<Secure>,
     /// A charge the driver must write although the round failed (a Poisson draw below the
     /// quorum: see [`FailReason::TooFewSampled`]).
     pub(crate) charge_on_failure: Option<fedretail_core::privacy::LedgerEntry>,
@@ -198,6 +260,7 @@ impl Round {
             clip_norm: spec.plan.clip_norm,
             unclipped_sum: 0.0,
             charge_on_failure: None,
+            secure: None,
             spec,
         }
     }
@@ -281,12 +344,21 @@ impl Round {
         let p = self.spec.privacy.as_ref()?;
         let noise = self.noise()?;
         let quorum = self.spec.plan.min_clients;
+        // Under secure aggregation the stores' noise is the discrete Gaussian of the round's
+        // parameters (distributed), or the coordinator's after unmasking (central).
+        let share = |std: f64| {
+            if self.spec.plan.secure_aggregation.is_on() {
+                0.0
+            } else {
+                p.noise_placement.client_share(std, quorum)
+            }
+        };
         Some(TrainPrivacy {
             per_customer: p.unit == PrivacyUnit::Customer,
             sampling_rate: p.sampling_rate,
-            noise_std: p.noise_placement.client_share(noise.update_std, quorum),
+            noise_std: share(noise.update_std),
             report_unclipped: p.adaptive_clipping.is_some(),
-            count_noise_std: p.noise_placement.client_share(noise.count_std, quorum),
+            count_noise_std: share(noise.count_std),
         })
     }
 
@@ -303,7 +375,10 @@ impl Round {
         match self.phase {
             Phase::Selecting { deadline }
             | Phase::Configuring { deadline }
+            | Phase::Advertising { deadline }
+            | Phase::Sharing { deadline }
             | Phase::Collecting { deadline }
+            | Phase::Unmasking { deadline }
             | Phase::Evaluating { deadline } => Some(deadline),
             _ => None,
         }
@@ -400,9 +475,29 @@ impl Round {
                         self.cohort = sample(connected, n, self.seed).into_iter().collect();
                     }
                     self.sum = Some(Aggregator::new(self.upload_len));
-                    self.phase = Phase::Configuring { deadline: now + plan.configure_timeout() };
+                    if plan.secure_aggregation.is_on() {
+                        let params = fedretail_core::secagg::round::RoundParams::new(
+                            &self.spec,
+                            self.cohort.len(),
+                            self.seed,
+                        );
+                        match params {
+                            Ok(params) => {
+                                self.secure = Some(Secure::new(params, self.id.0, &self.cohort));
+                                self.phase =
+                                    Phase::Advertising { deadline: now + plan.configure_timeout() };
+                            }
+                            Err(e) => self.fail(FailReason::SecureAggregation(e)),
+                        }
+                    } else {
+                        self.phase =
+                            Phase::Configuring { deadline: now + plan.configure_timeout() };
+                    }
                 }
             }
+            Phase::Advertising { deadline } if now >= deadline => self.close_advertising(now),
+            Phase::Sharing { deadline } if now >= deadline => self.close_sharing(now),
+            Phase::Unmasking { deadline } if now >= deadline => self.aggregate(),
             Phase::Configuring { deadline } if now >= deadline => {
                 if self.acked.len() >= plan.min_clients as usize {
                     // Clients that never fetched the plan are dropped from the cohort.
@@ -418,7 +513,7 @@ impl Round {
             }
             Phase::Collecting { deadline } if now >= deadline => {
                 if self.uploaded.len() >= plan.min_clients as usize {
-                    self.aggregate();
+                    self.close_uploads(now);
                 } else {
                     self.fail(FailReason::TooFewUploads {
                         uploaded: self.uploaded.len(),
@@ -452,6 +547,7 @@ impl Round {
                     round_seed: self.local_seed,
                     upload_timeout: upload_deadline.saturating_duration_since(now),
                     privacy: self.train_privacy(),
+                    masked: self.secure.as_ref().and_then(|s| s.masked_train(client)),
                 };
                 if let Phase::Configuring { .. } = self.phase
                     && self.acked.len() == self.cohort.len()
@@ -460,6 +556,27 @@ impl Round {
                 }
                 assignment
             }
+            Phase::Advertising { .. } => match &self.secure {
+                Some(s) if self.cohort.contains(&client) && !s.has_advertised(client) => {
+                    Assignment::Advertise {
+                        round: self.id,
+                        params: s.params.clone(),
+                        cohort: s.cohort().clone(),
+                        index: s.index(client).expect("cohort members have an index"),
+                    }
+                }
+                _ => Assignment::Wait,
+            },
+            Phase::Sharing { .. } => match &self.secure {
+                Some(s) if s.has_advertised(client) && !s.has_shared(client) => {
+                    Assignment::ShareKeys { round: self.id, adverts: s.neighbour_adverts(client) }
+                }
+                _ => Assignment::Wait,
+            },
+            Phase::Unmasking { .. } => match self.secure.as_ref().and_then(|s| s.unmask_request(client)) {
+                Some((survivors, dropped)) => Assignment::Unmask { round: self.id, survivors, dropped },
+                None => Assignment::Wait,
+            },
             Phase::Evaluating { .. }
                 if self.eval_cohort.contains(&client) && !self.reported.contains(&client) =>
             {
@@ -499,7 +616,8 @@ impl Round {
             Phase::Collecting { deadline } => deadline,
             _ => Instant::now(),
         };
-        result.map(|()| (self.upload_len, deadline))
+        let len = self.secure.as_ref().map_or(self.upload_len, |s| s.params.masked_len());
+        result.map(|()| (len, deadline))
     }
 
     /// Counts a request for `round` that was refused before it reached the machine.
@@ -541,6 +659,11 @@ impl Round {
 
     fn try_add(&mut self, upload: Upload) -> Result<(), Reject> {
         self.check_upload(upload.client, upload.round)?;
+        if self.secure.is_some() {
+            return Err(Reject::Malformed(
+                "this round takes only masked uploads (secure aggregation)".into(),
+            ));
+        }
         let bound = self.upload_norm_bound();
         validate(&upload.values, self.upload_len, bound)?;
         // A client's count of unclipped contributions moves the next clipping norm: it must
@@ -604,23 +727,165 @@ impl Round {
         most + 10.0 * share + 1.0
     }
 
-    /// Moves to Aggregating once everyone who fetched the plan has uploaded.
+    /// Moves on once everyone who fetched the plan has uploaded.
     fn maybe_aggregate(&mut self) {
         if matches!(self.phase, Phase::Collecting { .. })
             && self.uploaded.len() == self.cohort.len()
         {
-            self.aggregate();
+            self.close_uploads(Instant::now());
         }
+    }
+
+    /// Uploads are over: aggregate, or under secure aggregation ask for the unmasking shares.
+    fn close_uploads(&mut self, now: Instant) {
+        match self.secure.as_mut() {
+            Some(s) => {
+                s.close_uploads();
+                self.phase = Phase::Unmasking { deadline: now + self.spec.plan.configure_timeout() };
+            }
+            None => self.aggregate(),
+        }
+    }
+
+    /// Advertising is over: on to sharing with those who advertised, if they are a quorum.
+    fn close_advertising(&mut self, now: Instant) {
+        let plan = &self.spec.plan;
+        let advertised = self.secure.as_ref().map_or(0, Secure::advertised);
+        if advertised >= plan.min_clients as usize {
+            self.phase = Phase::Sharing { deadline: now + plan.configure_timeout() };
+        } else {
+            self.fail(FailReason::TooFewAcks { acked: advertised, min: plan.min_clients });
+        }
+    }
+
+    /// Sharing is over: the clients that shared are the cohort that uploads.
+    fn close_sharing(&mut self, now: Instant) {
+        let plan = &self.spec.plan;
+        let shared = self.secure.as_ref().map_or(0, Secure::shared);
+        if shared >= plan.min_clients as usize {
+            let sharers = self.secure.as_mut().expect("checked").close_sharing();
+            self.cohort = sharers.clone();
+            self.acked = sharers;
+            self.phase = Phase::Collecting { deadline: now + plan.collect_timeout() };
+        } else {
+            self.fail(FailReason::TooFewAcks { acked: shared, min: plan.min_clients });
+        }
+    }
+
+    /// Secure aggregation, step 1: a cohort member's signed keys.
+    pub(crate) fn advertise(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        round: RoundId,
+        advert: super::Advertised,
+        identity: [u8; 32],
+    ) -> Result<(), Reject> {
+        let result = self.try_secure(round, "keys", |r| {
+            if !matches!(r.phase, Phase::Advertising { .. }) {
+                return Err(Reject::WrongPhase { phase: r.phase.name(), request: "keys" });
+            }
+            let s = r.secure.as_mut().expect("checked by try_secure");
+            s.advertise(client, advert, identity)?;
+            if s.advertised() == r.cohort.len() {
+                r.close_advertising(now);
+            }
+            Ok(())
+        });
+        result
+    }
+
+    /// Secure aggregation, step 2: a client's sealed shares.
+    pub(crate) fn share(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        round: RoundId,
+        sealed: Vec<super::Sealed>,
+    ) -> Result<(), Reject> {
+        self.try_secure(round, "shares", |r| {
+            if !matches!(r.phase, Phase::Sharing { .. }) {
+                return Err(Reject::WrongPhase { phase: r.phase.name(), request: "shares" });
+            }
+            let s = r.secure.as_mut().expect("checked by try_secure");
+            s.share(client, sealed)?;
+            if s.shared() == s.advertised() {
+                r.close_sharing(now);
+            }
+            Ok(())
+        })
+    }
+
+    /// Secure aggregation, step 3: a masked upload.
+    pub(crate) fn masked_upload(&mut self, upload: MaskedUpload) -> Result<(), Reject> {
+        let result = self.try_secure(upload.round, "masked uploads", |r| {
+            r.check_upload(upload.client, upload.round)?;
+            r.secure.as_mut().expect("checked by try_secure").add(upload.client, &upload.values)?;
+            let TrainSummary { n_examples, train_loss, .. } = upload.summary;
+            if train_loss.is_finite() && r.spec.privacy.is_none() {
+                r.loss_sum += train_loss * n_examples as f64;
+                r.loss_weight += n_examples as f64;
+            }
+            r.uploaded.insert(upload.client);
+            r.maybe_aggregate();
+            Ok(())
+        });
+        result
+    }
+
+    /// Secure aggregation, step 4: a survivor's revealed shares.
+    pub(crate) fn reveal(
+        &mut self,
+        client: ClientId,
+        round: RoundId,
+        revealed: Vec<Revealed>,
+    ) -> Result<(), Reject> {
+        self.try_secure(round, "shares", |r| {
+            if !matches!(r.phase, Phase::Unmasking { .. }) {
+                return Err(Reject::WrongPhase { phase: r.phase.name(), request: "unmasking shares" });
+            }
+            let s = r.secure.as_mut().expect("checked by try_secure");
+            s.reveal(client, revealed)?;
+            if s.all_responded() {
+                r.aggregate();
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs a secure-aggregation step, counting a refusal.
+    fn try_secure(
+        &mut self,
+        round: RoundId,
+        request: &'static str,
+        step: impl FnOnce(&mut Round) -> Result<(), Reject>,
+    ) -> Result<(), Reject> {
+        let result = self.check_round(round).and_then(|()| {
+            if self.secure.is_none() {
+                return Err(Reject::WrongPhase { phase: "without secure aggregation", request });
+            }
+            step(self)
+        });
+        if result.is_err() {
+            self.n_rejected += 1;
+        }
+        result
     }
 
     fn aggregate(&mut self) {
         let sum = self.sum.take().expect("the sum is taken once");
         self.phase = Phase::Aggregating;
+        let fixed = self.fixed_coordinates();
         let release = self.spec.privacy.as_ref().map(|p| {
             let noise = self.noise().expect("privacy has noise");
             let central = p.noise_placement == NoisePlacement::Central;
+            // Under secure aggregation a store's quantised update can move the sum by a little
+            // more than its clipping norm: central noise grows with it.
+            let inflation = self.secure.as_ref().map_or(1.0, |s| {
+                fedretail_core::secagg::round::rounding_inflation(&s.params.ddg, s.params.input_len)
+            });
             Release {
-                std: if central { noise.update_std } else { 0.0 },
+                std: if central { noise.update_std * inflation } else { 0.0 },
                 expected_count: self.expected_count,
                 adapt: p.adaptive_clipping.clone().map(|rule| Adapt {
                     unclipped_sum: self.unclipped_sum,
@@ -628,15 +893,7 @@ impl Round {
                     rule,
                 }),
                 charge: self.ledger_entry(p),
-                fixed: match (&self.spec.model, p.unit) {
-                    (
-                        fedretail_core::plan::ModelSpec::MatrixFactorization(_),
-                        PrivacyUnit::Customer,
-                    ) => {
-                        vec![0]
-                    }
-                    _ => Vec::new(),
-                },
+                fixed: fixed.clone(),
                 evaluation: self.spec.plan.evaluates_round(self.index).then(|| {
                     fedretail_core::privacy::LedgerEntry {
                         sampling_rate: 1.0,
@@ -649,7 +906,33 @@ impl Round {
                 }),
             }
         });
+        let sum = match self.secure.as_mut() {
+            None => Sum::Plain(sum),
+            Some(s) => {
+                let (unmasker, revealed) = s.take();
+                Sum::Masked(Box::new(MaskedSum {
+                    unmasker,
+                    revealed,
+                    params: s.params.clone(),
+                    survivors: self.uploaded.len(),
+                    fixed,
+                }))
+            }
+        };
         self.outputs.push(Output::Compute(sum, release));
+    }
+
+    /// Coordinates no store changes, kept at their value (see [`Release`]): μ of the
+    /// recommender under customer-level privacy.
+    fn fixed_coordinates(&self) -> Vec<usize> {
+        match (&self.spec.model, &self.spec.privacy) {
+            (fedretail_core::plan::ModelSpec::MatrixFactorization(_), Some(p))
+                if p.unit == PrivacyUnit::Customer =>
+            {
+                vec![0]
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The driver computed candidate model `version`. `connected` are the clients that may be

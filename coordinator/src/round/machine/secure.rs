@@ -1,0 +1,254 @@
+//! A round's secure-aggregation state: who advertised keys, the sealed shares routed between
+//! neighbours, the running masked sum and the revealed shares. Pure, like the machine.
+//!
+//! The coordinator only routes: it cannot open a sealed share (AES-256-GCM under a key the two
+//! stores agreed), cannot forge a store's advert (Ed25519 under the store's identity key), and
+//! never holds a store's masked upload beyond adding it into the one running sum
+//! ([`Unmasker`]).
+
+use super::Reject;
+use crate::round::{Advertised, MaskedTrain, Revealed, Sealed};
+use fedretail_core::ids::ClientId;
+use fedretail_core::secagg::protocol::{ProtocolError, Unmasker};
+use fedretail_core::secagg::round::RoundParams;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// How many of a round's cohort dropped at each step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    /// Sampled but never advertised keys.
+    pub(crate) before_advertising: u32,
+    /// Advertised but never shared keys.
+    pub(crate) before_sharing: u32,
+    /// Shared keys but never uploaded (their pairwise masks are recovered).
+    pub(crate) before_upload: u32,
+    /// Uploaded but never answered the unmask request.
+    pub(crate) before_unmasking: u32,
+}
+
+/// The secure-aggregation half of a round.
+#[derive(Debug)]
+pub(crate) struct Secure {
+    pub(crate) params: Arc<RoundParams>,
+    round: u64,
+    /// The cohort in index order.
+    cohort: Arc<Vec<ClientId>>,
+    index: BTreeMap<ClientId, u32>,
+    adverts: BTreeMap<u32, (Advertised, [u8; 32])>,
+    /// Sealed shares by recipient.
+    inbox: BTreeMap<u32, Vec<Sealed>>,
+    sharers: BTreeSet<u32>,
+    unmasker: Option<Unmasker>,
+    survivors: Vec<u32>,
+    responded: BTreeSet<u32>,
+    revealed: Vec<Revealed>,
+    pub(crate) dropped: Dropped,
+}
+
+fn refuse(e: ProtocolError) -> Reject {
+    Reject::Malformed(e.to_string())
+}
+
+impl Secure {
+    pub(crate) fn new(params: RoundParams, round: u64, cohort: &BTreeSet<ClientId>) -> Secure {
+        let cohort: Vec<ClientId> = cohort.iter().copied().collect();
+        let index = cohort.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
+        Secure {
+            params: Arc::new(params),
+            round,
+            cohort: Arc::new(cohort),
+            index,
+            adverts: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            sharers: BTreeSet::new(),
+            unmasker: None,
+            survivors: Vec::new(),
+            responded: BTreeSet::new(),
+            revealed: Vec::new(),
+            dropped: Dropped::default(),
+        }
+    }
+
+    pub(crate) fn index(&self, client: ClientId) -> Option<u32> {
+        self.index.get(&client).copied()
+    }
+
+    pub(crate) fn client(&self, index: u32) -> ClientId {
+        self.cohort[index as usize]
+    }
+
+    pub(crate) fn cohort(&self) -> &Arc<Vec<ClientId>> {
+        &self.cohort
+    }
+
+    pub(crate) fn advertised(&self) -> usize {
+        self.adverts.len()
+    }
+
+    pub(crate) fn has_advertised(&self, client: ClientId) -> bool {
+        self.index(client).is_some_and(|i| self.adverts.contains_key(&i))
+    }
+
+    pub(crate) fn has_shared(&self, client: ClientId) -> bool {
+        self.index(client).is_some_and(|i| self.sharers.contains(&i))
+    }
+
+    pub(crate) fn shared(&self) -> usize {
+        self.sharers.len()
+    }
+
+    /// Step 1: a cohort member's advert. Its signature is checked by its neighbours, not here:
+    /// the coordinator is who the signature protects against.
+    pub(crate) fn advertise(
+        &mut self,
+        client: ClientId,
+        advert: Advertised,
+        identity: [u8; 32],
+    ) -> Result<(), Reject> {
+        let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
+        if advert.index != i {
+            return Err(Reject::Malformed(format!(
+                "the advert names index {}, the client's is {i}",
+                advert.index
+            )));
+        }
+        if self.adverts.contains_key(&i) {
+            return Err(Reject::Duplicate(client));
+        }
+        self.adverts.insert(i, (advert, identity));
+        Ok(())
+    }
+
+    /// What `client` needs for step 2: its advertising neighbours' keys.
+    pub(crate) fn neighbour_adverts(&self, client: ClientId) -> Vec<(Advertised, [u8; 32])> {
+        let Some(i) = self.index(client) else { return Vec::new() };
+        let graph = fedretail_core::secagg::graph::Graph::new(
+            self.params.graph.n,
+            self.params.graph.k,
+            self.params.graph_seed,
+        );
+        graph
+            .neighbours(i as usize)
+            .into_iter()
+            .filter_map(|v| self.adverts.get(&(v as u32)).cloned())
+            .collect()
+    }
+
+    /// Step 2: a client's sealed shares, one per neighbour, held for their recipients.
+    pub(crate) fn share(&mut self, client: ClientId, sealed: Vec<Sealed>) -> Result<(), Reject> {
+        let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
+        if !self.adverts.contains_key(&i) {
+            return Err(Reject::WrongPhase { phase: "Sharing (no keys advertised)", request: "shares" });
+        }
+        if self.sharers.contains(&i) {
+            return Err(Reject::Duplicate(client));
+        }
+        let graph = self.params.context(self.round).graph;
+        let mut seen = BTreeSet::new();
+        for s in &sealed {
+            let fits = s.from == i
+                && graph.adjacent(i as usize, s.to as usize)
+                && self.adverts.contains_key(&s.to)
+                && seen.insert(s.to);
+            if !fits {
+                return Err(Reject::Malformed(format!(
+                    "a share from {} to {} is not between advertised neighbours",
+                    s.from, s.to
+                )));
+            }
+        }
+        if sealed.len() < self.params.graph.t {
+            return Err(refuse(ProtocolError::TooFewNeighbours {
+                got: sealed.len(),
+                threshold: self.params.graph.t,
+            }));
+        }
+        for s in sealed {
+            self.inbox.entry(s.to).or_default().push(s);
+        }
+        self.sharers.insert(i);
+        Ok(())
+    }
+
+    /// Closes sharing: the clients that shared are the ones that may upload.
+    pub(crate) fn close_sharing(&mut self) -> BTreeSet<ClientId> {
+        let n = self.cohort.len() as u32;
+        self.dropped.before_advertising = n - self.adverts.len() as u32;
+        self.dropped.before_sharing = (self.adverts.len() - self.sharers.len()) as u32;
+        let adverts: Vec<Advertised> = self.adverts.values().map(|(a, _)| a.clone()).collect();
+        let sharers: Vec<u32> = self.sharers.iter().copied().collect();
+        // Shares from clients that did not finish sharing are never delivered.
+        for list in self.inbox.values_mut() {
+            list.retain(|s| self.sharers.contains(&s.from));
+        }
+        self.unmasker = Some(Unmasker::new(self.params.context(self.round), &adverts, &sharers));
+        sharers.iter().map(|&i| self.client(i)).collect()
+    }
+
+    /// What `client` needs for step 3.
+    pub(crate) fn masked_train(&self, client: ClientId) -> Option<MaskedTrain> {
+        let index = self.index(client)?;
+        Some(MaskedTrain {
+            params: self.params.clone(),
+            index,
+            shares: self.inbox.get(&index).cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Step 3: a masked upload, added into the running sum at once.
+    pub(crate) fn add(&mut self, client: ClientId, values: &[u32]) -> Result<(), Reject> {
+        let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
+        let unmasker = self.unmasker.as_mut().ok_or(Reject::WrongPhase {
+            phase: "Sharing",
+            request: "masked uploads",
+        })?;
+        unmasker.add(i, values).map_err(refuse)
+    }
+
+    /// Closes uploads: who is a survivor and who dropped.
+    pub(crate) fn close_uploads(&mut self) {
+        let unmasker = self.unmasker.as_ref().expect("uploads close after sharing");
+        self.survivors = unmasker.survivors();
+        self.dropped.before_upload = unmasker.dropped().len() as u32;
+    }
+
+    /// What a survivor is asked at step 4; `None` for anyone else or who answered.
+    pub(crate) fn unmask_request(&self, client: ClientId) -> Option<(Vec<u32>, Vec<u32>)> {
+        let i = self.index(client)?;
+        if !self.survivors.contains(&i) || self.responded.contains(&i) {
+            return None;
+        }
+        let unmasker = self.unmasker.as_ref()?;
+        Some((self.survivors.clone(), unmasker.dropped()))
+    }
+
+    /// Step 4: a survivor's revealed shares.
+    pub(crate) fn reveal(&mut self, client: ClientId, revealed: Vec<Revealed>) -> Result<(), Reject> {
+        let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
+        if !self.survivors.contains(&i) {
+            return Err(Reject::NotInCohort(client));
+        }
+        if !self.responded.insert(i) {
+            return Err(Reject::Duplicate(client));
+        }
+        let graph = self.params.context(self.round).graph;
+        // Only shares a neighbour can hold count: nobody adds shares of clients it is not
+        // connected to.
+        self.revealed.extend(revealed.into_iter().filter(|r| graph.adjacent(i as usize, r.owner as usize) && r.share.x == i + 1));
+        Ok(())
+    }
+
+    pub(crate) fn all_responded(&self) -> bool {
+        self.responded.len() == self.survivors.len()
+    }
+
+    /// The unmasker and the shares to finish it with (the heavy part runs off the reactor).
+    pub(crate) fn take(&mut self) -> (Unmasker, Vec<Revealed>) {
+        self.dropped.before_unmasking = (self.survivors.len() - self.responded.len()) as u32;
+        (
+            self.unmasker.take().expect("taken once, after uploads"),
+            std::mem::take(&mut self.revealed),
+        )
+    }
+}
