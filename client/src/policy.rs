@@ -46,6 +46,10 @@ pub struct StorePolicy {
     /// The most local epochs a round may ask for.
     #[serde(default = "epochs")]
     pub max_local_epochs: u32,
+    /// Join only tasks under secure aggregation, so the coordinator never sees this store's
+    /// update (default: no).
+    #[serde(default)]
+    pub require_secure_aggregation: bool,
 }
 
 fn both_units() -> Vec<PrivacyUnit> {
@@ -113,6 +117,7 @@ impl StorePolicy {
             min_cohort: 1,
             max_model_params: usize::MAX,
             max_local_epochs: u32::MAX,
+            require_secure_aggregation: false,
         }
     }
 
@@ -150,6 +155,14 @@ impl StorePolicy {
         }
         if let Err(e) = spec.validate() {
             return refuse("valid_task", e.to_string());
+        }
+        if self.require_secure_aggregation && !spec.plan.secure_aggregation.is_on() {
+            return refuse(
+                "require_secure_aggregation",
+                "the task sends each store's update to the coordinator; this store requires \
+                 secure aggregation"
+                    .into(),
+            );
         }
         if spec.plan.min_clients < self.min_cohort {
             return refuse(
@@ -294,7 +307,10 @@ impl StorePolicy {
             );
         }
         let z = p.noise_multiplier.unwrap_or(0.0);
+        // Under secure aggregation the store's noise is the round's discrete Gaussian, checked
+        // with its parameters (fedretail_core::secagg::round::RoundParams::check).
         let share = match p.noise_placement {
+            _ if spec.plan.secure_aggregation.is_on() => 0.0,
             NoisePlacement::Central => 0.0,
             placement => placement.client_share(z * f64::from(clip_norm), spec.plan.min_clients),
         };
@@ -410,6 +426,13 @@ mod rules {
         let clients_only =
             StorePolicy { units: vec![PrivacyUnit::Customer], ..StorePolicy::default() };
         assert_eq!(rule(&|_| {}, &clients_only), "units");
+        let secure_only = StorePolicy { require_secure_aggregation: true, ..StorePolicy::default() };
+        assert_eq!(rule(&|_| {}, &secure_only), "require_secure_aggregation");
+        let mut masked = task();
+        masked.plan.secure_aggregation = fedretail_core::plan::SecureAggregation::SecAggPlus;
+        masked.plan.min_clients = 3;
+        masked.plan.cohort_size = masked.plan.cohort_size.max(3);
+        secure_only.check_task(&masked).unwrap();
         assert_eq!(rule(&|t| p(t).delta = 1e-4, &policy), "max_delta");
         assert_eq!(rule(&|t| p(t).target_epsilon = 11.0, &policy), "max_epsilon_per_task");
         assert_eq!(rule(&|t| p(t).noise_multiplier = Some(0.4), &policy), "min_noise_multiplier");

@@ -4,6 +4,8 @@
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::ModelSpec;
 use fedretail_core::privacy::{Contribution, TrainPrivacy};
+use fedretail_core::secagg::protocol::{Advertised, Revealed, Sealed, SeedKind};
+use fedretail_core::secagg::round::RoundParams;
 use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
 use fedretail_proto::pb;
 use fedretail_proto::pb::training_client::TrainingClient;
@@ -48,6 +50,32 @@ pub struct TrainPlan {
     pub upload_timeout: Duration,
     /// What differential privacy asks of this client; `None` without privacy.
     pub privacy: Option<TrainPrivacy>,
+    /// Under secure aggregation: how to mask the update.
+    pub masked: Option<MaskedPlan>,
+}
+
+/// Secure aggregation, step 3: the round's parameters and the shares to mask with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskedPlan {
+    /// The round's public parameters.
+    pub params: RoundParams,
+    /// This client's index.
+    pub index: u32,
+    /// The shares its neighbours sealed for it.
+    pub shares: Vec<Sealed>,
+}
+
+/// Secure aggregation, step 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdvertisePlan {
+    /// The round.
+    pub round_id: u64,
+    /// Its public parameters.
+    pub params: RoundParams,
+    /// Client ids in index order.
+    pub cohort: Vec<u64>,
+    /// This client's index.
+    pub index: u32,
 }
 
 /// An evaluation assignment.
@@ -80,6 +108,25 @@ pub enum Assignment {
         state: String,
         /// Why.
         reason: String,
+    },
+    /// Secure aggregation, step 1: make and sign the round's keys.
+    Advertise(AdvertisePlan),
+    /// Secure aggregation, step 2: the neighbours' keys (with the identity keys they are
+    /// signed with) to share seeds with.
+    ShareKeys {
+        /// The round.
+        round_id: u64,
+        /// The neighbours' adverts.
+        adverts: Vec<(Advertised, [u8; 32])>,
+    },
+    /// Secure aggregation, step 4: reveal shares.
+    Unmask {
+        /// The round.
+        round_id: u64,
+        /// Indices that uploaded.
+        survivors: Vec<u32>,
+        /// Indices that shared keys but did not upload.
+        dropped: Vec<u32>,
     },
 }
 
@@ -177,6 +224,40 @@ pub trait Transport: Send {
         round_id: u64,
         sums: EvalSums,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Secure aggregation, step 1: this client's signed keys and its identity key.
+    fn advertise_keys(
+        &mut self,
+        enrollment: &Enrollment,
+        round_id: u64,
+        advert: Advertised,
+        identity: [u8; 32],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Secure aggregation, step 2: the sealed shares for the neighbours.
+    fn share_keys(
+        &mut self,
+        enrollment: &Enrollment,
+        round_id: u64,
+        sealed: Vec<Sealed>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Secure aggregation, step 3: a masked upload (integers mod 2^b; nothing else can be
+    /// sent in such a round).
+    fn upload_masked(
+        &mut self,
+        enrollment: &Enrollment,
+        round_id: u64,
+        values: Vec<u32>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Secure aggregation, step 4: the revealed shares.
+    fn unmask(
+        &mut self,
+        enrollment: &Enrollment,
+        round_id: u64,
+        revealed: Vec<Revealed>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
+
+fn protocol(e: fedretail_proto::convert::ConvertError) -> TransportError {
+    TransportError::Protocol(e.to_string())
 }
 
 /// A store's TLS material: the deployment CA it pins (the only issuer it trusts for the
@@ -309,12 +390,34 @@ impl Transport for GrpcTransport {
         Ok(match r.assignment {
             None | Some(A::Wait(_)) => Assignment::Wait,
             Some(A::Train(t)) => {
-                if t.encoding != pb::UpdateEncoding::Float32Le as i32 {
+                let wanted = if t.masked.is_some() {
+                    pb::UpdateEncoding::MaskedU32Le
+                } else {
+                    pb::UpdateEncoding::Float32Le
+                };
+                if t.encoding != wanted as i32 {
                     return Err(TransportError::Protocol(format!(
                         "unsupported update encoding {}",
                         t.encoding
                     )));
                 }
+                let masked = match t.masked {
+                    None => None,
+                    Some(m) => Some(MaskedPlan {
+                        params: m
+                            .params
+                            .ok_or_else(|| TransportError::Protocol("masked without params".into()))?
+                            .try_into()
+                            .map_err(protocol)?,
+                        index: m.index,
+                        shares: m
+                            .shares
+                            .iter()
+                            .map(TryInto::try_into)
+                            .collect::<Result<_, _>>()
+                            .map_err(protocol)?,
+                    }),
+                };
                 Assignment::Train(TrainPlan {
                     round_id: t.round_id,
                     model_version: t.model_version,
@@ -324,7 +427,39 @@ impl Transport for GrpcTransport {
                     round_seed: t.round_seed,
                     upload_timeout: Duration::from_millis(t.upload_timeout_ms),
                     privacy: t.privacy.map(Into::into),
+                    masked,
                 })
+            }
+            Some(A::AdvertiseKeys(a)) => Assignment::Advertise(AdvertisePlan {
+                round_id: a.round_id,
+                params: a
+                    .params
+                    .ok_or_else(|| TransportError::Protocol("keys without params".into()))?
+                    .try_into()
+                    .map_err(protocol)?,
+                cohort: a.cohort,
+                index: a.index,
+            }),
+            Some(A::ShareKeys(s)) => Assignment::ShareKeys {
+                round_id: s.round_id,
+                adverts: s
+                    .neighbours
+                    .iter()
+                    .map(fedretail_proto::convert::secagg::advertised_from_pb)
+                    .collect::<Result<_, _>>()
+                    .map_err(protocol)?,
+            },
+            Some(A::Unmask(u)) => {
+                let indices = |v: Vec<u64>| {
+                    v.into_iter()
+                        .map(|i| u32::try_from(i).map_err(|_| TransportError::Protocol("index".into())))
+                        .collect::<Result<Vec<u32>, _>>()
+                };
+                Assignment::Unmask {
+                    round_id: u.round_id,
+                    survivors: indices(u.survivors)?,
+                    dropped: indices(u.dropped)?,
+                }
             }
             Some(A::Evaluate(v)) => Assignment::Evaluate(EvalPlan {
                 round_id: v.round_id,
@@ -346,9 +481,6 @@ impl Transport for GrpcTransport {
                 }),
                 reason: f.reason,
             },
-            Some(other) => {
-                return Err(TransportError::Protocol(format!("unsupported assignment {other:?}")));
-            }
         })
     }
 
@@ -394,28 +526,124 @@ impl Transport for GrpcTransport {
         update: Contribution,
         summary: UpdateSummary,
     ) -> Result<(), TransportError> {
-        use pb::upload_update_request::Part;
         let norm_before_clip = if update.is_private() { 0.0 } else { update.norm_before_clip() };
         let unclipped = update.unclipped();
-        let values = Arc::new(update.into_values());
+        let summary = pb::TrainSummary {
+            n_examples: summary.n_examples as u64,
+            train_loss: summary.train_loss,
+            norm_before_clip,
+            unclipped,
+        };
+        let values = update.into_values();
+        self.stream_upload(e, round_id, values, pb::UpdateEncoding::Float32Le, summary).await
+    }
+
+    async fn upload_masked(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        values: Vec<u32>,
+    ) -> Result<(), TransportError> {
+        // The same 4-byte little-endian words: the bits are the integers.
+        let words = values.into_iter().map(f32::from_bits).collect();
+        let summary = pb::TrainSummary::default();
+        self.stream_upload(e, round_id, words, pb::UpdateEncoding::MaskedU32Le, summary).await
+    }
+
+    async fn advertise_keys(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        advert: Advertised,
+        identity: [u8; 32],
+    ) -> Result<(), TransportError> {
+        let req = pb::AdvertiseKeysRequest {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            round_id,
+            signing_public_key: identity.to_vec(),
+            signature: advert.signature.to_vec(),
+            index: advert.index,
+            cipher_public_key: advert.cipher_key.to_vec(),
+            mask_public_key: advert.mask_key.to_vec(),
+        };
+        self.client.advertise_keys(self.request(req, Duration::ZERO)).await?;
+        Ok(())
+    }
+
+    async fn share_keys(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        sealed: Vec<Sealed>,
+    ) -> Result<(), TransportError> {
+        let req = pb::ShareKeysRequest {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            round_id,
+            shares: sealed.iter().map(Into::into).collect(),
+        };
+        self.client.share_keys(self.request(req, Duration::ZERO)).await?;
+        Ok(())
+    }
+
+    async fn unmask(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        revealed: Vec<Revealed>,
+    ) -> Result<(), TransportError> {
+        let of = |kind| revealed.iter().filter(|r| r.kind == kind).map(Into::into).collect();
+        let req = pb::UnmaskRequest {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            round_id,
+            self_mask_shares: of(SeedKind::SelfMask),
+            pairwise_shares: of(SeedKind::PairwiseKey),
+        };
+        self.client.unmask(self.request(req, Duration::ZERO)).await?;
+        Ok(())
+    }
+
+    async fn report(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        sums: EvalSums,
+    ) -> Result<(), TransportError> {
+        let req = pb::ReportMetricsRequest {
+            client_id: e.client_id,
+            task_id: e.task_id,
+            round_id,
+            sums: Some((&sums).into()),
+        };
+        self.client.report_metrics(self.request(req, Duration::ZERO)).await?;
+        Ok(())
+    }
+}
+
+impl GrpcTransport {
+    /// Streams an upload: header, chunks of [`CHUNK_PARAMS`] 4-byte words, trailer.
+    async fn stream_upload(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        values: Vec<f32>,
+        encoding: pb::UpdateEncoding,
+        summary: pb::TrainSummary,
+    ) -> Result<(), TransportError> {
+        use pb::upload_update_request::Part;
+        let values = Arc::new(values);
         let sha256 = fedretail_core::update::sha256_f32s(&values).to_vec();
         let header = pb::UploadHeader {
             client_id: e.client_id,
             task_id: e.task_id,
             round_id,
             n_params: values.len() as u64,
-            encoding: pb::UpdateEncoding::Float32Le.into(),
+            encoding: encoding.into(),
             weight: summary.n_examples as f64,
         };
-        let trailer = pb::UploadTrailer {
-            sha256,
-            summary: Some(pb::TrainSummary {
-                n_examples: summary.n_examples as u64,
-                train_loss: summary.train_loss,
-                norm_before_clip,
-                unclipped,
-            }),
-        };
+        let trailer = pb::UploadTrailer { sha256, summary: Some(summary) };
         let n_chunks = values.len().div_ceil(CHUNK_PARAMS);
         let chunks = tokio_stream::iter(0..n_chunks).map(move |i| {
             let start = i * CHUNK_PARAMS;
@@ -433,22 +661,6 @@ impl Transport for GrpcTransport {
                     part: Some(Part::Trailer(trailer)),
                 }]));
         self.client.upload_update(self.request(stream, Duration::ZERO)).await?;
-        Ok(())
-    }
-
-    async fn report(
-        &mut self,
-        e: &Enrollment,
-        round_id: u64,
-        sums: EvalSums,
-    ) -> Result<(), TransportError> {
-        let req = pb::ReportMetricsRequest {
-            client_id: e.client_id,
-            task_id: e.task_id,
-            round_id,
-            sums: Some((&sums).into()),
-        };
-        self.client.report_metrics(self.request(req, Duration::ZERO)).await?;
         Ok(())
     }
 }

@@ -24,6 +24,8 @@ use fedretail_core::model::mf::{MfLocal, MfModel, RatingsByUser, user_seed};
 use fedretail_core::plan::ModelSpec;
 use fedretail_core::privacy::{Contribution, clip, noise};
 use rand::{RngExt, SeedableRng};
+
+mod secure;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -137,6 +139,10 @@ pub struct Participant<T: Transport> {
     audit: Option<AuditLog>,
     ledger: Option<crate::ledger::Ledger>,
     outcome: Outcome,
+    /// The key this store signs its secure-aggregation adverts with.
+    identity: fedretail_core::secagg::keys::SigningKey,
+    /// The current secure-aggregation round, from its keys on.
+    secure: Option<secure::SecureRound>,
 }
 
 impl<T: Transport> std::fmt::Debug for Participant<T> {
@@ -176,6 +182,8 @@ impl<T: Transport> Participant<T> {
             trainer: None,
             audit,
             ledger: None,
+            identity: secure::identity(),
+            secure: None,
             outcome: Outcome {
                 rounds_trained: 0,
                 evaluations: 0,
@@ -237,6 +245,13 @@ impl<T: Transport> Participant<T> {
                     Ok(Assignment::Wait) => Ok(()),
                     Ok(Assignment::Train(plan)) => self.train(&enrollment, plan).await,
                     Ok(Assignment::Evaluate(plan)) => self.evaluate(&enrollment, plan).await,
+                    Ok(Assignment::Advertise(plan)) => self.advertise(&enrollment, plan).await,
+                    Ok(Assignment::ShareKeys { round_id, adverts }) => {
+                        self.share_keys(&enrollment, round_id, adverts).await
+                    }
+                    Ok(Assignment::Unmask { round_id, survivors, dropped }) => {
+                        self.unmask(&enrollment, round_id, &survivors, &dropped).await
+                    }
                     Ok(Assignment::Finished { state, reason }) => {
                         tracing::info!(%state, %reason, "task ended");
                         self.outcome.state = state;
@@ -623,12 +638,28 @@ impl<T: Transport> Participant<T> {
                 task_epsilon,
             }
         });
+        // Under secure aggregation only the masked integers leave, and they are what is logged.
+        let masked = match &plan.masked {
+            Some(m) => {
+                let mut rng = if self.config.seeded_privacy {
+                    rand::rngs::ChaCha20Rng::seed_from_u64(seed ^ 0x00dd_9a55)
+                } else {
+                    noise::os_seeded()
+                };
+                Some(self.mask(plan.round_id, m, update.values(), &mut rng)?)
+            }
+            None => None,
+        };
+        let sent: Vec<f32> = match &masked {
+            Some(m) => m.iter().map(|&v| f32::from_bits(v)).collect(),
+            None => update.values().to_vec(),
+        };
         self.audit(&Entry::Update {
             task_id: e.task_id,
             round_id: plan.round_id,
-            n_params: update.values().len(),
-            n_bytes: update.values().len() * 4,
-            sha256: hex(&fedretail_core::update::sha256_f32s(update.values())),
+            n_params: sent.len(),
+            n_bytes: sent.len() * 4,
+            sha256: hex(&fedretail_core::update::sha256_f32s(&sent)),
             norm_before_clip: (!update.is_private()).then(|| update.norm_before_clip()),
             clip_norm: plan.clip_norm,
             n_examples,
@@ -636,7 +667,10 @@ impl<T: Transport> Participant<T> {
             privacy,
         })?;
         let norm = update.norm_before_clip();
-        self.transport.upload(e, plan.round_id, update, summary).await?;
+        match masked {
+            Some(masked) => self.transport.upload_masked(e, plan.round_id, masked).await?,
+            None => self.transport.upload(e, plan.round_id, update, summary).await?,
+        }
         self.outcome.rounds_trained += 1;
         tracing::info!(
             round_id = plan.round_id,

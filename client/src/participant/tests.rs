@@ -14,6 +14,9 @@ struct Record {
     /// Per upload: values sent, and audit-log lines that existed when the bytes left.
     uploads: Vec<(Vec<f32>, usize)>,
     reports: Vec<EvalSums>,
+    /// Secure aggregation: what each step sent.
+    adverts: Vec<fedretail_core::secagg::protocol::Advertised>,
+    masked: Vec<Vec<u32>>,
 }
 
 struct Fake {
@@ -67,6 +70,41 @@ impl Transport for Fake {
         self.record.lock().unwrap().reports.push(sums);
         Ok(())
     }
+    async fn advertise_keys(
+        &mut self,
+        _e: &Enrollment,
+        _round: u64,
+        advert: fedretail_core::secagg::protocol::Advertised,
+        _identity: [u8; 32],
+    ) -> Result<(), TransportError> {
+        self.record.lock().unwrap().adverts.push(advert);
+        Ok(())
+    }
+    async fn share_keys(
+        &mut self,
+        _e: &Enrollment,
+        _round: u64,
+        _sealed: Vec<fedretail_core::secagg::protocol::Sealed>,
+    ) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn upload_masked(
+        &mut self,
+        _e: &Enrollment,
+        _round: u64,
+        values: Vec<u32>,
+    ) -> Result<(), TransportError> {
+        self.record.lock().unwrap().masked.push(values);
+        Ok(())
+    }
+    async fn unmask(
+        &mut self,
+        _e: &Enrollment,
+        _round: u64,
+        _revealed: Vec<fedretail_core::secagg::protocol::Revealed>,
+    ) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 fn spec() -> MfSpec {
@@ -105,6 +143,7 @@ fn ratings() -> StoreRatings {
 
 fn train(round_id: u64) -> Assignment {
     Assignment::Train(TrainPlan {
+        masked: None,
         round_id,
         model_version: 0,
         n_params: spec().n_global(),
@@ -366,6 +405,7 @@ async fn a_demand_store_trains_evaluates_and_keeps_its_levels() {
     let n = demand_spec(&["Paper"]).n_global();
     let plan = |round_id| {
         Ok(Assignment::Train(TrainPlan {
+            masked: None,
             round_id,
             model_version: 0,
             n_params: n,

@@ -145,6 +145,10 @@ impl Encoder {
         let scaled: Vec<f64> =
             rotate(&x, self.seed).into_iter().map(|v| v / self.params.gamma).collect();
         let bound = self.params.rounded_norm(self.d);
+        // Without conditional rounding (β = 0) every rounding is kept: the worst-case bound
+        // then holds by construction for a contribution within c, and a store's sum of many
+        // contributions is rounded once.
+        let conditional = self.params.beta > 0.0;
         loop {
             let rounded: Vec<i64> = scaled
                 .iter()
@@ -155,7 +159,7 @@ impl Encoder {
                 })
                 .collect();
             let norm2: f64 = rounded.iter().map(|&v| (v as f64) * (v as f64)).sum();
-            if norm2.sqrt() <= bound {
+            if !conditional || norm2.sqrt() <= bound {
                 return rounded;
             }
         }

@@ -781,7 +781,7 @@ impl Round {
         advert: super::Advertised,
         identity: [u8; 32],
     ) -> Result<(), Reject> {
-        let result = self.try_secure(round, "keys", |r| {
+        self.try_secure(round, "keys", |r| {
             if !matches!(r.phase, Phase::Advertising { .. }) {
                 return Err(Reject::WrongPhase { phase: r.phase.name(), request: "keys" });
             }
@@ -791,8 +791,7 @@ impl Round {
                 r.close_advertising(now);
             }
             Ok(())
-        });
-        result
+        })
     }
 
     /// Secure aggregation, step 2: a client's sealed shares.
@@ -818,7 +817,7 @@ impl Round {
 
     /// Secure aggregation, step 3: a masked upload.
     pub(crate) fn masked_upload(&mut self, upload: MaskedUpload) -> Result<(), Reject> {
-        let result = self.try_secure(upload.round, "masked uploads", |r| {
+        self.try_secure(upload.round, "masked uploads", |r| {
             r.check_upload(upload.client, upload.round)?;
             r.secure.as_mut().expect("checked by try_secure").add(upload.client, &upload.values)?;
             let TrainSummary { n_examples, train_loss, .. } = upload.summary;
@@ -829,8 +828,7 @@ impl Round {
             r.uploaded.insert(upload.client);
             r.maybe_aggregate();
             Ok(())
-        });
-        result
+        })
     }
 
     /// Secure aggregation, step 4: a survivor's revealed shares.

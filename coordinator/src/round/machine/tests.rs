@@ -155,7 +155,7 @@ fn collect_deadline_with_quorum_aggregates_what_arrived() {
     r.upload(upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
     r.tick(t0 + Duration::from_secs(20), &clients(3));
     let outputs = r.take_outputs();
-    let [Output::Compute(sum, None)] = &outputs[..] else {
+    let [Output::Compute(Sum::Plain(sum), None)] = &outputs[..] else {
         panic!("expected one compute, got {outputs:?}")
     };
     assert_eq!(sum.n_updates(), 2);
@@ -264,9 +264,10 @@ proptest! {
         let mut r = Round::new(RoundId(1), 1, spec(4, 2, 1), ModelVersion(0), t0, derive_seed(7, 1));
         let (mut computes, mut commits) = (0, 0);
         let order = |p: &Phase| match p {
-            Phase::Selecting { .. } => 0, Phase::Configuring { .. } => 1, Phase::Collecting { .. } => 2,
-            Phase::Aggregating => 3, Phase::Evaluating { .. } => 4, Phase::Committing => 5,
-            Phase::Committed | Phase::Failed(_) => 6,
+            Phase::Selecting { .. } => 0, Phase::Configuring { .. } | Phase::Advertising { .. } => 1,
+            Phase::Sharing { .. } => 2, Phase::Collecting { .. } => 3, Phase::Unmasking { .. } => 4,
+            Phase::Aggregating => 5, Phase::Evaluating { .. } => 6, Phase::Committing => 7,
+            Phase::Committed | Phase::Failed(_) => 8,
         };
         let mut last = 0;
         for e in events {
@@ -282,11 +283,12 @@ proptest! {
             r.tick(now, &clients(5));
             for out in r.take_outputs() {
                 match out {
-                    Output::Compute(sum, _) => {
+                    Output::Compute(Sum::Plain(sum), _) => {
                         computes += 1;
                         prop_assert!(sum.n_updates() >= 2, "compute without quorum");
                         r.computed(now, ModelVersion(1), &clients(5));
                     }
+                    Output::Compute(Sum::Masked(_), _) => prop_assert!(false, "masked without secure aggregation"),
                     Output::Commit(summary) => {
                         commits += 1;
                         prop_assert!(summary.n_uploads >= 2);

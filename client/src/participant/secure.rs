@@ -1,0 +1,116 @@
+//! The store's side of a secure-aggregation round (SecAgg+, `fedretail_core::secagg`): it
+//! checks the round's parameters against its task, advertises signed keys, shares its seeds
+//! with its neighbours, masks its quantised update, and reveals only the shares the protocol
+//! allows. Under secure aggregation nothing but masked integers leaves the store for a round.
+
+use super::Participant;
+use crate::policy::Refusal;
+use crate::transport::{AdvertisePlan, Enrollment, MaskedPlan, Transport, TransportError};
+use fedretail_core::secagg::ddg::Encoder;
+use fedretail_core::secagg::keys::SigningKey;
+use fedretail_core::secagg::protocol::{Advertised, Client};
+use rand::{CryptoRng, Rng};
+use std::collections::BTreeMap;
+
+/// One round's protocol state.
+#[derive(Debug)]
+pub(super) struct SecureRound {
+    round_id: u64,
+    client: Client,
+}
+
+fn protocol(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Protocol(format!("secure aggregation: {e}"))
+}
+
+/// A store's identity key for signing its adverts.
+pub(super) fn identity() -> SigningKey {
+    let mut rng = fedretail_core::privacy::noise::os_seeded();
+    SigningKey::from_seed(&fedretail_core::secagg::keys::random_seed(&mut rng))
+}
+
+impl<T: Transport> Participant<T> {
+    /// Step 1: checks the round against the task, makes and signs the round's keys.
+    pub(super) async fn advertise(
+        &mut self,
+        e: &Enrollment,
+        plan: AdvertisePlan,
+    ) -> Result<(), TransportError> {
+        let checked = match &e.spec {
+            Some(spec) if spec.plan.secure_aggregation.is_on() => plan.params.check(spec),
+            _ => Err("the task does not use secure aggregation".into()),
+        };
+        if let Err(message) = checked {
+            let refusal = Refusal { rule: "secure_aggregation", message };
+            return Err(self.refuse(e, plan.round_id, refusal));
+        }
+        let index = plan.index as usize;
+        if plan.cohort.len() != plan.params.graph.n || plan.cohort.get(index) != Some(&e.client_id)
+        {
+            return Err(protocol("this client is not at its index in the cohort"));
+        }
+        let ctx = plan.params.context(plan.round_id);
+        let mut rng = fedretail_core::privacy::noise::os_seeded();
+        let (client, advert) = Client::new(ctx, plan.index, &self.identity, &mut rng);
+        self.secure = Some(SecureRound { round_id: plan.round_id, client });
+        self.transport.advertise_keys(e, plan.round_id, advert, self.identity.public()).await
+    }
+
+    fn round(&mut self, round_id: u64) -> Result<&mut Client, TransportError> {
+        match self.secure.as_mut() {
+            Some(s) if s.round_id == round_id => Ok(&mut s.client),
+            _ => Err(protocol(format!("no keys for round {round_id}"))),
+        }
+    }
+
+    /// Step 2: verifies the neighbours' signatures and sends them sealed shares.
+    pub(super) async fn share_keys(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        adverts: Vec<(Advertised, [u8; 32])>,
+    ) -> Result<(), TransportError> {
+        let identities: BTreeMap<u32, [u8; 32]> =
+            adverts.iter().map(|(a, key)| (a.index, *key)).collect();
+        let adverts: Vec<Advertised> = adverts.into_iter().map(|(a, _)| a).collect();
+        let mut rng = fedretail_core::privacy::noise::os_seeded();
+        let sealed = self
+            .round(round_id)?
+            .share_keys(&adverts, |i| identities.get(&i).copied(), &mut rng)
+            .map_err(protocol)?;
+        self.transport.share_keys(e, round_id, sealed).await
+    }
+
+    /// Step 3's encoding and masking of a clipped update: quantised, noised with the round's
+    /// discrete Gaussian, masked.
+    pub(super) fn mask<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        round_id: u64,
+        plan: &MaskedPlan,
+        values: &[f32],
+        rng: &mut R,
+    ) -> Result<Vec<u32>, TransportError> {
+        let p = &plan.params;
+        if values.len() != p.input_len {
+            return Err(protocol(format!(
+                "the update has {} values, the round {}",
+                values.len(),
+                p.input_len
+            )));
+        }
+        let encoded = Encoder::new(p.ddg, p.rotation_seed, p.input_len).encode(values, rng);
+        self.round(round_id)?.masked_input(&plan.shares, &encoded).map_err(protocol)
+    }
+
+    /// Step 4: reveals the shares asked for, never both of one neighbour.
+    pub(super) async fn unmask(
+        &mut self,
+        e: &Enrollment,
+        round_id: u64,
+        survivors: &[u32],
+        dropped: &[u32],
+    ) -> Result<(), TransportError> {
+        let revealed = self.round(round_id)?.unmask(survivors, dropped).map_err(protocol)?;
+        self.transport.unmask(e, round_id, revealed).await
+    }
+}
