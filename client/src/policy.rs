@@ -426,7 +426,8 @@ mod rules {
         let clients_only =
             StorePolicy { units: vec![PrivacyUnit::Customer], ..StorePolicy::default() };
         assert_eq!(rule(&|_| {}, &clients_only), "units");
-        let secure_only = StorePolicy { require_secure_aggregation: true, ..StorePolicy::default() };
+        let secure_only =
+            StorePolicy { require_secure_aggregation: true, ..StorePolicy::default() };
         assert_eq!(rule(&|_| {}, &secure_only), "require_secure_aggregation");
         let mut masked = task();
         masked.plan.secure_aggregation = fedretail_core::plan::SecureAggregation::SecAggPlus;

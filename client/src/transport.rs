@@ -406,7 +406,9 @@ impl Transport for GrpcTransport {
                     Some(m) => Some(MaskedPlan {
                         params: m
                             .params
-                            .ok_or_else(|| TransportError::Protocol("masked without params".into()))?
+                            .ok_or_else(|| {
+                                TransportError::Protocol("masked without params".into())
+                            })?
                             .try_into()
                             .map_err(protocol)?,
                         index: m.index,
@@ -452,7 +454,9 @@ impl Transport for GrpcTransport {
             Some(A::Unmask(u)) => {
                 let indices = |v: Vec<u64>| {
                     v.into_iter()
-                        .map(|i| u32::try_from(i).map_err(|_| TransportError::Protocol("index".into())))
+                        .map(|i| {
+                            u32::try_from(i).map_err(|_| TransportError::Protocol("index".into()))
+                        })
                         .collect::<Result<Vec<u32>, _>>()
                 };
                 Assignment::Unmask {

@@ -582,7 +582,9 @@ pub mod secagg {
     /// # Errors
     ///
     /// Keys or signature of the wrong length.
-    pub fn advertised_from_pb(a: &pb::AdvertisedKeys) -> Result<(Advertised, [u8; 32]), ConvertError> {
+    pub fn advertised_from_pb(
+        a: &pb::AdvertisedKeys,
+    ) -> Result<(Advertised, [u8; 32]), ConvertError> {
         Ok((
             Advertised {
                 index: a.index,
@@ -640,7 +642,8 @@ pub mod secagg {
             return Err(bad("seed_share.x", "disagrees with the share"));
         }
         Ok(Revealed {
-            owner: u32::try_from(s.owner_id).map_err(|_| bad("seed_share", "index out of range"))?,
+            owner: u32::try_from(s.owner_id)
+                .map_err(|_| bad("seed_share", "index out of range"))?,
             kind,
             share,
         })

@@ -7,5 +7,6 @@ mod mtls;
 mod policy;
 mod privacy_cli;
 mod rejects;
+mod secure_aggregation;
 mod stress;
 mod support;

@@ -4,7 +4,6 @@
 mod secure;
 
 use super::{Assignment, MaskedUpload, Reject, Revealed, RoundSummary, TrainSummary, Upload};
-use secure::Secure;
 use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
@@ -14,6 +13,7 @@ use fedretail_core::privacy::sampling::poisson;
 use fedretail_core::privacy::{NoisePlacement, PrivacyUnit, TrainPrivacy};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use secure::Secure;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -32,9 +32,18 @@ pub(crate) const MAX_WEIGHT: f64 = 1e7;
 /// Why a round failed. A failed round applies nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum FailReason {
-    TooFewSampled { sampled: usize, min: u32 },
-    TooFewAcks { acked: usize, min: u32 },
-    TooFewUploads { uploaded: usize, min: u32 },
+    TooFewSampled {
+        sampled: usize,
+        min: u32,
+    },
+    TooFewAcks {
+        acked: usize,
+        min: u32,
+    },
+    TooFewUploads {
+        uploaded: usize,
+        min: u32,
+    },
     Store(String),
     Shutdown,
     Cancelled,
@@ -573,10 +582,14 @@ impl Round {
                 }
                 _ => Assignment::Wait,
             },
-            Phase::Unmasking { .. } => match self.secure.as_ref().and_then(|s| s.unmask_request(client)) {
-                Some((survivors, dropped)) => Assignment::Unmask { round: self.id, survivors, dropped },
-                None => Assignment::Wait,
-            },
+            Phase::Unmasking { .. } => {
+                match self.secure.as_ref().and_then(|s| s.unmask_request(client)) {
+                    Some((survivors, dropped)) => {
+                        Assignment::Unmask { round: self.id, survivors, dropped }
+                    }
+                    None => Assignment::Wait,
+                }
+            }
             Phase::Evaluating { .. }
                 if self.eval_cohort.contains(&client) && !self.reported.contains(&client) =>
             {
@@ -741,7 +754,8 @@ impl Round {
         match self.secure.as_mut() {
             Some(s) => {
                 s.close_uploads();
-                self.phase = Phase::Unmasking { deadline: now + self.spec.plan.configure_timeout() };
+                self.phase =
+                    Phase::Unmasking { deadline: now + self.spec.plan.configure_timeout() };
             }
             None => self.aggregate(),
         }
@@ -840,7 +854,10 @@ impl Round {
     ) -> Result<(), Reject> {
         self.try_secure(round, "shares", |r| {
             if !matches!(r.phase, Phase::Unmasking { .. }) {
-                return Err(Reject::WrongPhase { phase: r.phase.name(), request: "unmasking shares" });
+                return Err(Reject::WrongPhase {
+                    phase: r.phase.name(),
+                    request: "unmasking shares",
+                });
             }
             let s = r.secure.as_mut().expect("checked by try_secure");
             s.reveal(client, revealed)?;

@@ -139,7 +139,10 @@ impl Secure {
     pub(crate) fn share(&mut self, client: ClientId, sealed: Vec<Sealed>) -> Result<(), Reject> {
         let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
         if !self.adverts.contains_key(&i) {
-            return Err(Reject::WrongPhase { phase: "Sharing (no keys advertised)", request: "shares" });
+            return Err(Reject::WrongPhase {
+                phase: "Sharing (no keys advertised)",
+                request: "shares",
+            });
         }
         if self.sharers.contains(&i) {
             return Err(Reject::Duplicate(client));
@@ -199,10 +202,10 @@ impl Secure {
     /// Step 3: a masked upload, added into the running sum at once.
     pub(crate) fn add(&mut self, client: ClientId, values: &[u32]) -> Result<(), Reject> {
         let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
-        let unmasker = self.unmasker.as_mut().ok_or(Reject::WrongPhase {
-            phase: "Sharing",
-            request: "masked uploads",
-        })?;
+        let unmasker = self
+            .unmasker
+            .as_mut()
+            .ok_or(Reject::WrongPhase { phase: "Sharing", request: "masked uploads" })?;
         unmasker.add(i, values).map_err(refuse)
     }
 
@@ -224,7 +227,11 @@ impl Secure {
     }
 
     /// Step 4: a survivor's revealed shares.
-    pub(crate) fn reveal(&mut self, client: ClientId, revealed: Vec<Revealed>) -> Result<(), Reject> {
+    pub(crate) fn reveal(
+        &mut self,
+        client: ClientId,
+        revealed: Vec<Revealed>,
+    ) -> Result<(), Reject> {
         let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
         if !self.survivors.contains(&i) {
             return Err(Reject::NotInCohort(client));
@@ -235,7 +242,11 @@ impl Secure {
         let graph = self.params.context(self.round).graph;
         // Only shares a neighbour can hold count: nobody adds shares of clients it is not
         // connected to.
-        self.revealed.extend(revealed.into_iter().filter(|r| graph.adjacent(i as usize, r.owner as usize) && r.share.x == i + 1));
+        self.revealed.extend(
+            revealed
+                .into_iter()
+                .filter(|r| graph.adjacent(i as usize, r.owner as usize) && r.share.x == i + 1),
+        );
         Ok(())
     }
 
