@@ -36,7 +36,7 @@ async fn store(
 ) -> Option<Vec<f32>> {
     let mut t = GrpcTransport::with_tls(&url, &tls).unwrap();
     let e = t.enroll(&spec.name, "ignored").await.unwrap();
-    let mut rng = rand::rngs::ChaCha20Rng::from_rng(&mut rand::rng());
+    let mut rng = fedretail_core::privacy::noise::os_seeded();
     let identity = SigningKey::from_seed(&random_seed(&mut rng));
     let mut client: Option<Client> = None;
     loop {
