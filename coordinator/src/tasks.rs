@@ -170,6 +170,10 @@ impl Tasks {
             );
             // Adaptive clipping's count noise must leave room for the update noise.
             spec.validate()?;
+            // Distributed noise under secure aggregation: the stores' discrete Gaussian must
+            // reach the target too (the same calibration every store repeats).
+            fedretail_core::secagg::round::task_noise(&spec)
+                .map_err(|message| SpecError { field: "privacy.target_epsilon", message })?;
         }
         let initial = Arc::new(driver::initial_model(&spec));
         let id = self.store.create_task(&spec, initial)?;

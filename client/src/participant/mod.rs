@@ -143,6 +143,8 @@ pub struct Participant<T: Transport> {
     identity: fedretail_core::secagg::keys::SigningKey,
     /// The current secure-aggregation round, from its keys on.
     secure: Option<secure::SecureRound>,
+    /// The discrete Gaussian the store's task asks of it (task id, its own calibration).
+    store_noise: Option<(u64, Option<fedretail_core::secagg::ddg::Calibrated>)>,
 }
 
 impl<T: Transport> std::fmt::Debug for Participant<T> {
@@ -184,6 +186,7 @@ impl<T: Transport> Participant<T> {
             ledger: None,
             identity: secure::identity(),
             secure: None,
+            store_noise: None,
             outcome: Outcome {
                 rounds_trained: 0,
                 evaluations: 0,

@@ -6,9 +6,10 @@
 use super::Participant;
 use crate::policy::Refusal;
 use crate::transport::{AdvertisePlan, Enrollment, MaskedPlan, Transport, TransportError};
-use fedretail_core::secagg::ddg::Encoder;
+use fedretail_core::secagg::ddg::{Calibrated, Encoder};
 use fedretail_core::secagg::keys::SigningKey;
 use fedretail_core::secagg::protocol::{Advertised, Client};
+use fedretail_core::secagg::round::task_noise;
 use rand::{CryptoRng, Rng};
 use std::collections::BTreeMap;
 
@@ -37,7 +38,10 @@ impl<T: Transport> Participant<T> {
         plan: AdvertisePlan,
     ) -> Result<(), TransportError> {
         let checked = match &e.spec {
-            Some(spec) if spec.plan.secure_aggregation.is_on() => plan.params.check(spec),
+            Some(spec) if spec.plan.secure_aggregation.is_on() => match self.store_noise(e).await {
+                Ok(noise) => plan.params.check(spec, noise.as_ref()),
+                Err(message) => Err(message),
+            },
             _ => Err("the task does not use secure aggregation".into()),
         };
         if let Err(message) = checked {
@@ -54,6 +58,22 @@ impl<T: Transport> Participant<T> {
         let (client, advert) = Client::new(ctx, plan.index, &self.identity, &mut rng);
         self.secure = Some(SecureRound { round_id: plan.round_id, client });
         self.transport.advertise_keys(e, plan.round_id, advert, self.identity.public()).await
+    }
+
+    /// The discrete Gaussian this store's task asks of it, by its own calibration (once per
+    /// task: a fraction of a second of accounting, off the reactor).
+    async fn store_noise(&mut self, e: &Enrollment) -> Result<Option<Calibrated>, String> {
+        if let Some((task, noise)) = &self.store_noise
+            && *task == e.task_id
+        {
+            return Ok(*noise);
+        }
+        let spec = e.spec.clone().ok_or("the coordinator sent no task spec")?;
+        let noise = tokio::task::spawn_blocking(move || task_noise(&spec))
+            .await
+            .expect("calibration panicked")?;
+        self.store_noise = Some((e.task_id, noise));
+        Ok(noise)
     }
 
     fn round(&mut self, round_id: u64) -> Result<&mut Client, TransportError> {

@@ -46,7 +46,7 @@ async fn store(
                 if vanish == Vanish::BeforeAdvertising {
                     return None;
                 }
-                plan.params.check(&spec).unwrap();
+                plan.params.check(&spec, None).unwrap();
                 assert_eq!(plan.cohort[plan.index as usize], e.client_id);
                 let ctx = plan.params.context(plan.round_id);
                 let (c, advert) = Client::new(ctx, plan.index, &identity, &mut rng);

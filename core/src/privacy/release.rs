@@ -172,6 +172,10 @@ pub struct Ledgers {
     /// The composed figures for the ledgers' lengths `(training, evaluation)`: the ledgers only
     /// grow, and the PLD accountant takes a tenth of a second for a few hundred rounds.
     spent: std::cell::Cell<Option<((usize, usize), Spent)>>,
+    /// Under secure aggregation with distributed noise: one round's charge under the discrete
+    /// Gaussian's bound, which is what the training ε is reported by (the entries' z is the
+    /// Gaussian z the task was calibrated to, which admits the same planned rounds).
+    ddg: Option<super::accountant::ddg::DdgCharge>,
 }
 
 impl Ledgers {
@@ -179,6 +183,13 @@ impl Ledgers {
     pub fn new(entries: &[LedgerEntry]) -> Ledgers {
         let (train, eval) = entries.iter().partition(|e| e.kind == super::ChargeKind::Train);
         Ledgers { train, eval, ..Ledgers::default() }
+    }
+
+    /// Reports the training ε by the distributed discrete Gaussian's bound, one `charge` per
+    /// charged round ([`crate::secagg::round::task_noise`]).
+    pub fn set_ddg(&mut self, charge: super::accountant::ddg::DdgCharge) {
+        self.ddg = Some(charge);
+        self.spent.set(None);
     }
 
     /// Records a durable charge.
@@ -267,6 +278,26 @@ impl Ledgers {
         } else {
             compose(&train.iter().chain(&eval).copied().collect::<Vec<_>>())
         };
+        if let Some(one) = self.ddg {
+            // Under secure aggregation the coordinator sees only the sum, with the stores'
+            // noise in it: what consumers of the model see, no more.
+            let charge =
+                super::accountant::ddg::DdgCharge { rounds: self.train.len() as u64, ..one };
+            let ddg = |gaussian: &[Charge]| {
+                if self.train.is_empty() && gaussian.is_empty() {
+                    return 0.0;
+                }
+                super::accountant::ddg::epsilon_with(&[charge], gaussian, p.delta)
+                    .map_or(f64::INFINITY, |e| e.epsilon)
+            };
+            let epsilon = ddg(&[]);
+            return Spent {
+                epsilon,
+                evaluation_epsilon: compose(&eval),
+                total_epsilon: ddg(&eval),
+                against_coordinator: epsilon,
+            };
+        }
         let against_coordinator = match p.noise_placement {
             // The coordinator adds the noise: it sees every clipped update without it.
             NoisePlacement::Central => f64::INFINITY,
@@ -379,6 +410,36 @@ mod tests {
     }
 
     /// The figures compose each ledger, and are recomputed when a ledger grows.
+    /// Issue 12 (H2, H3): under secure aggregation with distributed noise the report states the
+    /// discrete Gaussian's ε, and the coordinator faces the same ε as the model's consumers (it
+    /// sees only the noised sum); the evaluation composes with it.
+    #[test]
+    fn under_secure_aggregation_the_coordinator_faces_the_consumers_epsilon() {
+        use crate::privacy::accountant::ddg::{self, DdgCharge};
+        let p = PrivacySpec { noise_placement: NoisePlacement::Distributed, ..spec() };
+        let one = DdgCharge {
+            sampling_rate: 0.5,
+            clients: 10,
+            sigma: 300.0,
+            l2: 1000.0,
+            l1: 31_623.0,
+            dim: 1024,
+            rounds: 1,
+        };
+        let mut ledgers = Ledgers::new(&[entry(ChargeKind::Train), entry(ChargeKind::Train)]);
+        let gaussian = ledgers.spent(&p, 10);
+        ledgers.set_ddg(one);
+        let spent = ledgers.spent(&p, 10);
+        let want = ddg::epsilon(&[DdgCharge { rounds: 2, ..one }], p.delta).unwrap().epsilon;
+        assert!((spent.epsilon - want).abs() < 1e-12, "{spent:?} vs {want}");
+        assert_ne!(spent.epsilon, gaussian.epsilon);
+        assert_eq!(spent.against_coordinator, spent.epsilon);
+        ledgers.push(entry(ChargeKind::Evaluate));
+        let with_eval = ledgers.spent(&p, 10);
+        assert!(with_eval.total_epsilon > with_eval.epsilon);
+        assert_eq!(with_eval.epsilon, spent.epsilon);
+    }
+
     #[test]
     fn spent_composes_the_ledgers_and_follows_their_growth() {
         let p = spec();

@@ -33,25 +33,23 @@ pub struct RoundParams {
 }
 
 impl RoundParams {
-    /// The round's parameters for a cohort of `n`, from the task and the round's public seed.
-    ///
-    /// # Errors
-    ///
-    /// The task's distributed noise cannot be calibrated (see [`task_noise`]).
-    pub fn new(spec: &TaskSpec, n: usize, seed: u64) -> Result<RoundParams, String> {
+    /// The round's parameters for a cohort of `n`, from the task, its stores' noise
+    /// ([`task_noise`], computed once per task: it takes a fraction of a second) and the
+    /// round's public seed.
+    pub fn new(spec: &TaskSpec, noise: Option<&Calibrated>, n: usize, seed: u64) -> RoundParams {
         let graph = graph::choose(n, &graph::Assumptions::default());
         let input_len = spec.upload_len();
-        let ddg = match task_noise(spec)? {
+        let ddg = match noise {
             Some(c) => c.params,
             None => plain(spec, input_len),
         };
-        Ok(RoundParams {
+        RoundParams {
             graph,
             graph_seed: seed ^ 0x5eca_66a4,
             rotation_seed: seed ^ 0x0007_a7e5,
             ddg,
             input_len,
-        })
+        }
     }
 
     /// D: the padded length every masked upload has.
@@ -72,12 +70,13 @@ impl RoundParams {
 
     /// A store's check of parameters the coordinator sent against what its task requires: a
     /// threshold above half the neighbours (so no two disjoint sets of neighbours can each
-    /// reconstruct), at least the noise the task's calibration asks, and its own upload length.
+    /// reconstruct), at least the noise of the task's calibration (`noise`, the store's own
+    /// [`task_noise`]), and its own upload length.
     ///
     /// # Errors
     ///
     /// What is wrong, in words.
-    pub fn check(&self, spec: &TaskSpec) -> Result<(), String> {
+    pub fn check(&self, spec: &TaskSpec, noise: Option<&Calibrated>) -> Result<(), String> {
         let GraphParams { n, k, t, .. } = self.graph;
         if n < spec.plan.min_clients as usize || k >= n.max(1) || 2 * t <= k || t > k {
             return Err(format!(
@@ -92,7 +91,13 @@ impl RoundParams {
                 spec.upload_len()
             ));
         }
-        if let Some(c) = task_noise(spec)? {
+        if noise.is_none() && self.ddg.bits != PLAIN_BITS {
+            return Err(format!(
+                "{} bits, where the task adds no noise at the stores",
+                self.ddg.bits
+            ));
+        }
+        if let Some(c) = noise {
             let (num, den) = self.ddg.sigma2;
             let (want_num, want_den) = c.params.sigma2;
             // num/den >= want_num/want_den, without rounding.
@@ -196,21 +201,24 @@ mod tests {
     /// fraction; with it the stores' noise is the calibration's, and a store refuses less.
     #[test]
     fn parameters_follow_the_task_and_stores_refuse_less_noise() {
-        let plain = RoundParams::new(&spec(None), 10, 7).unwrap();
+        assert!(task_noise(&spec(None)).unwrap().is_none());
+        let plain = RoundParams::new(&spec(None), None, 10, 7);
         assert_eq!(plain.ddg.bits, PLAIN_BITS);
         assert_eq!(plain.ddg.sigma2.0, 0);
         assert!(rounding_inflation(&plain.ddg, 1000) < 1.0 + 1e-6);
-        plain.check(&spec(None)).unwrap();
+        plain.check(&spec(None), None).unwrap();
 
         let task = spec(Some(NoisePlacement::Distributed));
-        let mut noisy = RoundParams::new(&task, 10, 7).unwrap();
+        let noise = task_noise(&task).unwrap().unwrap();
+        let mut noisy = RoundParams::new(&task, Some(&noise), 10, 7);
         assert_eq!(noisy.ddg.bits, DDG_BITS);
         assert!(noisy.ddg.sigma() > 0.0);
-        noisy.check(&task).unwrap();
+        noisy.check(&task, Some(&noise)).unwrap();
+        assert!(plain.check(&task, Some(&noise)).is_err(), "no noise where the task needs it");
         noisy.ddg.sigma2.0 -= 1;
-        assert!(noisy.check(&task).unwrap_err().contains("calibration"));
-        let mut unsafe_graph = RoundParams::new(&task, 10, 7).unwrap();
+        assert!(noisy.check(&task, Some(&noise)).unwrap_err().contains("calibration"));
+        let mut unsafe_graph = RoundParams::new(&task, Some(&noise), 10, 7);
         unsafe_graph.graph.t = unsafe_graph.graph.k / 2;
-        assert!(unsafe_graph.check(&task).unwrap_err().contains("unsafe"));
+        assert!(unsafe_graph.check(&task, Some(&noise)).unwrap_err().contains("unsafe"));
     }
 }

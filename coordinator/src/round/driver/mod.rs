@@ -104,6 +104,9 @@ struct Driver {
     /// restart adaptive clipping resumes from the last charged round's norm (the step computed
     /// from that round is not stored; it is one step of a slow-moving estimate).
     clip_norm: f32,
+    /// Under secure aggregation with distributed noise: the stores' discrete Gaussian,
+    /// calibrated once when the driver starts.
+    store_noise: Option<Arc<fedretail_core::secagg::ddg::Calibrated>>,
 }
 
 /// Starts the driver of `task` from its snapshot; returns the handle and the driver's join handle.
@@ -152,6 +155,7 @@ pub(crate) fn spawn(
         budget_refused: None,
         interrupted_rounds: snapshot.interrupted_rounds,
         domain_spent: None,
+        store_noise: None,
     };
     let span = tracing::info_span!("task", task_id = %task);
     let join = tokio::spawn(driver.run(rx, admin_rx, cancel).instrument(span));
@@ -166,6 +170,23 @@ impl Driver {
         cancel: CancellationToken,
     ) {
         tracing::info!(name = %self.spec.name, committed = self.committed_rounds, "task driver started");
+        // A fraction of a second of accounting: off the reactor, once.
+        let spec = self.spec.clone();
+        match tokio::task::spawn_blocking(move || fedretail_core::secagg::round::task_noise(&spec))
+            .await
+            .expect("calibration panicked")
+        {
+            Ok(noise) => {
+                if let Some(c) = &noise {
+                    self.ledgers.set_ddg(c.charge);
+                }
+                self.store_noise = noise.map(Arc::new);
+            }
+            Err(e) if !self.state.is_final() => {
+                self.end_task(TaskState::Failed, format!("secure aggregation: {e}")).await;
+            }
+            Err(_) => {}
+        }
         loop {
             let now = Instant::now();
             self.ensure_round(now).await;
@@ -259,6 +280,7 @@ impl Driver {
                     round.set_local_seed(u64::from_le_bytes(bytes));
                 }
                 round.set_clip_norm(self.clip_norm);
+                round.set_store_noise(self.store_noise.clone());
                 self.round = Some(round);
             }
             Err(e) => {

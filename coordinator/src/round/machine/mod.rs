@@ -215,6 +215,8 @@ pub(crate) struct Round {
     unclipped_sum: f64,
     /// Secure aggregation's state, from the cohort's draw on.
     secure: Option<Secure>,
+    /// Under secure aggregation with distributed noise: the stores' discrete Gaussian.
+    store_noise: Option<Arc<fedretail_core::secagg::ddg::Calibrated>>,
     /// A charge the driver must write although the round failed (a Poisson draw below the
     /// quorum: see [`FailReason::TooFewSampled`]).
     pub(crate) charge_on_failure: Option<fedretail_core::privacy::LedgerEntry>,
@@ -270,6 +272,7 @@ impl Round {
             unclipped_sum: 0.0,
             charge_on_failure: None,
             secure: None,
+            store_noise: None,
             spec,
         }
     }
@@ -320,6 +323,15 @@ impl Round {
     /// (L1); simulations send the cohort seed itself, which is public there.
     pub(crate) fn set_local_seed(&mut self, local_seed: u64) {
         self.local_seed = local_seed;
+    }
+
+    /// Sets the discrete Gaussian the stores add (the task's, calibrated once:
+    /// [`fedretail_core::secagg::round::task_noise`]); call before Selecting ends.
+    pub(crate) fn set_store_noise(
+        &mut self,
+        noise: Option<Arc<fedretail_core::secagg::ddg::Calibrated>>,
+    ) {
+        self.store_noise = noise;
     }
 
     /// Sets this round's clipping norm (adaptive clipping); call before Selecting ends.
@@ -485,19 +497,26 @@ impl Round {
                     }
                     self.sum = Some(Aggregator::new(self.upload_len));
                     if plan.secure_aggregation.is_on() {
+                        let distributed = self
+                            .spec
+                            .privacy
+                            .as_ref()
+                            .is_some_and(|p| p.noise_placement == NoisePlacement::Distributed);
+                        if distributed && self.store_noise.is_none() {
+                            self.fail(FailReason::SecureAggregation(
+                                "the stores' noise is not calibrated".into(),
+                            ));
+                            return;
+                        }
                         let params = fedretail_core::secagg::round::RoundParams::new(
                             &self.spec,
+                            self.store_noise.as_deref(),
                             self.cohort.len(),
                             self.seed,
                         );
-                        match params {
-                            Ok(params) => {
-                                self.secure = Some(Secure::new(params, self.id.0, &self.cohort));
-                                self.phase =
-                                    Phase::Advertising { deadline: now + plan.configure_timeout() };
-                            }
-                            Err(e) => self.fail(FailReason::SecureAggregation(e)),
-                        }
+                        self.secure = Some(Secure::new(params, self.id.0, &self.cohort));
+                        self.phase =
+                            Phase::Advertising { deadline: now + plan.configure_timeout() };
                     } else {
                         self.phase =
                             Phase::Configuring { deadline: now + plan.configure_timeout() };

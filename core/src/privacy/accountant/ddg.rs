@@ -117,6 +117,20 @@ pub fn orders() -> Vec<u32> {
 ///
 /// δ outside (0, 1) or a sampling rate outside [0, 1].
 pub fn epsilon(charges: &[DdgCharge], delta: f64) -> Result<Epsilon, AccountantError> {
+    epsilon_with(charges, &[], delta)
+}
+
+/// ε at `delta` after every DDG charge and every sampled-Gaussian charge (the evaluation's),
+/// composed in RDP at [`orders`].
+///
+/// # Errors
+///
+/// δ outside (0, 1) or a sampling rate outside [0, 1].
+pub fn epsilon_with(
+    charges: &[DdgCharge],
+    gaussian: &[super::Charge],
+    delta: f64,
+) -> Result<Epsilon, AccountantError> {
     if !(delta > 0.0 && delta < 1.0) {
         return Err(AccountantError::Delta(delta));
     }
@@ -124,8 +138,23 @@ pub fn epsilon(charges: &[DdgCharge], delta: f64) -> Result<Epsilon, AccountantE
         return Err(AccountantError::SamplingRate(c.sampling_rate));
     }
     let orders = orders();
-    let rdp: Vec<f64> =
-        orders.iter().map(|&a| charges.iter().map(|c| c.rdp(a) * c.rounds as f64).sum()).collect();
+    if let Some(c) = gaussian.iter().find(|c| !(0.0..=1.0).contains(&c.sampling_rate)) {
+        return Err(AccountantError::SamplingRate(c.sampling_rate));
+    }
+    let rdp: Vec<f64> = orders
+        .iter()
+        .map(|&a| {
+            let ddg: f64 = charges.iter().map(|c| c.rdp(a) * c.rounds as f64).sum();
+            let gauss: f64 = gaussian
+                .iter()
+                .map(|c| {
+                    super::rdp_poisson_gaussian(c.sampling_rate, c.noise_multiplier, f64::from(a))
+                        * c.rounds as f64
+                })
+                .sum();
+            ddg + gauss
+        })
+        .collect();
     let orders: Vec<f64> = orders.into_iter().map(f64::from).collect();
     Ok(epsilon_from_rdp(&orders, &rdp, delta))
 }
