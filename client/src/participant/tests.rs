@@ -565,9 +565,10 @@ async fn a_task_beyond_the_store_policy_is_refused_at_enrolment() {
 #[tokio::test]
 async fn assignments_that_break_the_task_or_the_policy_are_refused() {
     let dir = tempfile::tempdir().unwrap();
+    // (Local noise: the store adds its noise itself, so it checks how much it is asked to add.)
     let mut distributed = private_task(8.0);
     distributed.privacy.as_mut().unwrap().noise_placement =
-        fedretail_core::privacy::NoisePlacement::Distributed;
+        fedretail_core::privacy::NoisePlacement::Local;
     let too_little_noise =
         fedretail_core::privacy::TrainPrivacy { noise_std: 1e-9, ..customer_privacy() };
     let wrong_size = match train(3) {
