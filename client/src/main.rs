@@ -287,6 +287,7 @@ fn run(cli: RunArgs) -> anyhow::Result<()> {
     let config = ParticipantConfig {
         policy,
         seeded_privacy: false,
+        dropout: 0.0,
         task: cli.task.clone(),
         store_name: cli.store.clone(),
         state_dir: Some(cli.state_dir),

@@ -255,6 +255,7 @@ async fn bench_round_once(
             state_dir: None,
             max_backoff: std::time::Duration::from_secs(1),
             seeded_privacy: true,
+            dropout: 0.0,
             policy: fedretail_client::policy::StorePolicy::permissive(),
         };
         let cancel = cancel.clone();

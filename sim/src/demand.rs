@@ -513,7 +513,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             .zip(&stores.sales)
             .map(|(name, sales)| (name.clone(), LocalData::Sales(sales.clone())))
             .collect();
-        let result = run_federated(&coordinator, &task, clients, &progress).await;
+        let result = run_federated(&coordinator, &task, clients, 0.0, &progress).await;
         progress.finish_and_clear();
         let result = result.with_context(|| format!("the {key} run"))?;
         let by_store: BTreeMap<&str, EvalSums> = result

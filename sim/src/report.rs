@@ -102,6 +102,9 @@ pub struct Report {
     pub failed_rounds: u64,
     /// The privacy the federated model carries, if the run had DP.
     pub privacy: Option<crate::runner::PrivacyOutcome>,
+    /// Under secure aggregation: clients per round, dropouts per step, bits, k, and ε against
+    /// the coordinator.
+    pub secure_aggregation: Option<crate::runner::SecureOutcome>,
     /// The ranking recommender's customer-level DP runs (`--dp-epsilons`), when the run itself
     /// has no DP: each one's results and privacy.
     pub dp_runs: Vec<(MethodResult, crate::runner::PrivacyOutcome)>,
@@ -213,6 +216,7 @@ pub fn to_json(r: &Report) -> Value {
         "objective": if r.ranking { "ranking" } else { "rating" },
         "baselines": r.baselines.iter().map(|(name, m)| json!({"name": name, "test": method(m)["test"]})).collect::<Vec<_>>(),
         "privacy": r.privacy.as_ref().map(crate::runner::PrivacyOutcome::to_json),
+        "secure_aggregation": r.secure_aggregation.as_ref().map(crate::runner::SecureOutcome::to_json),
         "dp_runs": r.dp_runs.iter().map(|(m, p)| json!({"test": method(m)["test"], "privacy": p.to_json()})).collect::<Vec<_>>(),
         "stores": r.stores.iter().enumerate().map(|(k, s)| {
             let hr: serde_json::Map<String, Value> = r.per_store.iter().map(|(m, v)| (m.clone(), round4(v[k].hr_at_10()))).collect();
@@ -346,6 +350,21 @@ pub fn to_markdown(r: &Report) -> String {
             p.sampling_rate,
             p.noise_multiplier,
             p.clip_norm
+        );
+    }
+    if let Some(a) = &r.secure_aggregation {
+        let [adv, share, up, unmask] = a.dropped;
+        let against = match a.epsilon_against_coordinator {
+            Some(e) if e.is_finite() => format!("epsilon {e:.4} against the coordinator"),
+            Some(_) => "no bound against the coordinator (it adds the noise)".into(),
+            None => "no differential privacy".into(),
+        };
+        let _ = writeln!(
+            s,
+            "Secure aggregation (SecAgg+): {} rounds of {:.1} stores, {} bits per coordinate, k = {}, t = {}; \
+             dropped {adv} before advertising, {share} before sharing keys, {up} before uploading, \
+             {unmask} before unmasking; {against}.\n",
+            a.rounds, a.clients_per_round, a.bits, a.degree, a.threshold
         );
     }
     let _ = if r.ranking {

@@ -43,6 +43,43 @@ pub struct FederatedResult {
     pub outcomes: Vec<Outcome>,
     /// What the final model spent, for tasks with differential privacy.
     pub privacy: Option<PrivacyOutcome>,
+    /// Under secure aggregation: the rounds' parameters and dropouts.
+    pub secure: Option<SecureOutcome>,
+}
+
+/// What a run under secure aggregation shows (the report's `secure_aggregation` object).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SecureOutcome {
+    /// Rounds that ran the protocol (committed or failed).
+    pub rounds: u64,
+    /// Mean stores drawn per round.
+    pub clients_per_round: f64,
+    /// b of the last round.
+    pub bits: u32,
+    /// k of the last round.
+    pub degree: u32,
+    /// t of the last round.
+    pub threshold: u32,
+    /// Stores dropped at each step, summed over rounds: before advertising keys, before
+    /// sharing them, before uploading, before unmasking.
+    pub dropped: [u64; 4],
+    /// ε against the coordinator (the privacy report's), if the run had DP.
+    pub epsilon_against_coordinator: Option<f64>,
+}
+
+impl SecureOutcome {
+    /// The report's `secure_aggregation` object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let [a, s, u, m] = self.dropped;
+        serde_json::json!({
+            "rounds": self.rounds,
+            "clients_per_round": (self.clients_per_round * 100.0).round() / 100.0,
+            "bits": self.bits, "k": self.degree, "t": self.threshold,
+            "dropped": {"before_advertising": a, "before_sharing": s, "before_upload": u, "before_unmasking": m},
+            "epsilon_against_coordinator": self.epsilon_against_coordinator
+                .map(|e| if e.is_finite() { serde_json::json!((e * 1e4).round() / 1e4) } else { serde_json::Value::Null }),
+        })
+    }
 }
 
 /// The privacy report of the final model, as the coordinator computed it.
@@ -310,6 +347,7 @@ pub async fn run_federated(
     coordinator: &LocalCoordinator,
     spec: &TaskSpec,
     clients: Vec<(String, LocalData)>,
+    dropout: f64,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<FederatedResult> {
     let mut admin = coordinator.admin().await?;
@@ -331,6 +369,7 @@ pub async fn run_federated(
             max_backoff: Duration::from_secs(2),
             // The simulator repeats runs exactly; see ParticipantConfig::seeded_privacy.
             seeded_privacy: true,
+            dropout,
             policy: fedretail_client::policy::StorePolicy::permissive(),
         };
         let cancel = cancel.clone();
@@ -436,7 +475,31 @@ pub async fn run_federated(
         total_epsilon: p.total_epsilon,
         epsilon_against_coordinator: p.epsilon_against_coordinator,
     });
+    let secure = spec.plan.secure_aggregation.is_on().then(|| {
+        let mut s = SecureOutcome::default();
+        let mut cohort = 0u64;
+        // Newest first: the first seen is the last round's.
+        for r in status.rounds.iter().filter_map(|r| r.secure_aggregation) {
+            if s.rounds == 0 {
+                (s.bits, s.degree, s.threshold) = (r.bits, r.degree, r.threshold);
+            }
+            s.rounds += 1;
+            cohort += u64::from(r.cohort);
+            for (d, v) in s.dropped.iter_mut().zip([
+                r.dropped_before_advertising,
+                r.dropped_before_sharing,
+                r.dropped_before_upload,
+                r.dropped_before_unmasking,
+            ]) {
+                *d += u64::from(v);
+            }
+        }
+        s.clients_per_round = cohort as f64 / s.rounds.max(1) as f64;
+        s.epsilon_against_coordinator = privacy.as_ref().map(|p| p.epsilon_against_coordinator);
+        s
+    });
     Ok(FederatedResult {
+        secure,
         rounds,
         failed_rounds: status.failed_rounds,
         final_eval,

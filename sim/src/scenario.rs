@@ -191,6 +191,19 @@ pub struct RunArgs {
     /// The retail-synthetic scenario's number of stores.
     #[arg(long, default_value_t = 1000)]
     pub synthetic_stores: usize,
+    /// Secure aggregation (SecAgg+): the coordinator sees only the sum of the stores' masked
+    /// updates; with `--noise-placement distributed` the stores add the noise themselves
+    /// (the distributed discrete Gaussian).
+    #[arg(long)]
+    pub secure_aggregation: bool,
+    /// With --secure-aggregation: the probability that a store vanishes from a round at a
+    /// random step (before sharing its keys, after sharing them, after uploading).
+    #[arg(long, default_value_t = 0.0, requires = "secure_aggregation")]
+    pub dropout: f64,
+    /// With --dropout: how long each key step waits for stores that vanished (uploads wait
+    /// six times as long).
+    #[arg(long, default_value_t = 5.0)]
+    pub step_timeout: f64,
 }
 
 /// `--demand-groups` values.
@@ -661,6 +674,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     if let Some(privacy) = privacy {
         set_privacy(&mut spec, privacy);
     }
+    set_secure(args, &mut spec)?;
     spec.validate().context("the scenario's task")?;
     tracing::info!(dataset = %data.name, ratings = data.ratings.len(), clients = stores.len(), "scenario loaded");
 
@@ -709,6 +723,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
             spec.name = format!("{}-dp-{epsilon}", spec.name);
             ranking_plan(&dp, &mut spec.plan, rounds, optimizer);
             set_privacy(&mut spec, privacy_spec(&dp, population)?.context("a DP run has privacy")?);
+            set_secure(args, &mut spec)?;
             spec.validate().context("the scenario's DP task")?;
             let run = federate(args, &spec, &stores, &format!("DP ε = {epsilon}")).await?;
             let privacy = run.privacy.context("a DP run reports its privacy")?;
@@ -761,6 +776,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         ranking,
         failed_rounds: federated.failed_rounds,
         privacy: federated.privacy,
+        secure_aggregation: federated.secure,
         dp_runs,
         history: federated.rounds,
         stores: stores.iter().map(StoreRow::from).collect(),
@@ -775,6 +791,37 @@ fn set_privacy(spec: &mut TaskSpec, privacy: PrivacySpec) {
         spec.plan.min_clients = 1;
     }
     spec.privacy = Some(privacy);
+}
+
+/// Secure aggregation from the options: equal weights, a quorum of at least three, and under
+/// --dropout a quorum two standard deviations below the expected survivors and deadlines that
+/// let rounds go on without the stores that vanished.
+///
+/// # Errors
+///
+/// A dropout probability outside [0, 1).
+pub fn set_secure(args: &RunArgs, spec: &mut TaskSpec) -> anyhow::Result<()> {
+    if !args.secure_aggregation {
+        return Ok(());
+    }
+    anyhow::ensure!((0.0..1.0).contains(&args.dropout), "--dropout must be in [0, 1)");
+    let plan = &mut spec.plan;
+    plan.secure_aggregation = fedretail_core::plan::SecureAggregation::SecAggPlus;
+    plan.weight_by_examples = false;
+    let n = f64::from(plan.cohort_size);
+    let f = args.dropout;
+    if f > 0.0 {
+        let likely = n * (1.0 - f) - 2.0 * (n * f * (1.0 - f)).sqrt();
+        plan.min_clients = plan.min_clients.min(likely.floor().max(0.0) as u32);
+        plan.configure_timeout_secs = args.step_timeout;
+        plan.collect_timeout_secs = 6.0 * args.step_timeout;
+    }
+    plan.min_clients = plan.min_clients.max(3);
+    anyhow::ensure!(
+        plan.cohort_size >= 3,
+        "secure aggregation needs at least three stores per round"
+    );
+    Ok(())
 }
 
 /// Runs `spec` over loopback gRPC with every store of `stores`, behind a progress bar labelled
@@ -802,7 +849,7 @@ async fn federate(
     let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
     let clients =
         stores.iter().map(|s| (s.name.clone(), LocalData::Ratings(store_ratings(s)))).collect();
-    let federated = run_federated(&coordinator, spec, clients, &progress).await;
+    let federated = run_federated(&coordinator, spec, clients, args.dropout, &progress).await;
     coordinator.stop().await?;
     progress.finish_and_clear();
     federated

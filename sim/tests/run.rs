@@ -77,11 +77,11 @@ async fn a_private_run_reports_what_it_spent() {
     assert!(p.noise_multiplier > 0.5);
 }
 
-/// Customer-level DP with distributed noise and adaptive clipping, end to end over gRPC: the
-/// report names the unit and placement, the ledger holds every round within the budget, and
-/// adaptive clipping moved the clipping norm from where it started.
+/// Customer-level DP with adaptive clipping, end to end over gRPC: the report names the unit
+/// and placement, the ledger holds every round within the budget, and adaptive clipping moved
+/// the clipping norm from where it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_customer_level_run_with_distributed_noise_and_adaptive_clipping() {
+async fn a_customer_level_run_with_adaptive_clipping() {
     let dir = tempfile::tempdir().unwrap();
     let args = synthetic(
         dir.path(),
@@ -94,8 +94,6 @@ async fn a_customer_level_run_with_distributed_noise_and_adaptive_clipping() {
             "customer",
             "--target-epsilon",
             "8",
-            "--noise-placement",
-            "distributed",
             "--adaptive-clipping",
             "0.5",
             "--clip-norm",
@@ -104,7 +102,7 @@ async fn a_customer_level_run_with_distributed_noise_and_adaptive_clipping() {
     );
     let report = scenario::run(&args).await.unwrap();
     let p = report.privacy.expect("a privacy report");
-    assert_eq!((p.unit.as_str(), p.noise_placement.as_str()), ("customer", "distributed"));
+    assert_eq!((p.unit.as_str(), p.noise_placement.as_str()), ("customer", "central"));
     assert_eq!(p.sampling_rate, 0.3);
     assert_eq!(p.rounds, 5);
     assert!(p.epsilon > 0.0 && p.epsilon <= 8.0, "epsilon {}", p.epsilon);
@@ -112,4 +110,46 @@ async fn a_customer_level_run_with_distributed_noise_and_adaptive_clipping() {
     // norm shrinks geometrically from the second round on.
     assert!(p.clip_norm < 2.0 * (-0.2f32 * 0.4 * 3.0).exp(), "clip norm {}", p.clip_norm);
     assert!(report.federated.rmse.is_finite());
+}
+
+/// Issue 12: customer-level DP with the distributed discrete Gaussian under secure aggregation,
+/// stores vanishing at random steps, over gRPC and mTLS: the rounds commit without them, the
+/// report's `secure_aggregation` object counts them, and the coordinator faces the same ε as
+/// the model's consumers, within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_aggregation_run_with_distributed_noise_and_dropouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = synthetic(
+        dir.path(),
+        &[
+            "--rounds",
+            "4",
+            "--reference-epochs",
+            "2",
+            "--privacy-unit",
+            "customer",
+            "--target-epsilon",
+            "8",
+            "--noise-placement",
+            "distributed",
+            "--secure-aggregation",
+            "--dropout",
+            "0.3",
+            "--step-timeout",
+            "1",
+        ],
+    );
+    let report = scenario::run(&args).await.unwrap();
+    let p = report.privacy.as_ref().expect("a privacy report");
+    assert_eq!(p.noise_placement, "distributed");
+    assert_eq!(p.rounds, 4);
+    assert!(p.epsilon > 0.0 && p.epsilon <= 8.0, "epsilon {}", p.epsilon);
+    assert_eq!(p.epsilon_against_coordinator, p.epsilon, "the coordinator sees only the sum");
+    let s = report.secure_aggregation.as_ref().expect("a secure_aggregation object");
+    assert_eq!(s.bits, fedretail_core::secagg::round::DDG_BITS);
+    assert!(s.rounds >= 4 && s.clients_per_round == 6.0, "{s:?}");
+    assert!(s.dropped.iter().sum::<u64>() > 0, "stores vanished: {s:?}");
+    assert!(report.federated.rmse.is_finite());
+    let json = fedretail_sim::report::to_json(&report);
+    assert_eq!(json["secure_aggregation"]["bits"], 16);
 }

@@ -47,6 +47,10 @@ pub struct ParticipantConfig {
     pub seeded_privacy: bool,
     /// What the store agrees to take part in (the binary's `--policy`, strict by default).
     pub policy: crate::policy::StorePolicy,
+    /// Simulation only: the probability that the store vanishes from a secure-aggregation
+    /// round at a random step (before sharing its keys, after sharing them, or after
+    /// uploading), as a store that loses its connection would. 0 in deployments.
+    pub dropout: f64,
 }
 
 /// The participant's data.
@@ -581,6 +585,9 @@ impl<T: Transport> Participant<T> {
     }
 
     async fn train(&mut self, e: &Enrollment, plan: TrainPlan) -> Result<(), TransportError> {
+        if plan.masked.is_some() && self.vanished(plan.round_id, secure::Step::Upload).await {
+            return Ok(());
+        }
         let spend = match self.check_train(e, &plan) {
             Ok(spend) => spend,
             Err(refusal) => return Err(self.refuse(e, plan.round_id, refusal)),

@@ -18,7 +18,21 @@ use std::collections::BTreeMap;
 pub(super) struct SecureRound {
     round_id: u64,
     client: Client,
+    /// Simulated dropout: the step from which this store stays silent in this round.
+    vanish: Option<Step>,
 }
+
+/// A step of the protocol after advertising keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Step {
+    Share,
+    Upload,
+    Unmask,
+}
+
+/// How long a vanished store waits before polling again (the coordinator keeps offering it the
+/// step it did not take until the step's deadline).
+const SILENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn protocol(e: impl std::fmt::Display) -> TransportError {
     TransportError::Protocol(format!("secure aggregation: {e}"))
@@ -56,7 +70,8 @@ impl<T: Transport> Participant<T> {
         let ctx = plan.params.context(plan.round_id);
         let mut rng = fedretail_core::privacy::noise::os_seeded();
         let (client, advert) = Client::new(ctx, plan.index, &self.identity, &mut rng);
-        self.secure = Some(SecureRound { round_id: plan.round_id, client });
+        let vanish = self.vanish(plan.round_id);
+        self.secure = Some(SecureRound { round_id: plan.round_id, client, vanish });
         self.transport.advertise_keys(e, plan.round_id, advert, self.identity.public()).await
     }
 
@@ -76,6 +91,31 @@ impl<T: Transport> Participant<T> {
         Ok(noise)
     }
 
+    /// Simulated dropout: whether, and from which step, this store vanishes from a round
+    /// (drawn from the store's name and the round, so runs repeat).
+    fn vanish(&self, round_id: u64) -> Option<Step> {
+        use rand::{RngExt, SeedableRng};
+        if self.config.dropout <= 0.0 {
+            return None;
+        }
+        let seed = fedretail_core::model::mf::user_seed(&self.config.store_name) ^ round_id;
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
+        (rng.random::<f64>() < self.config.dropout)
+            .then(|| [Step::Share, Step::Upload, Step::Unmask][rng.random_range(0..3)])
+    }
+
+    /// Simulated dropout: true (after a pause) when the store is silent from `step` on.
+    pub(super) async fn vanished(&self, round_id: u64, step: Step) -> bool {
+        let silent = self
+            .secure
+            .as_ref()
+            .is_some_and(|s| s.round_id == round_id && s.vanish.is_some_and(|v| v <= step));
+        if silent {
+            tokio::time::sleep(SILENCE).await;
+        }
+        silent
+    }
+
     fn round(&mut self, round_id: u64) -> Result<&mut Client, TransportError> {
         match self.secure.as_mut() {
             Some(s) if s.round_id == round_id => Ok(&mut s.client),
@@ -90,6 +130,9 @@ impl<T: Transport> Participant<T> {
         round_id: u64,
         adverts: Vec<(Advertised, [u8; 32])>,
     ) -> Result<(), TransportError> {
+        if self.vanished(round_id, Step::Share).await {
+            return Ok(());
+        }
         let identities: BTreeMap<u32, [u8; 32]> =
             adverts.iter().map(|(a, key)| (a.index, *key)).collect();
         let adverts: Vec<Advertised> = adverts.into_iter().map(|(a, _)| a).collect();
@@ -130,6 +173,9 @@ impl<T: Transport> Participant<T> {
         survivors: &[u32],
         dropped: &[u32],
     ) -> Result<(), TransportError> {
+        if self.vanished(round_id, Step::Unmask).await {
+            return Ok(());
+        }
         let revealed = self.round(round_id)?.unmask(survivors, dropped).map_err(protocol)?;
         self.transport.unmask(e, round_id, revealed).await
     }

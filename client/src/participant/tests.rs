@@ -174,6 +174,7 @@ fn participant(
         state_dir: dir.map(Path::to_path_buf),
         max_backoff: Duration::from_secs(4),
         seeded_privacy: false,
+        dropout: 0.0,
         policy: crate::policy::StorePolicy::permissive(),
     };
     (Participant::new(fake, config, LocalData::Ratings(ratings())), record)
@@ -394,6 +395,7 @@ fn demand_participant(
         state_dir: Some(dir.to_path_buf()),
         max_backoff: Duration::from_secs(4),
         seeded_privacy: false,
+        dropout: 0.0,
         policy: crate::policy::StorePolicy::permissive(),
     };
     (Participant::new(fake, config, data), record)

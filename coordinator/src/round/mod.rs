@@ -291,6 +291,29 @@ pub struct RoundSummary {
     pub model_version: ModelVersion,
     /// Example-weighted mean training loss of the accepted uploads.
     pub mean_train_loss: f64,
+    /// Under secure aggregation: the round's parameters and who dropped when (not persisted).
+    pub secure: Option<SecureSummary>,
+}
+
+/// What a secure-aggregation round shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SecureSummary {
+    /// Stores drawn into the cohort.
+    pub cohort: u32,
+    /// b.
+    pub bits: u32,
+    /// The graph's degree k.
+    pub degree: u32,
+    /// The Shamir threshold t.
+    pub threshold: u32,
+    /// Dropped before advertising keys.
+    pub dropped_before_advertising: u32,
+    /// Advertised but did not share keys.
+    pub dropped_before_sharing: u32,
+    /// Shared keys but did not upload.
+    pub dropped_before_upload: u32,
+    /// Uploaded but did not answer the unmask request.
+    pub dropped_before_unmasking: u32,
 }
 
 /// A task's status.

@@ -129,6 +129,16 @@ impl From<&RoundSummary> for pb::RoundStatus {
             eval: r.eval.as_ref().map(Into::into),
             model_version: r.model_version.0,
             mean_train_loss: r.mean_train_loss,
+            secure_aggregation: r.secure.map(|s| pb::SecureAggregationStatus {
+                cohort: s.cohort,
+                bits: s.bits,
+                degree: s.degree,
+                threshold: s.threshold,
+                dropped_before_advertising: s.dropped_before_advertising,
+                dropped_before_sharing: s.dropped_before_sharing,
+                dropped_before_upload: s.dropped_before_upload,
+                dropped_before_unmasking: s.dropped_before_unmasking,
+            }),
         }
     }
 }

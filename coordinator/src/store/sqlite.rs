@@ -364,6 +364,7 @@ impl Store for SqliteStore {
                     eval,
                     model_version: ModelVersion(r.get::<_, i64>(7)? as u64),
                     mean_train_loss: r.get(8)?,
+                    secure: None,
                 })
             })
             .map_err(backend)?
@@ -665,6 +666,7 @@ mod tests {
             }),
             model_version: ModelVersion(1),
             mean_train_loss: 0.5,
+            secure: None,
         }
     }
 

@@ -170,6 +170,7 @@ sampling_rate = 1.0
             state_dir: None,
             max_backoff: Duration::from_millis(100),
             seeded_privacy: false,
+            dropout: 0.0,
             policy: fedretail_client::policy::StorePolicy::permissive(),
         };
         let cancel = cancel.clone();

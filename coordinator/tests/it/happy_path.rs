@@ -70,6 +70,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
             state_dir: Some(dir),
             max_backoff: Duration::from_millis(200),
             seeded_privacy: false,
+            dropout: 0.0,
             policy: fedretail_client::policy::StorePolicy::permissive(),
         };
         let participant = Participant::new(

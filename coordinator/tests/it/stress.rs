@@ -331,6 +331,7 @@ async fn hostile_messages_of_every_kind_are_answered_precisely_and_the_task_comp
             state_dir: None,
             max_backoff: Duration::from_millis(200),
             seeded_privacy: false,
+            dropout: 0.0,
             policy: fedretail_client::policy::StorePolicy::permissive(),
         };
         honest.spawn(async move {

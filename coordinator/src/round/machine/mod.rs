@@ -417,6 +417,7 @@ impl Round {
         };
         let committed_like = matches!(self.phase, Phase::Committing | Phase::Committed);
         RoundSummary {
+            secure: self.secure.as_ref().map(Secure::summary),
             round: self.id,
             index: if matches!(self.phase, Phase::Failed(_)) { 0 } else { self.index },
             phase: self.phase.name(),

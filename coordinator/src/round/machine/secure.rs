@@ -250,6 +250,20 @@ impl Secure {
         Ok(())
     }
 
+    pub(crate) fn summary(&self) -> crate::round::SecureSummary {
+        let d = self.dropped;
+        crate::round::SecureSummary {
+            cohort: self.cohort.len() as u32,
+            bits: self.params.ddg.bits,
+            degree: self.params.graph.k as u32,
+            threshold: self.params.graph.t as u32,
+            dropped_before_advertising: d.before_advertising,
+            dropped_before_sharing: d.before_sharing,
+            dropped_before_upload: d.before_upload,
+            dropped_before_unmasking: d.before_unmasking,
+        }
+    }
+
     pub(crate) fn all_responded(&self) -> bool {
         self.responded.len() == self.survivors.len()
     }
