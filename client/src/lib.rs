@@ -15,6 +15,7 @@
 
 pub mod audit_log;
 pub mod data;
+pub mod identity;
 pub mod keygen;
 pub mod ledger;
 pub mod participant;

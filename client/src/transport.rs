@@ -4,7 +4,7 @@
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::ModelSpec;
 use fedretail_core::privacy::{Contribution, TrainPrivacy};
-use fedretail_core::secagg::protocol::{Advertised, Revealed, Sealed, SeedKind};
+use fedretail_core::secagg::protocol::{Advertised, Identity, Revealed, Sealed, SeedKind};
 use fedretail_core::secagg::round::RoundParams;
 use fedretail_core::update::{CHUNK_PARAMS, Reassembler, encode_f32s};
 use fedretail_proto::pb;
@@ -117,7 +117,7 @@ pub enum Assignment {
         /// The round.
         round_id: u64,
         /// The neighbours' adverts.
-        adverts: Vec<(Advertised, [u8; 32])>,
+        adverts: Vec<(Advertised, Identity)>,
     },
     /// Secure aggregation, step 4: reveal shares.
     Unmask {
@@ -190,6 +190,11 @@ impl From<tonic::Status> for TransportError {
 pub trait Transport: Send {
     /// Who is at the other end, for log lines.
     fn peer(&self) -> String;
+    /// The store's TLS material, when it talks mTLS: its key signs its secure-aggregation
+    /// keys, and the CA checks its neighbours' certificates.
+    fn tls(&self) -> Option<&StoreTls> {
+        None
+    }
     /// Enrols with a task.
     fn enroll(
         &mut self,
@@ -224,13 +229,14 @@ pub trait Transport: Send {
         round_id: u64,
         sums: EvalSums,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
-    /// Secure aggregation, step 1: this client's signed keys and its identity key.
+    /// Secure aggregation, step 1: this client's signed keys (and, in insecure mode only, the
+    /// bare key they verify with; over mTLS the store's certificate is its identity).
     fn advertise_keys(
         &mut self,
         enrollment: &Enrollment,
         round_id: u64,
         advert: Advertised,
-        identity: [u8; 32],
+        bare_key: Option<[u8; 32]>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
     /// Secure aggregation, step 2: the sealed shares for the neighbours.
     fn share_keys(
@@ -297,6 +303,7 @@ pub struct GrpcTransport {
     client: TrainingClient<Channel>,
     /// Every call's deadline beyond the poll timeout.
     call_timeout: Duration,
+    tls: Option<StoreTls>,
 }
 
 impl GrpcTransport {
@@ -339,7 +346,12 @@ impl GrpcTransport {
         let client = TrainingClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20);
-        Ok(GrpcTransport { url: url.to_string(), client, call_timeout: Duration::from_secs(120) })
+        Ok(GrpcTransport {
+            url: url.to_string(),
+            client,
+            call_timeout: Duration::from_secs(120),
+            tls: tls.cloned(),
+        })
     }
 
     fn request<T>(&self, message: T, extra: Duration) -> tonic::Request<T> {
@@ -352,6 +364,10 @@ impl GrpcTransport {
 impl Transport for GrpcTransport {
     fn peer(&self) -> String {
         self.url.clone()
+    }
+
+    fn tls(&self) -> Option<&StoreTls> {
+        self.tls.as_ref()
     }
 
     async fn enroll(&mut self, task: &str, store: &str) -> Result<Enrollment, TransportError> {
@@ -559,13 +575,13 @@ impl Transport for GrpcTransport {
         e: &Enrollment,
         round_id: u64,
         advert: Advertised,
-        identity: [u8; 32],
+        bare_key: Option<[u8; 32]>,
     ) -> Result<(), TransportError> {
         let req = pb::AdvertiseKeysRequest {
             client_id: e.client_id,
             task_id: e.task_id,
             round_id,
-            signing_public_key: identity.to_vec(),
+            signing_public_key: bare_key.map(|k| k.to_vec()).unwrap_or_default(),
             signature: advert.signature.to_vec(),
             index: advert.index,
             cipher_public_key: advert.cipher_key.to_vec(),

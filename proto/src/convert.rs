@@ -494,7 +494,7 @@ pub mod secagg {
     use super::{ConvertError, pb};
     use fedretail_core::secagg::ddg::DdgParams;
     use fedretail_core::secagg::graph::GraphParams;
-    use fedretail_core::secagg::protocol::{Advertised, Revealed, Sealed, SeedKind};
+    use fedretail_core::secagg::protocol::{Advertised, Identity, Revealed, Sealed, SeedKind};
     use fedretail_core::secagg::round::RoundParams;
     use fedretail_core::secagg::shamir::Share;
 
@@ -566,12 +566,17 @@ pub mod secagg {
         }
     }
 
-    /// An advert and the identity key it is signed with.
-    pub fn advertised_to_pb(a: &Advertised, identity: &[u8; 32]) -> pb::AdvertisedKeys {
+    /// An advert and the identity it is signed by.
+    pub fn advertised_to_pb(a: &Advertised, identity: &Identity) -> pb::AdvertisedKeys {
+        let (certificate, key) = match identity {
+            Identity::Certificate(der) => (der.clone(), Vec::new()),
+            Identity::Key(key) => (Vec::new(), key.to_vec()),
+        };
         pb::AdvertisedKeys {
             index: a.index,
-            signing_public_key: identity.to_vec(),
-            signature: a.signature.to_vec(),
+            certificate,
+            signing_public_key: key,
+            signature: a.signature.clone(),
             cipher_public_key: a.cipher_key.to_vec(),
             mask_public_key: a.mask_key.to_vec(),
         }
@@ -584,19 +589,23 @@ pub mod secagg {
     /// Keys or signature of the wrong length.
     pub fn advertised_from_pb(
         a: &pb::AdvertisedKeys,
-    ) -> Result<(Advertised, [u8; 32]), ConvertError> {
+    ) -> Result<(Advertised, Identity), ConvertError> {
+        if a.signature.len() > 256 || a.certificate.len() > 16_384 {
+            return Err(bad("advert", "signature or certificate too long"));
+        }
+        let identity = if a.certificate.is_empty() {
+            Identity::Key(key("signing_public_key", &a.signing_public_key)?)
+        } else {
+            Identity::Certificate(a.certificate.clone())
+        };
         Ok((
             Advertised {
                 index: a.index,
                 cipher_key: key("cipher_public_key", &a.cipher_public_key)?,
                 mask_key: key("mask_public_key", &a.mask_public_key)?,
-                signature: a
-                    .signature
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| bad("signature", "must be 64 bytes"))?,
+                signature: a.signature.clone(),
             },
-            key("signing_public_key", &a.signing_public_key)?,
+            identity,
         ))
     }
 

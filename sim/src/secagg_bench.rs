@@ -91,7 +91,8 @@ pub fn run(clients: usize, params: usize, dropout: f64, bits: u32) -> anyhow::Re
     let lookup = |j: u32| public.get(j as usize).copied();
     for (i, c) in parties.iter_mut().enumerate() {
         let t = Instant::now();
-        let s = c.share_keys(&adverts, lookup, &mut rng)?;
+        let s =
+            c.share_keys(&adverts, fedretail_core::secagg::protocol::ed25519(lookup), &mut rng)?;
         times[i] += t.elapsed().as_secs_f64();
         bytes[i] += s.iter().map(|s| 8 + s.ciphertext.len()).sum::<usize>();
         sealed.extend(s);

@@ -143,8 +143,8 @@ pub struct Participant<T: Transport> {
     audit: Option<AuditLog>,
     ledger: Option<crate::ledger::Ledger>,
     outcome: Outcome,
-    /// The key this store signs its secure-aggregation adverts with.
-    identity: fedretail_core::secagg::keys::SigningKey,
+    /// What signs this store's secure-aggregation adverts (its TLS key), once needed.
+    signer: Option<crate::identity::StoreSigner>,
     /// The current secure-aggregation round, from its keys on.
     secure: Option<secure::SecureRound>,
     /// The discrete Gaussian the store's task asks of it (task id, its own calibration).
@@ -188,7 +188,7 @@ impl<T: Transport> Participant<T> {
             trainer: None,
             audit,
             ledger: None,
-            identity: secure::identity(),
+            signer: None,
             secure: None,
             store_noise: None,
             outcome: Outcome {

@@ -4,11 +4,11 @@
 //! allows. Under secure aggregation nothing but masked integers leaves the store for a round.
 
 use super::Participant;
+use crate::identity::StoreSigner;
 use crate::policy::Refusal;
 use crate::transport::{AdvertisePlan, Enrollment, MaskedPlan, Transport, TransportError};
 use fedretail_core::secagg::ddg::{Calibrated, Encoder};
-use fedretail_core::secagg::keys::SigningKey;
-use fedretail_core::secagg::protocol::{Advertised, Client};
+use fedretail_core::secagg::protocol::{Advertised, Client, Identity, ProtocolError};
 use fedretail_core::secagg::round::task_noise;
 use rand::{CryptoRng, Rng};
 use std::collections::BTreeMap;
@@ -38,12 +38,6 @@ fn protocol(e: impl std::fmt::Display) -> TransportError {
     TransportError::Protocol(format!("secure aggregation: {e}"))
 }
 
-/// A store's identity key for signing its adverts.
-pub(super) fn identity() -> SigningKey {
-    let mut rng = fedretail_core::privacy::noise::os_seeded();
-    SigningKey::from_seed(&fedretail_core::secagg::keys::random_seed(&mut rng))
-}
-
 impl<T: Transport> Participant<T> {
     /// Step 1: checks the round against the task, makes and signs the round's keys.
     pub(super) async fn advertise(
@@ -67,12 +61,18 @@ impl<T: Transport> Participant<T> {
         {
             return Err(protocol("this client is not at its index in the cohort"));
         }
+        if self.signer.is_none() {
+            let key = self.transport.tls().map(|t| t.key_pem.as_slice());
+            self.signer = Some(StoreSigner::new(key).map_err(protocol)?);
+        }
+        let signer = self.signer.as_ref().expect("set above");
         let ctx = plan.params.context(plan.round_id);
         let mut rng = fedretail_core::privacy::noise::os_seeded();
-        let (client, advert) = Client::new(ctx, plan.index, &self.identity, &mut rng);
+        let (client, advert) = Client::new(ctx, plan.index, signer, &mut rng);
+        let bare_key = signer.bare_key();
         let vanish = self.vanish(plan.round_id);
         self.secure = Some(SecureRound { round_id: plan.round_id, client, vanish });
-        self.transport.advertise_keys(e, plan.round_id, advert, self.identity.public()).await
+        self.transport.advertise_keys(e, plan.round_id, advert, bare_key).await
     }
 
     /// The discrete Gaussian this store's task asks of it, by its own calibration (once per
@@ -128,19 +128,22 @@ impl<T: Transport> Participant<T> {
         &mut self,
         e: &Enrollment,
         round_id: u64,
-        adverts: Vec<(Advertised, [u8; 32])>,
+        adverts: Vec<(Advertised, Identity)>,
     ) -> Result<(), TransportError> {
         if self.vanished(round_id, Step::Share).await {
             return Ok(());
         }
-        let identities: BTreeMap<u32, [u8; 32]> =
-            adverts.iter().map(|(a, key)| (a.index, *key)).collect();
+        let identities: BTreeMap<u32, Identity> =
+            adverts.iter().map(|(a, id)| (a.index, id.clone())).collect();
         let adverts: Vec<Advertised> = adverts.into_iter().map(|(a, _)| a).collect();
+        let ca = self.transport.tls().map(|t| t.ca_pem.clone());
+        let verify = |i: u32, message: &[u8], signature: &[u8]| {
+            let id = identities.get(&i).ok_or(ProtocolError::NotNeighbour(i))?;
+            crate::identity::verify(ca.as_deref(), id, message, signature)
+        };
         let mut rng = fedretail_core::privacy::noise::os_seeded();
-        let sealed = self
-            .round(round_id)?
-            .share_keys(&adverts, |i| identities.get(&i).copied(), &mut rng)
-            .map_err(protocol)?;
+        let sealed =
+            self.round(round_id)?.share_keys(&adverts, verify, &mut rng).map_err(protocol)?;
         self.transport.share_keys(e, round_id, sealed).await
     }
 

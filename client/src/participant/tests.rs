@@ -75,7 +75,7 @@ impl Transport for Fake {
         _e: &Enrollment,
         _round: u64,
         advert: fedretail_core::secagg::protocol::Advertised,
-        _identity: [u8; 32],
+        _bare_key: Option<[u8; 32]>,
     ) -> Result<(), TransportError> {
         self.record.lock().unwrap().adverts.push(advert);
         Ok(())

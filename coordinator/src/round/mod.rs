@@ -150,7 +150,7 @@ pub enum Assignment {
         /// The round.
         round: RoundId,
         /// Each advertising neighbour's keys and the identity key they are signed with.
-        adverts: Vec<(Advertised, [u8; 32])>,
+        adverts: Vec<(Advertised, Identity)>,
     },
     /// Secure aggregation, step 4: reveal shares.
     Unmask {
@@ -163,7 +163,7 @@ pub enum Assignment {
     },
 }
 
-pub use fedretail_core::secagg::protocol::{Advertised, Revealed, Sealed};
+pub use fedretail_core::secagg::protocol::{Advertised, Identity, Revealed, Sealed};
 
 /// Secure aggregation, step 3: what a training client needs to mask its update.
 #[derive(Debug, Clone, PartialEq)]
@@ -453,7 +453,7 @@ pub(crate) enum Request {
         client: ClientId,
         round: RoundId,
         advert: Advertised,
-        identity: [u8; 32],
+        identity: Identity,
         reply: oneshot::Sender<Result<(), Reject>>,
     },
     Share {
@@ -614,7 +614,7 @@ impl RoundHandle {
         client: ClientId,
         round: RoundId,
         advert: Advertised,
-        identity: [u8; 32],
+        identity: Identity,
     ) -> Result<(), Reject> {
         self.ask(|reply| Request::Advertise { client, round, advert, identity, reply }).await?
     }

@@ -331,9 +331,21 @@ impl Training for TrainingService {
     ) -> Result<Response<pb::AdvertiseKeysResponse>, Status> {
         let handle =
             self.task_for(&request, request.get_ref().task_id, request.get_ref().client_id).await?;
+        // Over mTLS the store's identity is the certificate it proved it holds in the handshake:
+        // its neighbours verify the advert's signature with that certificate's key, so the
+        // coordinator can forward keys but not substitute them.
+        let certificate = if self.mtls {
+            let certs = request
+                .peer_certs()
+                .ok_or_else(|| Status::unauthenticated("a store certificate is required"))?;
+            certs.first().map(|c| c.as_ref().to_vec()).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let req = request.into_inner();
         let keys = pb::AdvertisedKeys {
             index: req.index,
+            certificate,
             signing_public_key: req.signing_public_key,
             signature: req.signature,
             cipher_public_key: req.cipher_public_key,

@@ -3,14 +3,14 @@
 //! mean of the survivors' inputs although the coordinator never saw one of them.
 
 use crate::support::{channel, start_secured};
+use fedretail_client::identity::{self, StoreSigner};
 use fedretail_client::transport::{Assignment, GrpcTransport, StoreTls, Transport};
 use fedretail_coordinator::config::Security;
 use fedretail_coordinator::pki::{self, Role};
 use fedretail_coordinator::tls::TlsFiles;
 use fedretail_core::plan::{ModelSpec, SecureAggregation, TaskSpec, TrainingPlan};
 use fedretail_core::secagg::ddg::Encoder;
-use fedretail_core::secagg::keys::{SigningKey, random_seed};
-use fedretail_core::secagg::protocol::Client;
+use fedretail_core::secagg::protocol::{Client, Identity};
 use fedretail_proto::pb;
 use rand::{RngExt, SeedableRng};
 use std::collections::BTreeMap;
@@ -37,7 +37,8 @@ async fn store(
     let mut t = GrpcTransport::with_tls(&url, &tls).unwrap();
     let e = t.enroll(&spec.name, "ignored").await.unwrap();
     let mut rng = fedretail_core::privacy::noise::os_seeded();
-    let identity = SigningKey::from_seed(&random_seed(&mut rng));
+    // The store signs its keys with its TLS key; neighbours check them against its certificate.
+    let signer = StoreSigner::new(Some(&tls.key_pem)).unwrap();
     let mut client: Option<Client> = None;
     loop {
         match t.next_assignment(&e).await.unwrap() {
@@ -49,19 +50,20 @@ async fn store(
                 plan.params.check(&spec, None).unwrap();
                 assert_eq!(plan.cohort[plan.index as usize], e.client_id);
                 let ctx = plan.params.context(plan.round_id);
-                let (c, advert) = Client::new(ctx, plan.index, &identity, &mut rng);
+                let (c, advert) = Client::new(ctx, plan.index, &signer, &mut rng);
                 client = Some(c);
-                t.advertise_keys(&e, plan.round_id, advert, identity.public()).await.unwrap();
+                t.advertise_keys(&e, plan.round_id, advert, signer.bare_key()).await.unwrap();
             }
             Assignment::ShareKeys { round_id, adverts } => {
-                let keys: BTreeMap<u32, [u8; 32]> =
-                    adverts.iter().map(|(a, k)| (a.index, *k)).collect();
+                let ids: BTreeMap<u32, Identity> =
+                    adverts.iter().map(|(a, id)| (a.index, id.clone())).collect();
+                assert!(ids.values().all(|id| matches!(id, Identity::Certificate(_))));
                 let adverts: Vec<_> = adverts.into_iter().map(|(a, _)| a).collect();
-                let sealed = client
-                    .as_mut()
-                    .unwrap()
-                    .share_keys(&adverts, |i| keys.get(&i).copied(), &mut rng)
-                    .unwrap();
+                let verify = |i: u32, message: &[u8], signature: &[u8]| {
+                    identity::verify(Some(&tls.ca_pem), &ids[&i], message, signature)
+                };
+                let sealed =
+                    client.as_mut().unwrap().share_keys(&adverts, verify, &mut rng).unwrap();
                 t.share_keys(&e, round_id, sealed).await.unwrap();
                 if vanish == Vanish::AfterSharing {
                     return None;

@@ -73,6 +73,10 @@ pub enum ProtocolError {
         /// t.
         threshold: usize,
     },
+    /// A neighbour's identity could not be established (its certificate does not verify or
+    /// is not a store's, or a bare key where a certificate is required).
+    #[error("a neighbour's identity: {0}")]
+    Identity(String),
     /// The coordinator asked for both shares of one client.
     #[error("asked to reveal both shares of client {0}; refused")]
     BothShares(u32),
@@ -96,6 +100,40 @@ pub enum ProtocolError {
     Order(&'static str),
 }
 
+/// What signs a client's advert: its store identity (the key of its mTLS certificate in a
+/// deployment, so the coordinator cannot substitute keys; [`SigningKey`] otherwise).
+pub trait Signer {
+    /// The signature of `message`.
+    fn sign_advert(&self, message: &[u8]) -> Vec<u8>;
+}
+
+impl Signer for SigningKey {
+    fn sign_advert(&self, message: &[u8]) -> Vec<u8> {
+        self.sign(message).to_vec()
+    }
+}
+
+/// Who a client is, as its neighbours check its advert: the certificate of its store (verified
+/// against the deployment's CA by the caller), or a bare Ed25519 key (tests and insecure
+/// mode, where nothing binds it to a store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// An Ed25519 public key.
+    Key([u8; 32]),
+    /// A DER certificate.
+    Certificate(Vec<u8>),
+}
+
+/// The verifier [`Client::share_keys`] takes, for bare Ed25519 identities by index.
+pub fn ed25519(
+    identity: impl Fn(u32) -> Option<[u8; 32]>,
+) -> impl Fn(u32, &[u8], &[u8]) -> Result<(), ProtocolError> {
+    move |index, message, signature| {
+        let key = identity(index).ok_or(ProtocolError::NotNeighbour(index))?;
+        Ok(keys::verify(&key, message, signature)?)
+    }
+}
+
 /// A client's advertised public keys, signed with its store identity key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Advertised {
@@ -105,8 +143,8 @@ pub struct Advertised {
     pub cipher_key: [u8; 32],
     /// X25519 key of its pairwise masks (from its pairwise-key seed).
     pub mask_key: [u8; 32],
-    /// Ed25519 over round, index and both keys.
-    pub signature: [u8; 64],
+    /// The store identity's signature over round, index and both keys.
+    pub signature: Vec<u8>,
 }
 
 fn advert_message(round: u64, index: u32, cipher: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
@@ -170,7 +208,7 @@ impl Client {
     pub fn new<R: Rng + CryptoRng + ?Sized>(
         ctx: RoundContext,
         index: u32,
-        identity: &SigningKey,
+        identity: &dyn Signer,
         rng: &mut R,
     ) -> (Client, Advertised) {
         let pairwise_seed = keys::random_seed(rng);
@@ -182,7 +220,7 @@ impl Client {
             index,
             cipher_key: c,
             mask_key: m,
-            signature: identity.sign(&advert_message(ctx.round, index, &c, &m)),
+            signature: identity.sign_advert(&advert_message(ctx.round, index, &c, &m)),
         };
         let client = Client {
             ctx,
@@ -200,9 +238,10 @@ impl Client {
         (client, advert)
     }
 
-    /// Step 2: checks the neighbours' adverts against their identity keys (`identity(index)`:
-    /// the key bound to that store's certificate), shares both seeds among them, and returns
-    /// one sealed message per neighbour. Adverts of non-neighbours are ignored.
+    /// Step 2: checks the neighbours' adverts with `verify(index, message, signature)` (against
+    /// the identity of that store: its certificate; see [`ed25519`] for bare keys), shares both
+    /// seeds among them, and returns one sealed message per neighbour. Adverts of
+    /// non-neighbours are ignored.
     ///
     /// # Errors
     ///
@@ -210,15 +249,14 @@ impl Client {
     pub fn share_keys<R: Rng + CryptoRng + ?Sized>(
         &mut self,
         adverts: &[Advertised],
-        identity: impl Fn(u32) -> Option<[u8; 32]>,
+        verify: impl Fn(u32, &[u8], &[u8]) -> Result<(), ProtocolError>,
         rng: &mut R,
     ) -> Result<Vec<Sealed>, ProtocolError> {
         let neighbours: BTreeSet<u32> =
             self.ctx.graph.neighbours(self.index as usize).into_iter().map(|i| i as u32).collect();
         for a in adverts.iter().filter(|a| neighbours.contains(&a.index)) {
-            let key = identity(a.index).ok_or(ProtocolError::NotNeighbour(a.index))?;
             let message = advert_message(self.ctx.round, a.index, &a.cipher_key, &a.mask_key);
-            keys::verify(&key, &message, &a.signature)?;
+            verify(a.index, &message, &a.signature)?;
             self.peers.insert(a.index, a.clone());
         }
         let t = self.ctx.threshold;

@@ -3,7 +3,9 @@
 
 mod secure;
 
-use super::{Assignment, MaskedUpload, Reject, Revealed, RoundSummary, TrainSummary, Upload};
+use super::{
+    Assignment, Identity, MaskedUpload, Reject, Revealed, RoundSummary, TrainSummary, Upload,
+};
 use fedretail_core::aggregate::{Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
@@ -813,7 +815,7 @@ impl Round {
         client: ClientId,
         round: RoundId,
         advert: super::Advertised,
-        identity: [u8; 32],
+        identity: Identity,
     ) -> Result<(), Reject> {
         self.try_secure(round, "keys", |r| {
             if !matches!(r.phase, Phase::Advertising { .. }) {

@@ -7,7 +7,7 @@
 //! ([`Unmasker`]).
 
 use super::Reject;
-use crate::round::{Advertised, MaskedTrain, Revealed, Sealed};
+use crate::round::{Advertised, Identity, MaskedTrain, Revealed, Sealed};
 use fedretail_core::ids::ClientId;
 use fedretail_core::secagg::protocol::{ProtocolError, Unmasker};
 use fedretail_core::secagg::round::RoundParams;
@@ -35,7 +35,7 @@ pub(crate) struct Secure {
     /// The cohort in index order.
     cohort: Arc<Vec<ClientId>>,
     index: BTreeMap<ClientId, u32>,
-    adverts: BTreeMap<u32, (Advertised, [u8; 32])>,
+    adverts: BTreeMap<u32, (Advertised, Identity)>,
     /// Sealed shares by recipient.
     inbox: BTreeMap<u32, Vec<Sealed>>,
     sharers: BTreeSet<u32>,
@@ -104,7 +104,7 @@ impl Secure {
         &mut self,
         client: ClientId,
         advert: Advertised,
-        identity: [u8; 32],
+        identity: Identity,
     ) -> Result<(), Reject> {
         let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
         if advert.index != i {
@@ -121,7 +121,7 @@ impl Secure {
     }
 
     /// What `client` needs for step 2: its advertising neighbours' keys.
-    pub(crate) fn neighbour_adverts(&self, client: ClientId) -> Vec<(Advertised, [u8; 32])> {
+    pub(crate) fn neighbour_adverts(&self, client: ClientId) -> Vec<(Advertised, Identity)> {
         let Some(i) = self.index(client) else { return Vec::new() };
         let graph = fedretail_core::secagg::graph::Graph::new(
             self.params.graph.n,

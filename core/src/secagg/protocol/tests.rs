@@ -57,7 +57,11 @@ fn run(drops: &[Vanish], k: usize, t: usize, bits: u32, len: usize, seed: u64) -
         if !alive(i, Vanish::BeforeSharing) {
             continue;
         }
-        if let Ok(s) = client.share_keys(&adverts, |j| public.get(j as usize).copied(), &mut rng) {
+        if let Ok(s) = client.share_keys(
+            &adverts,
+            super::ed25519(|j| public.get(j as usize).copied()),
+            &mut rng,
+        ) {
             sealed.extend(s);
             sharers.push(i as u32);
         }
@@ -186,8 +190,10 @@ fn ready_clients(n: usize) -> (Vec<Client>, Vec<Advertised>, Vec<[u8; 32]>, Vec<
     }
     let mut sealed = Vec::new();
     for c in &mut clients {
-        sealed
-            .extend(c.share_keys(&adverts, |j| public.get(j as usize).copied(), &mut rng).unwrap());
+        sealed.extend(
+            c.share_keys(&adverts, super::ed25519(|j| public.get(j as usize).copied()), &mut rng)
+                .unwrap(),
+        );
     }
     (clients, adverts, public, sealed)
 }
@@ -220,7 +226,7 @@ fn a_substituted_public_key_fails_the_signature_check() {
     let mut fresh =
         Client::new(clients[0].ctx.clone(), 0, &SigningKey::from_seed(&[1; 32]), &mut rng).0;
     assert_eq!(
-        fresh.share_keys(&adverts, |j| public.get(j as usize).copied(), &mut rng),
+        fresh.share_keys(&adverts, super::ed25519(|j| public.get(j as usize).copied()), &mut rng),
         Err(ProtocolError::Key(KeyError::Signature))
     );
 }
