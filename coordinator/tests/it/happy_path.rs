@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 const N_ITEMS: u32 = 60;
 
 /// Ratings from a rank-1 model: `3 + 1.5 * a_u * b_i`, 30 per user, every fifth held out.
-fn store(store: u32, users: u32) -> StoreRatings {
+pub(crate) fn store(store: u32, users: u32) -> StoreRatings {
     let user_keys: Vec<String> = (0..users).map(|u| format!("s{store}-u{u}")).collect();
     let mut data = MfData {
         user_seeds: user_keys.iter().map(|k| user_seed(k)).collect(),
@@ -33,6 +33,22 @@ fn store(store: u32, users: u32) -> StoreRatings {
     StoreRatings { user_keys, data }
 }
 
+/// The recommender the end-to-end runs train.
+pub(crate) fn mf_spec() -> MfSpec {
+    MfSpec {
+        n_items: N_ITEMS as usize,
+        dim: 4,
+        learning_rate: 0.05,
+        regularization: 0.02,
+        init_std: 0.1,
+        rating_min: 1.0,
+        rating_max: 5.0,
+        init_mean: 0.0,
+        local_item_offsets: None,
+        objective: fedretail_core::model::mf::Objective::Rating,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_stores_train_a_recommender_end_to_end() {
     let c = start_coordinator().await;
@@ -42,18 +58,7 @@ async fn three_stores_train_a_recommender_end_to_end() {
     p.eval_every = 1;
     let spec = TaskSpec {
         name: "mf".into(),
-        model: ModelSpec::MatrixFactorization(MfSpec {
-            n_items: N_ITEMS as usize,
-            dim: 4,
-            learning_rate: 0.05,
-            regularization: 0.02,
-            init_std: 0.1,
-            rating_min: 1.0,
-            rating_max: 5.0,
-            init_mean: 0.0,
-            local_item_offsets: None,
-            objective: fedretail_core::model::mf::Objective::Rating,
-        }),
+        model: ModelSpec::MatrixFactorization(mf_spec()),
         plan: p,
         privacy: None,
     };

@@ -172,3 +172,199 @@ async fn ten_stores_with_three_vanishing_mid_round_commit_the_survivors_exact_me
     }
     c.stop().await;
 }
+
+/// Everything a store hands its transport, recorded on the way to the wire.
+#[derive(Default)]
+struct Captured {
+    plaintext_uploads: usize,
+    masked: Vec<Vec<u32>>,
+    reports: usize,
+}
+
+struct Capture {
+    inner: GrpcTransport,
+    seen: std::sync::Arc<std::sync::Mutex<Captured>>,
+}
+
+impl Transport for Capture {
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+    fn tls(&self) -> Option<&StoreTls> {
+        self.inner.tls()
+    }
+    async fn enroll(
+        &mut self,
+        task: &str,
+        store: &str,
+    ) -> Result<fedretail_client::transport::Enrollment, fedretail_client::transport::TransportError>
+    {
+        self.inner.enroll(task, store).await
+    }
+    async fn next_assignment(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+    ) -> Result<Assignment, fedretail_client::transport::TransportError> {
+        self.inner.next_assignment(e).await
+    }
+    async fn fetch_model(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        version: u64,
+        n: usize,
+    ) -> Result<Vec<f32>, fedretail_client::transport::TransportError> {
+        self.inner.fetch_model(e, version, n).await
+    }
+    async fn upload(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        round: u64,
+        update: fedretail_core::privacy::Contribution,
+        summary: fedretail_client::transport::UpdateSummary,
+    ) -> Result<(), fedretail_client::transport::TransportError> {
+        self.seen.lock().unwrap().plaintext_uploads += 1;
+        self.inner.upload(e, round, update, summary).await
+    }
+    async fn report(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        round: u64,
+        sums: fedretail_core::model::metrics::EvalSums,
+    ) -> Result<(), fedretail_client::transport::TransportError> {
+        self.seen.lock().unwrap().reports += 1;
+        self.inner.report(e, round, sums).await
+    }
+    async fn advertise_keys(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        round: u64,
+        advert: fedretail_core::secagg::protocol::Advertised,
+        bare_key: Option<[u8; 32]>,
+    ) -> Result<(), fedretail_client::transport::TransportError> {
+        self.inner.advertise_keys(e, round, advert, bare_key).await
+    }
+    async fn share_keys(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        round: u64,
+        sealed: Vec<fedretail_core::secagg::protocol::Sealed>,
+    ) -> Result<(), fedretail_client::transport::TransportError> {
+        self.inner.share_keys(e, round, sealed).await
+    }
+    async fn upload_masked(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        round: u64,
+        values: Vec<u32>,
+    ) -> Result<(), fedretail_client::transport::TransportError> {
+        self.seen.lock().unwrap().masked.push(values.clone());
+        self.inner.upload_masked(e, round, values).await
+    }
+    async fn unmask(
+        &mut self,
+        e: &fedretail_client::transport::Enrollment,
+        round: u64,
+        revealed: Vec<fedretail_core::secagg::protocol::Revealed>,
+    ) -> Result<(), fedretail_client::transport::TransportError> {
+        self.inner.unmask(e, round, revealed).await
+    }
+}
+
+/// Issue 12: what a store sends in a secure-aggregation task, captured at its transport, is
+/// never a plaintext update: no plaintext upload at all, and every masked upload is uniform
+/// (a chi-square test on each value's top four bits), where the quantised update itself would
+/// sit next to zero. The recommender still learns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_sends_nothing_but_masked_integers_in_a_secure_aggregation_task() {
+    use fedretail_client::participant::{LocalData, Participant, ParticipantConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pki = pki::ephemeral(dir.path(), &refs, &[("otto", Role::Operator)]).unwrap();
+    let security = Security::Mtls(TlsFiles {
+        ca: pki.ca_cert(),
+        cert: pki.coordinator_cert(),
+        key: pki.coordinator_key(),
+        revoked: None,
+    });
+    let c = start_secured(None, security).await;
+    let spec = TaskSpec {
+        name: "masked-mf".into(),
+        model: ModelSpec::MatrixFactorization(crate::happy_path::mf_spec()),
+        plan: TrainingPlan {
+            local_epochs: 3,
+            clip_norm: 10.0,
+            eval_every: 1,
+            weight_by_examples: false,
+            secure_aggregation: SecureAggregation::SecAggPlus,
+            ..TrainingPlan::new(6, 4, 4, 1.0)
+        },
+        privacy: None,
+    };
+    let (cert, key) = pki.admin("otto");
+    let admin = pb::admin_client::AdminClient::new(
+        channel(&c.admin_url, &pki.ca_cert(), Some((&cert, &key))).await.unwrap(),
+    );
+    let task_id = crate::support::create_task_over(&admin, &spec).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Captured::default()));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut joins = Vec::new();
+    for (s, name) in names.iter().enumerate() {
+        let (cert, key) = pki.store(name);
+        let tls = StoreTls {
+            ca_pem: std::fs::read(pki.ca_cert()).unwrap(),
+            cert_pem: std::fs::read(cert).unwrap(),
+            key_pem: std::fs::read(key).unwrap(),
+        };
+        let transport =
+            Capture { inner: GrpcTransport::with_tls(&c.url, &tls).unwrap(), seen: seen.clone() };
+        let config = ParticipantConfig {
+            task: spec.name.clone(),
+            store_name: name.clone(),
+            state_dir: None,
+            max_backoff: std::time::Duration::from_millis(200),
+            seeded_privacy: false,
+            dropout: 0.0,
+            policy: fedretail_client::policy::StorePolicy::permissive(),
+        };
+        let data = LocalData::Ratings(crate::happy_path::store(s as u32, 12));
+        joins.push(tokio::spawn(Participant::new(transport, config, data).run(cancel.clone())));
+    }
+    for j in joins {
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(120), j)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.state, "finished", "{}", outcome.reason);
+        assert_eq!(outcome.rounds_trained, 6);
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.plaintext_uploads, 0, "no plaintext update ever left a store");
+    assert_eq!(seen.masked.len(), 4 * 6);
+    let n_params = spec.upload_len();
+    for masked in &seen.masked {
+        assert_eq!(masked.len(), n_params.next_power_of_two());
+        let mut bins = [0f64; 16];
+        for v in masked {
+            bins[(v >> 28) as usize] += 1.0;
+        }
+        let expected = masked.len() as f64 / 16.0;
+        let chi2: f64 = bins.iter().map(|o| (o - expected).powi(2) / expected).sum();
+        // 15 degrees of freedom: above 60 has probability below 1e-6 for a uniform upload; a
+        // quantised update (values next to 0 mod 2^32) lands in two bins.
+        assert!(chi2 < 60.0, "a masked upload is not uniform: chi2 {chi2:.1}");
+    }
+    let status = admin
+        .clone()
+        .get_task(pb::GetTaskRequest { task_id, max_rounds: 100 })
+        .await
+        .unwrap()
+        .into_inner();
+    let rmse = |r: &pb::RoundStatus| {
+        fedretail_core::model::metrics::EvalSums::try_from(r.eval.unwrap()).unwrap().rmse()
+    };
+    let (last, first) = (rmse(&status.rounds[0]), rmse(&status.rounds[5]));
+    assert!(last < 0.9 * first, "the masked rounds train the model: {first} -> {last}");
+    cancel.cancel();
+}
