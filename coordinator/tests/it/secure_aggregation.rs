@@ -339,7 +339,7 @@ async fn a_store_sends_nothing_but_masked_integers_in_a_secure_aggregation_task(
         assert_eq!(outcome.state, "finished", "{}", outcome.reason);
         assert_eq!(outcome.rounds_trained, 6);
     }
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(seen.plaintext_uploads, 0, "no plaintext update ever left a store");
     assert_eq!(seen.masked.len(), 4 * 6);
     let n_params = spec.upload_len();
