@@ -242,6 +242,14 @@ impl<T: Transport> Participant<T> {
             backoff.attempt = 0;
             tracing::info!(client_id = enrollment.client_id, task_id = enrollment.task_id, store = %self.config.store_name, "enrolled");
             self.check_task(&enrollment)?;
+            // Under secure aggregation with distributed noise the store calibrates its own
+            // discrete Gaussian once, now, rather than inside a round's first deadline.
+            if enrollment.spec.as_ref().is_some_and(|s| s.plan.secure_aggregation.is_on())
+                && let Err(message) = self.store_noise(&enrollment).await
+            {
+                let refusal = crate::policy::Refusal { rule: "secure_aggregation", message };
+                return Err(ParticipantError::Refused { task: self.config.task.clone(), refusal });
+            }
             self.prepare(&enrollment)?;
             loop {
                 let result = tokio::select! {

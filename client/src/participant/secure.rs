@@ -77,7 +77,7 @@ impl<T: Transport> Participant<T> {
 
     /// The discrete Gaussian this store's task asks of it, by its own calibration (once per
     /// task: a fraction of a second of accounting, off the reactor).
-    async fn store_noise(&mut self, e: &Enrollment) -> Result<Option<Calibrated>, String> {
+    pub(super) async fn store_noise(&mut self, e: &Enrollment) -> Result<Option<Calibrated>, String> {
         if let Some((task, noise)) = &self.store_noise
             && *task == e.task_id
         {
