@@ -331,6 +331,9 @@ configure_timeout_secs = 60.0
 collect_timeout_secs = 120.0
 evaluate_timeout_secs = 60.0
 seed = 42
+secure_aggregation = "off"      # "secagg+": the coordinator sees only the sum of masked updates
+                                # (needs min_clients >= 3; with noise_placement = "distributed"
+                                # the stores add the noise themselves)
 
 [plan.server_optimizer]
 kind = "fed_avg"                # or fed_avg_m (momentum), fed_adam (beta1, beta2, tau)
