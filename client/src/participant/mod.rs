@@ -664,7 +664,8 @@ impl<T: Transport> Participant<T> {
                 } else {
                     noise::os_seeded()
                 };
-                Some(self.mask(plan.round_id, m, update.values(), &mut rng)?)
+                let per_customer = plan.privacy.is_some_and(|t| t.per_customer);
+                Some(self.mask(plan.round_id, m, &update, per_customer, &mut rng)?)
             }
             None => None,
         };

@@ -7,6 +7,7 @@ use super::Participant;
 use crate::identity::StoreSigner;
 use crate::policy::Refusal;
 use crate::transport::{AdvertisePlan, Enrollment, MaskedPlan, Transport, TransportError};
+use fedretail_core::privacy::Contribution;
 use fedretail_core::secagg::ddg::{Calibrated, Encoder};
 use fedretail_core::secagg::protocol::{Advertised, Client, Identity, ProtocolError};
 use fedretail_core::secagg::round::task_noise;
@@ -77,7 +78,10 @@ impl<T: Transport> Participant<T> {
 
     /// The discrete Gaussian this store's task asks of it, by its own calibration (once per
     /// task: a fraction of a second of accounting, off the reactor).
-    pub(super) async fn store_noise(&mut self, e: &Enrollment) -> Result<Option<Calibrated>, String> {
+    pub(super) async fn store_noise(
+        &mut self,
+        e: &Enrollment,
+    ) -> Result<Option<Calibrated>, String> {
         if let Some((task, noise)) = &self.store_noise
             && *task == e.task_id
         {
@@ -148,15 +152,19 @@ impl<T: Transport> Participant<T> {
     }
 
     /// Step 3's encoding and masking of a clipped update: quantised, noised with the round's
-    /// discrete Gaussian, masked.
+    /// discrete Gaussian, masked. Under conditional rounding (β > 0) each unit is rounded on
+    /// its own: a customer sum (`per_customer`) customer by customer, so that one customer
+    /// moves the store's integers by at most the bound the noise was calibrated for.
     pub(super) fn mask<R: Rng + CryptoRng + ?Sized>(
         &mut self,
         round_id: u64,
         plan: &MaskedPlan,
-        values: &[f32],
+        update: &Contribution,
+        per_customer: bool,
         rng: &mut R,
     ) -> Result<Vec<u32>, TransportError> {
         let p = &plan.params;
+        let values = update.values();
         if values.len() != p.input_len {
             return Err(protocol(format!(
                 "the update has {} values, the round {}",
@@ -164,7 +172,24 @@ impl<T: Transport> Participant<T> {
                 p.input_len
             )));
         }
-        let encoded = Encoder::new(p.ddg, p.rotation_seed, p.input_len).encode(values, rng);
+        let encoder = Encoder::new(p.ddg, p.rotation_seed, p.input_len);
+        let encoded = if per_customer && p.ddg.beta > 0.0 {
+            let mut sum = vec![0i64; encoder.padded_len()];
+            let mut dense = vec![0f32; p.input_len];
+            for part in update.parts() {
+                dense.iter_mut().for_each(|v| *v = 0.0);
+                for &(i, v) in part {
+                    let slot = dense.get_mut(i as usize).ok_or_else(|| protocol("coordinate"))?;
+                    *slot = v as f32;
+                }
+                for (s, r) in sum.iter_mut().zip(encoder.round(&dense, rng)) {
+                    *s += r;
+                }
+            }
+            encoder.finish(&sum, rng)
+        } else {
+            encoder.encode(values, rng)
+        };
         self.round(round_id)?.masked_input(&plan.shares, &encoded).map_err(protocol)
     }
 

@@ -15,6 +15,9 @@ pub struct Contribution {
     norm_before_clip: f64,
     unclipped: f64,
     private: bool,
+    /// Customer sums: each customer's clipped contribution, sparse (see
+    /// [`CustomerSum::parts`]).
+    parts: Vec<Vec<(u32, f64)>>,
 }
 
 impl Contribution {
@@ -27,18 +30,27 @@ impl Contribution {
             norm_before_clip: norm,
             unclipped,
             private: false,
+            parts: Vec::new(),
         }
     }
 
     /// A store's sum of clipped per-customer contributions.
-    pub fn customers(sum: CustomerSum) -> Contribution {
+    pub fn customers(mut sum: CustomerSum) -> Contribution {
         let unclipped = sum.n_unclipped() as f64;
+        let parts = sum.take_parts();
         Contribution {
             values: sum.into_sum().into_iter().map(|v| v as f32).collect(),
             norm_before_clip: 0.0,
             unclipped,
             private: false,
+            parts,
         }
+    }
+
+    /// A customer sum's contributions one by one (sparse; empty for a single update or the
+    /// ranking objective).
+    pub fn parts(&self) -> &[Vec<(u32, f64)>] {
+        &self.parts
     }
 
     /// Adds `N(0, std²)` to every value and `N(0, count_std²)` to the unclipped count, from a

@@ -153,6 +153,12 @@ pub fn task_noise(spec: &TaskSpec) -> Result<Option<Calibrated>, String> {
         return Ok(None);
     }
     let (clip, contributions) = sensitivity(spec);
+    // Stores round each unit's contribution on its own (KLS21's conditional rounding), except
+    // the ranking recommender under customer-level privacy, whose contributions carry
+    // statistics as well: its stores round their sum once, under the worst-case bound.
+    let ranking_customers = p.unit == PrivacyUnit::Customer
+        && matches!(&spec.model, crate::plan::ModelSpec::MatrixFactorization(mf)
+            if mf.objective.is_ranking());
     let plan = DdgPlan {
         target_epsilon: p.target_epsilon,
         delta: p.delta,
@@ -163,7 +169,7 @@ pub fn task_noise(spec: &TaskSpec) -> Result<Option<Calibrated>, String> {
         len: spec.upload_len(),
         bits: DDG_BITS,
         contributions,
-        conditional: false,
+        conditional: !ranking_customers,
     };
     ddg::calibrate(&plan).map(Some).map_err(|e| format!("distributed discrete Gaussian: {e}"))
 }

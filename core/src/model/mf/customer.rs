@@ -37,6 +37,10 @@ pub struct CustomerSum {
     n_sampled: usize,
     n_unclipped: usize,
     mean_loss: f64,
+    /// Each sampled customer's clipped contribution on its own, sparse (coordinate, value):
+    /// what the distributed discrete Gaussian rounds one by one. Empty for the ranking
+    /// objective, whose contributions also carry statistics.
+    parts: Vec<Vec<(u32, f64)>>,
 }
 
 impl CustomerSum {
@@ -47,7 +51,17 @@ impl CustomerSum {
         n_unclipped: usize,
         mean_loss: f64,
     ) -> CustomerSum {
-        CustomerSum { sum, n_sampled, n_unclipped, mean_loss }
+        CustomerSum { sum, n_sampled, n_unclipped, mean_loss, parts: Vec::new() }
+    }
+
+    /// Each sampled customer's clipped contribution, sparse (empty for the ranking objective).
+    pub fn parts(&self) -> &[Vec<(u32, f64)>] {
+        &self.parts
+    }
+
+    /// Takes the contributions out.
+    pub fn take_parts(&mut self) -> Vec<Vec<(u32, f64)>> {
+        std::mem::take(&mut self.parts)
     }
 
     /// Σ over sampled customers of their clipped contribution (length [`crate::plan::TaskSpec::upload_len`]:
@@ -136,6 +150,7 @@ impl MfModel {
             n_sampled: sample.members.len(),
             n_unclipped: 0,
             mean_loss: 0.0,
+            parts: Vec::new(),
         };
         let factors = self.item_factors(global);
         let (mut loss, mut n_loss) = (0.0, 0usize);
@@ -214,14 +229,21 @@ impl MfModel {
             if norm <= f64::from(clip_norm) {
                 out.n_unclipped += 1;
             }
+            let mut part = Vec::with_capacity(items.len() * (1 + dim));
             for (slot, &i) in items.iter().enumerate() {
                 let i = i as usize;
-                out.sum[1 + i] += scale * f64::from(d_bias[slot]);
+                let b = scale * f64::from(d_bias[slot]);
+                out.sum[1 + i] += b;
+                part.push(((1 + i) as u32, b));
                 let row = 1 + n_items + i * dim;
-                for (s, &d) in out.sum[row..row + dim].iter_mut().zip(d_rows.row(slot)) {
+                for (k, (s, &d)) in
+                    out.sum[row..row + dim].iter_mut().zip(d_rows.row(slot)).enumerate()
+                {
                     *s += scale * f64::from(d);
+                    part.push(((row + k) as u32, scale * f64::from(d)));
                 }
             }
+            out.parts.push(part);
         }
         out.mean_loss = if n_loss == 0 { 0.0 } else { loss / n_loss as f64 };
         out

@@ -167,3 +167,31 @@ fn local_item_offsets_shrink_the_store_residual() {
         (plain.evaluate(&global, &local, &data, 0), model.evaluate(&global, &local, &data, 0));
     assert!((before.rmse() - 1.0).abs() < 1e-9 && (after.rmse() - 0.5).abs() < 1e-9);
 }
+
+/// Issue 12: a customer-level round keeps each sampled customer's clipped contribution on its
+/// own (what the distributed discrete Gaussian rounds one by one): one per sampled customer,
+/// each within the clipping norm, adding up to the store's sum.
+#[test]
+fn customer_parts_are_clipped_and_add_up_to_the_sum() {
+    let data = synthetic(40, 50, 20, 3);
+    let model = MfModel::new(spec(50, 2));
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(4);
+    let global = model.init_global(&mut rng);
+    let mut local = model.init_local(&data, None);
+    let by_user = RatingsByUser::new(&data);
+    let clip = 0.05;
+    let round = model.customer_round(&global, &mut local, &data, &by_user, 0.5, 2, clip, &mut rng);
+    assert_eq!(round.parts().len(), round.n_sampled());
+    assert!(round.n_sampled() > 5);
+    let mut total = vec![0.0; round.sum().len()];
+    for part in round.parts() {
+        let norm = part.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
+        assert!(norm <= f64::from(clip) + 1e-9, "{norm}");
+        for &(i, v) in part {
+            total[i as usize] += v;
+        }
+    }
+    for (a, b) in total.iter().zip(round.sum()) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+}
