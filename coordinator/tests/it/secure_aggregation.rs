@@ -17,6 +17,32 @@ use std::collections::BTreeMap;
 
 const N_PARAMS: usize = 300;
 
+/// A coordinator over mTLS with a throwaway PKI: certificates for `stores` and an operator.
+struct Deployment {
+    _dir: tempfile::TempDir,
+    pki: pki::PkiDir,
+    c: crate::support::TestCoordinator,
+    admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
+}
+
+async fn deployment(stores: &[String]) -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&str> = stores.iter().map(String::as_str).collect();
+    let pki = pki::ephemeral(dir.path(), &refs, &[("otto", Role::Operator)]).unwrap();
+    let security = Security::Mtls(TlsFiles {
+        ca: pki.ca_cert(),
+        cert: pki.coordinator_cert(),
+        key: pki.coordinator_key(),
+        revoked: None,
+    });
+    let c = start_secured(None, security).await;
+    let (cert, key) = pki.admin("otto");
+    let admin = pb::admin_client::AdminClient::new(
+        channel(&c.admin_url, &pki.ca_cert(), Some((&cert, &key))).await.unwrap(),
+    );
+    Deployment { _dir: dir, pki, c, admin }
+}
+
 /// Where a store stops taking part.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Vanish {
@@ -95,17 +121,8 @@ async fn store(
 
 #[tokio::test]
 async fn ten_stores_with_three_vanishing_mid_round_commit_the_survivors_exact_mean() {
-    let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let pki = pki::ephemeral(dir.path(), &refs, &[("otto", Role::Operator)]).unwrap();
-    let security = Security::Mtls(TlsFiles {
-        ca: pki.ca_cert(),
-        cert: pki.coordinator_cert(),
-        key: pki.coordinator_key(),
-        revoked: None,
-    });
-    let c = start_secured(None, security).await;
+    let Deployment { _dir, pki, c, admin } = deployment(&names).await;
     let spec = TaskSpec {
         name: "sa".into(),
         model: ModelSpec::Bench { n_params: N_PARAMS },
@@ -120,10 +137,6 @@ async fn ten_stores_with_three_vanishing_mid_round_commit_the_survivors_exact_me
         },
         privacy: None,
     };
-    let (cert, key) = pki.admin("otto");
-    let admin = pb::admin_client::AdminClient::new(
-        channel(&c.admin_url, &pki.ca_cert(), Some((&cert, &key))).await.unwrap(),
-    );
     crate::support::create_task_over(&admin, &spec).await.unwrap();
 
     // Inputs within the clipping norm; one store vanishes before advertising its keys, two
@@ -140,11 +153,7 @@ async fn ten_stores_with_three_vanishing_mid_round_commit_the_survivors_exact_me
     let mut handles = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         let (cert, key) = pki.store(&names[i]);
-        let tls = StoreTls {
-            ca_pem: std::fs::read(pki.ca_cert()).unwrap(),
-            cert_pem: std::fs::read(cert).unwrap(),
-            key_pem: std::fs::read(key).unwrap(),
-        };
+        let tls = StoreTls::read(&pki.ca_cert(), &cert, &key).unwrap();
         handles.push(tokio::spawn(store(
             c.url.clone(),
             tls,
@@ -277,17 +286,8 @@ impl Transport for Capture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_sends_nothing_but_masked_integers_in_a_secure_aggregation_task() {
     use fedretail_client::participant::{LocalData, Participant, ParticipantConfig};
-    let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = (0..4).map(|i| format!("m{i}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let pki = pki::ephemeral(dir.path(), &refs, &[("otto", Role::Operator)]).unwrap();
-    let security = Security::Mtls(TlsFiles {
-        ca: pki.ca_cert(),
-        cert: pki.coordinator_cert(),
-        key: pki.coordinator_key(),
-        revoked: None,
-    });
-    let c = start_secured(None, security).await;
+    let Deployment { _dir, pki, c, admin } = deployment(&names).await;
     let spec = TaskSpec {
         name: "masked-mf".into(),
         model: ModelSpec::MatrixFactorization(crate::happy_path::mf_spec()),
@@ -301,21 +301,13 @@ async fn a_store_sends_nothing_but_masked_integers_in_a_secure_aggregation_task(
         },
         privacy: None,
     };
-    let (cert, key) = pki.admin("otto");
-    let admin = pb::admin_client::AdminClient::new(
-        channel(&c.admin_url, &pki.ca_cert(), Some((&cert, &key))).await.unwrap(),
-    );
     let task_id = crate::support::create_task_over(&admin, &spec).await.unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Captured::default()));
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut joins = Vec::new();
     for (s, name) in names.iter().enumerate() {
         let (cert, key) = pki.store(name);
-        let tls = StoreTls {
-            ca_pem: std::fs::read(pki.ca_cert()).unwrap(),
-            cert_pem: std::fs::read(cert).unwrap(),
-            key_pem: std::fs::read(key).unwrap(),
-        };
+        let tls = StoreTls::read(&pki.ca_cert(), &cert, &key).unwrap();
         let transport =
             Capture { inner: GrpcTransport::with_tls(&c.url, &tls).unwrap(), seen: seen.clone() };
         let config = ParticipantConfig {
