@@ -354,7 +354,7 @@ impl Driver {
                 let client = upload.client;
                 let state = self.state;
                 let result = self.known(client).and_then(|()| match self.round.as_mut() {
-                    Some(r) => r.masked_upload(upload),
+                    Some(r) => r.masked_upload(now, upload),
                     None => Err(no_round(state, upload.round)),
                 });
                 log_reject(client, "masked upload", &result);

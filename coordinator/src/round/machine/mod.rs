@@ -217,6 +217,9 @@ pub(crate) struct Round {
     unclipped_sum: f64,
     /// Secure aggregation's state, from the cohort's draw on.
     secure: Option<Secure>,
+    /// The latest instant the driver passed in (the machine reads no clock): deadlines set by
+    /// a request that has no time of its own start from it.
+    clock: Instant,
     /// Under secure aggregation with distributed noise: the stores' discrete Gaussian.
     store_noise: Option<Arc<fedretail_core::secagg::ddg::Calibrated>>,
     /// A charge the driver must write although the round failed (a Poisson draw below the
@@ -274,6 +277,7 @@ impl Round {
             unclipped_sum: 0.0,
             charge_on_failure: None,
             secure: None,
+            clock: now,
             store_noise: None,
             spec,
         }
@@ -461,6 +465,7 @@ impl Round {
     /// Advances on time: samples the cohort once enough clients are connected, and handles
     /// deadlines. `connected` are the clients seen recently, in any order.
     pub(crate) fn tick(&mut self, now: Instant, connected: &[ClientId]) {
+        self.clock = self.clock.max(now);
         let plan = &self.spec.plan;
         match self.phase {
             Phase::Selecting { deadline } => {
@@ -559,6 +564,7 @@ impl Round {
 
     /// What `client` should do now. Handing out the training plan counts as the client's ack.
     pub(crate) fn poll(&mut self, now: Instant, client: ClientId) -> Assignment {
+        self.clock = self.clock.max(now);
         let plan = &self.spec.plan;
         match self.phase {
             Phase::Configuring { .. } | Phase::Collecting { .. }
@@ -767,7 +773,7 @@ impl Round {
         if matches!(self.phase, Phase::Collecting { .. })
             && self.uploaded.len() == self.cohort.len()
         {
-            self.close_uploads(Instant::now());
+            self.close_uploads(self.clock);
         }
     }
 
@@ -851,8 +857,13 @@ impl Round {
         })
     }
 
-    /// Secure aggregation, step 3: a masked upload.
-    pub(crate) fn masked_upload(&mut self, upload: MaskedUpload) -> Result<(), Reject> {
+    /// Secure aggregation, step 3: a masked upload at `now`.
+    pub(crate) fn masked_upload(
+        &mut self,
+        now: Instant,
+        upload: MaskedUpload,
+    ) -> Result<(), Reject> {
+        self.clock = self.clock.max(now);
         self.try_secure(upload.round, "masked uploads", |r| {
             r.check_upload(upload.client, upload.round)?;
             r.secure.as_mut().expect("checked by try_secure").add(upload.client, &upload.values)?;

@@ -406,3 +406,105 @@ fn ranking_uploads_under_customer_privacy_carry_the_statistics() {
     );
     r.upload(upload(1, round, vec![0.01; n_params + stats])).unwrap();
 }
+
+/// Issue 12: the secure-aggregation phases, pure, with time passed in. Of six stores, one
+/// never advertises (Advertising closes at its deadline with a quorum), one shares keys and
+/// never uploads (Collecting closes at its deadline; its masks are recovered), and the
+/// survivors' revealed shares unmask exactly the sum of their quantised inputs. A plaintext
+/// upload is refused in such a round.
+#[test]
+fn secure_aggregation_phases_close_on_deadlines_with_a_quorum_and_unmask_the_survivors() {
+    use fedretail_core::secagg::keys::SigningKey;
+    use fedretail_core::secagg::protocol::{Client, Identity, ed25519};
+    let mut plan = (*spec(6, 3, 1)).clone();
+    plan.plan.secure_aggregation = fedretail_core::plan::SecureAggregation::SecAggPlus;
+    plan.plan.weight_by_examples = false;
+    let t0 = Instant::now();
+    let mut r = Round::new(RoundId(1), 1, Arc::new(plan), ModelVersion(0), t0, 7);
+    r.tick(t0, &clients(6));
+    assert_eq!(r.phase().name(), "Advertising");
+    let mut rng = fedretail_core::privacy::noise::os_seeded();
+    let ids: Vec<SigningKey> = (0..6u8).map(|i| SigningKey::from_seed(&[i + 1; 32])).collect();
+    let mut parties: Vec<Option<Client>> = (0..6).map(|_| None).collect();
+    let mut params = None;
+    for c in 1..=5u64 {
+        let Assignment::Advertise { round, params: p, index, .. } = r.poll(t0, ClientId(c)) else {
+            panic!("expected keys")
+        };
+        let (client, advert) =
+            Client::new(p.context(round.0), index, &ids[index as usize], &mut rng);
+        parties[index as usize] = Some(client);
+        r.advertise(t0, ClientId(c), round, advert, Identity::Key(ids[index as usize].public()))
+            .unwrap();
+        params = Some(p);
+    }
+    let params = params.unwrap();
+    assert_eq!(r.phase().name(), "Advertising", "waits for the sixth until the deadline");
+    let t1 = t0 + Duration::from_secs(11);
+    r.tick(t1, &clients(6));
+    assert_eq!(r.phase().name(), "Sharing");
+    for c in 1..=5u64 {
+        let Assignment::ShareKeys { round, adverts } = r.poll(t1, ClientId(c)) else {
+            panic!("expected shares")
+        };
+        let keys: std::collections::BTreeMap<u32, [u8; 32]> = adverts
+            .iter()
+            .map(|(a, id)| match id {
+                Identity::Key(k) => (a.index, *k),
+                Identity::Certificate(_) => unreachable!(),
+            })
+            .collect();
+        let list: Vec<_> = adverts.into_iter().map(|(a, _)| a).collect();
+        let index = (c - 1) as usize; // clients 1..=6 sort to indices 0..=5
+        let sealed = parties[index]
+            .as_mut()
+            .unwrap()
+            .share_keys(&list, ed25519(|i| keys.get(&i).copied()), &mut rng)
+            .unwrap();
+        r.share(t1, ClientId(c), round, sealed).unwrap();
+    }
+    assert_eq!(r.phase().name(), "Collecting", "every advertiser shared");
+    let plain = upload(1, RoundId(1), vec![0.1; N]);
+    assert!(matches!(r.upload(plain), Err(Reject::Malformed(_))), "only masked uploads");
+    let mut expected = vec![0u32; params.masked_len()];
+    for c in 1..=4u64 {
+        let Assignment::Train { masked: Some(m), round, .. } = r.poll(t1, ClientId(c)) else {
+            panic!("expected a masked plan")
+        };
+        let input: Vec<u32> = (0..params.masked_len() as u32).map(|j| j * 7 + c as u32).collect();
+        fedretail_core::secagg::sum::add_wrapping(&mut expected, &input);
+        let y =
+            parties[(c - 1) as usize].as_mut().unwrap().masked_input(&m.shares, &input).unwrap();
+        let masked = MaskedUpload {
+            client: ClientId(c),
+            round,
+            values: y,
+            summary: TrainSummary::default(),
+        };
+        r.masked_upload(t1, masked).unwrap();
+    }
+    let t2 = t1 + Duration::from_secs(21);
+    r.tick(t2, &clients(6));
+    assert_eq!(r.phase().name(), "Unmasking");
+    for c in 1..=4u64 {
+        let Assignment::Unmask { round, survivors, dropped } = r.poll(t2, ClientId(c)) else {
+            panic!("expected unmasking")
+        };
+        assert_eq!((survivors.as_slice(), dropped.as_slice()), (&[0, 1, 2, 3][..], &[4][..]));
+        let revealed =
+            parties[(c - 1) as usize].as_mut().unwrap().unmask(&survivors, &dropped).unwrap();
+        r.reveal(ClientId(c), round, revealed).unwrap();
+    }
+    let mut outputs = r.take_outputs();
+    assert_eq!(outputs.len(), 1);
+    let Some(Output::Compute(Sum::Masked(masked), None)) = outputs.pop() else {
+        panic!("expected one masked compute")
+    };
+    let summary = r.summary().secure.unwrap();
+    assert_eq!(
+        (summary.cohort, summary.dropped_before_advertising, summary.dropped_before_upload),
+        (6, 1, 1)
+    );
+    let sum = masked.unmasker.finish(&masked.revealed).unwrap();
+    assert_eq!(sum, expected, "the survivors' inputs, summed mod 2^32");
+}
