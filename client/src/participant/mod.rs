@@ -669,16 +669,20 @@ impl<T: Transport> Participant<T> {
             }
             None => None,
         };
-        let sent: Vec<f32> = match &masked {
-            Some(m) => m.iter().map(|&v| f32::from_bits(v)).collect(),
-            None => update.values().to_vec(),
+        // The words sent: the same 4-byte little-endian encoding either way.
+        let (n_sent, sha256) = match &masked {
+            Some(m) => {
+                let words: Vec<f32> = m.iter().map(|&v| f32::from_bits(v)).collect();
+                (words.len(), fedretail_core::update::sha256_f32s(&words))
+            }
+            None => (update.values().len(), fedretail_core::update::sha256_f32s(update.values())),
         };
         self.audit(&Entry::Update {
             task_id: e.task_id,
             round_id: plan.round_id,
-            n_params: sent.len(),
-            n_bytes: sent.len() * 4,
-            sha256: hex(&fedretail_core::update::sha256_f32s(&sent)),
+            n_params: n_sent,
+            n_bytes: n_sent * 4,
+            sha256: hex(&sha256),
             norm_before_clip: (!update.is_private()).then(|| update.norm_before_clip()),
             clip_norm: plan.clip_norm,
             n_examples,

@@ -2,36 +2,25 @@
 //! neighbours, the running masked sum and the revealed shares. Pure, like the machine.
 //!
 //! The coordinator only routes: it cannot open a sealed share (AES-256-GCM under a key the two
-//! stores agreed), cannot forge a store's advert (Ed25519 under the store's identity key), and
+//! stores agreed), cannot forge a store's advert (signed with the key of the store's
+//! certificate, which its neighbours verify), and
 //! never holds a store's masked upload beyond adding it into the one running sum
 //! ([`Unmasker`]).
 
 use super::Reject;
-use crate::round::{Advertised, Identity, MaskedTrain, Revealed, Sealed};
+use crate::round::{Advertised, Identity, MaskedTrain, Revealed, Sealed, SecureSummary};
 use fedretail_core::ids::ClientId;
-use fedretail_core::secagg::protocol::{ProtocolError, Unmasker};
+use fedretail_core::secagg::protocol::{ProtocolError, RoundContext, Unmasker};
 use fedretail_core::secagg::round::RoundParams;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-
-/// How many of a round's cohort dropped at each step.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Dropped {
-    /// Sampled but never advertised keys.
-    pub(crate) before_advertising: u32,
-    /// Advertised but never shared keys.
-    pub(crate) before_sharing: u32,
-    /// Shared keys but never uploaded (their pairwise masks are recovered).
-    pub(crate) before_upload: u32,
-    /// Uploaded but never answered the unmask request.
-    pub(crate) before_unmasking: u32,
-}
 
 /// The secure-aggregation half of a round.
 #[derive(Debug)]
 pub(crate) struct Secure {
     pub(crate) params: Arc<RoundParams>,
-    round: u64,
+    /// The protocol's view of the round (its graph built once).
+    ctx: RoundContext,
     /// The cohort in index order.
     cohort: Arc<Vec<ClientId>>,
     index: BTreeMap<ClientId, u32>,
@@ -43,7 +32,8 @@ pub(crate) struct Secure {
     survivors: Vec<u32>,
     responded: BTreeSet<u32>,
     revealed: Vec<Revealed>,
-    pub(crate) dropped: Dropped,
+    /// The round's parameters and its drops so far, as status shows them.
+    summary: SecureSummary,
 }
 
 fn refuse(e: ProtocolError) -> Reject {
@@ -54,9 +44,16 @@ impl Secure {
     pub(crate) fn new(params: RoundParams, round: u64, cohort: &BTreeSet<ClientId>) -> Secure {
         let cohort: Vec<ClientId> = cohort.iter().copied().collect();
         let index = cohort.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
+        let summary = SecureSummary {
+            cohort: cohort.len() as u32,
+            bits: params.ddg.bits,
+            degree: params.graph.k as u32,
+            threshold: params.graph.t as u32,
+            ..SecureSummary::default()
+        };
         Secure {
+            ctx: params.context(round),
             params: Arc::new(params),
-            round,
             cohort: Arc::new(cohort),
             index,
             adverts: BTreeMap::new(),
@@ -66,7 +63,7 @@ impl Secure {
             survivors: Vec::new(),
             responded: BTreeSet::new(),
             revealed: Vec::new(),
-            dropped: Dropped::default(),
+            summary,
         }
     }
 
@@ -123,12 +120,8 @@ impl Secure {
     /// What `client` needs for step 2: its advertising neighbours' keys.
     pub(crate) fn neighbour_adverts(&self, client: ClientId) -> Vec<(Advertised, Identity)> {
         let Some(i) = self.index(client) else { return Vec::new() };
-        let graph = fedretail_core::secagg::graph::Graph::new(
-            self.params.graph.n,
-            self.params.graph.k,
-            self.params.graph_seed,
-        );
-        graph
+        self.ctx
+            .graph
             .neighbours(i as usize)
             .into_iter()
             .filter_map(|v| self.adverts.get(&(v as u32)).cloned())
@@ -147,11 +140,10 @@ impl Secure {
         if self.sharers.contains(&i) {
             return Err(Reject::Duplicate(client));
         }
-        let graph = self.params.context(self.round).graph;
         let mut seen = BTreeSet::new();
         for s in &sealed {
             let fits = s.from == i
-                && graph.adjacent(i as usize, s.to as usize)
+                && self.ctx.graph.adjacent(i as usize, s.to as usize)
                 && self.adverts.contains_key(&s.to)
                 && seen.insert(s.to);
             if !fits {
@@ -177,15 +169,15 @@ impl Secure {
     /// Closes sharing: the clients that shared are the ones that may upload.
     pub(crate) fn close_sharing(&mut self) -> BTreeSet<ClientId> {
         let n = self.cohort.len() as u32;
-        self.dropped.before_advertising = n - self.adverts.len() as u32;
-        self.dropped.before_sharing = (self.adverts.len() - self.sharers.len()) as u32;
+        self.summary.dropped_before_advertising = n - self.adverts.len() as u32;
+        self.summary.dropped_before_sharing = (self.adverts.len() - self.sharers.len()) as u32;
         let adverts: Vec<Advertised> = self.adverts.values().map(|(a, _)| a.clone()).collect();
         let sharers: Vec<u32> = self.sharers.iter().copied().collect();
         // Shares from clients that did not finish sharing are never delivered.
         for list in self.inbox.values_mut() {
             list.retain(|s| self.sharers.contains(&s.from));
         }
-        self.unmasker = Some(Unmasker::new(self.params.context(self.round), &adverts, &sharers));
+        self.unmasker = Some(Unmasker::new(self.ctx.clone(), &adverts, &sharers));
         sharers.iter().map(|&i| self.client(i)).collect()
     }
 
@@ -213,7 +205,7 @@ impl Secure {
     pub(crate) fn close_uploads(&mut self) {
         let unmasker = self.unmasker.as_ref().expect("uploads close after sharing");
         self.survivors = unmasker.survivors();
-        self.dropped.before_upload = unmasker.dropped().len() as u32;
+        self.summary.dropped_before_upload = unmasker.dropped().len() as u32;
     }
 
     /// What a survivor is asked at step 4; `None` for anyone else or who answered.
@@ -239,7 +231,7 @@ impl Secure {
         if !self.responded.insert(i) {
             return Err(Reject::Duplicate(client));
         }
-        let graph = self.params.context(self.round).graph;
+        let graph = &self.ctx.graph;
         // Only shares a neighbour can hold count: nobody adds shares of clients it is not
         // connected to.
         self.revealed.extend(
@@ -250,18 +242,8 @@ impl Secure {
         Ok(())
     }
 
-    pub(crate) fn summary(&self) -> crate::round::SecureSummary {
-        let d = self.dropped;
-        crate::round::SecureSummary {
-            cohort: self.cohort.len() as u32,
-            bits: self.params.ddg.bits,
-            degree: self.params.graph.k as u32,
-            threshold: self.params.graph.t as u32,
-            dropped_before_advertising: d.before_advertising,
-            dropped_before_sharing: d.before_sharing,
-            dropped_before_upload: d.before_upload,
-            dropped_before_unmasking: d.before_unmasking,
-        }
+    pub(crate) fn summary(&self) -> SecureSummary {
+        self.summary
     }
 
     pub(crate) fn all_responded(&self) -> bool {
@@ -270,7 +252,8 @@ impl Secure {
 
     /// The unmasker and the shares to finish it with (the heavy part runs off the reactor).
     pub(crate) fn take(&mut self) -> (Unmasker, Vec<Revealed>) {
-        self.dropped.before_unmasking = (self.survivors.len() - self.responded.len()) as u32;
+        self.summary.dropped_before_unmasking =
+            (self.survivors.len() - self.responded.len()) as u32;
         (
             self.unmasker.take().expect("taken once, after uploads"),
             std::mem::take(&mut self.revealed),
