@@ -11,6 +11,7 @@
 //! - [`model`]: the [`model::Model`] trait, the matrix-factorisation recommender, metrics.
 //! - [`privacy`]: L2 clipping, the only constructor of [`privacy::ClippedUpdate`].
 //! - [`aggregate`]: the streaming aggregator: one `f64` buffer, whatever the number of clients.
+//! - [`stripes`]: a running sum split by coordinate range over threads that live as long as it.
 //! - [`optim`]: server optimisers (FedAvg, FedAvgM, FedAdam).
 //! - [`secagg`]: SecAgg+ (Shamir sharing, key agreement, masks, the k-regular graph) and the
 //!   distributed discrete Gaussian (rotation, rounding, exact sampling, modular sums).
@@ -22,4 +23,5 @@ pub mod optim;
 pub mod plan;
 pub mod privacy;
 pub mod secagg;
+pub mod stripes;
 pub mod update;

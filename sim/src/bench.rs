@@ -308,63 +308,70 @@ pub(crate) fn median(values: &[f64]) -> f64 {
 }
 
 /// Streams `k` updates of `d` values through validate-and-add, cycling over a pool of distinct
-/// updates large enough (>= 256 MiB) that they come from memory, not cache.
+/// updates large enough (>= 256 MiB) that they come from memory, not cache. Each time runs from
+/// the first update added to the finished sum.
 fn bench_aggregate() -> String {
     use fedretail_core::aggregate::{Aggregator, validate};
+    use fedretail_core::secagg::sum::WrappingSum;
+    use std::sync::Arc;
     let copy_bw = memcpy_bandwidth();
+    let threads = fedretail_core::stripes::Stripes::<f64>::new(1_000_000).threads();
     let mut rows = format!(
-        "memory-copy bandwidth: {:.2} GB/s (best of 5 copies of 512 MiB)\n\n\
-         | K | d | sum only GB/s | % of memcpy | validate+sum GB/s | % of memcpy | masked u32 sum GB/s | RSS growth while summing |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "memory-copy bandwidth: {:.2} GB/s (best of 5 copies of 512 MiB); summing threads at d = 10⁶: {threads}\n\n\
+         | K | d | sum only GB/s | % of memcpy | validate+sum GB/s | % of memcpy | masked u32 sum GB/s | % of memcpy | RSS growth while summing |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         copy_bw / 1e9
     );
     for d in [100_000usize, 1_000_000] {
         let pool_len = ((256usize << 20) / (d * 4)).max(2);
-        let pool: Vec<Vec<f32>> = (0..pool_len)
-            .map(|p| (0..d).map(|i| ((i * 7 + p * 13) % 1000) as f32 * 1e-6 - 5e-4).collect())
+        let pool: Vec<Arc<Vec<f32>>> = (0..pool_len)
+            .map(|p| {
+                Arc::new((0..d).map(|i| ((i * 7 + p * 13) % 1000) as f32 * 1e-6 - 5e-4).collect())
+            })
             .collect();
-        let masked_pool: Vec<Vec<u32>> =
-            pool.iter().map(|u| u.iter().map(|v| v.to_bits() & 0xffff).collect()).collect();
+        let masked_pool: Vec<Arc<Vec<u32>>> = pool
+            .iter()
+            .map(|u| Arc::new(u.iter().map(|v| v.to_bits() & 0xffff).collect()))
+            .collect();
         for k in [10usize, 100, 1000] {
-            let mut best = [f64::MAX; 2];
-            let mut best_masked = f64::MAX;
-            for _ in 0..3 {
-                let mut acc = vec![0u32; d];
-                let t = tokio::time::Instant::now();
-                for j in 0..k {
-                    fedretail_core::secagg::sum::add_wrapping(&mut acc, &masked_pool[j % pool_len]);
-                }
-                best_masked = best_masked.min(t.elapsed().as_secs_f64());
-                std::hint::black_box(acc[d / 2]);
-            }
+            let mut best = [f64::MAX; 3];
             let mut growth = 0i64;
             for _ in 0..3 {
                 for (mode, best) in best.iter_mut().enumerate() {
                     let before = current_rss().unwrap_or(0) as i64;
-                    let mut agg = Aggregator::new(d);
+                    // As in a round, the sum is made (its pages faulted) when the round
+                    // configures, before the first upload.
+                    let (mut masked, mut agg) = (WrappingSum::new(d), Aggregator::new(d));
                     let t = tokio::time::Instant::now();
-                    for j in 0..k {
-                        let u = &pool[j % pool_len];
-                        if mode == 1 {
-                            validate(u, d, 1e9).expect("valid update");
+                    if mode == 2 {
+                        for j in 0..k {
+                            masked.add(masked_pool[j % pool_len].clone());
                         }
-                        agg.add(u, 1.0).expect("right shape");
+                        std::hint::black_box(masked.finish()[d / 2]);
+                    } else {
+                        for j in 0..k {
+                            let u = &pool[j % pool_len];
+                            if mode == 1 {
+                                validate(u, d, 1e9).expect("valid update");
+                            }
+                            agg.add(u.clone(), 1.0).expect("right shape");
+                        }
+                        std::hint::black_box(agg.finish().sum()[d / 2]);
                     }
-                    let secs = t.elapsed().as_secs_f64();
-                    std::hint::black_box(agg.sum()[d / 2]);
+                    *best = best.min(t.elapsed().as_secs_f64());
                     growth = growth.max(current_rss().unwrap_or(0) as i64 - before);
-                    *best = best.min(secs);
                 }
             }
             let bytes = (k * d * 4) as f64;
-            let (sum_bw, full_bw) = (bytes / best[0], bytes / best[1]);
+            let bw = best.map(|b| bytes / b);
             rows.push_str(&format!(
-                "| {k} | {d} | {:.2} | {:.0} % | {:.2} | {:.0} % | {:.2} | {:.1} MiB |\n",
-                sum_bw / 1e9,
-                100.0 * sum_bw / copy_bw,
-                full_bw / 1e9,
-                100.0 * full_bw / copy_bw,
-                bytes / best_masked / 1e9,
+                "| {k} | {d} | {:.2} | {:.0} % | {:.2} | {:.0} % | {:.2} | {:.0} % | {:.1} MiB |\n",
+                bw[0] / 1e9,
+                100.0 * bw[0] / copy_bw,
+                bw[1] / 1e9,
+                100.0 * bw[1] / copy_bw,
+                bw[2] / 1e9,
+                100.0 * bw[2] / copy_bw,
                 growth as f64 / (1u64 << 20) as f64,
             ));
         }

@@ -123,7 +123,7 @@ pub fn run(clients: usize, params: usize, dropout: f64, bits: u32) -> anyhow::Re
         bytes[i] += (ctx.len * bits as usize).div_ceil(8);
         fedretail_core::secagg::sum::add_wrapping(&mut expected, &input);
         let t = Instant::now();
-        unmasker.add(i as u32, &y)?;
+        unmasker.add(i as u32, std::sync::Arc::new(y))?;
         coordinator += t.elapsed().as_secs_f64();
     }
     expected.iter_mut().for_each(|v| *v &= mask);

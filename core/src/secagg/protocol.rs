@@ -24,6 +24,7 @@ use super::masks::{self, Sign};
 use super::shamir::{self, ShamirError, Share};
 use rand::{CryptoRng, Rng};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use thiserror::Error;
 
 /// What every party of a round knows publicly.
@@ -392,7 +393,7 @@ fn pair_sign(u: u32, v: u32) -> Sign {
 #[derive(Debug)]
 pub struct Unmasker {
     ctx: RoundContext,
-    sum: Vec<u32>,
+    sum: crate::secagg::sum::WrappingSum,
     adverts: BTreeMap<u32, Advertised>,
     /// Clients whose shares were forwarded (U₂).
     sharers: BTreeSet<u32>,
@@ -406,29 +407,31 @@ impl Unmasker {
         let len = ctx.len;
         Unmasker {
             ctx,
-            sum: vec![0; len],
+            sum: crate::secagg::sum::WrappingSum::new(len),
             adverts: adverts.iter().map(|a| (a.index, a.clone())).collect(),
             sharers: sharers.iter().copied().collect(),
             uploaded: BTreeSet::new(),
         }
     }
 
-    /// Adds one client's masked upload to the running sum.
+    /// Adds one client's masked upload to the running sum (shared with the summing threads,
+    /// not copied).
     ///
     /// # Errors
     ///
     /// A client that did not share keys, a second upload, or a wrong length.
-    pub fn add(&mut self, index: u32, masked: &[u32]) -> Result<(), ProtocolError> {
+    pub fn add(&mut self, index: u32, masked: Arc<Vec<u32>>) -> Result<(), ProtocolError> {
         if !self.sharers.contains(&index) {
             return Err(ProtocolError::NotNeighbour(index));
         }
-        if masked.len() != self.ctx.len {
-            return Err(ProtocolError::Length { expected: self.ctx.len, got: masked.len() });
+        let got = masked.len();
+        if got != self.ctx.len {
+            return Err(ProtocolError::Length { expected: self.ctx.len, got });
         }
         if !self.uploaded.insert(index) {
             return Err(ProtocolError::Order("a second masked upload"));
         }
-        crate::secagg::sum::add_wrapping(&mut self.sum, masked);
+        self.sum.add(masked);
         Ok(())
     }
 
@@ -447,7 +450,7 @@ impl Unmasker {
     /// # Errors
     ///
     /// Fewer than t shares of a seed that must be reconstructed, or inconsistent shares.
-    pub fn finish(mut self, revealed: &[Revealed]) -> Result<Vec<u32>, ProtocolError> {
+    pub fn finish(self, revealed: &[Revealed]) -> Result<Vec<u32>, ProtocolError> {
         let mut by_owner: BTreeMap<(u32, SeedKind), Vec<Share>> = BTreeMap::new();
         for r in revealed {
             by_owner.entry((r.owner, r.kind)).or_default().push(r.share);
@@ -481,9 +484,10 @@ impl Unmasker {
             }
         }
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        masks::apply_many(&jobs, self.ctx.bits, &mut self.sum, threads);
-        masks::reduce(&mut self.sum, self.ctx.bits);
-        Ok(self.sum)
+        let mut sum = self.sum.finish();
+        masks::apply_many(&jobs, self.ctx.bits, &mut sum, threads);
+        masks::reduce(&mut sum, self.ctx.bits);
+        Ok(sum)
     }
 }
 

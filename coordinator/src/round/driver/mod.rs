@@ -8,7 +8,7 @@ use super::{
     TaskStatus,
 };
 use crate::store::{AuditEvent, CommitRecord, Snapshot, Store};
-use fedretail_core::aggregate::Aggregator;
+use fedretail_core::aggregate::Aggregate;
 use fedretail_core::ids::{ClientId, ModelVersion, TaskId};
 use fedretail_core::optim::{self, OptimizerState};
 use fedretail_core::plan::TaskSpec;
@@ -545,8 +545,8 @@ impl Driver {
         self.job = Some(tokio::task::spawn_blocking(move || {
             // Secure aggregation: unmask and decode first. Until the release below, the sum
             // carries only the stores' own noise (distributed) or none (central).
-            let sum: Aggregator = match sum {
-                Sum::Plain(sum) => sum,
+            let sum: Aggregate = match sum {
+                Sum::Plain(sum) => sum.finish(),
                 Sum::Masked(masked) => match masked.finish() {
                     Ok(sum) => sum,
                     Err(e) => return JobResult::NotUnmasked(e),

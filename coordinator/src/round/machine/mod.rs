@@ -6,7 +6,7 @@ mod secure;
 use super::{
     Assignment, Identity, MaskedUpload, Reject, Revealed, RoundSummary, TrainSummary, Upload,
 };
-use fedretail_core::aggregate::{Aggregator, validate};
+use fedretail_core::aggregate::{Aggregate, Aggregator, validate};
 use fedretail_core::ids::{ClientId, ModelVersion, RoundId};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::TaskSpec;
@@ -168,7 +168,7 @@ impl MaskedSum {
     /// # Errors
     ///
     /// Too few or inconsistent shares of a seed that must be reconstructed.
-    pub(crate) fn finish(self) -> Result<Aggregator, String> {
+    pub(crate) fn finish(self) -> Result<Aggregate, String> {
         let sum = self.unmasker.finish(&self.revealed).map_err(|e| e.to_string())?;
         let p = &self.params;
         let mut decoded =
@@ -176,7 +176,7 @@ impl MaskedSum {
         for &i in &self.fixed {
             decoded[i] = 0.0;
         }
-        Ok(Aggregator::from_sum(decoded, self.survivors as f64, self.survivors))
+        Ok(Aggregate::new(decoded, self.survivors as f64, self.survivors))
     }
 }
 
@@ -727,7 +727,7 @@ impl Round {
             )));
         }
         let sum = self.sum.as_mut().expect("Configuring and Collecting hold the sum");
-        sum.add(&upload.values, weight)?;
+        sum.add(Arc::new(upload.values), weight)?;
         let TrainSummary { n_examples, train_loss, .. } = upload.summary;
         if train_loss.is_finite() {
             self.loss_sum += train_loss * n_examples as f64;
@@ -866,7 +866,7 @@ impl Round {
         self.clock = self.clock.max(now);
         self.try_secure(upload.round, "masked uploads", |r| {
             r.check_upload(upload.client, upload.round)?;
-            r.secure.as_mut().expect("checked by try_secure").add(upload.client, &upload.values)?;
+            r.secure.as_mut().expect("checked by try_secure").add(upload.client, upload.values)?;
             let TrainSummary { n_examples, train_loss, .. } = upload.summary;
             if train_loss.is_finite() && r.spec.privacy.is_none() {
                 r.loss_sum += train_loss * n_examples as f64;

@@ -192,13 +192,13 @@ impl Secure {
     }
 
     /// Step 3: a masked upload, added into the running sum at once.
-    pub(crate) fn add(&mut self, client: ClientId, values: &[u32]) -> Result<(), Reject> {
+    pub(crate) fn add(&mut self, client: ClientId, values: Vec<u32>) -> Result<(), Reject> {
         let i = self.index(client).ok_or(Reject::NotInCohort(client))?;
         let unmasker = self
             .unmasker
             .as_mut()
             .ok_or(Reject::WrongPhase { phase: "Sharing", request: "masked uploads" })?;
-        unmasker.add(i, values).map_err(refuse)
+        unmasker.add(i, Arc::new(values)).map_err(refuse)
     }
 
     /// Closes uploads: who is a survivor and who dropped.

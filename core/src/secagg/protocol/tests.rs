@@ -76,7 +76,7 @@ fn run(drops: &[Vanish], k: usize, t: usize, bits: u32, len: usize, seed: u64) -
         let forwarded: Vec<Sealed> =
             sealed.iter().filter(|s| sharers.contains(&s.from)).cloned().collect();
         if let Ok(y) = clients[i].masked_input(&forwarded, &inputs[i]) {
-            unmasker.add(i as u32, &y).unwrap();
+            unmasker.add(i as u32, std::sync::Arc::new(y.clone())).unwrap();
             masked.push(y);
         }
     }

@@ -1,0 +1,259 @@
+//! A running sum split by coordinate range over threads.
+//!
+//! Summing K updates is a stream over memory: one core alone does not draw the machine's
+//! memory bandwidth, and starting a thread per update (or per round) costs as much as adding a
+//! 10⁵-value update. So the process keeps one summing thread per core beyond the first
+//! ([`pool`]), started once; a [`Stripes`] gives each of them a contiguous range of
+//! coordinates (allocated and first touched on that thread) and sends every update to all of
+//! them through short bounded queues, while the caller sums the first range itself. Each range
+//! gets the updates in the order they were sent, so every coordinate sees the same additions in
+//! the same order as a single loop would: the result is bit for bit the sequential one.
+//!
+//! Small sums (under [`MIN_STRIPE`] coordinates per stripe) run inline, without threads.
+
+use std::any::Any;
+use std::ops::Range;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+/// Work sent to every stripe: called with the stripe's part of the sum and the range of
+/// coordinates it covers, once per stripe, in the order the work was sent.
+pub type Job<T> = Arc<dyn Fn(&mut [T], Range<usize>) + Send + Sync>;
+
+/// The fewest coordinates worth a thread (256 KiB of `f64`).
+pub const MIN_STRIPE: usize = 1 << 15;
+
+/// Tasks a summing thread may have queued before a sender waits for it: enough to keep it busy
+/// while the next update is checked, few enough that memory stays O(model).
+const QUEUE: usize = 4;
+
+/// Most summing threads the pool starts, whatever the core count.
+const MAX_THREADS: usize = 7;
+
+type Task = Box<dyn FnOnce() + Send>;
+
+/// The queues of the process's summing threads, started at first use: one per core beyond the
+/// first (none on one core, or where the system refuses a thread). They run tasks in the order
+/// each queue received them and live as long as the process.
+fn pool() -> &'static [SyncSender<Task>] {
+    static POOL: OnceLock<Vec<SyncSender<Task>>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let mut queues = Vec::new();
+        for i in 1..cores.min(MAX_THREADS + 1) {
+            let (tx, rx) = sync_channel::<Task>(QUEUE);
+            let started = std::thread::Builder::new()
+                .name(format!("fedretail-sum-{i}"))
+                .spawn(move || rx.into_iter().for_each(|task| task()));
+            if started.is_err() {
+                break;
+            }
+            queues.push(tx);
+        }
+        queues
+    })
+}
+
+/// A stripe summed on a pool thread: its part, and the panic of a job, if one panicked.
+struct Part<T> {
+    values: Vec<T>,
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+type Shared<T> = Arc<Mutex<Part<T>>>;
+
+/// A sum of `len` values of `T`, split over the pool's threads and the caller.
+///
+/// Invariant: the first stripe (the caller's) covers `0..first.len()`, each pool stripe the
+/// range it was given, contiguous and in order up to `len`.
+pub struct Stripes<T> {
+    len: usize,
+    first: Vec<T>,
+    others: Vec<(usize, Range<usize>, Shared<T>)>,
+}
+
+impl<T> std::fmt::Debug for Stripes<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stripes")
+            .field("len", &self.len)
+            .field("pool_stripes", &self.others.len())
+            .finish()
+    }
+}
+
+impl<T: Copy + Default + Send + 'static> Stripes<T> {
+    /// A zero sum of `len` values, on the caller and every pool thread, each stripe with at
+    /// least [`MIN_STRIPE`] coordinates.
+    pub fn new(len: usize) -> Stripes<T> {
+        Stripes::with_threads(len, MAX_THREADS + 1)
+    }
+
+    /// A zero sum of `len` values in at most `stripes` stripes (inline for 0 or 1).
+    pub fn with_threads(len: usize, stripes: usize) -> Stripes<T> {
+        let pool = pool();
+        let n = stripes.min(pool.len() + 1).min(len / MIN_STRIPE).max(1);
+        if n == 1 {
+            return Stripes { len, first: vec![T::default(); len], others: Vec::new() };
+        }
+        let (ready, all_ready) = sync_channel(n);
+        let others: Vec<_> = (1..n)
+            .map(|s| {
+                let range = len * s / n..len * (s + 1) / n;
+                let part = Arc::new(Mutex::new(Part { values: Vec::new(), panic: None }));
+                let (shared, size, ready) = (part.clone(), range.len(), ready.clone());
+                // Written, not allocated zeroed, so its pages are faulted on its thread now,
+                // not during the first sum.
+                send(pool, s - 1, move || {
+                    lock(&shared).values.resize(size, T::default());
+                    let _ = ready.send(());
+                });
+                (s - 1, range, part)
+            })
+            .collect();
+        // Likewise every page of the finished sum: `finish` appends the other stripes to this
+        // one, into pages faulted here.
+        let mut first = Vec::with_capacity(len);
+        first.resize(len, T::default());
+        first.truncate(len / n);
+        // A new sum is ready to take updates at full speed: its pages are all in place.
+        for _ in 1..n {
+            let _ = all_ready.recv();
+        }
+        Stripes { len, first, others }
+    }
+
+    /// Number of coordinates.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the sum has no coordinates.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Stripes summed in parallel, the caller's included (0 when inline).
+    pub fn threads(&self) -> usize {
+        if self.others.is_empty() { 0 } else { self.others.len() + 1 }
+    }
+
+    /// Applies `job` to every stripe: to the first before this returns, to the others on the
+    /// pool's threads, where it may still be running; waits only while a thread already has a
+    /// few tasks queued.
+    pub fn apply(&mut self, job: Job<T>) {
+        for (thread, range, part) in &self.others {
+            let (job, range, part) = (job.clone(), range.clone(), part.clone());
+            send(pool(), *thread, move || {
+                let mut part = lock(&part);
+                if part.panic.is_none() {
+                    let run = std::panic::AssertUnwindSafe(|| job(&mut part.values, range));
+                    part.panic = std::panic::catch_unwind(run).err();
+                }
+            });
+        }
+        let n = self.first.len();
+        job(&mut self.first, 0..n);
+    }
+
+    /// The sum, once every job sent has been applied.
+    ///
+    /// # Panics
+    ///
+    /// If a job panicked on a pool thread: with that panic.
+    pub fn finish(self) -> Vec<T> {
+        let mut sum = self.first;
+        for (thread, _, part) in self.others {
+            // Each queue runs in order: once this task has run, every job before it has.
+            let (done, wait) = sync_channel(1);
+            send(pool(), thread, move || {
+                let _ = done.send(());
+            });
+            let _ = wait.recv();
+            let part =
+                std::mem::replace(&mut *lock(&part), Part { values: Vec::new(), panic: None });
+            if let Some(panic) = part.panic {
+                std::panic::resume_unwind(panic);
+            }
+            sum.extend_from_slice(&part.values);
+        }
+        sum
+    }
+}
+
+/// Queues `task` on pool thread `thread`.
+fn send(pool: &[SyncSender<Task>], thread: usize, task: impl FnOnce() + Send + 'static) {
+    // The pool's threads never end (a panicking job is caught), so the queue is open.
+    pool[thread].send(Box::new(task)).expect("summing threads live as long as the process");
+}
+
+/// A part's lock; a poisoned one still holds the values and the panic that poisoned it.
+fn lock<T>(part: &Mutex<Part<T>>) -> std::sync::MutexGuard<'_, Part<T>> {
+    part.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add_job(update: Arc<Vec<f64>>, weight: f64) -> Job<f64> {
+        Arc::new(move |sum: &mut [f64], range: Range<usize>| {
+            for (s, &x) in sum.iter_mut().zip(&update[range]) {
+                *s += weight * x;
+            }
+        })
+    }
+
+    /// Threads give bit for bit the inline sum, for lengths that do not divide evenly.
+    #[test]
+    fn threads_sum_exactly_as_one_loop() {
+        let len = 3 * MIN_STRIPE + 7;
+        let updates: Vec<Arc<Vec<f64>>> = (0..9)
+            .map(|k| Arc::new((0..len).map(|i| ((i * 31 + k * 17) % 1001) as f64 * 0.1).collect()))
+            .collect();
+        let mut inline = Stripes::with_threads(len, 1);
+        let mut threaded = Stripes::with_threads(len, 3);
+        let expected_stripes = (pool().len() + 1).min(3);
+        assert_eq!(inline.threads(), 0);
+        assert_eq!(threaded.threads(), if expected_stripes > 1 { expected_stripes } else { 0 });
+        for (k, u) in updates.iter().enumerate() {
+            inline.apply(add_job(u.clone(), 1.0 / (k + 1) as f64));
+            threaded.apply(add_job(u.clone(), 1.0 / (k + 1) as f64));
+        }
+        let (a, b) = (inline.finish(), threaded.finish());
+        assert_eq!(a.len(), len);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Every coordinate got every update, the ones at the stripes' edges included.
+        for i in [0, len / 3 - 1, len / 3, len / 2, len - 1] {
+            let mut expected = 0.0;
+            for (k, u) in updates.iter().enumerate() {
+                expected += 1.0 / (k + 1) as f64 * u[i];
+            }
+            assert_eq!(b[i].to_bits(), expected.to_bits(), "coordinate {i}");
+        }
+    }
+
+    /// Small sums do not start threads.
+    #[test]
+    fn small_sums_run_inline() {
+        let s = Stripes::<f64>::with_threads(2 * MIN_STRIPE - 1, 8);
+        assert_eq!(s.threads(), 0);
+        assert_eq!(s.finish(), vec![0.0; 2 * MIN_STRIPE - 1]);
+    }
+
+    /// A job that panics on a stripe's thread surfaces at `finish`, not as a silently short sum.
+    #[test]
+    fn a_panic_on_a_stripe_reaches_finish() {
+        let mut s = Stripes::<f64>::with_threads(2 * MIN_STRIPE, 2);
+        assert_eq!(s.threads(), 2);
+        s.apply(Arc::new(|_: &mut [f64], r: Range<usize>| assert!(r.start == 0, "stripe {r:?}")));
+        s.apply(Arc::new(|_: &mut [f64], _| {}));
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.finish()));
+        let message = caught.expect_err("the second stripe panicked");
+        let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("stripe"), "{text}");
+        // The pool thread caught it and goes on summing for the next sum.
+        let mut s = Stripes::<f64>::with_threads(2 * MIN_STRIPE, 2);
+        s.apply(Arc::new(|p: &mut [f64], _| p.iter_mut().for_each(|v| *v += 1.5)));
+        assert_eq!(s.finish(), vec![1.5; 2 * MIN_STRIPE]);
+    }
+}
