@@ -25,7 +25,7 @@ pub const MIN_STRIPE: usize = 1 << 15;
 
 /// Tasks a summing thread may have queued before a sender waits for it: enough to keep it busy
 /// while the next update is checked, few enough that memory stays O(model).
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 /// Most summing threads the pool starts, whatever the core count.
 const MAX_THREADS: usize = 7;
