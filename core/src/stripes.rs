@@ -5,13 +5,15 @@
 //! 10⁵-value update. So the process keeps one summing thread per core beyond the first
 //! ([`pool`]), started once; a [`Stripes`] gives each of them a contiguous range of
 //! coordinates (allocated and first touched on that thread) and sends every update to all of
-//! them through short bounded queues, while the caller sums the first range itself. Each range
-//! gets the updates in the order they were sent, so every coordinate sees the same additions in
+//! them through short queues, while the caller sums the first range itself; where a thread
+//! lags (asleep, or its core busy), the caller runs its waiting jobs too. Each range gets the
+//! updates in the order they were sent, so every coordinate sees the same additions in
 //! the same order as a single loop would: the result is bit for bit the sequential one.
 //!
 //! Small sums (under [`MIN_STRIPE`] coordinates per stripe) run inline, without threads.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -23,9 +25,12 @@ pub type Job<T> = Arc<dyn Fn(&mut [T], Range<usize>) + Send + Sync>;
 /// The fewest coordinates worth a thread (256 KiB of `f64`).
 pub const MIN_STRIPE: usize = 1 << 15;
 
-/// Tasks a summing thread may have queued before a sender waits for it: enough to keep it busy
-/// while the next update is checked, few enough that memory stays O(model).
+/// Jobs a stripe may have waiting before the caller runs them itself: enough to keep its
+/// thread busy while the next update is checked, few enough that memory stays O(model).
 const QUEUE: usize = 2;
+
+/// Tasks (wake-ups and set-ups, a few bytes each) a summing thread may have queued.
+const TASKS: usize = 64;
 
 /// Most summing threads the pool starts, whatever the core count.
 const MAX_THREADS: usize = 7;
@@ -33,15 +38,15 @@ const MAX_THREADS: usize = 7;
 type Task = Box<dyn FnOnce() + Send>;
 
 /// The queues of the process's summing threads, started at first use: one per core beyond the
-/// first (none on one core, or where the system refuses a thread). They run tasks in the order
-/// each queue received them and live as long as the process.
+/// first (none on one core, or where the system refuses a thread). They live as long as the
+/// process.
 fn pool() -> &'static [SyncSender<Task>] {
     static POOL: OnceLock<Vec<SyncSender<Task>>> = OnceLock::new();
     POOL.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let mut queues = Vec::new();
         for i in 1..cores.min(MAX_THREADS + 1) {
-            let (tx, rx) = sync_channel::<Task>(QUEUE);
+            let (tx, rx) = sync_channel::<Task>(TASKS);
             let started = std::thread::Builder::new()
                 .name(format!("fedretail-sum-{i}"))
                 .spawn(move || rx.into_iter().for_each(|task| task()));
@@ -54,13 +59,21 @@ fn pool() -> &'static [SyncSender<Task>] {
     })
 }
 
-/// A stripe summed on a pool thread: its part, and the panic of a job, if one panicked.
+/// A stripe's part of the sum, and the panic of a job, if one panicked.
 struct Part<T> {
     values: Vec<T>,
     panic: Option<Box<dyn Any + Send>>,
 }
 
-type Shared<T> = Arc<Mutex<Part<T>>>;
+/// A stripe summed on a pool thread, or by the caller when the thread lags.
+///
+/// Invariant: jobs run in the order they were queued, one at a time, by whoever holds `part`.
+struct Stripe<T> {
+    thread: usize,
+    range: Range<usize>,
+    jobs: Mutex<VecDeque<Job<T>>>,
+    part: Mutex<Part<T>>,
+}
 
 /// A sum of `len` values of `T`, split over the pool's threads and the caller.
 ///
@@ -69,7 +82,7 @@ type Shared<T> = Arc<Mutex<Part<T>>>;
 pub struct Stripes<T> {
     len: usize,
     first: Vec<T>,
-    others: Vec<(usize, Range<usize>, Shared<T>)>,
+    others: Vec<Arc<Stripe<T>>>,
 }
 
 impl<T> std::fmt::Debug for Stripes<T> {
@@ -98,16 +111,22 @@ impl<T: Copy + Default + Send + 'static> Stripes<T> {
         let (ready, all_ready) = sync_channel(n);
         let others: Vec<_> = (1..n)
             .map(|s| {
-                let range = len * s / n..len * (s + 1) / n;
-                let part = Arc::new(Mutex::new(Part { values: Vec::new(), panic: None }));
-                let (shared, size, ready) = (part.clone(), range.len(), ready.clone());
+                let stripe = Arc::new(Stripe {
+                    thread: s - 1,
+                    range: len * s / n..len * (s + 1) / n,
+                    jobs: Mutex::new(VecDeque::with_capacity(QUEUE + 1)),
+                    part: Mutex::new(Part { values: Vec::new(), panic: None }),
+                });
+                let (shared, ready) = (stripe.clone(), ready.clone());
                 // Written, not allocated zeroed, so its pages are faulted on its thread now,
                 // not during the first sum.
-                send(pool, s - 1, move || {
-                    lock(&shared).values.resize(size, T::default());
+                let task = move || {
+                    lock(&shared.part).values.resize(shared.range.len(), T::default());
                     let _ = ready.send(());
-                });
-                (s - 1, range, part)
+                };
+                // The pool's threads never end (a panicking job is caught), so it is open.
+                pool[s - 1].send(Box::new(task)).expect("summing threads live with the process");
+                stripe
             })
             .collect();
         // Likewise every page of the finished sum: `finish` appends the other stripes to this
@@ -138,39 +157,40 @@ impl<T: Copy + Default + Send + 'static> Stripes<T> {
     }
 
     /// Applies `job` to every stripe: to the first before this returns, to the others on the
-    /// pool's threads, where it may still be running; waits only while a thread already has a
-    /// few tasks queued.
+    /// pool's threads, where it may still be running. Where a thread has fallen more than a
+    /// few jobs behind (asleep, or its core busy), the caller runs its jobs itself.
     pub fn apply(&mut self, job: Job<T>) {
-        for (thread, range, part) in &self.others {
-            let (job, range, part) = (job.clone(), range.clone(), part.clone());
-            send(pool(), *thread, move || {
-                let mut part = lock(&part);
-                if part.panic.is_none() {
-                    let run = std::panic::AssertUnwindSafe(|| job(&mut part.values, range));
-                    part.panic = std::panic::catch_unwind(run).err();
-                }
-            });
+        let pool = pool();
+        for stripe in &self.others {
+            lock(&stripe.jobs).push_back(job.clone());
+            let shared = stripe.clone();
+            // A full queue of tasks holds wake-ups enough.
+            let _ = pool[stripe.thread].try_send(Box::new(move || drain(&shared)));
         }
         let n = self.first.len();
         job(&mut self.first, 0..n);
+        for stripe in &self.others {
+            let behind = lock(&stripe.jobs).len() > QUEUE;
+            if behind {
+                drain(stripe);
+            }
+        }
     }
 
-    /// The sum, once every job sent has been applied.
+    /// The sum, once every job sent has been applied (the caller runs those a thread has not
+    /// started).
     ///
     /// # Panics
     ///
-    /// If a job panicked on a pool thread: with that panic.
+    /// If a job panicked: with that panic.
     pub fn finish(self) -> Vec<T> {
         let mut sum = self.first;
-        for (thread, _, part) in self.others {
-            // Each queue runs in order: once this task has run, every job before it has.
-            let (done, wait) = sync_channel(1);
-            send(pool(), thread, move || {
-                let _ = done.send(());
-            });
-            let _ = wait.recv();
-            let part =
-                std::mem::replace(&mut *lock(&part), Part { values: Vec::new(), panic: None });
+        for stripe in self.others {
+            drain(&stripe);
+            let part = std::mem::replace(
+                &mut *lock(&stripe.part),
+                Part { values: Vec::new(), panic: None },
+            );
             if let Some(panic) = part.panic {
                 std::panic::resume_unwind(panic);
             }
@@ -180,15 +200,22 @@ impl<T: Copy + Default + Send + 'static> Stripes<T> {
     }
 }
 
-/// Queues `task` on pool thread `thread`.
-fn send(pool: &[SyncSender<Task>], thread: usize, task: impl FnOnce() + Send + 'static) {
-    // The pool's threads never end (a panicking job is caught), so the queue is open.
-    pool[thread].send(Box::new(task)).expect("summing threads live as long as the process");
+/// Runs a stripe's waiting jobs in order, on whichever thread gets its part first.
+fn drain<T>(stripe: &Stripe<T>) {
+    let mut part = lock(&stripe.part);
+    loop {
+        let Some(job) = lock(&stripe.jobs).pop_front() else { return };
+        if part.panic.is_none() {
+            let range = stripe.range.clone();
+            let run = std::panic::AssertUnwindSafe(|| job(&mut part.values, range));
+            part.panic = std::panic::catch_unwind(run).err();
+        }
+    }
 }
 
-/// A part's lock; a poisoned one still holds the values and the panic that poisoned it.
-fn lock<T>(part: &Mutex<Part<T>>) -> std::sync::MutexGuard<'_, Part<T>> {
-    part.lock().unwrap_or_else(PoisonError::into_inner)
+/// A lock that a panicking job poisoned still holds the values and the panic.
+fn lock<V>(m: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
