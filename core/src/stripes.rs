@@ -3,7 +3,7 @@
 //! Summing K updates is a stream over memory: one core alone does not draw the machine's
 //! memory bandwidth, and starting a thread per update (or per round) costs as much as adding a
 //! 10⁵-value update. So the process keeps one summing thread per core beyond the first
-//! ([`pool`]), started once; a [`Stripes`] gives each of them a contiguous range of
+//! (`pool`), started once; a [`Stripes`] gives each of them a contiguous range of
 //! coordinates (allocated and first touched on that thread) and sends every update to all of
 //! them through short queues, while the caller sums the first range itself; where a thread
 //! lags (asleep, or its core busy), the caller runs its waiting jobs too. Each range gets the
