@@ -213,18 +213,30 @@ impl TaskSpec {
     /// Length of a store's upload: the model's parameters, then any statistics the model's
     /// server step reads (the ranking recommender's under customer-level privacy).
     pub fn upload_len(&self) -> usize {
-        self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
+        match &self.model {
+            ModelSpec::Demand(d) => d.upload_len(),
+            _ => {
+                self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
+            }
+        }
     }
 
     /// The change of the model from `mean`, the (noised) sum of the uploads divided by the
     /// round's divisor (length [`TaskSpec::upload_len`]), at model `global`: `mean` itself for
     /// most tasks; for the ranking recommender under customer-level privacy, the pure server
-    /// step that forms the unobserved items' term from the statistics.
+    /// step that forms the unobserved items' term from the statistics; for demand trees, the
+    /// step that grows the next level from the summed histograms.
     ///
     /// # Panics
     ///
     /// If a length is wrong.
     pub fn model_delta(&self, global: &[f32], mean: Vec<f32>) -> Vec<f32> {
+        if let ModelSpec::Demand(d) = &self.model
+            && d.trees.is_some()
+        {
+            return crate::model::demand::DemandModel::new(d.clone())
+                .tree_server_step(global, &mean);
+        }
         match self.ranking_statistics() {
             Some(model) => model.ranking_server_step(global, &mean),
             None => {
@@ -278,6 +290,21 @@ impl TaskSpec {
             ));
         }
         p.server_optimizer.validate().map_err(|m| bad("plan.server_optimizer", m))?;
+        if let ModelSpec::Demand(d) = &self.model
+            && d.trees.is_some()
+        {
+            // The server step writes the next model; the optimiser must apply it as it is, and
+            // a histogram is a sum over examples already.
+            if p.server_optimizer != (ServerOptimizer::FedAvg { learning_rate: 1.0 }) {
+                return Err(bad("plan.server_optimizer", "trees need FedAvg with learning rate 1"));
+            }
+            if p.weight_by_examples {
+                return Err(bad(
+                    "plan.weight_by_examples",
+                    "trees sum histograms: set weight_by_examples = false",
+                ));
+            }
+        }
         if !(p.eval_fraction > 0.0 && p.eval_fraction <= 1.0) {
             return Err(bad(
                 "plan.eval_fraction",

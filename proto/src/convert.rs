@@ -4,7 +4,7 @@
 //! numbers); the domain's own `validate` then checks the meaning.
 
 use crate::pb;
-use fedretail_core::model::demand::{DemandLoss, DemandSpec};
+use fedretail_core::model::demand::{DemandLoss, DemandSpec, TreeSpec};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::{MfSpec, Objective};
 use fedretail_core::optim::ServerOptimizer;
@@ -256,6 +256,13 @@ impl From<&ModelSpec> for pb::ModelSpec {
                 whole_units: d.whole_units,
                 relative_to_recent: d.relative_to_recent,
                 hidden_units: d.hidden_units,
+                trees: d.trees.as_ref().map(|t| pb::DemandTrees {
+                    trees: t.trees,
+                    depth: t.depth,
+                    bins: t.bins,
+                    shrinkage: t.shrinkage,
+                    min_child_share: t.min_child_share,
+                }),
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -318,6 +325,13 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                 whole_units: d.whole_units,
                 relative_to_recent: d.relative_to_recent,
                 hidden_units: d.hidden_units,
+                trees: d.trees.map(|t| TreeSpec {
+                    trees: t.trees,
+                    depth: t.depth,
+                    bins: t.bins,
+                    shrinkage: t.shrinkage,
+                    min_child_share: t.min_child_share,
+                }),
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -736,8 +750,9 @@ mod tests {
                 planned_discounts: true,
                 personal_regularization: 30.0,
                 whole_units: true,
-                relative_to_recent: false,
+                relative_to_recent: loss == DemandLoss::Log1pAbsolute,
                 hidden_units: 0,
+                trees: (loss == DemandLoss::Log1pAbsolute).then(TreeSpec::default),
             });
             let wire: pb::ModelSpec = (&demand).into();
             assert_eq!(ModelSpec::try_from(wire).unwrap(), demand);

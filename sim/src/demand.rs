@@ -12,7 +12,7 @@ use fedretail_client::data::sales::StoreSales;
 use fedretail_client::participant::LocalData;
 use fedretail_core::model::Model;
 use fedretail_core::model::demand::{
-    DemandData, DemandLocal, DemandLoss, DemandModel, DemandSpec, Naive,
+    DemandData, DemandLocal, DemandLoss, DemandModel, DemandSpec, Naive, TreeSpec,
 };
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
@@ -100,19 +100,42 @@ pub struct DemandHyper {
     pub personal_regularization: f32,
     /// Hidden units of the shared network, when set (else the data's default).
     pub hidden_units: Option<u32>,
+    /// Boosted trees instead of the linear model (one year of data only).
+    pub trees: Option<TreeSpec>,
 }
+
+/// A store's histogram norm on Complete Journey is about 1,900 (12 departments, 38 weeks, 11
+/// features, both halves): the clipping norm of tree runs with DP.
+pub const TREE_CLIP_NORM: f32 = 2000.0;
+/// The clipping norm of tree runs without DP: above any store's histogram (clipping is
+/// checked on every upload; a sum must not be clipped).
+pub const TREE_CLIP_NORM_NO_DP: f32 = 1.0e7;
 
 /// The demand hyper-parameters of `args` (BENCHMARKS.md, "Demand forecasting", says how the
 /// defaults were chosen).
 pub fn hyper(args: &RunArgs) -> DemandHyper {
     let one_year = args.scenario == ScenarioKind::RetailDemand;
+    let trees =
+        (one_year && args.demand_model == crate::scenario::DemandModelArg::Trees).then(|| {
+            let d = TreeSpec::default();
+            TreeSpec {
+                trees: args.trees.unwrap_or(d.trees),
+                depth: args.tree_depth.unwrap_or(d.depth),
+                ..d
+            }
+        });
     DemandHyper {
-        rounds: args.rounds.unwrap_or(if one_year { 100 } else { 40 }),
+        trees,
+        // Trees grow one level per round.
+        rounds: match trees {
+            Some(t) => u64::from(t.trees * t.depth),
+            None => args.rounds.unwrap_or(if one_year { 100 } else { 40 }),
+        },
         local_epochs: args.local_epochs.unwrap_or(1),
         learning_rate: args.learning_rate.unwrap_or(0.003),
         regularization: args.regularization.unwrap_or(0.001),
         server_lr: args.server_lr.unwrap_or(2.0),
-        clip_norm: args.clip_norm.unwrap_or(0.5),
+        clip_norm: args.clip_norm.unwrap_or(if trees.is_some() { TREE_CLIP_NORM } else { 0.5 }),
         personal_regularization: args.personal_regularization.unwrap_or(100.0),
         hidden_units: args.hidden_units,
         loss: match args.loss {
@@ -263,6 +286,7 @@ pub fn spec_for(
         whole_units: true,
         relative_to_recent: one_year,
         hidden_units: h.hidden_units.unwrap_or(if one_year { ONE_YEAR_HIDDEN_UNITS } else { 0 }),
+        trees: if one_year { h.trees } else { None },
     }
 }
 
@@ -415,7 +439,7 @@ pub fn task_spec(
     n: usize,
     name: String,
 ) -> TaskSpec {
-    TaskSpec {
+    let mut task = TaskSpec {
         name,
         model: ModelSpec::Demand(spec.clone()),
         privacy: None,
@@ -424,7 +448,15 @@ pub fn task_spec(
             // Evaluate after the last round only: forecasts are scored on the test weeks.
             ..crate::scenario::in_process_plan(h.rounds, n as u32, h.local_epochs, args.seed)
         },
+    };
+    // Trees: the server step writes the next model, and histograms are summed as they are.
+    if spec.trees.is_some() {
+        task.plan.server_optimizer =
+            fedretail_core::optim::ServerOptimizer::FedAvg { learning_rate: 1.0 };
+        task.plan.weight_by_examples = false;
+        task.plan.clip_norm = TREE_CLIP_NORM_NO_DP;
     }
+    task
 }
 
 /// Runs the demand scenario.
@@ -467,7 +499,9 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
     task.validate().context("the scenario's task")?;
     let mut runs = vec![("federated".to_string(), task.clone())];
     // One year of data: noisy updates do best with fewer, smaller steps (BENCHMARKS.md).
-    let dp_h = if stores.one_year {
+    let dp_h = if h.trees.is_some() {
+        h
+    } else if stores.one_year {
         DemandHyper {
             rounds: args.rounds.unwrap_or(30),
             server_lr: args.server_lr.unwrap_or(1.0),

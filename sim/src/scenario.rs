@@ -180,6 +180,16 @@ pub struct RunArgs {
     /// year of data, else 0].
     #[arg(long)]
     pub hidden_units: Option<u32>,
+    /// Complete Journey demand: the federated model, boosted trees or the linear model with
+    /// its network (BENCHMARKS.md, "Demand on Complete Journey").
+    #[arg(long, value_enum, default_value = "trees")]
+    pub demand_model: DemandModelArg,
+    /// Complete Journey demand with trees: trees grown, one level per round [default: 50].
+    #[arg(long)]
+    pub trees: Option<u32>,
+    /// Complete Journey demand with trees: levels per tree [default: 3].
+    #[arg(long)]
+    pub tree_depth: Option<u32>,
     /// Complete Journey: a store id is kept if at least this many households bought there
     /// (demand) or have it as their main store (recommendation).
     #[arg(long, default_value_t = 5)]
@@ -204,6 +214,15 @@ pub struct RunArgs {
     /// six times as long).
     #[arg(long, default_value_t = 5.0)]
     pub step_timeout: f64,
+}
+
+/// `--demand-model` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemandModelArg {
+    /// Gradient-boosted trees from the stores' summed histograms.
+    Trees,
+    /// The linear model with its one-layer network.
+    Network,
 }
 
 /// `--demand-groups` values.

@@ -78,9 +78,10 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
 }
 
 /// Issue 11's demand scenario on Complete Journey: weekly units per store and department over
-/// one year, with discounts and the promotion calendar. The federated model (relative to the
-/// recent level, with its network) beats the 4-week moving average and each store alone
-/// overall, and on most stores.
+/// one year, with discounts and the promotion calendar. The federated boosted trees (grown
+/// from the stores' summed histograms, over gRPC) are 5 % below the 4-week moving average,
+/// are the pooled model exactly (a sum of histograms is the pooled histogram), and beat each
+/// store alone on at least 75 % of the stores (measured 0.3304 against 0.3493, 109 of 122).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federated_demand_beats_the_moving_average_and_each_store_alone() {
     if !slow() {
@@ -99,12 +100,14 @@ async fn federated_demand_beats_the_moving_average_and_each_store_alone() {
     assert_eq!(r.test_weeks, 13);
     let wape = |key: &str| r.method(key).unwrap().total().wape();
     let federated = wape("federated");
-    assert!(federated < wape("moving_average"), "federated {federated} vs moving average");
+    let average = wape("moving_average");
+    assert!(federated <= 0.95 * average, "federated {federated} vs moving average {average}");
+    assert!((federated - wape("central")).abs() < 1e-3, "federated trees are the pooled trees");
     assert!(federated < wape("local_only"), "federated {federated} vs local-only");
     assert!(federated < wape("last_week"), "federated {federated} vs last week");
     let f = fedretail_sim::demand::fairness(&r);
     assert!(
-        f.federated_beats_local_only as f64 >= 0.6 * f.stores_compared as f64,
+        f.federated_beats_local_only as f64 >= 0.75 * f.stores_compared as f64,
         "federated beats local-only on {} of {} stores",
         f.federated_beats_local_only,
         f.stores_compared

@@ -966,6 +966,11 @@ fn local_delta(
             let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();
             (delta, stats.n_examples, stats.mean_loss)
         }
+        // Trees: the histogram of the level the model grows next (core's demand::trees).
+        Trainer::Demand { model, data, .. } if model.spec().trees.is_some() => {
+            let (histogram, n) = model.tree_histograms(&global, data);
+            (histogram, n, 0.0)
+        }
         Trainer::Demand { model, data, local } => {
             let mut trained = global.clone();
             // The learning rate decays with the rounds before this one (DemandModel::train_from).

@@ -357,6 +357,7 @@ fn demand_spec(groups: &[&str]) -> fedretail_core::model::demand::DemandSpec {
         whole_units: true,
         relative_to_recent: false,
         hidden_units: 0,
+        trees: None,
     }
 }
 

@@ -40,6 +40,9 @@
 
 #[cfg(test)]
 mod tests;
+mod trees;
+
+pub use trees::TreeSpec;
 
 use super::metrics::EvalSums;
 use super::{Model, TrainStats};
@@ -132,6 +135,11 @@ pub struct DemandSpec {
     /// nothing.
     #[serde(default)]
     pub hidden_units: u32,
+    /// Gradient-boosted trees instead of the linear model and network ([`TreeSpec`], module
+    /// `trees`): requires [`DemandSpec::relative_to_recent`] and the absolute loss on `ℓ(y)`.
+    /// A round's upload is then a histogram of gradients, not a change of the model.
+    #[serde(default)]
+    pub trees: Option<TreeSpec>,
 }
 
 impl DemandSpec {
@@ -143,7 +151,19 @@ impl DemandSpec {
     /// Length of the global vector: the shared weights, then per group its effect and its own
     /// seasonal coefficients, then the network's weights.
     pub fn n_global(&self) -> usize {
-        self.network_offset() + self.network_len()
+        match &self.trees {
+            Some(t) => trees::Layout::new(t, self.groups.len()).n_global(),
+            None => self.network_offset() + self.network_len(),
+        }
+    }
+
+    /// Length of a store's upload: a histogram for trees ([`DemandModel::tree_histograms`]),
+    /// else the change of the global vector.
+    pub fn upload_len(&self) -> usize {
+        match &self.trees {
+            Some(t) => trees::Layout::new(t, self.groups.len()).histogram_len(),
+            None => self.n_global(),
+        }
     }
 
     /// Where the network's weights start: per hidden unit its input weights and bias, then the
@@ -197,6 +217,23 @@ impl DemandSpec {
                 "model.hidden_units",
                 format!("must be at most 256, got {}", self.hidden_units),
             );
+        }
+        if let Some(t) = &self.trees {
+            t.validate()?;
+            if !self.relative_to_recent || self.loss != DemandLoss::Log1pAbsolute {
+                return err(
+                    "model.trees",
+                    "trees forecast relative to the recent level with the absolute loss: set \
+                     relative_to_recent and loss log1p_absolute"
+                        .into(),
+                );
+            }
+            if self.groups.len() > 256 {
+                return err(
+                    "model.trees",
+                    format!("at most 256 groups with trees, got {}", self.groups.len()),
+                );
+            }
         }
         if self.harmonics > 26 {
             return err("model.harmonics", format!("must be at most 26, got {}", self.harmonics));
@@ -484,6 +521,9 @@ impl DemandModel {
             0.0
         };
         let shared = network + dot + block[0] + season;
+        if let Some(layout) = self.layout() {
+            return (x[WINDOW_AT] + self.tree_output(&layout, global, x, s.group)).min(MAX_ETA);
+        }
         // Relative to the recent level, the store's own level is that level: no local part.
         if self.spec.relative_to_recent {
             return (x[WINDOW_AT] + shared).min(MAX_ETA);
@@ -848,6 +888,10 @@ impl Model for DemandModel {
     /// ([`DemandSpec::relative_to_recent`]), as the network's output weights start at zero.
     fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
         let mut global = vec![0.0; self.n_global()];
+        // Trees start with none grown.
+        if self.spec.trees.is_some() {
+            return global;
+        }
         let n_in = self.spec.network_inputs();
         let normal = rand_distr::Normal::new(0.0, 1.0 / (n_in as f32).sqrt())
             .expect("a positive standard deviation");
@@ -878,7 +922,8 @@ impl Model for DemandModel {
         }
     }
 
-    /// [`DemandModel::train_from`] from the first epoch.
+    /// [`DemandModel::train_from`] from the first epoch; with trees, every level not yet grown
+    /// is grown from `data` alone (`epochs` is unused).
     fn train(
         &self,
         global: &mut [f32],
@@ -887,6 +932,10 @@ impl Model for DemandModel {
         epochs: u32,
         rng: &mut dyn Rng,
     ) -> TrainStats {
+        if self.spec.trees.is_some() {
+            let (n_examples, mean_loss) = self.train_trees(global, data);
+            return TrainStats { n_examples, mean_loss };
+        }
         self.train_from(global, local, data, epochs, 0, rng)
     }
 

@@ -18,6 +18,7 @@ fn spec(loss: DemandLoss) -> DemandSpec {
         whole_units: false,
         relative_to_recent: false,
         hidden_units: 0,
+        trees: None,
     }
 }
 
@@ -56,6 +57,7 @@ fn gradients_match_finite_differences() {
         // With the network, and (for one loss) relative to the recent level.
         let model = DemandModel::new(DemandSpec {
             hidden_units: 3,
+            trees: None,
             relative_to_recent: loss == DemandLoss::Log1pSquared,
             ..spec(loss)
         });
@@ -383,4 +385,73 @@ fn later_epochs_take_smaller_steps() {
         assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-3), "{a} vs {b}");
     }
     assert_ne!(late, first);
+}
+
+/// Boosted trees federated as the coordinator runs them (each store's histogram, their mean,
+/// `TaskSpec::model_delta`, `x += 1 · delta`) give the same model as growing them on the
+/// pooled data, and that model forecasts better than the 4-week moving average it starts from.
+#[test]
+fn federated_trees_are_the_pooled_trees_and_beat_the_moving_average() {
+    use crate::plan::{ModelSpec, TaskSpec, TrainingPlan};
+    let spec = DemandSpec {
+        harmonics: 0,
+        relative_to_recent: true,
+        loss: DemandLoss::Log1pAbsolute,
+        whole_units: true,
+        trees: Some(TreeSpec {
+            trees: 5,
+            depth: 2,
+            bins: 16,
+            shrinkage: 0.3,
+            min_child_share: 0.0,
+        }),
+        ..spec(DemandLoss::Log1pAbsolute)
+    };
+    let model = DemandModel::new(spec.clone());
+    let mut task = TaskSpec {
+        name: "trees".into(),
+        model: ModelSpec::Demand(spec),
+        plan: TrainingPlan::new(10, 2, 2, 1e7),
+        privacy: None,
+    };
+    assert!(task.validate().is_err(), "trees refuse example weights");
+    task.plan.weight_by_examples = false;
+    task.validate().unwrap();
+    assert_eq!(task.upload_len(), 2 * 2 * 11 * 16, "gradients and counts per node, feature, bin");
+
+    let pooled = data(7);
+    let stores: Vec<DemandData> = (0..2u32)
+        .map(|k| DemandData {
+            n_stores: 1,
+            series: pooled
+                .series
+                .iter()
+                .filter(|s| s.store == k)
+                .map(|s| Series { store: 0, ..s.clone() })
+                .collect(),
+            ..pooled.clone()
+        })
+        .collect();
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(3);
+    let mut federated = model.init_global(&mut rng);
+    for _ in 0..task.plan.rounds {
+        let mut mean = vec![0.0f32; task.upload_len()];
+        for store in &stores {
+            let (h, n) = model.tree_histograms(&federated, store);
+            assert!(n > 0);
+            mean.iter_mut().zip(&h).for_each(|(m, v)| *m += v / 2.0);
+        }
+        let delta = task.model_delta(&federated, mean);
+        federated.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
+    }
+    let mut central = model.init_global(&mut rng);
+    let mut local = model.init_local(&pooled, None);
+    model.train(&mut central, &mut local, &pooled, 1, &mut rng);
+    assert_eq!(federated[0], 10.0, "every level grown");
+    let close = federated.iter().zip(&central).all(|(a, b)| (a - b).abs() < 1e-5);
+    assert!(close, "federated trees differ from the pooled ones");
+
+    let trees = model.evaluate(&federated, &local, &pooled, 0).wape();
+    let average = model.evaluate_naive(&pooled, Naive::MovingAverage(4)).wape();
+    assert!(trees < average, "trees {trees} against the moving average {average}");
 }
