@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::stripes::Stripes;
+use crate::stripes::{Batched, CHUNK_BYTES};
 
 /// Why an update was not added. The round goes on without it.
 #[derive(Debug, Clone, Error, PartialEq)]
@@ -74,20 +74,16 @@ fn sum_of_squares(values: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// How many updates one pass over the sum adds: each pass reads and writes the `f64` sum
-/// once, so four updates to a pass move 8 bytes per update and coordinate instead of 20.
-pub const BATCH: usize = 4;
-
 /// A weighted sum of updates in one `f64` buffer, added as they arrive.
 ///
-/// Updates are shared with the summing threads ([`Stripes`]), not copied, so
-/// [`Aggregator::add`] takes them behind an [`Arc`]; up to [`BATCH`] − 1 of them wait to be
-/// added in one pass. Each coordinate still sees the additions one by one in arrival order, so
-/// the sum is bit for bit that of a single loop.
+/// Updates are shared with the summing threads ([`Stripes`](crate::stripes::Stripes)), not
+/// copied, so [`Aggregator::add`] takes them behind an [`Arc`]; up to
+/// [`BATCH`](crate::stripes::BATCH) − 1 of them wait to be added in one pass ([`Batched`]). Each coordinate still
+/// sees the additions one by one in arrival order, so the sum is bit for bit that of a single
+/// loop.
 #[derive(Debug)]
 pub struct Aggregator {
-    sum: Stripes<f64>,
-    pending: Vec<(Arc<Vec<f32>>, f64)>,
+    sum: Batched<f64, (Arc<Vec<f32>>, f64)>,
     total_weight: f64,
     n_updates: usize,
 }
@@ -95,12 +91,7 @@ pub struct Aggregator {
 impl Aggregator {
     /// An empty sum over `n_params` parameters.
     pub fn new(n_params: usize) -> Aggregator {
-        Aggregator {
-            sum: Stripes::new(n_params),
-            pending: Vec::with_capacity(BATCH),
-            total_weight: 0.0,
-            n_updates: 0,
-        }
+        Aggregator { sum: Batched::new(n_params, add_batch), total_weight: 0.0, n_updates: 0 }
     }
 
     /// Adds `weight * update`. Call [`validate`] first where the update is untrusted.
@@ -115,24 +106,10 @@ impl Aggregator {
         if !(weight.is_finite() && weight >= 0.0) {
             return Err(AggregateError::BadWeight(weight));
         }
-        self.pending.push((update, weight));
-        if self.pending.len() == BATCH {
-            self.flush();
-        }
+        self.sum.push((update, weight));
         self.total_weight += weight;
         self.n_updates += 1;
         Ok(())
-    }
-
-    /// Sends the waiting updates to the stripes as one pass.
-    fn flush(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
-        self.sum.apply(Arc::new(move |sum: &mut [f64], range: Range<usize>| {
-            add_batch(sum, &batch, range);
-        }));
     }
 
     /// Updates added so far.
@@ -141,8 +118,7 @@ impl Aggregator {
     }
 
     /// The sum, once every update added has been summed.
-    pub fn finish(mut self) -> Aggregate {
-        self.flush();
+    pub fn finish(self) -> Aggregate {
         Aggregate {
             sum: self.sum.finish(),
             total_weight: self.total_weight,
@@ -150,9 +126,6 @@ impl Aggregator {
         }
     }
 }
-
-/// Coordinates of the sum kept in L1 cache while a batch is added to them (16 KiB of `f64`).
-const CHUNK: usize = 2048;
 
 /// `sum += w₁ u₁ + … + wₙ uₙ` over `range` of each update, added one by one per coordinate,
 /// a chunk of the sum at a time so that the sum is read and written once per batch.
@@ -165,8 +138,8 @@ fn add_batch(sum: &mut [f64], batch: &[(Arc<Vec<f32>>, f64)], range: Range<usize
         }
         return;
     }
-    for (c, chunk) in sum.chunks_mut(CHUNK).enumerate() {
-        let from = range.start + c * CHUNK;
+    for (c, chunk) in sum.chunks_mut(CHUNK_BYTES / 8).enumerate() {
+        let from = range.start + c * (CHUNK_BYTES / 8);
         for (update, weight) in batch {
             let x = &update[from..from + chunk.len()];
             if *weight == 1.0 {

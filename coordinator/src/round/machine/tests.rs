@@ -154,10 +154,10 @@ fn collect_deadline_with_quorum_aggregates_what_arrived() {
     r.upload(good(1, RoundId(9))).unwrap();
     r.upload(upload(2, RoundId(9), vec![0.3, 0.0, 0.1, 0.0])).unwrap();
     r.tick(t0 + Duration::from_secs(20), &clients(3));
-    let mut outputs = r.take_outputs();
-    let Some(Output::Compute(Sum::Plain(sum), None)) = outputs.pop().filter(|_| outputs.is_empty())
-    else {
-        panic!("expected one compute, got {outputs:?}")
+    let outputs = r.take_outputs();
+    let sum = match <[Output; 1]>::try_from(outputs) {
+        Ok([Output::Compute(Sum::Plain(sum), None)]) => sum,
+        other => panic!("expected one compute, got {other:?}"),
     };
     let sum = sum.finish();
     assert_eq!(sum.n_updates(), 2);
