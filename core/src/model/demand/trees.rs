@@ -163,13 +163,16 @@ impl Layout {
         (global[0].max(0.0) as usize).min(self.trees * self.depth)
     }
 
-    /// The node of level `l` (of tree `t`) that an example with bins `b` reaches.
+    /// The node of level `l` (of tree `t`) that an example with bins `b` reaches. The model
+    /// comes from the coordinator: a feature that is not one (0, out of range, negative, NaN)
+    /// is no split, so no model can make a store panic here.
     fn route(&self, global: &[f32], t: usize, l: usize, b: &[usize]) -> usize {
         let mut n = 0;
         for level in 0..l {
             let at = self.node_at(t, level, n);
             let feature = global[at] as usize;
-            let right = feature > 0 && global[at + 1 + b[feature - 1]] < 0.5;
+            let right =
+                b.get(feature.wrapping_sub(1)).is_some_and(|&bin| global[at + 1 + bin] < 0.5);
             n = 2 * n + usize::from(right);
         }
         n
@@ -499,6 +502,26 @@ mod tests {
         let b = histograms(&layout, &global, &bins[10 * f..], &targets[10..]);
         let summed: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_eq!(summed, pooled);
+    }
+
+    /// A model crafted with features out of range, a huge level counter or negative ones is
+    /// routed (as no split) and grown without a panic in the store.
+    #[test]
+    fn a_crafted_model_does_not_panic_a_store() {
+        let (layout, spec) = layout();
+        let f = layout.features;
+        let bins: Vec<usize> = (0..8 * f).map(|i| i % 3).collect();
+        let targets = vec![0.5f32; 8];
+        for value in [1e9f32, -3.0, 1e30, f32::MAX, (f + 1) as f32] {
+            let mut global = vec![value; layout.n_global()];
+            global[0] = 1.0;
+            let out = histograms(&layout, &global, &bins, &targets);
+            assert_eq!(out.len(), layout.histogram_len());
+            assert!(layout.predict(&global, &bins[..f]).is_finite() || value.abs() > 1e29);
+            global[0] = value;
+            histograms(&layout, &global, &bins, &targets);
+            grow(&layout, &spec, &mut global, &out);
+        }
     }
 
     #[test]
