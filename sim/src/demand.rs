@@ -495,7 +495,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
 
     let n = stores.names.len();
     let base_name = format!("sim-{:?}-{}", args.scenario, args.seed).to_lowercase();
-    let task = task_spec(args, &spec, &h, n, base_name.clone());
+    let mut task = task_spec(args, &spec, &h, n, base_name.clone());
+    crate::scenario::set_secure(args, &mut task)?;
     task.validate().context("the scenario's task")?;
     let mut runs = vec![("federated".to_string(), task.clone())];
     // One year of data: noisy updates do best with fewer, smaller steps (BENCHMARKS.md).
@@ -538,6 +539,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             evaluation_noise_multiplier: None,
             max_stores_per_customer: 1,
         });
+        crate::scenario::set_secure(args, &mut t)?;
         t.validate().context("the scenario's DP task")?;
         runs.push((format!("federated_dp_eps{epsilon}"), t));
     }
