@@ -77,6 +77,35 @@ async fn generated_stores_forecast_demand_over_grpc() {
     assert!(svg.contains("<svg") && svg.contains("federated"));
 }
 
+/// `--secure-aggregation` reaches the demand tasks (they once ignored it): the coordinator
+/// sums masked uploads, and the forecasts are those of the plain sum up to quantisation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_runs_under_secure_aggregation_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let base = [
+        "--scenario",
+        "retail-synthetic",
+        "--synthetic-stores",
+        "6",
+        "--rounds",
+        "5",
+        "--reference-epochs",
+        "1",
+        "--dp-epsilons",
+        "--out",
+        out,
+    ];
+    let plain = demand::run(&args(&base)).await.unwrap();
+    let secure_args = [&base[..], &["--secure-aggregation"]].concat();
+    let secure = demand::run(&args(&secure_args)).await.unwrap();
+    assert!(!plain.spec.plan.secure_aggregation.is_on());
+    assert!(secure.spec.plan.secure_aggregation.is_on());
+    let wape = |r: &demand::DemandReport| r.method("federated").unwrap().total().wape();
+    let (p, s) = (wape(&plain), wape(&secure));
+    assert!(s.is_finite() && (p - s).abs() < 0.02, "plain {p}, secure {s}");
+}
+
 fn slow() -> bool {
     common::slow("Superstore")
 }
