@@ -210,12 +210,24 @@ impl TaskSpec {
         }
     }
 
-    /// Length of a store's upload: the model's parameters, then any statistics the model's
-    /// server step reads (the ranking recommender's under customer-level privacy).
-    pub fn upload_len(&self) -> usize {
+    /// Demand trees: their uploads are histograms, and a server step grows the model from them
+    /// ([`crate::model::demand::DemandModel::tree_server_step`]).
+    fn demand_trees(&self) -> Option<crate::model::demand::DemandModel> {
         match &self.model {
-            ModelSpec::Demand(d) => d.upload_len(),
-            _ => {
+            ModelSpec::Demand(d) if d.trees.is_some() => {
+                Some(crate::model::demand::DemandModel::new(d.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Length of a store's upload: the model's parameters, then any statistics the model's
+    /// server step reads (the ranking recommender's under customer-level privacy); for demand
+    /// trees, a histogram.
+    pub fn upload_len(&self) -> usize {
+        match self.demand_trees() {
+            Some(trees) => trees.spec().upload_len(),
+            None => {
                 self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
             }
         }
@@ -231,11 +243,8 @@ impl TaskSpec {
     ///
     /// If a length is wrong.
     pub fn model_delta(&self, global: &[f32], mean: Vec<f32>) -> Vec<f32> {
-        if let ModelSpec::Demand(d) = &self.model
-            && d.trees.is_some()
-        {
-            return crate::model::demand::DemandModel::new(d.clone())
-                .tree_server_step(global, &mean);
+        if let Some(trees) = self.demand_trees() {
+            return trees.tree_server_step(global, &mean);
         }
         match self.ranking_statistics() {
             Some(model) => model.ranking_server_step(global, &mean),
@@ -290,9 +299,7 @@ impl TaskSpec {
             ));
         }
         p.server_optimizer.validate().map_err(|m| bad("plan.server_optimizer", m))?;
-        if let ModelSpec::Demand(d) = &self.model
-            && d.trees.is_some()
-        {
+        if self.demand_trees().is_some() {
             // The server step writes the next model; the optimiser must apply it as it is, and
             // a histogram is a sum over examples already.
             if p.server_optimizer != (ServerOptimizer::FedAvg { learning_rate: 1.0 }) {

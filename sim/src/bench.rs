@@ -307,6 +307,16 @@ pub(crate) fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Times `work` (summing into a sum made before it) and raises `growth` to the RSS it added.
+fn summing(growth: &mut i64, work: impl FnOnce()) -> std::time::Duration {
+    let before = current_rss().unwrap_or(0) as i64;
+    let t = tokio::time::Instant::now();
+    work();
+    let elapsed = t.elapsed();
+    *growth = (*growth).max(current_rss().unwrap_or(0) as i64 - before);
+    elapsed
+}
+
 /// Streams `k` updates of `d` values through validate-and-add, cycling over a pool of distinct
 /// updates large enough (>= 256 MiB) that they come from memory, not cache. Each time runs from
 /// the first update added to the finished sum.
@@ -342,30 +352,24 @@ fn bench_aggregate() -> String {
                     // configures, before the first upload: RSS growth counts from there.
                     let elapsed = if mode == 2 {
                         let mut masked = WrappingSum::new(d);
-                        let before = current_rss().unwrap_or(0) as i64;
-                        let t = tokio::time::Instant::now();
-                        for j in 0..k {
-                            masked.add(masked_pool[j % pool_len].clone());
-                        }
-                        std::hint::black_box(masked.finish()[d / 2]);
-                        let elapsed = t.elapsed();
-                        growth = growth.max(current_rss().unwrap_or(0) as i64 - before);
-                        elapsed
+                        summing(&mut growth, || {
+                            for j in 0..k {
+                                masked.add(masked_pool[j % pool_len].clone());
+                            }
+                            std::hint::black_box(masked.finish()[d / 2]);
+                        })
                     } else {
                         let mut agg = Aggregator::new(d);
-                        let before = current_rss().unwrap_or(0) as i64;
-                        let t = tokio::time::Instant::now();
-                        for j in 0..k {
-                            let u = &pool[j % pool_len];
-                            if mode == 1 {
-                                validate(u, d, 1e9).expect("valid update");
+                        summing(&mut growth, || {
+                            for j in 0..k {
+                                let u = &pool[j % pool_len];
+                                if mode == 1 {
+                                    validate(u, d, 1e9).expect("valid update");
+                                }
+                                agg.add(u.clone(), 1.0).expect("right shape");
                             }
-                            agg.add(u.clone(), 1.0).expect("right shape");
-                        }
-                        std::hint::black_box(agg.finish().sum()[d / 2]);
-                        let elapsed = t.elapsed();
-                        growth = growth.max(current_rss().unwrap_or(0) as i64 - before);
-                        elapsed
+                            std::hint::black_box(agg.finish().sum()[d / 2]);
+                        })
                     };
                     *best = best.min(elapsed.as_secs_f64());
                 }

@@ -104,9 +104,6 @@ pub struct DemandHyper {
     pub trees: Option<TreeSpec>,
 }
 
-/// A store's histogram norm on Complete Journey is about 1,900 (12 departments, 38 weeks, 11
-/// features, both halves): the clipping norm of tree runs with DP.
-pub const TREE_CLIP_NORM: f32 = 2000.0;
 /// The clipping norm of tree runs without DP: above any store's histogram (clipping is
 /// checked on every upload; a sum must not be clipped).
 pub const TREE_CLIP_NORM_NO_DP: f32 = 1.0e7;
@@ -135,7 +132,7 @@ pub fn hyper(args: &RunArgs) -> DemandHyper {
         learning_rate: args.learning_rate.unwrap_or(0.003),
         regularization: args.regularization.unwrap_or(0.001),
         server_lr: args.server_lr.unwrap_or(2.0),
-        clip_norm: args.clip_norm.unwrap_or(if trees.is_some() { TREE_CLIP_NORM } else { 0.5 }),
+        clip_norm: args.clip_norm.unwrap_or(0.5),
         personal_regularization: args.personal_regularization.unwrap_or(100.0),
         hidden_units: args.hidden_units,
         loss: match args.loss {
@@ -507,8 +504,6 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
         DemandHyper {
             rounds: args.rounds.unwrap_or(30),
             server_lr: args.server_lr.unwrap_or(1.0),
-            clip_norm: args.clip_norm.unwrap_or(0.5),
-            trees: None,
             ..h
         }
     } else {

@@ -509,6 +509,10 @@ impl DemandModel {
         x: &[f32],
     ) -> f32 {
         let s = &data.series[si];
+        // Trees read their own layout of the global vector: nothing below applies.
+        if let Some(layout) = self.layout() {
+            return (x[WINDOW_AT] + self.tree_output(&layout, global, x, s.group)).min(MAX_ETA);
+        }
         let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum();
         let block = &global[self.spec.group_at(s.group)..][..self.spec.group_width()];
         let season: f32 =
@@ -521,9 +525,6 @@ impl DemandModel {
             0.0
         };
         let shared = network + dot + block[0] + season;
-        if let Some(layout) = self.layout() {
-            return (x[WINDOW_AT] + self.tree_output(&layout, global, x, s.group)).min(MAX_ETA);
-        }
         // Relative to the recent level, the store's own level is that level: no local part.
         if self.spec.relative_to_recent {
             return (x[WINDOW_AT] + shared).min(MAX_ETA);

@@ -56,6 +56,8 @@ impl Default for TreeSpec {
 /// Inputs per example besides the group: the level, each lag, the longer windows, discount,
 /// display and mailer.
 const ORDERED: usize = 1 + LAGS.len() + (WINDOWS.len() - 1) + 3;
+/// Features of a tree: [`ORDERED`], then the group.
+const FEATURES: usize = ORDERED + 1;
 /// Range of the recent level `ℓ(4-week mean)` cut into bins (e^8 ≈ 3,000 units a week).
 const LEVEL_RANGE: (f32, f32) = (0.0, 8.0);
 /// Range of a lag or window relative to the level.
@@ -114,7 +116,7 @@ impl Layout {
             depth: spec.depth as usize,
             bins,
             width: bins.max(groups),
-            features: ORDERED + 1,
+            features: FEATURES,
         }
     }
 
@@ -223,7 +225,7 @@ impl DemandModel {
         x: &[f32],
         group: u32,
     ) -> f32 {
-        let mut b = vec![0; layout.features];
+        let mut b = [0; FEATURES];
         self.tree_bins(layout, x, group, &mut b);
         layout.predict(global, &b)
     }
@@ -233,7 +235,7 @@ impl DemandModel {
         let start = self.test_start(data);
         let mut x = vec![0.0; self.spec.group_offset()];
         let (mut bins, mut targets) = (Vec::new(), Vec::new());
-        let mut b = vec![0; layout.features];
+        let mut b = [0; FEATURES];
         for s in &data.series {
             for t in s.start + 1..start {
                 let hist = History { series: s, origin: t - 1, forecasts: &[] };
