@@ -431,14 +431,17 @@ pub fn plot_ranking(path: &std::path::Path, r: &Report) -> anyhow::Result<()> {
 /// The ranking report's fairness section and per-store table.
 fn ranking_stores(s: &mut String, r: &Report) {
     let f = ranking_fairness(r);
+    let percent = |n: usize| 100.0 * n as f64 / f.stores_compared.max(1) as f64;
     let _ = writeln!(s, "\n## Fairness across stores\n");
     let _ = writeln!(
         s,
-        "Federated HR@10 is above local-only's in {} of {} stores with a held-out interaction ({:.1} %; the issue's target ≥ 90 %), equal in {}.\n",
+        "Federated HR@10 is above local-only's in {} of {} stores with a held-out interaction ({:.1} %), equal in {} and below in {}: not below in {:.1} % (the issue's target ≥ 90 %, counted as its reference counts: BENCHMARKS.md, \"Ranking\").\n",
         f.federated_beats_local_only,
         f.stores_compared,
-        100.0 * f.federated_beats_local_only as f64 / f.stores_compared.max(1) as f64,
-        f.ties
+        percent(f.federated_beats_local_only),
+        f.ties,
+        f.stores_compared - f.federated_beats_local_only - f.ties,
+        percent(f.federated_beats_local_only + f.ties),
     );
     let _ = writeln!(
         s,

@@ -108,6 +108,12 @@ pub struct RunArgs {
     /// L2 regularisation [default: 0.1; 0.02 with --privacy-unit customer].
     #[arg(long)]
     pub regularization: Option<f32>,
+    /// Ranking recommender: confidence of a purchase or rating, c = 1 + α · value [default: 5].
+    #[arg(long)]
+    pub confidence_alpha: Option<f32>,
+    /// Ranking recommender: L2 weight on item factors, per user [default: 0.02].
+    #[arg(long)]
+    pub item_regularization: Option<f32>,
     /// Server optimiser.
     #[arg(long, value_enum, default_value = "fed-avg")]
     pub server_optimizer: OptimizerKind,
@@ -422,8 +428,8 @@ impl RunArgs {
             init_mean: 0.0,
             local_item_offsets: None,
             objective: fedretail_core::model::mf::Objective::Ranking {
-                alpha: 5.0,
-                item_regularization: 0.02,
+                alpha: self.confidence_alpha.unwrap_or(5.0),
+                item_regularization: self.item_regularization.unwrap_or(0.02),
             },
         };
         let learning_rate = self.server_lr.unwrap_or(if private { 0.02 } else { 0.06 });
@@ -531,6 +537,15 @@ pub fn export_split(args: &RunArgs, dir: &std::path::Path) -> anyhow::Result<()>
     };
     write("train.csv", &train, true)?;
     write("test.csv", &test, false)?;
+    // Each user's store, for per-store comparisons (pooled against each store alone).
+    let path = dir.join("stores.csv");
+    let mut w =
+        csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
+    w.write_record(["user", "store"])?;
+    for (user, store) in &data.user_region {
+        w.write_record([user.to_string().as_str(), store])?;
+    }
+    w.flush().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -50,41 +50,42 @@ fn user_items(data: &MfData) -> Vec<Vec<(u32, f32)>> {
     by_user
 }
 
-/// Solves `a x = b` in place for a symmetric positive definite `a` (`d × d`, row-major) by
-/// Cholesky; `b` becomes `x`. Returns false (and leaves `b` unusable) if `a` is not positive
-/// definite.
+/// Solves `a x = b` in place for a symmetric positive definite `a` (`d × d`, row-major; only
+/// its upper triangle is read) by Cholesky, `a = UᵀU` with `U` upper triangular and stored
+/// over `a`'s upper triangle; `b` becomes `x`. Returns false (and leaves `b` unusable) if `a`
+/// is not positive definite. Row-oriented, so every inner loop runs over contiguous memory.
 fn cholesky_solve(a: &mut [f64], b: &mut [f64], d: usize) -> bool {
     for j in 0..d {
-        let mut diag = a[j * d + j];
-        for k in 0..j {
-            diag -= a[j * d + k] * a[j * d + k];
-        }
+        let diag = a[j * d + j];
         if diag <= 0.0 || !diag.is_finite() {
             return false;
         }
         let diag = diag.sqrt();
-        a[j * d + j] = diag;
+        let (done, rest) = a.split_at_mut((j + 1) * d);
+        let uj = &mut done[j * d..];
+        uj[j] = diag;
+        uj[j + 1..].iter_mut().for_each(|v| *v /= diag);
+        // The trailing rows lose row j's outer product: a[i][i..] −= U[j][i] · U[j][i..].
         for i in j + 1..d {
-            let mut v = a[i * d + j];
-            for k in 0..j {
-                v -= a[i * d + k] * a[j * d + k];
+            let uji = uj[i];
+            let row = &mut rest[(i - j - 1) * d..(i - j) * d];
+            for (v, &u) in row[i..].iter_mut().zip(&uj[i..]) {
+                *v -= uji * u;
             }
-            a[i * d + j] = v / diag;
         }
     }
-    for i in 0..d {
-        let mut v = b[i];
-        for k in 0..i {
-            v -= a[i * d + k] * b[k];
+    // Uᵀ z = b, then U x = z.
+    for k in 0..d {
+        let z = b[k] / a[k * d + k];
+        b[k] = z;
+        for (v, &u) in b[k + 1..].iter_mut().zip(&a[k * d + k + 1..(k + 1) * d]) {
+            *v -= z * u;
         }
-        b[i] = v / a[i * d + i];
     }
     for i in (0..d).rev() {
-        let mut v = b[i];
-        for k in i + 1..d {
-            v -= a[k * d + i] * b[k];
-        }
-        b[i] = v / a[i * d + i];
+        let row = &a[i * d..(i + 1) * d];
+        let s: f64 = row[i + 1..].iter().zip(&b[i + 1..]).map(|(u, x)| u * x).sum();
+        b[i] = (b[i] - s) / row[i];
     }
     true
 }
@@ -92,14 +93,16 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], d: usize) -> bool {
 /// `Σ_i w_i v_i v_iᵀ` accumulated into `out` (`d × d`) for the rows `v_i` of `rows`.
 fn add_gram(out: &mut [f64], rows: ArrayView2<'_, f32>) {
     let d = rows.ncols();
+    let mut v = vec![0.0f64; d];
     for row in rows.axis_iter(Axis(0)) {
+        v.iter_mut().zip(row).for_each(|(v, &r)| *v = f64::from(r));
         for a in 0..d {
-            let ra = f64::from(row[a]);
+            let ra = v[a];
             if ra == 0.0 {
                 continue;
             }
-            for b in a..d {
-                out[a * d + b] += ra * f64::from(row[b]);
+            for (o, &rb) in out[a * d + a..(a + 1) * d].iter_mut().zip(&v[a..]) {
+                *o += ra * rb;
             }
         }
     }
@@ -149,6 +152,8 @@ impl MfModel {
             }
         }
         let lambda = f64::from(self.spec.regularization);
+        // The item factors in f64, contiguous: the accumulation below is an axpy per row.
+        let yf: Vec<f64> = y.iter().map(|&v| f64::from(v)).collect();
         let mut x = Array2::<f32>::zeros((by_user.len(), d));
         let (mut a, mut rhs) = (vec![0.0f64; d * d], vec![0.0f64; d]);
         for (u, items) in by_user.iter().enumerate() {
@@ -162,22 +167,17 @@ impl MfModel {
             }
             for &(i, value) in items {
                 let c = 1.0 + f64::from(alpha) * f64::from(value);
-                let row = y.row(i as usize);
+                let row = &yf[i as usize * d..(i as usize + 1) * d];
                 let b = f64::from(bias[i as usize]);
-                // (c − 1) y yᵀ on top of YᵀY; c (1 − b) + b = the target's weight on y_i.
+                // (c − 1) y yᵀ on top of YᵀY (upper triangle); c (1 − b) + b = the target's
+                // weight on y_i.
                 let w = c * (1.0 - b) + b;
                 for p in 0..d {
-                    let rp = f64::from(row[p]);
-                    rhs[p] += w * rp;
-                    let s = (c - 1.0) * rp;
-                    for q in p..d {
-                        a[p * d + q] += s * f64::from(row[q]);
+                    rhs[p] += w * row[p];
+                    let s = (c - 1.0) * row[p];
+                    for (v, &r) in a[p * d + p..(p + 1) * d].iter_mut().zip(&row[p..]) {
+                        *v += s * r;
                     }
-                }
-            }
-            for p in 0..d {
-                for q in 0..p {
-                    a[p * d + q] = a[q * d + p];
                 }
             }
             if cholesky_solve(&mut a, &mut rhs, d) {
@@ -218,16 +218,20 @@ impl MfModel {
     ) -> f64 {
         let (n_items, d) = (self.spec.n_items, self.spec.dim);
         let (bias, y) = self.item_side(global);
-        let mut gy = vec![0.0f64; d];
+        let (mut gy, mut yi) = (vec![0.0f64; d], vec![0.0f64; d]);
         let mut loss = 0.0;
         for i in 0..n_items {
-            let yi = y.row(i);
+            yi.iter_mut().zip(y.row(i)).for_each(|(v, &r)| *v = f64::from(r));
             let b = f64::from(bias[i]);
-            for p in 0..d {
-                gy[p] = (0..d).map(|q| gram[p * d + q] * f64::from(yi[q])).sum::<f64>();
+            // G y_i as a sum of G's rows (G is symmetric): axpys over contiguous memory.
+            gy.iter_mut().for_each(|v| *v = 0.0);
+            for (q, &w) in yi.iter().enumerate() {
+                for (g, &m) in gy.iter_mut().zip(&gram[q * d..(q + 1) * d]) {
+                    *g += w * m;
+                }
             }
-            let y_gy: f64 = (0..d).map(|p| f64::from(yi[p]) * gy[p]).sum();
-            let xsum_y: f64 = (0..d).map(|p| xsum[p] * f64::from(yi[p])).sum();
+            let y_gy: f64 = yi.iter().zip(&gy).map(|(a, b)| a * b).sum();
+            let xsum_y: f64 = xsum.iter().zip(&yi).map(|(a, b)| a * b).sum();
             loss += y_gy + 2.0 * b * xsum_y + n * b * b;
             grad[1 + i] += 2.0 * (n * b + xsum_y);
             let row = 1 + n_items + i * d;
@@ -518,15 +522,25 @@ impl MfModel {
                 }
             }
             let n = n_active;
-            // Solve [y_i; b_i] jointly: the augmented user vector is [x_u; 1].
+            // Solve [y_i; b_i] jointly: the augmented user vector is [x_u; 1], in f64 and
+            // contiguous so that the accumulation below is an axpy per row.
             let e = d + 1;
+            let aug: Vec<f64> = x
+                .axis_iter(Axis(0))
+                .flat_map(|row| row.iter().map(|&v| f64::from(v)).chain([1.0]).collect::<Vec<_>>())
+                .collect();
             let (mut a, mut rhs) = (vec![0.0f64; e * e], vec![0.0f64; e]);
             for (i, users) in by_item.iter().enumerate() {
-                a.iter_mut().for_each(|v| *v = 0.0);
+                if users.is_empty() {
+                    // Bought by nobody: the unobserved loss and the regularisation alone, whose
+                    // minimiser is 0.
+                    global[1 + i] = 0.0;
+                    let row = 1 + n_items + i * d;
+                    global[row..row + d].iter_mut().for_each(|v| *v = 0.0);
+                    continue;
+                }
                 for p in 0..d {
-                    for q in 0..d {
-                        a[p * e + q] = xtx[p * d + q];
-                    }
+                    a[p * e..p * e + d].copy_from_slice(&xtx[p * d..(p + 1) * d]);
                     a[p * e + d] = xsum[p];
                     a[d * e + p] = xsum[p];
                     a[p * e + p] += lambda;
@@ -535,12 +549,12 @@ impl MfModel {
                 rhs.iter_mut().for_each(|v| *v = 0.0);
                 for &(u, value) in users {
                     let c = 1.0 + f64::from(alpha) * f64::from(value);
-                    let xu = x.row(u as usize);
-                    let aug = |p: usize| if p == d { 1.0 } else { f64::from(xu[p]) };
+                    let xu = &aug[u as usize * e..(u as usize + 1) * e];
                     for p in 0..e {
-                        rhs[p] += c * aug(p);
-                        for q in 0..e {
-                            a[p * e + q] += (c - 1.0) * aug(p) * aug(q);
+                        rhs[p] += c * xu[p];
+                        let s = (c - 1.0) * xu[p];
+                        for (v, &r) in a[p * e + p..(p + 1) * e].iter_mut().zip(&xu[p..]) {
+                            *v += s * r;
                         }
                     }
                 }
@@ -707,6 +721,25 @@ mod tests {
         assert!(objective(&trained) < objective(&start));
         assert!(objective(&als) < objective(&start));
         assert!(objective(&als) <= objective(&trained) + 1e-3);
+        // Item 4 was bought by nobody: ALS gives it the unobserved loss's minimiser, 0, which
+        // no perturbation improves on (users held fixed).
+        let (n_items, d) = (5, 3);
+        let coords: Vec<usize> =
+            std::iter::once(1 + 4).chain((0..d).map(|p| 1 + n_items + 4 * d + p)).collect();
+        assert!(
+            coords.iter().all(|&k| als[k] == 0.0),
+            "{:?}",
+            coords.iter().map(|&k| als[k]).collect::<Vec<_>>()
+        );
+        let x = model.solve_users(&als, &data);
+        let at = |g: &[f32]| model.ranking_gradient(g, &x, &data).1;
+        for &k in &coords {
+            for step in [-0.1f32, 0.1] {
+                let mut moved = als.clone();
+                moved[k] += step;
+                assert!(at(&moved) > at(&als), "coordinate {k} moved by {step}");
+            }
+        }
     }
 
     /// Unclipped and with every customer sampled, the server step on the customer round's sum
@@ -782,5 +815,26 @@ mod tests {
         assert!((b[0] - 0.5).abs() < 1e-12 && b[1].abs() < 1e-12, "{b:?}");
         let mut singular = vec![1.0, 1.0, 1.0, 1.0];
         assert!(!cholesky_solve(&mut singular, &mut [1.0, 1.0], 2));
+        // A larger system, reading only the upper triangle: a = mᵀm + I, checked by residual.
+        let d = 6;
+        let m: Vec<f64> = (0..d * d).map(|k| ((k * 7919) % 13) as f64 / 13.0 - 0.5).collect();
+        let full: Vec<f64> = (0..d * d)
+            .map(|k| {
+                let (i, j) = (k / d, k % d);
+                (0..d).map(|r| m[r * d + i] * m[r * d + j]).sum::<f64>() + f64::from(i == j)
+            })
+            .collect();
+        let mut upper: Vec<f64> = full
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| if k % d >= k / d { v } else { f64::NAN })
+            .collect();
+        let rhs: Vec<f64> = (0..d).map(|i| i as f64 - 2.0).collect();
+        let mut x = rhs.clone();
+        assert!(cholesky_solve(&mut upper, &mut x, d));
+        for i in 0..d {
+            let ax: f64 = (0..d).map(|j| full[i * d + j] * x[j]).sum();
+            assert!((ax - rhs[i]).abs() < 1e-10, "row {i}: {ax} vs {}", rhs[i]);
+        }
     }
 }
