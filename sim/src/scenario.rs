@@ -99,16 +99,19 @@ pub struct RunArgs {
     /// Local epochs per round [default: 2; 5 with --privacy-unit customer].
     #[arg(long)]
     pub local_epochs: Option<u32>,
-    /// Latent dimension of the recommender [default: 50; 1 with --privacy-unit customer].
+    /// Latent dimension of the recommender [rating: 50, 1 with --privacy-unit customer; ranking:
+    /// 32, 48 on Complete Journey, 8 with --privacy-unit customer].
     #[arg(long)]
     pub dim: Option<usize>,
     /// Local SGD learning rate [default: 0.01].
     #[arg(long)]
     pub learning_rate: Option<f32>,
-    /// L2 regularisation [default: 0.1; 0.02 with --privacy-unit customer].
+    /// L2 regularisation [rating: 0.1, 0.02 with --privacy-unit customer; ranking: the user
+    /// factors' λ, 10, 20 on Complete Journey without DP].
     #[arg(long)]
     pub regularization: Option<f32>,
-    /// Ranking recommender: confidence of a purchase or rating, c = 1 + α · value [default: 5].
+    /// Ranking recommender: confidence of a purchase or rating, c = 1 + α · value [default: 2 on
+    /// Complete Journey without DP, else 5].
     #[arg(long)]
     pub confidence_alpha: Option<f32>,
     /// Ranking recommender: L2 weight on item factors, per user [default: 0.02].
@@ -410,25 +413,33 @@ impl RunArgs {
 
     /// The ranking recommender's model, its plan's rounds and server optimiser, from the options
     /// or the defaults measured on MovieLens-100K and Complete Journey (BENCHMARKS.md): 32
-    /// factors, user λ 10, confidence α 5, item λ_Y 0.02 per user; one exact user solve and one
-    /// item gradient step per round, FedAdam with step 0.06 at the coordinator, 100 rounds.
+    /// factors, user λ 10, confidence α 5 (Complete Journey: 48 factors, λ 20, α 2), item λ_Y
+    /// 0.02 per user; one exact user solve and one item gradient step per round, FedAdam with
+    /// step 0.06 at the coordinator, 100 rounds.
     ///
     /// Under customer-level DP: 8 factors, FedAdam step 0.02 and 30 rounds with every customer
     /// sampled (the best on Complete Journey; BENCHMARKS.md has the grid).
     pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
         let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
+        // (factors, confidence α, user λ): Complete Journey's baskets want more factors and
+        // flatter confidence than MovieLens' ratings (BENCHMARKS.md, "Ranking").
+        let (dim, alpha, regularization) = match (private, self.scenario) {
+            (true, _) => (8, 5.0, 10.0),
+            (false, ScenarioKind::RetailRecommend | ScenarioKind::Retail) => (48, 2.0, 20.0),
+            (false, _) => (32, 5.0, 10.0),
+        };
         let spec = MfSpec {
             n_items,
-            dim: self.dim.unwrap_or(if private { 8 } else { 32 }),
+            dim: self.dim.unwrap_or(dim),
             learning_rate: self.learning_rate.unwrap_or(0.5),
-            regularization: self.regularization.unwrap_or(10.0),
+            regularization: self.regularization.unwrap_or(regularization),
             init_std: 0.1,
             rating_min: 0.0,
             rating_max: 1.0,
             init_mean: 0.0,
             local_item_offsets: None,
             objective: fedretail_core::model::mf::Objective::Ranking {
-                alpha: self.confidence_alpha.unwrap_or(5.0),
+                alpha: self.confidence_alpha.unwrap_or(alpha),
                 item_regularization: self.item_regularization.unwrap_or(0.02),
             },
         };

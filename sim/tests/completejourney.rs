@@ -32,7 +32,8 @@ fn the_purchases_load_and_households_fall_into_about_110_stores() {
     );
 }
 
-/// Issue 11 on Complete Journey: the federated ranking model matches the pooled ALS reference
+/// Issue 11 on Complete Journey: the federated ranking model matches the pooled ALS reference,
+/// reaches implicit's best ALS on the same split (0.5083, `sim/scripts/implicit_reference.py`)
 /// and beats popularity and each store alone. (The issue's absolute target, 0.565, is implicit's
 /// ALS under a tie-break of the last basket we could not reproduce; BENCHMARKS.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,6 +48,9 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
     assert!((100..=125).contains(&r.n_clients));
     let hr = r.federated.hr_at_10;
     assert!(hr >= 0.98 * r.central.hr_at_10, "federated {hr} vs central {}", r.central.hr_at_10);
+    // implicit's best of 18 configurations, scored on the test items themselves: 0.5083 (the
+    // sampled negatives differ, about ±0.01).
+    assert!(hr >= 0.50, "federated {hr} vs implicit's ALS on the same split, 0.5083");
     let popularity =
         &r.baselines.iter().find(|(n, _)| n.starts_with("popularity (global")).unwrap().1;
     assert!(
@@ -60,8 +64,11 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
         r.local_only.hr_at_10
     );
     assert_eq!(r.failed_rounds, 0);
-    // Per store: federated is better than the store alone in most stores, and its worst tenth
-    // of stores fares better than local-only's (measured: 93 of 110; 0.31 against 0.16).
+    // Per store: federated is better than the store alone in most stores and not worse in
+    // 90 % of them (the issue's reference, implicit's pooled ALS against ALS on each store,
+    // counts its 105 of 110 so: on this split it is higher in 93, equal in 12), and its worst
+    // tenth of stores fares better than local-only's (measured: 95 higher and 11 equal of 110;
+    // 0.30 against 0.15).
     let f = fedretail_sim::report::ranking_fairness(&r);
     assert_eq!(f.stores_compared, r.n_clients);
     assert!(
@@ -70,10 +77,16 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
         f.federated_beats_local_only,
         f.stores_compared
     );
+    assert!(
+        (f.federated_beats_local_only + f.ties) * 10 >= f.stores_compared * 9,
+        "federated is not below local-only in {} of {} stores",
+        f.federated_beats_local_only + f.ties,
+        f.stores_compared
+    );
     let worst = |m: &str| f.worst_decile.iter().find(|(k, _)| k == m).unwrap().1;
     assert!(worst("federated") > worst("local-only") + 0.05);
     // Customer-level DP at ε = 1, 3 and 8, each within its budget; more budget, better ranking
-    // (measured 0.3592, 0.3875, 0.4121; the issue's 0.449 at ε = 8 is not reached).
+    // (measured 0.3592, 0.3875, 0.4121; half the gain over popularity at ε = 8, 0.456, is not reached).
     common::check_dp_ranking_runs(&r);
 }
 

@@ -90,26 +90,13 @@ fn cholesky_solve(a: &mut [f64], b: &mut [f64], d: usize) -> bool {
     true
 }
 
-/// `Σ_i w_i v_i v_iᵀ` accumulated into `out` (`d × d`) for the rows `v_i` of `rows`.
+/// `Σ_i v_i v_iᵀ` accumulated into `out` (`d × d`, row-major) for the rows `v_i` of `rows`: one
+/// f64 matrix product (ndarray's blocked kernel).
 fn add_gram(out: &mut [f64], rows: ArrayView2<'_, f32>) {
-    let d = rows.ncols();
-    let mut v = vec![0.0f64; d];
-    for row in rows.axis_iter(Axis(0)) {
-        v.iter_mut().zip(row).for_each(|(v, &r)| *v = f64::from(r));
-        for a in 0..d {
-            let ra = v[a];
-            if ra == 0.0 {
-                continue;
-            }
-            for (o, &rb) in out[a * d + a..(a + 1) * d].iter_mut().zip(&v[a..]) {
-                *o += ra * rb;
-            }
-        }
-    }
-    for a in 0..d {
-        for b in 0..a {
-            out[a * d + b] = out[b * d + a];
-        }
+    let v = rows.mapv(f64::from);
+    let gram = v.t().dot(&v);
+    for (o, g) in out.iter_mut().zip(gram.iter()) {
+        *o += g;
     }
 }
 
@@ -165,21 +152,22 @@ impl MfModel {
                 a[k * d + k] += lambda;
                 rhs[k] = -ytb[k];
             }
-            for &(i, value) in items {
+            // (c − 1) y yᵀ on top of YᵀY, as one product of the user's rows: Wᵀ V with the rows
+            // y_i in V and (c − 1) y_i in W; c (1 − b) + b is the target's weight on y_i.
+            let (mut w, mut v) = (Array2::zeros((items.len(), d)), Array2::zeros((items.len(), d)));
+            for (k, &(i, value)) in items.iter().enumerate() {
                 let c = 1.0 + f64::from(alpha) * f64::from(value);
                 let row = &yf[i as usize * d..(i as usize + 1) * d];
                 let b = f64::from(bias[i as usize]);
-                // (c − 1) y yᵀ on top of YᵀY (upper triangle); c (1 − b) + b = the target's
-                // weight on y_i.
-                let w = c * (1.0 - b) + b;
+                let t = c * (1.0 - b) + b;
                 for p in 0..d {
-                    rhs[p] += w * row[p];
-                    let s = (c - 1.0) * row[p];
-                    for (v, &r) in a[p * d + p..(p + 1) * d].iter_mut().zip(&row[p..]) {
-                        *v += s * r;
-                    }
+                    rhs[p] += t * row[p];
+                    v[[k, p]] = row[p];
+                    w[[k, p]] = (c - 1.0) * row[p];
                 }
             }
+            let mut a_view = ndarray::ArrayViewMut2::from_shape((d, d), &mut a[..]).expect("d × d");
+            ndarray::linalg::general_mat_mul(1.0, &w.t(), &v, 1.0, &mut a_view);
             if cholesky_solve(&mut a, &mut rhs, d) {
                 for k in 0..d {
                     x[[u, k]] = rhs[k] as f32;
@@ -218,20 +206,16 @@ impl MfModel {
     ) -> f64 {
         let (n_items, d) = (self.spec.n_items, self.spec.dim);
         let (bias, y) = self.item_side(global);
-        let (mut gy, mut yi) = (vec![0.0f64; d], vec![0.0f64; d]);
+        // G y_i for every item at once (G is symmetric): one matrix product.
+        let yf = y.mapv(f64::from);
+        let g = ndarray::ArrayView2::from_shape((d, d), gram).expect("gram is d × d");
+        let gy_all = yf.dot(&g);
         let mut loss = 0.0;
         for i in 0..n_items {
-            yi.iter_mut().zip(y.row(i)).for_each(|(v, &r)| *v = f64::from(r));
+            let (yi, gy) = (yf.row(i), gy_all.row(i));
             let b = f64::from(bias[i]);
-            // G y_i as a sum of G's rows (G is symmetric): axpys over contiguous memory.
-            gy.iter_mut().for_each(|v| *v = 0.0);
-            for (q, &w) in yi.iter().enumerate() {
-                for (g, &m) in gy.iter_mut().zip(&gram[q * d..(q + 1) * d]) {
-                    *g += w * m;
-                }
-            }
-            let y_gy: f64 = yi.iter().zip(&gy).map(|(a, b)| a * b).sum();
-            let xsum_y: f64 = xsum.iter().zip(&yi).map(|(a, b)| a * b).sum();
+            let y_gy = yi.dot(&gy);
+            let xsum_y: f64 = xsum.iter().zip(yi).map(|(a, b)| a * b).sum();
             loss += y_gy + 2.0 * b * xsum_y + n * b * b;
             grad[1 + i] += 2.0 * (n * b + xsum_y);
             let row = 1 + n_items + i * d;
