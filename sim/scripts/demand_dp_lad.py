@@ -18,7 +18,7 @@ semi-definite ones and solves the ridge system (A + λI) θ = b for the next mod
 
 Each store's whole contribution is one clipped vector of 54 values per round, whatever its
 size, and T is 1 or 2, where the network model needs 30 noisy rounds. The examples are
-`demand_reference.py`'s (the same weeks, origins and horizons), with each example's store kept.
+`demand_reference.py`'s (the same weeks, origins and horizons, with each example's store).
 Prints the moving average, the model without noise, each store alone, and five noise draws at
 ε = 1, 3 and 8. BENCHMARKS.md, "Demand on Complete Journey", quotes the figures.
 """
@@ -34,21 +34,6 @@ import demand_reference  # noqa: E402
 
 BOUND = 3.0
 WEIGHT_FLOOR = 0.05
-
-
-def examples(f):
-    """`demand_reference.examples` with each example's store."""
-    rows = []
-    for (s, d), g in f.sort_values(["store_id", "department", "week"]).groupby(["store_id", "department"]):
-        u, dis, mai = g.u.values, g.dis.values, g.mai.values
-        for o in range(5, 51):
-            for h in range(1, 5):
-                t = o + h
-                if t >= 51:
-                    continue
-                rows.append((s, 2 + t, u[t], u[o - 3:o + 1].mean(), u[o], u[o - 1], u[o - 3],
-                             u[max(0, o - 12):o + 1].mean(), u[:o + 1].mean(), dis[t], mai[t]))
-    return pd.DataFrame(rows, columns=["s", "week", "y", "ma4", "l1", "l2", "l4", "ma13", "em", "dis", "mai"])
 
 
 def rdp_noise_multiplier(epsilon, releases, delta=1e-5):
@@ -79,9 +64,9 @@ class Problem:
         self.n = self.features.shape[1]
         self.upper = np.triu_indices(self.n)
         stores = x.s.values
-        self.stores = [r for r in (np.where((stores == s) & train)[0] for s in np.unique(stores)) if len(r)]
         self.all_rows = {s: np.where(stores == s)[0] for s in np.unique(stores)}
         self.train_rows = {s: np.where((stores == s) & train)[0] for s in np.unique(stores)}
+        self.stores = [r for r in self.train_rows.values() if len(r)]
 
     def wape(self, pred):
         y = self.x.y.values[self.test]
@@ -128,7 +113,7 @@ class Problem:
 
 
 def main():
-    p = Problem(examples(demand_reference.weekly(sys.argv[1])))
+    p = Problem(demand_reference.examples(demand_reference.weekly(sys.argv[1])))
     print(f"4-week moving average: WAPE {p.wape(p.x.ma4.values):.4f}")
     theta, _ = p.federated(3, 1e-3)
     print(f"federated LAD, no noise, 3 rounds: {p.wape(p.predict(theta)):.4f}")

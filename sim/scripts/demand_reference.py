@@ -54,17 +54,18 @@ def weekly(data):
 
 
 def examples(f):
+    """Every (origin, horizon) example of every series, with its store `s` and department `d`."""
     rows = []
-    for (_, d), g in f.sort_values(["store_id", "department", "week"]).groupby(["store_id", "department"]):
+    for (s, d), g in f.sort_values(["store_id", "department", "week"]).groupby(["store_id", "department"]):
         u, dis, mai = g.u.values, g.dis.values, g.mai.values
         for o in range(5, 51):
             for h in range(1, 5):
                 t = o + h
                 if t >= 51:
                     continue
-                rows.append((d, 2 + t, h, u[t], u[o - 3:o + 1].mean(), u[o], u[o - 1], u[o - 3],
+                rows.append((s, d, 2 + t, h, u[t], u[o - 3:o + 1].mean(), u[o], u[o - 1], u[o - 3],
                              u[max(0, o - 12):o + 1].mean(), u[:o + 1].mean(), dis[t], mai[t]))
-    return pd.DataFrame(rows, columns=["d", "week", "h", "y", "ma4", "l1", "l2", "l4", "ma13", "em", "dis", "mai"])
+    return pd.DataFrame(rows, columns=["s", "d", "week", "h", "y", "ma4", "l1", "l2", "l4", "ma13", "em", "dis", "mai"])
 
 
 def main():

@@ -10,11 +10,11 @@
 Protocol (as fedretail's evaluation): each test user's held-out item is ranked against 99 items
 the user never interacted with (train or test), sampled with a seed fixed per user; a negative
 that ties with the target counts against it. The grid is scored on the test items themselves,
-which flatters the library: a conservative comparison for fedretail. With the split's
-`stores.csv`, the best configuration is also trained on each store alone, and the script counts
-the stores where the pooled model's HR@10 is strictly higher (the issue's per-store target). Negatives are drawn by
+which flatters the library: a conservative comparison for fedretail. Negatives are drawn by
 numpy, not by fedretail's generator, so figures differ from fedretail's by sampling noise
-(about ±0.01 HR@10).
+(about ±0.01 HR@10). With the split's `stores.csv`, the best configuration is also trained on
+each store alone, and the script counts the stores where the pooled model's HR@10 is higher,
+equal and lower (the issue's per-store target).
 """
 
 import csv
@@ -65,16 +65,17 @@ def fit(factors, alpha, reg, rows, cols, values, n_users, n_items):
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-def per_store(split, config, uid, rows, cols, values, test, seen, n_items):
-    """Pooled ALS against ALS on each store alone, with the same hyper-parameters: in how many
-    stores (with a test user) the pooled model's HR@10 is strictly higher, equal, lower."""
+def per_store(split, config, pooled_factors, uid, rows, cols, values, test, seen, n_items):
+    """Pooled ALS (its fitted `pooled_factors`) against ALS on each store alone, with the same
+    hyper-parameters: in how many stores (with a test user) the pooled model's HR@10 is
+    strictly higher, equal, lower."""
     store_of = {}
     with open(f"{split}/stores.csv", newline="") as f:
         for r in csv.DictReader(f):
             if int(r["user"]) in uid:
                 store_of[uid[int(r["user"])]] = r["store"]
     factors, alpha, reg = config
-    uf, itf = fit(factors, alpha, reg, rows, cols, values, len(uid), n_items)
+    uf, itf = pooled_factors
     pooled = per_user_hits(lambda u, items: itf[items] @ uf[u], test, seen, n_items)
     local = {}
     for store in sorted(set(store_of.values())):
@@ -127,9 +128,10 @@ def main(split):
                 print(f"als factors {factors} alpha {alpha} reg {reg}: HR@10 {hr:.4f} NDCG@10 {nd:.4f}")
                 if best is None or hr > best[0]:
                     best = (hr, nd, factors, alpha, reg)
+                    best_factors = (uf, itf)
     print("best ALS: HR@10 {:.4f} NDCG@10 {:.4f} (factors {}, alpha {}, reg {})".format(*best))
     if os.path.exists(f"{split}/stores.csv"):
-        per_store(split, best[2:], uid, rows, cols, values, test, seen, n_items)
+        per_store(split, best[2:], best_factors, uid, rows, cols, values, test, seen, n_items)
 
 
 if __name__ == "__main__":

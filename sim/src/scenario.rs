@@ -519,8 +519,9 @@ pub fn ranking_split(
 }
 
 /// Writes the ranking split of the scenario as `train.csv` (`user,item,value`) and `test.csv`
-/// (`user,item`) into `dir`, with the dataset's ids: for comparing with other libraries on the
-/// very same split (`sim/scripts/implicit_reference.py`).
+/// (`user,item`) into `dir`, with the dataset's ids, and each user's store as `stores.csv`
+/// (`user,store`): for comparing with other libraries on the very same split
+/// (`sim/scripts/implicit_reference.py`).
 ///
 /// # Errors
 ///
@@ -529,34 +530,29 @@ pub fn export_split(args: &RunArgs, dir: &std::path::Path) -> anyhow::Result<()>
     let data = load_dataset(args)?;
     let (train, test) = ranking_split(args, &data);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write = |name: &str, rows: &[dataset::RawRating], with_value: bool| -> anyhow::Result<()> {
+    let write = |name: &str, header: &[&str], records: &mut dyn Iterator<Item = Vec<String>>| {
         let path = dir.join(name);
         let mut w =
             csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
-        let header: &[&str] =
-            if with_value { &["user", "item", "value"] } else { &["user", "item"] };
         w.write_record(header)?;
-        for r in rows {
-            let mut record = vec![r.user.to_string(), r.item.to_string()];
-            if with_value {
-                record.push(r.value.to_string());
-            }
+        for record in records {
             w.write_record(&record)?;
         }
-        w.flush().with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        w.flush().with_context(|| format!("writing {}", path.display()))
     };
-    write("train.csv", &train, true)?;
-    write("test.csv", &test, false)?;
+    let rated = |r: &dataset::RawRating| vec![r.user.to_string(), r.item.to_string()];
+    write(
+        "train.csv",
+        &["user", "item", "value"],
+        &mut train.iter().map(|r| [rated(r), vec![r.value.to_string()]].concat()),
+    )?;
+    write("test.csv", &["user", "item"], &mut test.iter().map(rated))?;
     // Each user's store, for per-store comparisons (pooled against each store alone).
-    let path = dir.join("stores.csv");
-    let mut w =
-        csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
-    w.write_record(["user", "store"])?;
-    for (user, store) in &data.user_region {
-        w.write_record([user.to_string().as_str(), store])?;
-    }
-    w.flush().with_context(|| format!("writing {}", path.display()))?;
+    write(
+        "stores.csv",
+        &["user", "store"],
+        &mut data.user_region.iter().map(|(user, store)| vec![user.to_string(), store.clone()]),
+    )?;
     Ok(())
 }
 
