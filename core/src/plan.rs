@@ -210,11 +210,12 @@ impl TaskSpec {
         }
     }
 
-    /// Demand trees: their uploads are histograms, and a server step grows the model from them
-    /// ([`crate::model::demand::DemandModel::tree_server_step`]).
-    fn demand_trees(&self) -> Option<crate::model::demand::DemandModel> {
+    /// Demand trees or LAD: their uploads are statistics (histograms, sufficient statistics),
+    /// and a server step computes the model from them
+    /// ([`crate::model::demand::DemandModel::server_step`]).
+    fn demand_statistics(&self) -> Option<crate::model::demand::DemandModel> {
         match &self.model {
-            ModelSpec::Demand(d) if d.trees.is_some() => {
+            ModelSpec::Demand(d) if d.uploads_statistics() => {
                 Some(crate::model::demand::DemandModel::new(d.clone()))
             }
             _ => None,
@@ -223,10 +224,10 @@ impl TaskSpec {
 
     /// Length of a store's upload: the model's parameters, then any statistics the model's
     /// server step reads (the ranking recommender's under customer-level privacy); for demand
-    /// trees, a histogram.
+    /// trees a histogram, for demand LAD its statistics.
     pub fn upload_len(&self) -> usize {
-        match self.demand_trees() {
-            Some(trees) => trees.spec().upload_len(),
+        match self.demand_statistics() {
+            Some(demand) => demand.spec().upload_len(),
             None => {
                 self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
             }
@@ -237,14 +238,15 @@ impl TaskSpec {
     /// round's divisor (length [`TaskSpec::upload_len`]), at model `global`: `mean` itself for
     /// most tasks; for the ranking recommender under customer-level privacy, the pure server
     /// step that forms the unobserved items' term from the statistics; for demand trees, the
-    /// step that grows the next level from the summed histograms.
+    /// step that grows the next level from the summed histograms; for demand LAD, the solve of
+    /// the reweighted system.
     ///
     /// # Panics
     ///
     /// If a length is wrong.
     pub fn model_delta(&self, global: &[f32], mean: Vec<f32>) -> Vec<f32> {
-        if let Some(trees) = self.demand_trees() {
-            return trees.tree_server_step(global, &mean);
+        if let Some(demand) = self.demand_statistics() {
+            return demand.server_step(global, &mean);
         }
         match self.ranking_statistics() {
             Some(model) => model.ranking_server_step(global, &mean),
@@ -299,16 +301,19 @@ impl TaskSpec {
             ));
         }
         p.server_optimizer.validate().map_err(|m| bad("plan.server_optimizer", m))?;
-        if self.demand_trees().is_some() {
+        if self.demand_statistics().is_some() {
             // The server step writes the next model; the optimiser must apply it as it is, and
-            // a histogram is a sum over examples already.
+            // a histogram (or a store's statistics) sums over examples already.
             if p.server_optimizer != (ServerOptimizer::FedAvg { learning_rate: 1.0 }) {
-                return Err(bad("plan.server_optimizer", "trees need FedAvg with learning rate 1"));
+                return Err(bad(
+                    "plan.server_optimizer",
+                    "trees and LAD need FedAvg with learning rate 1",
+                ));
             }
             if p.weight_by_examples {
                 return Err(bad(
                     "plan.weight_by_examples",
-                    "trees sum histograms: set weight_by_examples = false",
+                    "trees and LAD sum statistics: set weight_by_examples = false",
                 ));
             }
         }

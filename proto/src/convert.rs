@@ -4,7 +4,7 @@
 //! numbers); the domain's own `validate` then checks the meaning.
 
 use crate::pb;
-use fedretail_core::model::demand::{DemandLoss, DemandSpec, TreeSpec};
+use fedretail_core::model::demand::{DemandLoss, DemandSpec, LadSpec, TreeSpec};
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::model::mf::{MfSpec, Objective};
 use fedretail_core::optim::ServerOptimizer;
@@ -263,6 +263,10 @@ impl From<&ModelSpec> for pb::ModelSpec {
                     shrinkage: t.shrinkage,
                     min_child_share: t.min_child_share,
                 }),
+                lad: d
+                    .lad
+                    .as_ref()
+                    .map(|l| pb::DemandLad { ridge: l.ridge, weight_floor: l.weight_floor }),
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -332,6 +336,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                     shrinkage: t.shrinkage,
                     min_child_share: t.min_child_share,
                 }),
+                lad: d.lad.map(|l| LadSpec { ridge: l.ridge, weight_floor: l.weight_floor }),
                 first_test_week: d.first_test_week,
                 horizon: d.horizon,
                 harmonics: d.harmonics,
@@ -753,6 +758,8 @@ mod tests {
                 relative_to_recent: loss == DemandLoss::Log1pAbsolute,
                 hidden_units: 0,
                 trees: (loss == DemandLoss::Log1pAbsolute).then(TreeSpec::default),
+                // Not a valid spec (LAD needs the absolute loss): the conversion carries it as is.
+                lad: (loss == DemandLoss::Log1pSquared).then(LadSpec::default),
             });
             let wire: pb::ModelSpec = (&demand).into();
             assert_eq!(ModelSpec::try_from(wire).unwrap(), demand);

@@ -6,13 +6,13 @@
 use crate::dataset::retail::{self, RetailSpec};
 use crate::dataset::superstore;
 use crate::runner::{LocalCoordinator, PrivacyOutcome, run_federated};
-use crate::scenario::{RunArgs, ScenarioKind, cache_dir};
+use crate::scenario::{DemandModelArg, RunArgs, ScenarioKind, cache_dir};
 use anyhow::Context;
 use fedretail_client::data::sales::StoreSales;
 use fedretail_client::participant::LocalData;
 use fedretail_core::model::Model;
 use fedretail_core::model::demand::{
-    DemandData, DemandLocal, DemandLoss, DemandModel, DemandSpec, Naive, TreeSpec,
+    DemandData, DemandLocal, DemandLoss, DemandModel, DemandSpec, LadSpec, Naive, TreeSpec,
 };
 use fedretail_core::model::metrics::EvalSums;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
@@ -102,31 +102,47 @@ pub struct DemandHyper {
     pub hidden_units: Option<u32>,
     /// Boosted trees instead of the linear model (one year of data only).
     pub trees: Option<TreeSpec>,
+    /// Least absolute deviations instead of the linear model (one year of data only).
+    pub lad: Option<LadSpec>,
 }
 
-/// The clipping norm of tree runs without DP: above any store's histogram (clipping is
-/// checked on every upload; a sum must not be clipped).
-pub const TREE_CLIP_NORM_NO_DP: f32 = 1.0e7;
+/// The clipping norm of tree and LAD runs without DP: above any store's histogram or
+/// statistics (clipping is checked on every upload; a sum must not be clipped).
+pub const STATISTICS_CLIP_NORM_NO_DP: f32 = 1.0e7;
+/// Rounds of a LAD run without DP: reweighted least squares has converged by then.
+pub const LAD_ROUNDS: u64 = 5;
+/// Rounds of a LAD run under DP: each round costs privacy, and the second step gains most
+/// (BENCHMARKS.md, "Demand on Complete Journey").
+pub const LAD_DP_ROUNDS: u64 = 2;
+/// Clipping norm of a store's LAD statistics under DP.
+pub const LAD_DP_CLIP_NORM: f32 = 1.0;
 
 /// The demand hyper-parameters of `args` (BENCHMARKS.md, "Demand forecasting", says how the
 /// defaults were chosen).
 pub fn hyper(args: &RunArgs) -> DemandHyper {
+    hyper_of(args, args.demand_model)
+}
+
+/// The demand hyper-parameters of `args` for `kind` of model.
+fn hyper_of(args: &RunArgs, kind: DemandModelArg) -> DemandHyper {
     let one_year = args.scenario == ScenarioKind::RetailDemand;
-    let trees =
-        (one_year && args.demand_model == crate::scenario::DemandModelArg::Trees).then(|| {
-            let d = TreeSpec::default();
-            TreeSpec {
-                trees: args.trees.unwrap_or(d.trees),
-                depth: args.tree_depth.unwrap_or(d.depth),
-                ..d
-            }
-        });
+    let lad = (one_year && kind == DemandModelArg::Lad).then(LadSpec::default);
+    let trees = (one_year && kind == DemandModelArg::Trees).then(|| {
+        let d = TreeSpec::default();
+        TreeSpec {
+            trees: args.trees.unwrap_or(d.trees),
+            depth: args.tree_depth.unwrap_or(d.depth),
+            ..d
+        }
+    });
     DemandHyper {
         trees,
+        lad,
         // Trees grow one level per round.
-        rounds: match trees {
-            Some(t) => u64::from(t.trees * t.depth),
-            None => args.rounds.unwrap_or(if one_year { 100 } else { 40 }),
+        rounds: match (trees, lad) {
+            (Some(t), _) => u64::from(t.trees * t.depth),
+            (None, Some(_)) => args.rounds.unwrap_or(LAD_ROUNDS),
+            (None, None) => args.rounds.unwrap_or(if one_year { 100 } else { 40 }),
         },
         local_epochs: args.local_epochs.unwrap_or(1),
         learning_rate: args.learning_rate.unwrap_or(0.003),
@@ -284,6 +300,7 @@ pub fn spec_for(
         relative_to_recent: one_year,
         hidden_units: h.hidden_units.unwrap_or(if one_year { ONE_YEAR_HIDDEN_UNITS } else { 0 }),
         trees: if one_year { h.trees } else { None },
+        lad: if one_year { h.lad } else { None },
     }
 }
 
@@ -390,6 +407,8 @@ pub struct DemandReport {
     pub seed: u64,
     /// The federated task (without DP).
     pub spec: TaskSpec,
+    /// The first DP run's task, if any (its model may differ: `--dp-demand-model`).
+    pub dp_spec: Option<TaskSpec>,
     /// Epochs of the central and local-only references.
     pub reference_epochs: u32,
     /// Store names.
@@ -446,12 +465,13 @@ pub fn task_spec(
             ..crate::scenario::in_process_plan(h.rounds, n as u32, h.local_epochs, args.seed)
         },
     };
-    // Trees: the server step writes the next model, and histograms are summed as they are.
-    if spec.trees.is_some() {
+    // Trees and LAD: the server step writes the next model, and statistics are summed as they
+    // are.
+    if spec.uploads_statistics() {
         task.plan.server_optimizer =
             fedretail_core::optim::ServerOptimizer::FedAvg { learning_rate: 1.0 };
         task.plan.weight_by_examples = false;
-        task.plan.clip_norm = TREE_CLIP_NORM_NO_DP;
+        task.plan.clip_norm = STATISTICS_CLIP_NORM_NO_DP;
     }
     task
 }
@@ -496,19 +516,29 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
     crate::scenario::set_secure(args, &mut task)?;
     task.validate().context("the scenario's task")?;
     let mut runs = vec![("federated".to_string(), task.clone())];
-    // One year of data: noisy updates do best with fewer, smaller steps (BENCHMARKS.md).
-    // Trees under store-level noise split on noise (BENCHMARKS.md: WAPE 1.02 at ε = 8): the
-    // DP runs train the network, with its own defaults.
-    let dp_spec = DemandSpec { trees: None, ..spec.clone() };
-    let dp_h = if stores.one_year {
-        DemandHyper {
-            rounds: args.rounds.unwrap_or(30),
-            server_lr: args.server_lr.unwrap_or(1.0),
-            ..h
-        }
+    // One year of data: the DP runs train their own model (`--dp-demand-model`; trees under
+    // store-level noise split on noise, BENCHMARKS.md: WAPE 1.02 at ε = 8), LAD in one or two
+    // rounds, the network with fewer, smaller steps.
+    let (dp_spec, dp_h) = if stores.one_year {
+        let dp = hyper_of(args, args.dp_demand_model);
+        let dp_h = match args.dp_demand_model {
+            DemandModelArg::Lad => DemandHyper {
+                rounds: args.rounds.unwrap_or(LAD_DP_ROUNDS),
+                clip_norm: args.clip_norm.unwrap_or(LAD_DP_CLIP_NORM),
+                ..dp
+            },
+            DemandModelArg::Network => DemandHyper {
+                rounds: args.rounds.unwrap_or(30),
+                server_lr: args.server_lr.unwrap_or(1.0),
+                ..dp
+            },
+            DemandModelArg::Trees => dp,
+        };
+        (model_spec(&stores, &dp_h), dp_h)
     } else {
-        h
+        (spec.clone(), h)
     };
+    let mut dp_task = None;
     for &epsilon in &args.dp_epsilons {
         let mut t = task_spec(args, &dp_spec, &dp_h, n, format!("{base_name}-dp{epsilon}"));
         t.plan.clip_norm = dp_h.clip_norm;
@@ -536,6 +566,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
         });
         crate::scenario::set_secure(args, &mut t)?;
         t.validate().context("the scenario's DP task")?;
+        dp_task.get_or_insert_with(|| t.clone());
         runs.push((format!("federated_dp_eps{epsilon}"), t));
     }
     let coordinator = LocalCoordinator::start(Duration::from_secs(5)).await?;
@@ -572,6 +603,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
         scenario: args.scenario,
         dataset: stores.dataset.clone(),
         seed: args.seed,
+        dp_spec: dp_task,
         spec: task,
         reference_epochs: args.reference_epochs,
         weeks_of_sales: stores.data.iter().map(DemandData::weeks_with_sales).collect(),
@@ -707,6 +739,7 @@ pub fn to_json(r: &DemandReport) -> Value {
         "first_test_week": r.first_test_date,
         "horizons": format!("1-{HORIZON}"),
         "task": serde_json::to_value(&r.spec).expect("plain data serialises"),
+        "dp_task": serde_json::to_value(&r.dp_spec).expect("plain data serialises"),
         "reference_epochs": r.reference_epochs,
     });
     for m in &r.methods {
@@ -751,19 +784,29 @@ pub fn to_json(r: &DemandReport) -> Value {
     v
 }
 
+/// What kind of demand model `task` trains, for a label: `" (boosted trees)"` and the like.
+fn kind(task: &TaskSpec) -> String {
+    match &task.model {
+        ModelSpec::Demand(d) if d.trees.is_some() => " (boosted trees)".into(),
+        ModelSpec::Demand(d) if d.lad.is_some() => " (least absolute deviations)".into(),
+        ModelSpec::Demand(d) if d.hidden_units > 0 => " (network)".into(),
+        _ => String::new(),
+    }
+}
+
 fn label(r: &DemandReport, key: &str) -> String {
-    let trees = matches!(&r.spec.model, ModelSpec::Demand(d) if d.trees.is_some());
     match key {
         "seasonal_naive" => "seasonal naive (52 weeks back)".into(),
         "last_week" => "last week (naive)".into(),
         "moving_average" => format!("moving average ({} weeks)", r.moving_average_weeks),
         "local_only" => "local-only (each store alone)".into(),
         "central" => "central (pooled, not federated)".into(),
-        "federated" if trees => "**federated** (boosted trees)".into(),
-        "federated" => "**federated**".into(),
-        // The DP runs of a tree scenario train the network (`run`).
+        "federated" => format!("**federated**{}", kind(&r.spec)),
         k => k.strip_prefix("federated_dp_eps").map_or(k.into(), |e| {
-            format!("federated, store-level DP ε = {e}{}", if trees { " (network)" } else { "" })
+            format!(
+                "federated, store-level DP ε = {e}{}",
+                r.dp_spec.as_ref().map_or(String::new(), kind)
+            )
         }),
     }
 }

@@ -189,10 +189,14 @@ pub struct RunArgs {
     /// year of data, else 0].
     #[arg(long)]
     pub hidden_units: Option<u32>,
-    /// Complete Journey demand: the federated model, boosted trees or the linear model with
-    /// its network (BENCHMARKS.md, "Demand on Complete Journey").
+    /// Complete Journey demand: the federated model, boosted trees, the linear model with its
+    /// network, or least absolute deviations (BENCHMARKS.md, "Demand on Complete Journey").
     #[arg(long, value_enum, default_value = "trees")]
     pub demand_model: DemandModelArg,
+    /// Complete Journey demand: the model of the DP runs (trees under store-level noise split
+    /// on noise; LAD needs one or two rounds).
+    #[arg(long, value_enum, default_value = "lad")]
+    pub dp_demand_model: DemandModelArg,
     /// Complete Journey demand with trees: trees grown, one level per round [default: 50].
     #[arg(long)]
     pub trees: Option<u32>,
@@ -232,6 +236,8 @@ pub enum DemandModelArg {
     Trees,
     /// The linear model with its one-layer network.
     Network,
+    /// Least absolute deviations by reweighted least squares from the stores' statistics.
+    Lad,
 }
 
 /// `--demand-groups` values.

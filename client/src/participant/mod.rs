@@ -966,10 +966,11 @@ fn local_delta(
             let delta = trained.iter().zip(&global).map(|(t, g)| t - g).collect();
             (delta, stats.n_examples, stats.mean_loss)
         }
-        // Trees: the histogram of the level the model grows next (core's demand::trees).
-        Trainer::Demand { model, data, .. } if model.spec().trees.is_some() => {
-            let (histogram, n) = model.tree_histograms(&global, data);
-            (histogram, n, 0.0)
+        // Trees: the histogram of the level the model grows next (core's demand::trees); LAD:
+        // the reweighted statistics at the fetched model (core's demand::lad).
+        Trainer::Demand { model, data, .. } if model.spec().uploads_statistics() => {
+            let (statistics, n) = model.store_statistics(&global, data);
+            (statistics, n, 0.0)
         }
         Trainer::Demand { model, data, local } => {
             let mut trained = global.clone();

@@ -358,6 +358,7 @@ fn demand_spec(groups: &[&str]) -> fedretail_core::model::demand::DemandSpec {
         relative_to_recent: false,
         hidden_units: 0,
         trees: None,
+        lad: None,
     }
 }
 

@@ -7,6 +7,7 @@
 //! its local state) and the simulator's central and local-only baselines.
 
 pub mod demand;
+pub(crate) mod linalg;
 pub mod metrics;
 pub mod mf;
 

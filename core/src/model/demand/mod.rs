@@ -38,10 +38,12 @@
 //! from the store's promotion calendar, which is planned ahead: the target week's own shares
 //! are features. A series without a calendar has none (zero).
 
+mod lad;
 #[cfg(test)]
 mod tests;
 mod trees;
 
+pub use lad::{LAD_FEATURES, LadSpec};
 pub use trees::TreeSpec;
 
 use super::metrics::EvalSums;
@@ -140,6 +142,12 @@ pub struct DemandSpec {
     /// A round's upload is then a histogram of gradients, not a change of the model.
     #[serde(default)]
     pub trees: Option<TreeSpec>,
+    /// Least absolute deviations fitted by reweighted least squares from the stores' summed
+    /// statistics instead of the linear model and network ([`LadSpec`], module `lad`): built
+    /// for store-level DP (one short upload per round, one or two rounds). Requires
+    /// [`DemandSpec::relative_to_recent`] and the absolute loss on `ℓ(y)`; excludes trees.
+    #[serde(default)]
+    pub lad: Option<LadSpec>,
 }
 
 impl DemandSpec {
@@ -151,19 +159,28 @@ impl DemandSpec {
     /// Length of the global vector: the shared weights, then per group its effect and its own
     /// seasonal coefficients, then the network's weights.
     pub fn n_global(&self) -> usize {
-        match &self.trees {
-            Some(t) => trees::Layout::new(t, self.groups.len()).n_global(),
-            None => self.network_offset() + self.network_len(),
+        match (&self.trees, &self.lad) {
+            (Some(t), _) => trees::Layout::new(t, self.groups.len()).n_global(),
+            (None, Some(_)) => LAD_FEATURES,
+            (None, None) => self.network_offset() + self.network_len(),
         }
     }
 
     /// Length of a store's upload: a histogram for trees ([`DemandModel::tree_histograms`]),
-    /// else the change of the global vector.
+    /// statistics for LAD ([`DemandModel::lad_statistics`]), else the change of the global
+    /// vector.
     pub fn upload_len(&self) -> usize {
-        match &self.trees {
-            Some(t) => trees::Layout::new(t, self.groups.len()).histogram_len(),
-            None => self.n_global(),
+        match (&self.trees, &self.lad) {
+            (Some(t), _) => trees::Layout::new(t, self.groups.len()).histogram_len(),
+            (None, Some(_)) => lad::LAD_UPLOAD,
+            (None, None) => self.n_global(),
         }
+    }
+
+    /// Whether a store uploads statistics from which a server step computes the next model
+    /// (trees, LAD), not a change of the model.
+    pub fn uploads_statistics(&self) -> bool {
+        self.trees.is_some() || self.lad.is_some()
     }
 
     /// Where the network's weights start: per hidden unit its input weights and bias, then the
@@ -233,6 +250,20 @@ impl DemandSpec {
                     "model.trees",
                     format!("at most 256 groups with trees, got {}", self.groups.len()),
                 );
+            }
+        }
+        if let Some(lad) = &self.lad {
+            lad.validate()?;
+            if !self.relative_to_recent || self.loss != DemandLoss::Log1pAbsolute {
+                return err(
+                    "model.lad",
+                    "LAD forecasts relative to the recent level with the absolute loss: set \
+                     relative_to_recent and loss log1p_absolute"
+                        .into(),
+                );
+            }
+            if self.trees.is_some() {
+                return err("model.lad", "a model has trees or LAD, not both".into());
             }
         }
         if self.harmonics > 26 {
@@ -512,6 +543,9 @@ impl DemandModel {
         // Trees read their own layout of the global vector: nothing below applies.
         if let Some(layout) = self.layout() {
             return (x[WINDOW_AT] + self.tree_output(&layout, global, x, s.group)).min(MAX_ETA);
+        }
+        if self.spec.lad.is_some() {
+            return (x[WINDOW_AT] + lad::lad_output(global, x)).min(MAX_ETA);
         }
         let dot: f32 = x.iter().zip(global).map(|(a, b)| a * b).sum();
         let block = &global[self.spec.group_at(s.group)..][..self.spec.group_width()];
@@ -829,6 +863,35 @@ impl DemandModel {
         })
     }
 
+    /// What a store sends in a round of a task whose server step computes the model
+    /// ([`DemandSpec::uploads_statistics`]): [`DemandModel::tree_histograms`] or
+    /// [`DemandModel::lad_statistics`] at the fetched model `global`, and the number of
+    /// examples.
+    ///
+    /// # Panics
+    ///
+    /// If the model has neither trees nor LAD, or `global` has the wrong length.
+    pub fn store_statistics(&self, global: &[f32], data: &DemandData) -> (Vec<f32>, usize) {
+        if self.spec.lad.is_some() {
+            return self.lad_statistics(global, data);
+        }
+        self.tree_histograms(global, data)
+    }
+
+    /// The server step of such a task: [`DemandModel::tree_server_step`] or
+    /// [`DemandModel::lad_server_step`], the change of `global` from the round's averaged
+    /// uploads `mean`.
+    ///
+    /// # Panics
+    ///
+    /// If the model has neither trees nor LAD, or a length is wrong.
+    pub fn server_step(&self, global: &[f32], mean: &[f32]) -> Vec<f32> {
+        if self.spec.lad.is_some() {
+            return self.lad_server_step(global, mean);
+        }
+        self.tree_server_step(global, mean)
+    }
+
     /// Trains for `epochs` epochs as if `epochs_before` had already run: epoch `e` (counted
     /// from the start of training) steps with `learning_rate / (1 + e / 10)`. A store in a
     /// federated task passes the epochs of the rounds before (the model version times the
@@ -889,8 +952,8 @@ impl Model for DemandModel {
     /// ([`DemandSpec::relative_to_recent`]), as the network's output weights start at zero.
     fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
         let mut global = vec![0.0; self.n_global()];
-        // Trees start with none grown.
-        if self.spec.trees.is_some() {
+        // Trees start with none grown, LAD at the moving average.
+        if self.spec.uploads_statistics() {
             return global;
         }
         let n_in = self.spec.network_inputs();
@@ -924,7 +987,7 @@ impl Model for DemandModel {
     }
 
     /// [`DemandModel::train_from`] from the first epoch; with trees, every level not yet grown
-    /// is grown from `data` alone (`epochs` is unused).
+    /// is grown from `data` alone (`epochs` is unused); with LAD, `epochs` IRLS steps.
     fn train(
         &self,
         global: &mut [f32],
@@ -935,6 +998,10 @@ impl Model for DemandModel {
     ) -> TrainStats {
         if self.spec.trees.is_some() {
             let (n_examples, mean_loss) = self.train_trees(global, data);
+            return TrainStats { n_examples, mean_loss };
+        }
+        if self.spec.lad.is_some() {
+            let (n_examples, mean_loss) = self.train_lad(global, data, epochs);
             return TrainStats { n_examples, mean_loss };
         }
         self.train_from(global, local, data, epochs, 0, rng)

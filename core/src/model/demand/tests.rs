@@ -19,6 +19,7 @@ fn spec(loss: DemandLoss) -> DemandSpec {
         relative_to_recent: false,
         hidden_units: 0,
         trees: None,
+        lad: None,
     }
 }
 

@@ -28,6 +28,7 @@
 //! signal, not a sample of it.
 
 use super::{MfData, MfLocal, MfModel, Objective};
+use crate::model::linalg::cholesky_solve;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 /// One user's interactions: items (sorted, distinct) with their summed values.
@@ -48,46 +49,6 @@ fn user_items(data: &MfData) -> Vec<Vec<(u32, f32)>> {
         });
     }
     by_user
-}
-
-/// Solves `a x = b` in place for a symmetric positive definite `a` (`d × d`, row-major; only
-/// its upper triangle is read) by Cholesky, `a = UᵀU` with `U` upper triangular and stored
-/// over `a`'s upper triangle; `b` becomes `x`. Returns false (and leaves `b` unusable) if `a`
-/// is not positive definite. Row-oriented, so every inner loop runs over contiguous memory.
-fn cholesky_solve(a: &mut [f64], b: &mut [f64], d: usize) -> bool {
-    for j in 0..d {
-        let diag = a[j * d + j];
-        if diag <= 0.0 || !diag.is_finite() {
-            return false;
-        }
-        let diag = diag.sqrt();
-        let (done, rest) = a.split_at_mut((j + 1) * d);
-        let uj = &mut done[j * d..];
-        uj[j] = diag;
-        uj[j + 1..].iter_mut().for_each(|v| *v /= diag);
-        // The trailing rows lose row j's outer product: a[i][i..] −= U[j][i] · U[j][i..].
-        for i in j + 1..d {
-            let uji = uj[i];
-            let row = &mut rest[(i - j - 1) * d..(i - j) * d];
-            for (v, &u) in row[i..].iter_mut().zip(&uj[i..]) {
-                *v -= uji * u;
-            }
-        }
-    }
-    // Uᵀ z = b, then U x = z.
-    for k in 0..d {
-        let z = b[k] / a[k * d + k];
-        b[k] = z;
-        for (v, &u) in b[k + 1..].iter_mut().zip(&a[k * d + k + 1..(k + 1) * d]) {
-            *v -= z * u;
-        }
-    }
-    for i in (0..d).rev() {
-        let row = &a[i * d..(i + 1) * d];
-        let s: f64 = row[i + 1..].iter().zip(&b[i + 1..]).map(|(u, x)| u * x).sum();
-        b[i] = (b[i] - s) / row[i];
-    }
-    true
 }
 
 /// `Σ_i v_i v_iᵀ` accumulated into `out` (`d × d`, row-major) for the rows `v_i` of `rows`: one
@@ -789,36 +750,5 @@ mod tests {
         let norm = clipped.sum().iter().map(|v| v * v).sum::<f64>().sqrt();
         assert!(norm <= users * f64::from(clip) + 1e-9, "{norm}");
         assert!(norm > 0.5 * f64::from(clip));
-    }
-
-    #[test]
-    fn cholesky_solves_a_known_system() {
-        let mut a = vec![4.0, 2.0, 2.0, 3.0];
-        let mut b = vec![2.0, 1.0];
-        assert!(cholesky_solve(&mut a, &mut b, 2));
-        assert!((b[0] - 0.5).abs() < 1e-12 && b[1].abs() < 1e-12, "{b:?}");
-        let mut singular = vec![1.0, 1.0, 1.0, 1.0];
-        assert!(!cholesky_solve(&mut singular, &mut [1.0, 1.0], 2));
-        // A larger system, reading only the upper triangle: a = mᵀm + I, checked by residual.
-        let d = 6;
-        let m: Vec<f64> = (0..d * d).map(|k| ((k * 7919) % 13) as f64 / 13.0 - 0.5).collect();
-        let full: Vec<f64> = (0..d * d)
-            .map(|k| {
-                let (i, j) = (k / d, k % d);
-                (0..d).map(|r| m[r * d + i] * m[r * d + j]).sum::<f64>() + f64::from(i == j)
-            })
-            .collect();
-        let mut upper: Vec<f64> = full
-            .iter()
-            .enumerate()
-            .map(|(k, &v)| if k % d >= k / d { v } else { f64::NAN })
-            .collect();
-        let rhs: Vec<f64> = (0..d).map(|i| i as f64 - 2.0).collect();
-        let mut x = rhs.clone();
-        assert!(cholesky_solve(&mut upper, &mut x, d));
-        for i in 0..d {
-            let ax: f64 = (0..d).map(|j| full[i * d + j] * x[j]).sum();
-            assert!((ax - rhs[i]).abs() < 1e-10, "row {i}: {ax} vs {}", rhs[i]);
-        }
     }
 }
