@@ -111,9 +111,10 @@ pub struct DemandHyper {
 pub const STATISTICS_CLIP_NORM_NO_DP: f32 = 1.0e7;
 /// Rounds of a LAD run without DP: reweighted least squares has converged by then.
 pub const LAD_ROUNDS: u64 = 5;
-/// Rounds of a LAD run under DP: each round costs privacy, and the second step gains most
-/// (BENCHMARKS.md, "Demand on Complete Journey").
-pub const LAD_DP_ROUNDS: u64 = 2;
+/// Rounds of a LAD run under DP: each round costs privacy, and one noised least-squares step
+/// already holds the gain with the least spread over noise draws (BENCHMARKS.md,
+/// "Demand on Complete Journey").
+pub const LAD_DP_ROUNDS: u64 = 1;
 /// Clipping norm of a store's LAD statistics under DP.
 pub const LAD_DP_CLIP_NORM: f32 = 1.0;
 
@@ -126,7 +127,10 @@ pub fn hyper(args: &RunArgs) -> DemandHyper {
 /// The demand hyper-parameters of `args` for `kind` of model.
 fn hyper_of(args: &RunArgs, kind: DemandModelArg) -> DemandHyper {
     let one_year = args.scenario == ScenarioKind::RetailDemand;
-    let lad = (one_year && kind == DemandModelArg::Lad).then(LadSpec::default);
+    let lad = (one_year && kind == DemandModelArg::Lad).then(|| {
+        let d = LadSpec::default();
+        LadSpec { ridge: args.lad_ridge.unwrap_or(d.ridge), ..d }
+    });
     let trees = (one_year && kind == DemandModelArg::Trees).then(|| {
         let d = TreeSpec::default();
         TreeSpec {

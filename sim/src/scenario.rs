@@ -197,6 +197,9 @@ pub struct RunArgs {
     /// on noise; LAD needs one or two rounds).
     #[arg(long, value_enum, default_value = "lad")]
     pub dp_demand_model: DemandModelArg,
+    /// Complete Journey demand with LAD: the ridge λ of the coordinator's solve [default: 0.2].
+    #[arg(long)]
+    pub lad_ridge: Option<f32>,
     /// Complete Journey demand with trees: trees grown, one level per round [default: 50].
     #[arg(long)]
     pub trees: Option<u32>,

@@ -24,7 +24,7 @@
 //! whatever its size.
 
 use super::{DISPLAY_AT, DemandData, DemandModel, History, LAG_AT, LAGS, MAILER_AT, MISSING_AT};
-use super::{WINDOW_AT, WINDOWS};
+use super::{EvalSums, MAX_ETA, Series, WINDOW_AT, WINDOWS};
 use crate::model::linalg::{cholesky_solve, project_psd};
 use crate::plan::SpecError;
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,8 @@ const TRIANGLE: usize = LAD_FEATURES * (LAD_FEATURES + 1) / 2;
 pub(super) const LAD_UPLOAD: usize = TRIANGLE + LAD_FEATURES;
 /// Bound on every relative feature and on the target.
 const BOUND: f32 = 3.0;
+/// Weeks of history a training origin needs: the 4-week mean and lag 4 are then observed.
+const HISTORY: usize = 4;
 
 /// `φ` of an example with the model's features `x` (see `DemandModel::features`).
 fn phi(x: &[f32]) -> [f32; LAD_FEATURES] {
@@ -159,20 +161,48 @@ fn solve(mean: &[f64], ridge: f64) -> Option<Vec<f64>> {
 }
 
 impl DemandModel {
-    /// Every training example's `φ` and target relative to the level, clipped.
+    /// The features `x` (see `DemandModel::features`) of a direct forecast of week `t` from
+    /// `origin`: everything as known at the origin (the features of week `origin + 1`), but the
+    /// target week's planned display and mailer shares.
+    fn direct_features(&self, s: &Series, first_week: i64, origin: usize, t: usize, x: &mut [f32]) {
+        let hist = History { series: s, origin, forecasts: &[] };
+        self.features(&hist, first_week, origin + 1, x);
+        let planned = |shares: &[f32]| shares.get(t).copied().unwrap_or(0.0);
+        x[DISPLAY_AT] = planned(&s.display);
+        x[MAILER_AT] = planned(&s.mailer);
+    }
+
+    /// Every training example's `φ` and target relative to the level, clipped: every target
+    /// week before the test from every origin 1 to `horizon` weeks before it with four weeks
+    /// of history (the forecasts are direct, one model for every horizon).
     fn lad_examples(&self, data: &DemandData) -> (Vec<[f32; LAD_FEATURES]>, Vec<f32>) {
         let start = self.test_start(data);
         let mut x = vec![0.0; self.spec.group_offset()];
         let (mut phis, mut targets) = (Vec::new(), Vec::new());
         for s in &data.series {
-            for t in s.start + 1..start {
-                let hist = History { series: s, origin: t - 1, forecasts: &[] };
-                self.features(&hist, data.first_week, t, &mut x);
-                phis.push(phi(&x));
-                targets.push((s.units[t].max(0.0).ln_1p() - x[WINDOW_AT]).clamp(-BOUND, BOUND));
+            for origin in s.start + HISTORY - 1..start.saturating_sub(1) {
+                for t in origin + 1..=(origin + self.spec.horizon as usize).min(start - 1) {
+                    self.direct_features(s, data.first_week, origin, t, &mut x);
+                    phis.push(phi(&x));
+                    let r = s.units[t].max(0.0).ln_1p() - x[WINDOW_AT];
+                    targets.push(r.clamp(-BOUND, BOUND));
+                }
             }
         }
         (phis, targets)
+    }
+
+    /// Rolling-origin evaluation of the LAD model `global` (the module's `evaluate`): direct
+    /// forecasts of every horizon from what is known at the origin.
+    pub(super) fn evaluate_lad(&self, global: &[f32], data: &DemandData) -> EvalSums {
+        let mut x = vec![0.0; self.spec.group_offset()];
+        self.rolling_origin(data, |si, origin, out| {
+            let s = &data.series[si];
+            for (h, f) in out.iter_mut().enumerate() {
+                self.direct_features(s, data.first_week, origin, origin + 1 + h, &mut x);
+                *f = self.forecast((x[WINDOW_AT] + lad_output(global, &x)).min(MAX_ETA));
+            }
+        })
     }
 
     fn lad(&self) -> &super::LadSpec {

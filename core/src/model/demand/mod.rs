@@ -544,6 +544,7 @@ impl DemandModel {
         if let Some(layout) = self.layout() {
             return (x[WINDOW_AT] + self.tree_output(&layout, global, x, s.group)).min(MAX_ETA);
         }
+        // LAD forecasts directly (`lad::evaluate_lad`); this is its one-step forecast.
         if self.spec.lad.is_some() {
             return (x[WINDOW_AT] + lad::lad_output(global, x)).min(MAX_ETA);
         }
@@ -1015,6 +1016,9 @@ impl Model for DemandModel {
         data: &DemandData,
         _seed: u64,
     ) -> EvalSums {
+        if self.spec.lad.is_some() {
+            return self.evaluate_lad(global, data);
+        }
         let mut x = vec![0.0; self.spec.group_offset()];
         let mut buffer = Vec::new();
         self.rolling_origin(data, |si, origin, out| {

@@ -456,3 +456,82 @@ fn federated_trees_are_the_pooled_trees_and_beat_the_moving_average() {
     let average = model.evaluate_naive(&pooled, Naive::MovingAverage(4)).wape();
     assert!(trees < average, "trees {trees} against the moving average {average}");
 }
+
+/// A LAD task as the coordinator runs it (each store's statistics, their mean,
+/// `TaskSpec::model_delta`, `x += 1 · delta`): with one store it is that store's own IRLS
+/// fit, with two it learns the display effect and forecasts better than the 4-week moving
+/// average.
+#[test]
+fn federated_lad_is_the_stores_own_fit_and_beats_the_moving_average() {
+    use crate::plan::{ModelSpec, TaskSpec, TrainingPlan};
+    let spec = DemandSpec {
+        harmonics: 0,
+        relative_to_recent: true,
+        loss: DemandLoss::Log1pAbsolute,
+        whole_units: true,
+        lad: Some(LadSpec::default()),
+        ..spec(DemandLoss::Log1pAbsolute)
+    };
+    let model = DemandModel::new(spec.clone());
+    let mut task = TaskSpec {
+        name: "lad".into(),
+        model: ModelSpec::Demand(spec.clone()),
+        plan: TrainingPlan::new(4, 2, 2, 1e7),
+        privacy: None,
+    };
+    assert!(task.validate().is_err(), "LAD refuses example weights");
+    task.plan.weight_by_examples = false;
+    task.validate().unwrap();
+    assert_eq!(task.upload_len(), 55 + 10, "a triangle of 10 features and their moments");
+    let with_trees = DemandSpec { trees: Some(TreeSpec::default()), ..spec };
+    assert!(with_trees.validate().is_err(), "LAD and trees exclude each other");
+
+    let mut pooled = data(7);
+    // Displays triple a week's sales at most.
+    for s in &mut pooled.series {
+        for (u, d) in s.units.iter_mut().zip(&s.display) {
+            *u = (*u * (1.0 + 2.0 * d)).round();
+        }
+    }
+    let stores: Vec<DemandData> = (0..2u32)
+        .map(|k| DemandData {
+            n_stores: 1,
+            series: pooled
+                .series
+                .iter()
+                .filter(|s| s.store == k)
+                .map(|s| Series { store: 0, ..s.clone() })
+                .collect(),
+            ..pooled.clone()
+        })
+        .collect();
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(3);
+    let federate = |stores: &[DemandData]| {
+        let mut global = model.init_global(&mut rand::rngs::ChaCha8Rng::seed_from_u64(1));
+        for _ in 0..task.plan.rounds {
+            let mut mean = vec![0.0f32; task.upload_len()];
+            for store in stores {
+                let (s, n) = model.store_statistics(&global, store);
+                assert!(n > 0);
+                mean.iter_mut().zip(&s).for_each(|(m, v)| *m += v / stores.len() as f32);
+            }
+            let delta = task.model_delta(&global, mean);
+            global.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
+        }
+        global
+    };
+
+    let alone = federate(&stores[..1]);
+    let mut own = model.init_global(&mut rng);
+    let mut local = model.init_local(&stores[0], None);
+    model.train(&mut own, &mut local, &stores[0], 4, &mut rng);
+    assert!(own.iter().any(|&v| v != 0.0), "the fit moved");
+    let close = alone.iter().zip(&own).all(|(a, b)| (a - b).abs() < 1e-4);
+    assert!(close, "one store's federated fit {alone:?} differs from its own {own:?}");
+
+    let federated = federate(&stores);
+    let local = model.init_local(&pooled, None);
+    let lad = model.evaluate(&federated, &local, &pooled, 0).wape();
+    let average = model.evaluate_naive(&pooled, Naive::MovingAverage(4)).wape();
+    assert!(lad < average, "LAD {lad} against the moving average {average}");
+}
