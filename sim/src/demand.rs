@@ -360,6 +360,10 @@ pub fn central(
         .collect()
 }
 
+/// The method key of the DP runs' model on each store alone, when the DP runs train another
+/// model than the federated run.
+pub const DP_LOCAL_ONLY: &str = "local_only_dp_model";
+
 /// Local-only reference: every store trains its own model from the same start.
 pub fn local_only(
     model: &DemandModel,
@@ -496,13 +500,6 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
     let model = DemandModel::new(spec.clone());
     tracing::info!(dataset = %stores.dataset, stores = stores.names.len(), groups = stores.groups.len(), weeks = stores.n_weeks, "demand scenario loaded");
 
-    let references = {
-        let (model, stores, epochs, seed) =
-            (model.clone(), stores.clone(), args.reference_epochs, args.seed);
-        tokio::task::spawn_blocking(move || {
-            (central(&model, &stores, epochs, seed), local_only(&model, &stores, epochs, seed))
-        })
-    };
     let naive = |naive| stores.data.iter().map(|d| model.evaluate_naive(d, naive)).collect();
     let mut methods: Vec<MethodRun> = stores
         .baselines
@@ -541,6 +538,20 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
         (model_spec(&stores, &dp_h), dp_h)
     } else {
         (spec.clone(), h)
+    };
+    // The DP runs' own model on each store alone, when it is another model: what a store
+    // could do without the federation and its noise.
+    let dp_local = (dp_spec != spec && !args.dp_epsilons.is_empty())
+        .then(|| DemandModel::new(dp_spec.clone()));
+    let references = {
+        let (model, stores, epochs, seed) =
+            (model.clone(), stores.clone(), args.reference_epochs, args.seed);
+        let dp_local = dp_local.clone();
+        tokio::task::spawn_blocking(move || {
+            let dp_local = dp_local.map(|m| local_only(&m, &stores, epochs, seed));
+            let local = local_only(&model, &stores, epochs, seed);
+            (central(&model, &stores, epochs, seed), local, dp_local)
+        })
     };
     let mut dp_task = None;
     for &epsilon in &args.dp_epsilons {
@@ -599,8 +610,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
         methods.push(MethodRun { key, per_store, privacy: result.privacy });
     }
     coordinator.stop().await?;
-    let (central, local) = references.await?;
+    let (central, local, dp_local) = references.await?;
     methods.insert(2, MethodRun { key: "central".into(), per_store: central, privacy: None });
+    if let Some(per_store) = dp_local {
+        methods.insert(2, MethodRun { key: DP_LOCAL_ONLY.into(), per_store, privacy: None });
+    }
     methods.insert(2, MethodRun { key: "local_only".into(), per_store: local, privacy: None });
 
     Ok(DemandReport {
@@ -804,6 +818,10 @@ fn label(r: &DemandReport, key: &str) -> String {
         "last_week" => "last week (naive)".into(),
         "moving_average" => format!("moving average ({} weeks)", r.moving_average_weeks),
         "local_only" => "local-only (each store alone)".into(),
+        DP_LOCAL_ONLY => format!(
+            "local-only{}, the DP runs' model, each store alone",
+            r.dp_spec.as_ref().map_or(String::new(), kind)
+        ),
         "central" => "central (pooled, not federated)".into(),
         "federated" => format!("**federated**{}", kind(&r.spec)),
         k => k.strip_prefix("federated_dp_eps").map_or(k.into(), |e| {
@@ -883,6 +901,25 @@ pub fn to_markdown(r: &DemandReport, plot: &str) -> String {
             format!("federation has no gain over local-only to keep ({local:.4} → {fed:.4})")
         };
         let _ = writeln!(md, "- {}: WAPE {w:.4}; {kept}.", label(r, &m.key));
+    }
+    if let (Some(alone), Some(dp)) =
+        (r.method(DP_LOCAL_ONLY), r.methods.iter().rfind(|m| m.privacy.is_some()))
+    {
+        let pairs: Vec<(f64, f64)> = alone
+            .per_store
+            .iter()
+            .zip(&dp.per_store)
+            .map(|(a, d)| (a.wape(), d.wape()))
+            .filter(|(a, d)| a.is_finite() && d.is_finite())
+            .collect();
+        let better = pairs.iter().filter(|(a, d)| d < a).count();
+        let _ = writeln!(
+            md,
+            "- The DP runs' model on each store alone: WAPE {:.4}; {} is better on {better} of {} stores with test sales.",
+            alone.total().wape(),
+            label(r, &dp.key),
+            pairs.len()
+        );
     }
     let _ = writeln!(md, "\n## Fairness across stores\n");
     let _ = writeln!(

@@ -124,6 +124,9 @@ async fn federated_demand_beats_the_moving_average_and_each_store_alone() {
     let (local_only, dp) = (wape("local_only"), wape("federated_dp_eps8"));
     let bound = local_only - 0.5 * (local_only - federated);
     assert!(dp <= bound, "DP at ε = 8: {dp} against {bound}");
+    // The report also shows the DP runs' model on each store alone (measured 0.3439).
+    let alone = wape(fedretail_sim::demand::DP_LOCAL_ONLY);
+    assert!(alone < local_only, "LAD alone {alone} against the trees alone {local_only}");
     let f = fedretail_sim::demand::fairness(&r);
     assert!(
         f.federated_beats_local_only as f64 >= 0.75 * f.stores_compared as f64,
