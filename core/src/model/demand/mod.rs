@@ -208,6 +208,25 @@ impl DemandSpec {
         self.group_offset() + g as usize * self.group_width()
     }
 
+    /// Trees and LAD (`what`, configured in `field`) forecast relative to the recent level
+    /// with the absolute loss.
+    fn relative_with_absolute_loss(
+        &self,
+        field: &'static str,
+        what: &str,
+    ) -> Result<(), SpecError> {
+        if self.relative_to_recent && self.loss == DemandLoss::Log1pAbsolute {
+            return Ok(());
+        }
+        Err(SpecError {
+            field,
+            message: format!(
+                "{what} forecast relative to the recent level with the absolute loss: set \
+                 relative_to_recent and loss log1p_absolute"
+            ),
+        })
+    }
+
     /// Checks ranges.
     ///
     /// # Errors
@@ -237,14 +256,7 @@ impl DemandSpec {
         }
         if let Some(t) = &self.trees {
             t.validate()?;
-            if !self.relative_to_recent || self.loss != DemandLoss::Log1pAbsolute {
-                return err(
-                    "model.trees",
-                    "trees forecast relative to the recent level with the absolute loss: set \
-                     relative_to_recent and loss log1p_absolute"
-                        .into(),
-                );
-            }
+            self.relative_with_absolute_loss("model.trees", "trees")?;
             if self.groups.len() > 256 {
                 return err(
                     "model.trees",
@@ -254,14 +266,7 @@ impl DemandSpec {
         }
         if let Some(lad) = &self.lad {
             lad.validate()?;
-            if !self.relative_to_recent || self.loss != DemandLoss::Log1pAbsolute {
-                return err(
-                    "model.lad",
-                    "LAD forecasts relative to the recent level with the absolute loss: set \
-                     relative_to_recent and loss log1p_absolute"
-                        .into(),
-                );
-            }
+            self.relative_with_absolute_loss("model.lad", "LAD")?;
             if self.trees.is_some() {
                 return err("model.lad", "a model has trees or LAD, not both".into());
             }

@@ -23,6 +23,22 @@ fn spec(loss: DemandLoss) -> DemandSpec {
     }
 }
 
+/// Each store of `pooled` alone, as that store holds its data.
+fn per_store(pooled: &DemandData) -> Vec<DemandData> {
+    (0..pooled.n_stores)
+        .map(|k| DemandData {
+            n_stores: 1,
+            series: pooled
+                .series
+                .iter()
+                .filter(|s| s.store as usize == k)
+                .map(|s| Series { store: 0, ..s.clone() })
+                .collect(),
+            ..pooled.clone()
+        })
+        .collect()
+}
+
 /// Two stores, two groups, 160 weeks of seasonal Poisson-ish counts.
 fn data(seed: u64) -> DemandData {
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(seed);
@@ -421,18 +437,7 @@ fn federated_trees_are_the_pooled_trees_and_beat_the_moving_average() {
     assert_eq!(task.upload_len(), 2 * 2 * 11 * 16, "gradients and counts per node, feature, bin");
 
     let pooled = data(7);
-    let stores: Vec<DemandData> = (0..2u32)
-        .map(|k| DemandData {
-            n_stores: 1,
-            series: pooled
-                .series
-                .iter()
-                .filter(|s| s.store == k)
-                .map(|s| Series { store: 0, ..s.clone() })
-                .collect(),
-            ..pooled.clone()
-        })
-        .collect();
+    let stores = per_store(&pooled);
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(3);
     let mut federated = model.init_global(&mut rng);
     for _ in 0..task.plan.rounds {
@@ -493,18 +498,7 @@ fn federated_lad_is_the_stores_own_fit_and_beats_the_moving_average() {
             *u = (*u * (1.0 + 2.0 * d)).round();
         }
     }
-    let stores: Vec<DemandData> = (0..2u32)
-        .map(|k| DemandData {
-            n_stores: 1,
-            series: pooled
-                .series
-                .iter()
-                .filter(|s| s.store == k)
-                .map(|s| Series { store: 0, ..s.clone() })
-                .collect(),
-            ..pooled.clone()
-        })
-        .collect();
+    let stores = per_store(&pooled);
     let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(3);
     let federate = |stores: &[DemandData]| {
         let mut global = model.init_global(&mut rand::rngs::ChaCha8Rng::seed_from_u64(1));
