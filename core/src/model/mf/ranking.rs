@@ -28,7 +28,7 @@
 //! signal, not a sample of it.
 
 use super::{MfData, MfLocal, MfModel, Objective};
-use crate::model::linalg::cholesky_solve;
+use crate::model::linalg::{cholesky_solve, project_psd};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 /// One user's interactions: items (sorted, distinct) with their summed values.
@@ -404,6 +404,13 @@ impl MfModel {
     /// where `(n̂, x̄, Ĝ)` are the statistics' means. A pure function of public values: the
     /// noised sum and the model.
     ///
+    /// The statistics are first projected onto positive semi-definite matrices: without noise
+    /// they are the mean of `x̃ x̃ᵀ` with `x̃ = (1, x)` and already are, and the projection is
+    /// post-processing of a released value, so it costs no privacy. With noise it keeps the
+    /// unobserved term a descent step for every item: `−lr · 2 M z_i` with `M` semi-definite
+    /// never grows `z_i = (b_i, y_i)`, where an indefinite `M` would blow up the item factors
+    /// along its negative directions.
+    ///
     /// # Panics
     ///
     /// If the objective is not ranking or a length is wrong.
@@ -413,23 +420,23 @@ impl MfModel {
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
         assert_eq!(mean.len(), global.len() + self.statistics_len(), "upload has the wrong length");
         let lr = f64::from(self.spec.learning_rate);
-        // x̃ x̃ᵀ's mean from its upper triangle: the count, the factor sum and the Gram matrix.
-        let (mut n, mut xsum, mut gram) = (0.0f64, vec![0.0f64; d], vec![0.0f64; d * d]);
+        // x̃ x̃ᵀ's mean from its upper triangle, projected onto positive semi-definite matrices
+        // (noise can make it indefinite; a mean of x̃ x̃ᵀ never is): the count, the factor sum
+        // and the Gram matrix.
+        let e = d + 1;
+        let mut m = vec![0.0f64; e * e];
         let mut k = global.len();
-        for a in 0..=d {
-            for b in a..=d {
+        for a in 0..e {
+            for b in a..e {
                 let v = f64::from(mean[k]) / lr;
-                match (a, b) {
-                    (0, 0) => n = v,
-                    (0, b) => xsum[b - 1] = v,
-                    (a, b) => {
-                        gram[(a - 1) * d + b - 1] = v;
-                        gram[(b - 1) * d + a - 1] = v;
-                    }
-                }
+                (m[a * e + b], m[b * e + a]) = (v, v);
                 k += 1;
             }
         }
+        project_psd(&mut m, e);
+        let n = m[0];
+        let xsum: Vec<f64> = m[1..e].to_vec();
+        let gram: Vec<f64> = (1..e).flat_map(|a| m[a * e + 1..(a + 1) * e].to_vec()).collect();
         let mut unobserved = vec![0.0f64; global.len()];
         self.add_unobserved(global, n, &xsum, &gram, &mut unobserved);
         mean[..global.len()]
@@ -549,7 +556,7 @@ mod tests {
     use super::*;
     use crate::model::Model;
     use crate::model::mf::{MfSpec, Rating, RatingsByUser};
-    use rand::SeedableRng;
+    use rand::{RngExt, SeedableRng};
 
     fn spec(n_items: usize, dim: usize) -> MfSpec {
         MfSpec {
@@ -750,5 +757,49 @@ mod tests {
         let norm = clipped.sum().iter().map(|v| v * v).sum::<f64>().sqrt();
         assert!(norm <= users * f64::from(clip) + 1e-9, "{norm}");
         assert!(norm > 0.5 * f64::from(clip));
+    }
+
+    /// Noise can make the uploaded statistics indefinite; the server step projects them, so
+    /// with nothing observed the unobserved term never grows an item's bias and factors
+    /// (`z_i · Δz_i ≤ 0`), even when the raw statistics have a strongly negative direction.
+    #[test]
+    fn noised_statistics_never_make_the_unobserved_term_grow_an_item() {
+        let model = MfModel::new(spec(5, 3));
+        let g = global(&model, 3);
+        let (n_items, d) = (5, 3);
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(9);
+        let mut worst_raw = 0.0f64;
+        for _ in 0..20 {
+            // Nothing observed; statistics of pure noise, mostly indefinite.
+            let mut upload = vec![0.0f32; g.len()];
+            upload.extend((0..model.statistics_len()).map(|_| rng.random_range(-1.0f32..1.0)));
+            let delta = model.ranking_server_step(&g, &upload);
+            for i in 0..n_items {
+                let rows = std::iter::once(1 + i).chain((0..d).map(|p| 1 + n_items + i * d + p));
+                let growth: f64 = rows.map(|k| f64::from(g[k]) * f64::from(delta[k])).sum();
+                assert!(growth <= 1e-6, "item {i} grows by {growth}");
+            }
+            // The same statistics unprojected: what the step would have been.
+            let lr = f64::from(model.spec.learning_rate);
+            let e = d + 1;
+            let mut m = vec![0.0f64; e * e];
+            let mut k = g.len();
+            for a in 0..e {
+                for b in a..e {
+                    let v = f64::from(upload[k]) / lr;
+                    (m[a * e + b], m[b * e + a]) = (v, v);
+                    k += 1;
+                }
+            }
+            for i in 0..n_items {
+                let z: Vec<f64> = std::iter::once(f64::from(g[1 + i]))
+                    .chain((0..d).map(|p| f64::from(g[1 + n_items + i * d + p])))
+                    .collect();
+                let zmz: f64 =
+                    (0..e).map(|a| (0..e).map(|b| z[a] * m[a * e + b] * z[b]).sum::<f64>()).sum();
+                worst_raw = worst_raw.max(2.0 * lr * -zmz);
+            }
+        }
+        assert!(worst_raw > 1e-3, "the raw statistics would have grown an item: {worst_raw}");
     }
 }
