@@ -412,7 +412,6 @@ mod rules {
             init_mean: 3.0,
             local_item_offsets: None,
             objective: fedretail_core::model::mf::Objective::Rating,
-            item_groups: None,
         });
         assert_eq!(
             rule(

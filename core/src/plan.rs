@@ -223,17 +223,14 @@ impl TaskSpec {
     }
 
     /// Length of a store's upload: the model's parameters, then any statistics the model's
-    /// server step reads (the ranking recommender's under customer-level privacy, whose factor
-    /// rows are one per group of tied factors, [`crate::model::mf::MfModel::contribution_len`]);
-    /// for demand
+    /// server step reads (the ranking recommender's under customer-level privacy); for demand
     /// trees a histogram, for demand LAD its statistics.
     pub fn upload_len(&self) -> usize {
         match self.demand_statistics() {
             Some(demand) => demand.spec().upload_len(),
-            None => match self.ranking_statistics() {
-                Some(model) => model.contribution_len(),
-                None => self.model.n_params(),
-            },
+            None => {
+                self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
+            }
         }
     }
 

@@ -244,7 +244,6 @@ impl From<&ModelSpec> for pb::ModelSpec {
                             Some(pb::RankingObjective { alpha, item_regularization })
                         }
                     },
-                    item_groups: mf.item_groups.clone().unwrap_or_default(),
                 })
             }
             ModelSpec::Bench { n_params } => {
@@ -307,7 +306,6 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                             item_regularization: r.item_regularization,
                         },
                     },
-                    item_groups: (!mf.item_groups.is_empty()).then_some(mf.item_groups),
                 })
             }
             pb::model_spec::Kind::Bench(b) => {
@@ -699,8 +697,6 @@ mod tests {
                 init_mean: 0.0,
                 local_item_offsets: Some(5.0),
                 objective: Objective::Ranking { alpha: 3.0, item_regularization: 0.01 },
-                // Tied factors in groups of two items: the groups cross the wire.
-                item_groups: Some((0..1682).map(|i| i / 2).collect()),
             }),
             plan: TrainingPlan {
                 rounds: 100,

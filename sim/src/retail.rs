@@ -199,7 +199,7 @@ pub fn export_retail(args: &ExportRetailArgs) -> anyhow::Result<()> {
 
     // The two tasks, as the simulator runs them.
     let run = RunArgs::parse_options(["--scenario", "retail-recommend"]).expect("valid options");
-    let (mf, rounds, optimizer) = run.ranking_setup(items.len(), None);
+    let (mf, rounds, optimizer) = run.ranking_setup(items.len());
     let mut recommend = scenario::task_spec(&run, &mf, stores.len());
     scenario::ranking_plan(&run, &mut recommend.plan, rounds, optimizer);
     recommend.name = "retail-recommend".into();

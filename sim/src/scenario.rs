@@ -71,27 +71,6 @@ pub enum OptimizerKind {
     FedAdam,
 }
 
-/// Groups of tied item factors on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ItemGroupsArg {
-    /// One factor row per item.
-    None,
-    /// One factor row per product category.
-    Category,
-}
-
-/// Dense group ids for labels, numbered by first appearance: the items of one label share an id.
-pub fn dense_groups(labels: &[String]) -> Vec<u32> {
-    let mut ids: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
-    labels
-        .iter()
-        .map(|label| {
-            let next = ids.len() as u32;
-            *ids.entry(label.as_str()).or_insert(next)
-        })
-        .collect()
-}
-
 /// Options of `fedretail-sim run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -138,11 +117,6 @@ pub struct RunArgs {
     /// Ranking recommender: L2 weight on item factors, per user [default: 0.02].
     #[arg(long)]
     pub item_regularization: Option<f32>,
-    /// Ranking recommender under customer-level DP: tie the item factors within each product
-    /// category (`category`; each item keeps its own bias) or keep a factor row per item
-    /// (`none`) [default: category where the data set has categories, as Complete Journey does].
-    #[arg(long, value_enum)]
-    pub item_groups: Option<ItemGroupsArg>,
     /// Server optimiser.
     #[arg(long, value_enum, default_value = "fed-avg")]
     pub server_optimizer: OptimizerKind,
@@ -453,20 +427,9 @@ impl RunArgs {
     /// step 0.06 at the coordinator, 100 rounds.
     ///
     /// Under customer-level DP: 8 factors, FedAdam step 0.02 and 30 rounds with every customer
-    /// sampled (the best on Complete Journey; BENCHMARKS.md has the grid), and the item factors
-    /// tied within `categories` when the data set has them (`--item-groups`).
-    pub fn ranking_setup(
-        &self,
-        n_items: usize,
-        categories: Option<&[String]>,
-    ) -> (MfSpec, u64, ServerOptimizer) {
+    /// sampled (the best on Complete Journey; BENCHMARKS.md has the grid).
+    pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
         let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
-        let item_groups = match (private, self.item_groups, categories) {
-            (_, Some(ItemGroupsArg::None), _) | (false, None, _) | (_, _, None) => None,
-            (_, Some(ItemGroupsArg::Category), Some(labels)) | (true, None, Some(labels)) => {
-                Some(dense_groups(labels))
-            }
-        };
         // (factors, confidence α, user λ): Complete Journey's baskets want more factors and
         // flatter confidence than MovieLens' ratings (BENCHMARKS.md, "Ranking").
         let (dim, alpha, regularization) = match (private, self.scenario) {
@@ -488,7 +451,6 @@ impl RunArgs {
                 alpha: self.confidence_alpha.unwrap_or(alpha),
                 item_regularization: self.item_regularization.unwrap_or(0.02),
             },
-            item_groups,
         };
         let learning_rate = self.server_lr.unwrap_or(if private { 0.02 } else { 0.06 });
         let optimizer =
@@ -740,15 +702,13 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         init_mean,
         local_item_offsets: h.local_item_offsets,
         objective: fedretail_core::model::mf::Objective::Rating,
-        item_groups: None,
     };
     let population = stores.iter().map(|s| s.users.len()).sum();
     let privacy = privacy_spec(args, population)?;
     // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
     // rating scale, a choice made without looking at the data.
     let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
-    let categories = data.item_categories.as_deref();
-    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items, categories));
+    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items));
     let (mf, reference_mf) = if let Some((spec, _, _)) = &ranking_setup {
         (spec.clone(), spec.clone())
     } else {
@@ -808,7 +768,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let mut dp = args.clone();
             dp.privacy_unit = Some(PrivacyUnitArg::Customer);
             dp.target_epsilon = Some(epsilon);
-            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items, categories);
+            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items);
             let mut spec = task_spec(&dp, &mf, stores.len());
             spec.name = format!("{}-dp-{epsilon}", spec.name);
             ranking_plan(&dp, &mut spec.plan, rounds, optimizer);

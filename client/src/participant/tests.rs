@@ -119,7 +119,6 @@ fn spec() -> MfSpec {
         init_mean: 0.0,
         local_item_offsets: None,
         objective: fedretail_core::model::mf::Objective::Rating,
-        item_groups: None,
     }
 }
 

@@ -433,7 +433,6 @@ async fn customer_level_noise_leaves_the_fixed_mean_alone() {
         init_mean: 3.5,
         local_item_offsets: None,
         objective: fedretail_core::model::mf::Objective::Rating,
-        item_groups: None,
     };
     spec.model = ModelSpec::MatrixFactorization(mf);
     let p = spec.privacy.as_mut().unwrap();

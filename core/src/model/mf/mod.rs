@@ -60,15 +60,6 @@ pub struct MfSpec {
     /// ranking (implicit feedback, `mf/ranking.rs`).
     #[serde(default)]
     pub objective: Objective,
-    /// Item factors tied within groups (ranking objective only): `item_groups[i]` is item `i`'s
-    /// group, every item of a group shares the group's factors, and each item keeps its own
-    /// bias. The groups are public catalogue structure (a product category), never customer
-    /// data. Under customer-level DP a customer's contribution then carries one factor row per
-    /// group, not per item (`mf/ranking.rs`): the noise meets `n_groups · dim` coordinates
-    /// instead of `n_items · dim`, and each group's row gathers the signal of all its items.
-    /// Group ids are `0..n_groups`, each used. `None`: every item its own group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub item_groups: Option<Vec<u32>>,
 }
 
 /// The recommender's training objective.
@@ -106,19 +97,6 @@ impl MfSpec {
     /// Length of the global vector: `1 + n_items * (1 + dim)`.
     pub fn n_global(&self) -> usize {
         1 + self.n_items * (1 + self.dim)
-    }
-
-    /// Groups of tied item factors ([`MfSpec::item_groups`]): `n_items` when untied.
-    pub fn n_groups(&self) -> usize {
-        match &self.item_groups {
-            Some(groups) => groups.iter().max().map_or(0, |&g| g as usize + 1),
-            None => self.n_items,
-        }
-    }
-
-    /// Item `i`'s factor group ([`MfSpec::item_groups`]): `i` itself when untied.
-    pub fn group_of(&self, item: usize) -> usize {
-        self.item_groups.as_ref().map_or(item, |groups| groups[item] as usize)
     }
 
     /// Checks ranges.
@@ -183,33 +161,6 @@ impl MfSpec {
                 return err(
                     "model.local_item_offsets",
                     "rating residuals; the ranking objective has none".into(),
-                );
-            }
-        }
-        if let Some(groups) = &self.item_groups {
-            if !self.objective.is_ranking() {
-                return err("model.item_groups", "tied factors need the ranking objective".into());
-            }
-            if groups.len() != self.n_items {
-                return err(
-                    "model.item_groups",
-                    format!("has {} entries for {} items", groups.len(), self.n_items),
-                );
-            }
-            // Every group has an item, so there are at most n_items of them.
-            let n_groups = self.n_groups();
-            if n_groups > self.n_items {
-                return err(
-                    "model.item_groups",
-                    format!("group id {} is not below n_items {}", n_groups - 1, self.n_items),
-                );
-            }
-            let mut used = vec![false; n_groups];
-            groups.iter().for_each(|&g| used[g as usize] = true);
-            if let Some(g) = used.iter().position(|&u| !u) {
-                return err(
-                    "model.item_groups",
-                    format!("group ids must be 0..{n_groups}, each used; {g} has no item"),
                 );
             }
         }
@@ -406,14 +357,10 @@ impl Model for MfModel {
         let normal =
             Normal::new(0.0, self.spec.init_std).expect("init_std validated finite and >= 0");
         let mut global = vec![0.0; self.n_global()];
-        let mut g = self.split_mut(&mut global);
+        let g = self.split_mut(&mut global);
         *g.mu = self.spec.init_mean;
-        // One draw per group, shared by its items (one per item when untied).
-        let (n_groups, dim) = (self.spec.n_groups(), self.spec.dim);
-        let rows: Vec<f32> = (0..n_groups * dim).map(|_| normal.sample(rng)).collect();
-        for (i, mut q) in g.item_factors.axis_iter_mut(Axis(0)).enumerate() {
-            let at = self.spec.group_of(i) * dim;
-            q.iter_mut().zip(&rows[at..at + dim]).for_each(|(q, &r)| *q = r);
+        for q in g.item_factors {
+            *q = normal.sample(rng);
         }
         global
     }

@@ -265,8 +265,7 @@ impl MfModel {
         let mut loss = 0.0;
         for _ in 0..epochs {
             let x = self.solve_grouped(global, &by_user);
-            let (mut grad, l) = self.gradient_grouped(global, &x, &by_user);
-            self.tie_gradient(&mut grad);
+            let (grad, l) = self.gradient_grouped(global, &x, &by_user);
             loss = l;
             for (g, d) in global.iter_mut().zip(&grad).skip(1) {
                 *g -= (lr * d) as f32;
@@ -274,42 +273,6 @@ impl MfModel {
             local.user_factors = x;
         }
         (loss, by_user.iter().filter(|l| !l.is_empty()).count())
-    }
-
-    /// The factor rows of `per_item` (a vector in the global layout) summed within each group of
-    /// tied factors ([`super::MfSpec::item_groups`]): `n_groups × dim` values, row-major.
-    fn group_factor_sums(&self, per_item: &[f64]) -> Vec<f64> {
-        let (n_items, d) = (self.spec.n_items, self.spec.dim);
-        let mut sums = vec![0.0f64; self.spec.n_groups() * d];
-        for i in 0..n_items {
-            let (from, to) = (1 + n_items + i * d, self.spec.group_of(i) * d);
-            for p in 0..d {
-                sums[to + p] += per_item[from + p];
-            }
-        }
-        sums
-    }
-
-    /// Turns a gradient with respect to every item's own factors into the gradient of the tied
-    /// model: each item's factor row becomes its group's sum, the gradient of the shared row,
-    /// so that a step keeps the group's items equal. Untied models are left as they are.
-    fn tie_gradient(&self, grad: &mut [f64]) {
-        if self.spec.item_groups.is_none() {
-            return;
-        }
-        let (n_items, d) = (self.spec.n_items, self.spec.dim);
-        let sums = self.group_factor_sums(grad);
-        for i in 0..n_items {
-            let (to, from) = (1 + n_items + i * d, self.spec.group_of(i) * d);
-            grad[to..to + d].copy_from_slice(&sums[from..from + d]);
-        }
-    }
-
-    /// Length of a customer-level upload under the ranking objective: μ, the item biases, one
-    /// factor row per group of tied factors (per item when untied), then the
-    /// [`MfModel::statistics_len`] statistics.
-    pub fn contribution_len(&self) -> usize {
-        1 + self.spec.n_items + self.spec.n_groups() * self.spec.dim + self.statistics_len()
     }
 
     /// Entries of the statistics a customer contributes beside their observed items' terms:
@@ -361,9 +324,8 @@ impl MfModel {
             .map(|p| (0..n_items).map(|i| f64::from(y[[i, p]]) * f64::from(bias[i])).sum())
             .collect();
         let bb: f64 = bias.iter().map(|&b| f64::from(b).powi(2)).sum();
-        // Factor rows per group of tied factors (per item when untied), then the statistics.
-        let stats_at = 1 + n_items + self.spec.n_groups() * d;
-        let mut sum = vec![0.0f64; self.contribution_len()];
+        let stats_at = global.len();
+        let mut sum = vec![0.0f64; stats_at + self.statistics_len()];
         let (mut n_unclipped, mut loss, mut n_sampled) = (0usize, 0.0f64, 0usize);
         // The customer's contribution: (coordinate, value) pairs, sparse.
         let mut contribution: Vec<(usize, f64)> = Vec::new();
@@ -399,7 +361,7 @@ impl MfModel {
                 user_loss += c * (1.0 - s).powi(2) - s * s;
                 let g = -2.0 * c * (1.0 - s) - 2.0 * s;
                 contribution.push((1 + i, -lr * g));
-                let row = 1 + n_items + self.spec.group_of(i) * d;
+                let row = 1 + n_items + i * d;
                 contribution.extend((0..d).map(|p| (row + p, -lr * g * f64::from(xu[p]))));
             }
             for p in 0..d {
@@ -413,17 +375,6 @@ impl MfModel {
                 }
             }
             loss += user_loss;
-            // Items of one group add into its row: merge before the norm is taken.
-            if self.spec.item_groups.is_some() {
-                contribution.sort_unstable_by_key(|&(k, _)| k);
-                contribution.dedup_by(|next, kept| {
-                    let same = next.0 == kept.0;
-                    if same {
-                        kept.1 += next.1;
-                    }
-                    same
-                });
-            }
             let norm = contribution.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
             if !norm.is_finite() {
                 continue;
@@ -467,15 +418,14 @@ impl MfModel {
         let _ = self.ranking_params();
         let d = self.spec.dim;
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
-        assert_eq!(mean.len(), self.contribution_len(), "upload has the wrong length");
-        let (n_items, stats_at) = (self.spec.n_items, self.contribution_len() - self.statistics_len());
+        assert_eq!(mean.len(), global.len() + self.statistics_len(), "upload has the wrong length");
         let lr = f64::from(self.spec.learning_rate);
         // x̃ x̃ᵀ's mean from its upper triangle, projected onto positive semi-definite matrices
         // (noise can make it indefinite; a mean of x̃ x̃ᵀ never is): the count, the factor sum
         // and the Gram matrix.
         let e = d + 1;
         let mut m = vec![0.0f64; e * e];
-        let mut k = stats_at;
+        let mut k = global.len();
         for a in 0..e {
             for b in a..e {
                 let v = f64::from(mean[k]) / lr;
@@ -489,22 +439,11 @@ impl MfModel {
         let gram: Vec<f64> = (1..e).flat_map(|a| m[a * e + 1..(a + 1) * e].to_vec()).collect();
         let mut unobserved = vec![0.0f64; global.len()];
         self.add_unobserved(global, n, &xsum, &gram, &mut unobserved);
-        // Each group's shared row takes the sum of its items' unobserved terms (the gradient of
-        // the tied row), and every item of the group the same change.
-        let group_unobserved = self.group_factor_sums(&unobserved);
-        let mut delta: Vec<f32> = mean[..1 + n_items]
+        mean[..global.len()]
             .iter()
             .zip(&unobserved)
             .map(|(&m, &g)| (f64::from(m) - lr * g) as f32)
-            .collect();
-        delta.reserve(n_items * d);
-        for i in 0..n_items {
-            let at = self.spec.group_of(i) * d;
-            delta.extend((0..d).map(|p| {
-                (f64::from(mean[1 + n_items + at + p]) - lr * group_unobserved[at + p]) as f32
-            }));
-        }
-        delta
+            .collect()
     }
 
     /// Pooled alternating least squares: both sides solved exactly, `iterations` times, from
@@ -631,7 +570,6 @@ mod tests {
             init_mean: 0.0,
             local_item_offsets: None,
             objective: Objective::Ranking { alpha: 2.0, item_regularization: 0.01 },
-            item_groups: None,
         }
     }
 

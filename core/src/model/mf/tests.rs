@@ -15,7 +15,6 @@ fn spec(n_items: usize, dim: usize) -> MfSpec {
         init_mean: 0.0,
         local_item_offsets: None,
         objective: crate::model::mf::Objective::Rating,
-        item_groups: None,
     }
 }
 
