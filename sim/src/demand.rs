@@ -572,7 +572,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<DemandReport> {
             noise_multiplier: None,
             population: None,
             adaptive_clipping: None,
-            accountant: args.accountant.into(),
+            accountant: args.accountant(),
             // Each compared plan is an alternative, not a deployment: its own domain.
             domain: t.name.clone(),
             evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),

@@ -117,9 +117,9 @@ pub struct RunArgs {
     /// Ranking recommender: L2 weight on item factors, per user [default: 0.02].
     #[arg(long)]
     pub item_regularization: Option<f32>,
-    /// Server optimiser.
-    #[arg(long, value_enum, default_value = "fed-avg")]
-    pub server_optimizer: OptimizerKind,
+    /// Server optimiser [default: fed-avg; fed-adam for the ranking recommender].
+    #[arg(long, value_enum)]
+    pub server_optimizer: Option<OptimizerKind>,
     /// Server learning rate [default: 1; with --privacy-unit customer 10 below ε = 4, 20 below
     /// ε = 8, else 1.875].
     #[arg(long)]
@@ -164,9 +164,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "central")]
     pub noise_placement: PlacementArg,
     /// The accountant that calibrates the noise and reports ε: `rdp`, or `pld` (privacy loss
-    /// distributions: tighter, so less noise for the same ε; never looser than RDP).
-    #[arg(long, value_enum, default_value = "rdp")]
-    pub accountant: AccountantArg,
+    /// distributions: tighter, so less noise for the same ε; never looser than RDP) [default:
+    /// pld for the ranking recommender under customer-level DP, whose 30 rounds at q = 1 it
+    /// accounts in milliseconds; rdp elsewhere].
+    #[arg(long, value_enum)]
+    pub accountant: Option<AccountantArg>,
     /// Adaptive clipping (Andrew et al. 2021) towards this quantile of the contributions' norms,
     /// starting from --clip-norm; its count noise takes a share of the budget.
     #[arg(long, requires = "privacy_unit")]
@@ -401,12 +403,30 @@ impl RunArgs {
 
     /// The `--server-optimizer` with server step `learning_rate`.
     pub fn server_optimizer_with(&self, learning_rate: f32) -> ServerOptimizer {
-        match self.server_optimizer {
-            OptimizerKind::FedAvg => ServerOptimizer::FedAvg { learning_rate },
-            OptimizerKind::FedAvgM => ServerOptimizer::FedAvgM { learning_rate, momentum: 0.9 },
-            OptimizerKind::FedAdam => {
-                ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
+        optimizer(self.server_optimizer.unwrap_or(OptimizerKind::FedAvg), learning_rate)
+    }
+
+    /// The accountant: `--accountant`, else PLD for the ranking recommender under
+    /// customer-level DP (RDP's bound for its 30 rounds at q = 1 calls for 6 % more noise than
+    /// PLD's, BENCHMARKS.md "Ranking"; accounting them costs milliseconds), else RDP.
+    pub fn accountant(&self) -> AccountantKind {
+        match self.accountant {
+            Some(a) => a.into(),
+            None if self.ranking() && self.privacy_unit == Some(PrivacyUnitArg::Customer) => {
+                AccountantKind::Pld
             }
+            None => AccountantKind::Rdp,
+        }
+    }
+}
+
+/// The server optimiser of kind `kind` with server step `learning_rate`.
+fn optimizer(kind: OptimizerKind, learning_rate: f32) -> ServerOptimizer {
+    match kind {
+        OptimizerKind::FedAvg => ServerOptimizer::FedAvg { learning_rate },
+        OptimizerKind::FedAvgM => ServerOptimizer::FedAvgM { learning_rate, momentum: 0.9 },
+        OptimizerKind::FedAdam => {
+            ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
         }
     }
 }
@@ -424,7 +444,7 @@ impl RunArgs {
     /// or the defaults measured on MovieLens-100K and Complete Journey (BENCHMARKS.md): 32
     /// factors, user λ 10, confidence α 5 (Complete Journey: 48 factors, λ 20, α 2), item λ_Y
     /// 0.02 per user; one exact user solve and one item gradient step per round, FedAdam with
-    /// step 0.06 at the coordinator, 100 rounds.
+    /// step 0.06 at the coordinator (`--server-optimizer` names another), 100 rounds.
     ///
     /// Under customer-level DP: 8 factors, FedAdam step 0.02 and 30 rounds with every customer
     /// sampled (the best on Complete Journey; BENCHMARKS.md has the grid).
@@ -454,7 +474,7 @@ impl RunArgs {
         };
         let learning_rate = self.server_lr.unwrap_or(if private { 0.02 } else { 0.06 });
         let optimizer =
-            ServerOptimizer::FedAdam { learning_rate, beta1: 0.9, beta2: 0.99, tau: 1e-3 };
+            optimizer(self.server_optimizer.unwrap_or(OptimizerKind::FedAdam), learning_rate);
         (spec, self.rounds.unwrap_or(if private { 30 } else { 100 }), optimizer)
     }
 }
@@ -598,7 +618,7 @@ pub fn privacy_spec(args: &RunArgs, population: usize) -> anyhow::Result<Option<
             learning_rate: 0.2,
             count_noise_std: (expected / 20.0).max(1.0),
         }),
-        accountant: args.accountant.into(),
+        accountant: args.accountant(),
         // A simulated plan is evaluated on its own, never composed with another run's.
         domain: "simulation".into(),
         evaluation_epsilon: fedretail_core::privacy::default_evaluation_epsilon(),

@@ -153,3 +153,28 @@ async fn a_secure_aggregation_run_with_distributed_noise_and_dropouts() {
     let json = fedretail_sim::report::to_json(&report);
     assert_eq!(json["secure_aggregation"]["bits"], 16);
 }
+
+/// The ranking recommender's defaults under customer-level DP (FedAdam, the PLD accountant)
+/// give way to the options: `--server-optimizer` and `--accountant` were once ignored there.
+#[test]
+fn the_ranking_setup_takes_the_optimizer_and_accountant_it_is_given() {
+    use fedretail_core::optim::ServerOptimizer;
+    use fedretail_core::privacy::accountant::AccountantKind;
+    let parse = |options: &[&str]| {
+        let base = ["--scenario", "retail-recommend", "--privacy-unit", "customer"];
+        RunArgs::parse_options(base.iter().chain(options)).expect("valid options")
+    };
+    let defaults = parse(&[]);
+    let (_, _, optimizer) = defaults.ranking_setup(10);
+    assert!(matches!(optimizer, ServerOptimizer::FedAdam { .. }), "{optimizer:?}");
+    assert_eq!(defaults.accountant(), AccountantKind::Pld);
+    let chosen =
+        parse(&["--server-optimizer", "fed-avg", "--server-lr", "0.5", "--accountant", "rdp"]);
+    let (_, _, optimizer) = chosen.ranking_setup(10);
+    assert_eq!(optimizer, ServerOptimizer::FedAvg { learning_rate: 0.5 });
+    assert_eq!(chosen.accountant(), AccountantKind::Rdp);
+    // Elsewhere RDP stays the default: MovieLens ratings under customer-level DP.
+    let ratings = RunArgs::parse_options(["--scenario", "movielens", "--privacy-unit", "customer"])
+        .expect("valid options");
+    assert_eq!(ratings.accountant(), AccountantKind::Rdp);
+}
