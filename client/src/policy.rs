@@ -412,6 +412,7 @@ mod rules {
             init_mean: 3.0,
             local_item_offsets: None,
             objective: fedretail_core::model::mf::Objective::Rating,
+            category_affinity: None,
         });
         assert_eq!(
             rule(

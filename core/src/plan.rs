@@ -229,7 +229,7 @@ impl TaskSpec {
         match self.demand_statistics() {
             Some(demand) => demand.spec().upload_len(),
             None => {
-                self.model.n_params() + self.ranking_statistics().map_or(0, |m| m.statistics_len())
+                self.ranking_statistics().map_or(self.model.n_params(), |m| m.customer_upload_len())
             }
         }
     }

@@ -6,7 +6,7 @@
 use crate::pb;
 use fedretail_core::model::demand::{DemandLoss, DemandSpec, LadSpec, TreeSpec};
 use fedretail_core::model::metrics::EvalSums;
-use fedretail_core::model::mf::{MfSpec, Objective};
+use fedretail_core::model::mf::{CategoryAffinity, MfSpec, Objective};
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, SecureAggregation, TaskSpec, TrainingPlan};
 use fedretail_core::privacy::accountant::AccountantKind;
@@ -244,6 +244,12 @@ impl From<&ModelSpec> for pb::ModelSpec {
                             Some(pb::RankingObjective { alpha, item_regularization })
                         }
                     },
+                    category_affinity: mf.category_affinity.as_ref().map(|a| {
+                        pb::CategoryAffinity {
+                            categories: a.categories.clone(),
+                            bias_scale: a.bias_scale,
+                        }
+                    }),
                 })
             }
             ModelSpec::Bench { n_params } => {
@@ -306,6 +312,10 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                             item_regularization: r.item_regularization,
                         },
                     },
+                    category_affinity: mf.category_affinity.map(|a| CategoryAffinity {
+                        categories: a.categories,
+                        bias_scale: a.bias_scale,
+                    }),
                 })
             }
             pb::model_spec::Kind::Bench(b) => {
@@ -697,6 +707,11 @@ mod tests {
                 init_mean: 0.0,
                 local_item_offsets: Some(5.0),
                 objective: Objective::Ranking { alpha: 3.0, item_regularization: 0.01 },
+                // Categories of two items each: they cross the wire.
+                category_affinity: Some(CategoryAffinity {
+                    categories: (0..1682).map(|i| i / 2).collect(),
+                    bias_scale: 3.0,
+                }),
             }),
             plan: TrainingPlan {
                 rounds: 100,

@@ -199,9 +199,9 @@ pub fn export_retail(args: &ExportRetailArgs) -> anyhow::Result<()> {
 
     // The two tasks, as the simulator runs them.
     let run = RunArgs::parse_options(["--scenario", "retail-recommend"]).expect("valid options");
-    let (mf, rounds, optimizer) = run.ranking_setup(items.len());
+    let (mf, rounds, optimizer) = run.ranking_setup(items.len(), None);
     let mut recommend = scenario::task_spec(&run, &mf, stores.len());
-    scenario::ranking_plan(&run, &mut recommend.plan, rounds, optimizer);
+    scenario::ranking_plan(&run, &mf, &mut recommend.plan, rounds, optimizer);
     recommend.name = "retail-recommend".into();
     let run = RunArgs::parse_options(["--scenario", "retail-demand"]).expect("valid options");
     let h = demand::hyper(&run);

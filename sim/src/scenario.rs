@@ -10,7 +10,7 @@ use anyhow::Context;
 use fedretail_client::data::StoreRatings;
 use fedretail_client::participant::LocalData;
 use fedretail_core::model::metrics::EvalSums;
-use fedretail_core::model::mf::MfSpec;
+use fedretail_core::model::mf::{CategoryAffinity, MfSpec};
 use fedretail_core::optim::ServerOptimizer;
 use fedretail_core::plan::{ModelSpec, TaskSpec, TrainingPlan};
 use fedretail_core::privacy::accountant::AccountantKind;
@@ -71,6 +71,27 @@ pub enum OptimizerKind {
     FedAdam,
 }
 
+/// `--dp-model` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DpModelArg {
+    /// Learned item factors, gradient rounds.
+    Gradient,
+    /// Fixed product-category factors, biases from one release of the item counts.
+    CategoryAffinity,
+}
+
+/// Dense group ids for labels, numbered by first appearance: the items of one label share an id.
+pub fn dense_groups(labels: &[String]) -> Vec<u32> {
+    let mut ids: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    labels
+        .iter()
+        .map(|label| {
+            let next = ids.len() as u32;
+            *ids.entry(label.as_str()).or_insert(next)
+        })
+        .collect()
+}
+
 /// Options of `fedretail-sim run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -120,6 +141,12 @@ pub struct RunArgs {
     /// Server optimiser [default: fed-avg; fed-adam for the ranking recommender].
     #[arg(long, value_enum)]
     pub server_optimizer: Option<OptimizerKind>,
+    /// The ranking recommender under customer-level DP: `category-affinity` (each item's
+    /// factors are fixed to its product category, and the biases come from one DP release of
+    /// the item counts; the default where the data set has categories) or `gradient` (learned
+    /// factors, 30 DP rounds).
+    #[arg(long, value_enum)]
+    pub dp_model: Option<DpModelArg>,
     /// Server learning rate [default: 1; with --privacy-unit customer 10 below ε = 4, 20 below
     /// ε = 8, else 1.875].
     #[arg(long)]
@@ -446,10 +473,43 @@ impl RunArgs {
     /// 0.02 per user; one exact user solve and one item gradient step per round, FedAdam with
     /// step 0.06 at the coordinator (`--server-optimizer` names another), 100 rounds.
     ///
-    /// Under customer-level DP: 8 factors, FedAdam step 0.02 and 30 rounds with every customer
-    /// sampled (the best on Complete Journey; BENCHMARKS.md has the grid).
-    pub fn ranking_setup(&self, n_items: usize) -> (MfSpec, u64, ServerOptimizer) {
+    /// Under customer-level DP, where the data set has product `categories` (Complete Journey)
+    /// and `--dp-model` does not say otherwise: the category-affinity model (each item's factors
+    /// its category's one-hot vector, biases 3 × its share of buyers; confidence α 1, user λ 2),
+    /// from one release of the item counts (one round, FedAvg step 1). Else 8 factors, FedAdam
+    /// step 0.02 and 30 rounds with every customer sampled (BENCHMARKS.md has the grids).
+    pub fn ranking_setup(
+        &self,
+        n_items: usize,
+        categories: Option<&[String]>,
+    ) -> (MfSpec, u64, ServerOptimizer) {
         let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
+        if let (true, Some(labels), None | Some(DpModelArg::CategoryAffinity)) =
+            (private, categories, self.dp_model)
+        {
+            let categories = dense_groups(labels);
+            let dim = categories.iter().max().map_or(0, |&c| c as usize + 1);
+            let spec = MfSpec {
+                n_items,
+                dim,
+                learning_rate: 0.5,
+                regularization: self.regularization.unwrap_or(2.0),
+                init_std: 0.0,
+                rating_min: 0.0,
+                rating_max: 1.0,
+                init_mean: 0.0,
+                local_item_offsets: None,
+                objective: fedretail_core::model::mf::Objective::Ranking {
+                    alpha: self.confidence_alpha.unwrap_or(1.0),
+                    item_regularization: 0.0,
+                },
+                category_affinity: Some(CategoryAffinity { categories, bias_scale: 3.0 }),
+            };
+            let learning_rate = self.server_lr.unwrap_or(1.0);
+            let optimizer =
+                optimizer(self.server_optimizer.unwrap_or(OptimizerKind::FedAvg), learning_rate);
+            return (spec, self.rounds.unwrap_or(1), optimizer);
+        }
         // (factors, confidence α, user λ): Complete Journey's baskets want more factors and
         // flatter confidence than MovieLens' ratings (BENCHMARKS.md, "Ranking").
         let (dim, alpha, regularization) = match (private, self.scenario) {
@@ -471,6 +531,7 @@ impl RunArgs {
                 alpha: self.confidence_alpha.unwrap_or(alpha),
                 item_regularization: self.item_regularization.unwrap_or(0.02),
             },
+            category_affinity: None,
         };
         let learning_rate = self.server_lr.unwrap_or(if private { 0.02 } else { 0.06 });
         let optimizer =
@@ -675,6 +736,7 @@ pub fn in_process_plan(rounds: u64, clients: u32, local_epochs: u32, seed: u64) 
 /// item step), `optimizer` at the coordinator.
 pub fn ranking_plan(
     args: &RunArgs,
+    mf: &MfSpec,
     plan: &mut TrainingPlan,
     rounds: u64,
     optimizer: ServerOptimizer,
@@ -685,8 +747,16 @@ pub fn ranking_plan(
     plan.eval_every = args.eval_every.min(rounds as u32);
     // Under customer-level DP a customer's step (learning rate 0.5 times their gradient) is
     // clipped to 16: every contribution measured was above it.
+    // The category-affinity model's indicator vectors: norm 10 below ε = 4, else 20 (measured
+    // on Complete Journey; a household with more items counts each at a fraction).
     let private = args.privacy_unit == Some(PrivacyUnitArg::Customer);
-    plan.clip_norm = args.clip_norm.unwrap_or(if private { 16.0 } else { 1e6 });
+    let default = match (private, &mf.category_affinity) {
+        (true, Some(_)) if args.target_epsilon.is_some_and(|e| e < 4.0) => 10.0,
+        (true, Some(_)) => 20.0,
+        (true, None) => 16.0,
+        (false, _) => 1e6,
+    };
+    plan.clip_norm = args.clip_norm.unwrap_or(default);
 }
 
 /// Runs the scenario: federated over loopback gRPC, plus the references; returns the report.
@@ -722,13 +792,15 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         init_mean,
         local_item_offsets: h.local_item_offsets,
         objective: fedretail_core::model::mf::Objective::Rating,
+        category_affinity: None,
     };
     let population = stores.iter().map(|s| s.users.len()).sum();
     let privacy = privacy_spec(args, population)?;
     // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
     // rating scale, a choice made without looking at the data.
     let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
-    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items));
+    let categories = data.item_categories.as_deref();
+    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items, categories));
     let (mf, reference_mf) = if let Some((spec, _, _)) = &ranking_setup {
         (spec.clone(), spec.clone())
     } else {
@@ -739,7 +811,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     };
     let mut spec = task_spec(args, &mf, stores.len());
     if let Some((_, rounds, optimizer)) = ranking_setup {
-        ranking_plan(args, &mut spec.plan, rounds, optimizer);
+        ranking_plan(args, &mf, &mut spec.plan, rounds, optimizer);
     }
     if let Some(privacy) = privacy {
         set_privacy(&mut spec, privacy);
@@ -788,10 +860,10 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let mut dp = args.clone();
             dp.privacy_unit = Some(PrivacyUnitArg::Customer);
             dp.target_epsilon = Some(epsilon);
-            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items);
+            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items, categories);
             let mut spec = task_spec(&dp, &mf, stores.len());
             spec.name = format!("{}-dp-{epsilon}", spec.name);
-            ranking_plan(&dp, &mut spec.plan, rounds, optimizer);
+            ranking_plan(&dp, &mf, &mut spec.plan, rounds, optimizer);
             set_privacy(&mut spec, privacy_spec(&dp, population)?.context("a DP run has privacy")?);
             set_secure(args, &mut spec)?;
             spec.validate().context("the scenario's DP task")?;

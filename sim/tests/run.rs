@@ -165,16 +165,40 @@ fn the_ranking_setup_takes_the_optimizer_and_accountant_it_is_given() {
         RunArgs::parse_options(base.iter().chain(options)).expect("valid options")
     };
     let defaults = parse(&[]);
-    let (_, _, optimizer) = defaults.ranking_setup(10);
+    let (_, _, optimizer) = defaults.ranking_setup(10, None);
     assert!(matches!(optimizer, ServerOptimizer::FedAdam { .. }), "{optimizer:?}");
     assert_eq!(defaults.accountant(), AccountantKind::Pld);
     let chosen =
         parse(&["--server-optimizer", "fed-avg", "--server-lr", "0.5", "--accountant", "rdp"]);
-    let (_, _, optimizer) = chosen.ranking_setup(10);
+    let (_, _, optimizer) = chosen.ranking_setup(10, None);
     assert_eq!(optimizer, ServerOptimizer::FedAvg { learning_rate: 0.5 });
     assert_eq!(chosen.accountant(), AccountantKind::Rdp);
     // Elsewhere RDP stays the default: MovieLens ratings under customer-level DP.
     let ratings = RunArgs::parse_options(["--scenario", "movielens", "--privacy-unit", "customer"])
         .expect("valid options");
     assert_eq!(ratings.accountant(), AccountantKind::Rdp);
+}
+
+/// Under customer-level DP, a data set with product categories gets the category-affinity model
+/// (one release of the item counts) unless `--dp-model gradient` asks for learned factors.
+#[test]
+fn categories_give_the_private_recommender_fixed_category_factors() {
+    use fedretail_core::optim::ServerOptimizer;
+    let parse = |options: &[&str]| {
+        let base = ["--scenario", "retail-recommend", "--privacy-unit", "customer"];
+        RunArgs::parse_options(base.iter().chain(options)).expect("valid options")
+    };
+    let labels: Vec<String> = ["dairy", "bread", "dairy"].iter().map(|s| s.to_string()).collect();
+    let (mf, rounds, optimizer) = parse(&[]).ranking_setup(3, Some(&labels));
+    let affinity = mf.category_affinity.as_ref().expect("the category-affinity model");
+    assert_eq!(affinity.categories, vec![0, 1, 0]);
+    assert_eq!(mf.dim, 2, "one factor per category");
+    mf.validate().unwrap();
+    assert_eq!((rounds, optimizer), (1, ServerOptimizer::FedAvg { learning_rate: 1.0 }));
+    let (mf, rounds, _) = parse(&["--dp-model", "gradient"]).ranking_setup(3, Some(&labels));
+    assert!(mf.category_affinity.is_none());
+    assert_eq!(rounds, 30);
+    // Without DP the model learns its factors.
+    let plain = RunArgs::parse_options(["--scenario", "retail-recommend"]).unwrap();
+    assert!(plain.ranking_setup(3, Some(&labels)).0.category_affinity.is_none());
 }

@@ -119,6 +119,7 @@ fn spec() -> MfSpec {
         init_mean: 0.0,
         local_item_offsets: None,
         objective: fedretail_core::model::mf::Objective::Rating,
+        category_affinity: None,
     }
 }
 

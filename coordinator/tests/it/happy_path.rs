@@ -46,6 +46,7 @@ pub(crate) fn mf_spec() -> MfSpec {
         init_mean: 0.0,
         local_item_offsets: None,
         objective: fedretail_core::model::mf::Objective::Rating,
+        category_affinity: None,
     }
 }
 

@@ -490,7 +490,17 @@ pub fn recommendation(cj: &CompleteJourney, options: RecommendOptions) -> Rating
         .map(|r| r.user)
         .filter_map(|h| kept(h).map(|s| (h, format!("store-{s}"))))
         .collect();
-    RatingsDataset { name: "Complete Journey".into(), ratings, n_items: ranked.len(), user_region }
+    let item_categories = ranked
+        .iter()
+        .map(|p| cj.products.get(p).map_or_else(|| "UNKNOWN".to_string(), |p| p.category.clone()))
+        .collect();
+    RatingsDataset {
+        name: "Complete Journey".into(),
+        ratings,
+        n_items: ranked.len(),
+        user_region,
+        item_categories: Some(item_categories),
+    }
 }
 
 /// What a demand series is a sum over.

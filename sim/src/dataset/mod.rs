@@ -35,6 +35,9 @@ pub struct RatingsDataset {
     pub n_items: usize,
     /// For every user id, the store it belongs to (in region mode).
     pub user_region: BTreeMap<u32, String>,
+    /// Every item's category in the catalogue (public structure, not customer data), when the
+    /// data set has one: the groups of tied item factors under customer-level DP.
+    pub item_categories: Option<Vec<String>>,
 }
 
 /// How users are grouped into clients.
@@ -173,7 +176,13 @@ mod tests {
             .into_iter()
             .map(|(u, s)| (u, s.to_string()))
             .collect();
-        RatingsDataset { name: "tiny".into(), ratings, n_items: 7, user_region }
+        RatingsDataset {
+            name: "tiny".into(),
+            ratings,
+            n_items: 7,
+            user_region,
+            item_categories: None,
+        }
     }
 
     #[test]

@@ -191,7 +191,13 @@ fn parse(inter: &str, users: &str) -> Result<RatingsDataset, MovieLensError> {
             f[0].parse().map_err(|e| err("ml-100k.user", k + 1, format!("{:?}: {e}", f[0])))?;
         user_region.insert(user, region_of_zip(f[4]));
     }
-    Ok(RatingsDataset { name: "MovieLens-100K".into(), ratings, n_items, user_region })
+    Ok(RatingsDataset {
+        name: "MovieLens-100K".into(),
+        ratings,
+        n_items,
+        user_region,
+        item_categories: None,
+    })
 }
 
 /// `zip-D` for a US zip code starting with digit D, `non-us` otherwise.

@@ -433,6 +433,7 @@ async fn customer_level_noise_leaves_the_fixed_mean_alone() {
         init_mean: 3.5,
         local_item_offsets: None,
         objective: fedretail_core::model::mf::Objective::Rating,
+        category_affinity: None,
     };
     spec.model = ModelSpec::MatrixFactorization(mf);
     let p = spec.privacy.as_mut().unwrap();

@@ -382,6 +382,7 @@ fn ranking_uploads_under_customer_privacy_carry_the_statistics() {
         init_mean: 0.0,
         local_item_offsets: None,
         objective: Objective::Ranking { alpha: 1.0, item_regularization: 0.01 },
+        category_affinity: None,
     };
     let (n_params, stats) = (mf.n_global(), MfModel::new(mf.clone()).statistics_len());
     assert_eq!(stats, 6, "the upper triangle of a 3 × 3 matrix");

@@ -134,6 +134,9 @@ impl MfModel {
     ) -> CustomerSum {
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
         assert!(clip_norm.is_finite() && clip_norm > 0.0, "clip_norm must be positive");
+        if self.spec.category_affinity.is_some() {
+            return self.affinity_customer_round(local, data, sampling_rate, clip_norm, rng);
+        }
         if self.spec.objective.is_ranking() {
             return self.ranking_customer_round(global, local, data, sampling_rate, clip_norm, rng);
         }

@@ -9,6 +9,7 @@
 //!
 //! Global layout: `[μ, b_0 .. b_{n_items-1}, q_0 (dim values), .., q_{n_items-1}]`.
 
+mod affinity;
 mod customer;
 mod ranking;
 
@@ -60,6 +61,23 @@ pub struct MfSpec {
     /// ranking (implicit feedback, `mf/ranking.rs`).
     #[serde(default)]
     pub objective: Objective,
+    /// The category-affinity recommender (ranking objective only; `mf/affinity.rs`): every
+    /// item's factors are fixed to the one-hot vector of its product category, its bias is
+    /// learned as its share of buyers, and each customer folds in exactly. `None`: learned
+    /// factors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category_affinity: Option<CategoryAffinity>,
+}
+
+/// Fixed item factors from the catalogue's categories ([`MfSpec::category_affinity`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryAffinity {
+    /// Item `i`'s category, in `0..dim`, each used: public catalogue structure, never customer
+    /// data.
+    pub categories: Vec<u32>,
+    /// An item's bias is this times the share of customers who bought it.
+    pub bias_scale: f32,
 }
 
 /// The recommender's training objective.
@@ -161,6 +179,43 @@ impl MfSpec {
                 return err(
                     "model.local_item_offsets",
                     "rating residuals; the ranking objective has none".into(),
+                );
+            }
+        }
+        if let Some(affinity) = &self.category_affinity {
+            let field = "model.category_affinity";
+            if !self.objective.is_ranking() {
+                return err(field, "needs the ranking objective".into());
+            }
+            if affinity.categories.len() != self.n_items {
+                return err(
+                    field,
+                    format!(
+                        "has {} categories for {} items",
+                        affinity.categories.len(),
+                        self.n_items
+                    ),
+                );
+            }
+            let mut used = vec![false; self.dim];
+            for &c in &affinity.categories {
+                match used.get_mut(c as usize) {
+                    Some(u) => *u = true,
+                    None => {
+                        return err(field, format!("category {c} is not below dim {}", self.dim));
+                    }
+                }
+            }
+            if let Some(c) = used.iter().position(|&u| !u) {
+                return err(
+                    field,
+                    format!("dim must be the number of categories; {c} has no item"),
+                );
+            }
+            if !(affinity.bias_scale > 0.0 && affinity.bias_scale.is_finite()) {
+                return err(
+                    field,
+                    format!("bias_scale must be positive, got {}", affinity.bias_scale),
                 );
             }
         }
@@ -362,6 +417,9 @@ impl Model for MfModel {
         for q in g.item_factors {
             *q = normal.sample(rng);
         }
+        if self.spec.category_affinity.is_some() {
+            self.set_category_factors(&mut global);
+        }
         global
     }
 
@@ -390,6 +448,11 @@ impl Model for MfModel {
         epochs: u32,
         rng: &mut dyn Rng,
     ) -> TrainStats {
+        if self.spec.category_affinity.is_some() {
+            // Exact in one step: the store's buyer shares (epochs change nothing).
+            let n_users = self.fit_affinity(global, data);
+            return TrainStats { n_examples: n_users, mean_loss: 0.0 };
+        }
         if self.spec.objective.is_ranking() {
             let (mean_loss, n_users) = self.train_ranking(global, local, data, epochs);
             return TrainStats { n_examples: n_users, mean_loss };

@@ -32,7 +32,7 @@ use crate::model::linalg::{cholesky_solve, project_psd};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 /// One user's interactions: items (sorted, distinct) with their summed values.
-fn user_items(data: &MfData) -> Vec<Vec<(u32, f32)>> {
+pub(super) fn user_items(data: &MfData) -> Vec<Vec<(u32, f32)>> {
     let mut by_user: Vec<Vec<(u32, f32)>> = vec![Vec::new(); data.n_users()];
     for r in &data.train {
         by_user[r.user as usize].push((r.item, r.value));
@@ -416,6 +416,9 @@ impl MfModel {
     /// If the objective is not ranking or a length is wrong.
     pub fn ranking_server_step(&self, global: &[f32], mean: &[f32]) -> Vec<f32> {
         let _ = self.ranking_params();
+        if self.spec.category_affinity.is_some() {
+            return self.affinity_server_step(global, mean);
+        }
         let d = self.spec.dim;
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
         assert_eq!(mean.len(), global.len() + self.statistics_len(), "upload has the wrong length");
@@ -450,6 +453,11 @@ impl MfModel {
     /// `global` (the central and local-only references of the ranking objective).
     pub fn als_fit(&self, global: &mut [f32], data: &MfData, iterations: u32) {
         let (alpha, item_reg) = self.ranking_params();
+        if self.spec.category_affinity.is_some() {
+            // Only the biases are learned, and exactly.
+            self.fit_affinity(global, data);
+            return;
+        }
         let (n_items, d) = (self.spec.n_items, self.spec.dim);
         let items = user_items(data);
         // Users of each item, with values.
@@ -570,6 +578,7 @@ mod tests {
             init_mean: 0.0,
             local_item_offsets: None,
             objective: Objective::Ranking { alpha: 2.0, item_regularization: 0.01 },
+            category_affinity: None,
         }
     }
 

@@ -15,6 +15,7 @@ fn spec(n_items: usize, dim: usize) -> MfSpec {
         init_mean: 0.0,
         local_item_offsets: None,
         objective: crate::model::mf::Objective::Rating,
+        category_affinity: None,
     }
 }
 
