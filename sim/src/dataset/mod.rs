@@ -36,7 +36,7 @@ pub struct RatingsDataset {
     /// For every user id, the store it belongs to (in region mode).
     pub user_region: BTreeMap<u32, String>,
     /// Every item's category in the catalogue (public structure, not customer data), when the
-    /// data set has one: the groups of tied item factors under customer-level DP.
+    /// data set has one: the category-affinity model's fixed factors under customer-level DP.
     pub item_categories: Option<Vec<String>>,
 }
 
