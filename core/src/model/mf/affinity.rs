@@ -109,26 +109,15 @@ impl MfModel {
 #[cfg(test)]
 mod tests {
     use crate::model::Model;
-    use crate::model::mf::{CategoryAffinity, MfData, MfModel, MfSpec, Objective, Rating};
+    use crate::model::mf::{CategoryAffinity, MfData, MfModel, Objective, Rating};
     use rand::SeedableRng;
 
+    /// Four items in two categories, bias scale 2.
     fn model() -> MfModel {
-        MfModel::new(MfSpec {
-            n_items: 4,
-            dim: 2,
-            learning_rate: 0.5,
-            regularization: 1.0,
-            init_std: 0.1,
-            rating_min: 0.0,
-            rating_max: 1.0,
-            init_mean: 0.0,
-            local_item_offsets: None,
-            objective: Objective::Ranking { alpha: 1.0, item_regularization: 0.01 },
-            category_affinity: Some(CategoryAffinity {
-                categories: vec![0, 1, 0, 1],
-                bias_scale: 2.0,
-            }),
-        })
+        let mut spec = crate::model::mf::ranking::tests::spec(4, 2);
+        spec.category_affinity =
+            Some(CategoryAffinity { categories: vec![0, 1, 0, 1], bias_scale: 2.0 });
+        MfModel::new(spec)
     }
 
     /// Customer 0 bought items 0 and 1 (twice), customer 1 item 2, customer 2 nothing.

@@ -421,7 +421,7 @@ impl MfModel {
         }
         let d = self.spec.dim;
         assert_eq!(global.len(), self.spec.n_global(), "global vector has the wrong length");
-        assert_eq!(mean.len(), global.len() + self.statistics_len(), "upload has the wrong length");
+        assert_eq!(mean.len(), self.customer_upload_len(), "upload has the wrong length");
         let lr = f64::from(self.spec.learning_rate);
         // x̃ x̃ᵀ's mean from its upper triangle, projected onto positive semi-definite matrices
         // (noise can make it indefinite; a mean of x̃ x̃ᵀ never is): the count, the factor sum
@@ -560,13 +560,14 @@ impl MfModel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::Model;
     use crate::model::mf::{MfSpec, Rating, RatingsByUser};
     use rand::{RngExt, SeedableRng};
 
-    fn spec(n_items: usize, dim: usize) -> MfSpec {
+    /// A small ranking model's hyper-parameters (also the category-affinity tests' base).
+    pub(in crate::model::mf) fn spec(n_items: usize, dim: usize) -> MfSpec {
         MfSpec {
             n_items,
             dim,
