@@ -248,6 +248,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
                         pb::CategoryAffinity {
                             categories: a.categories.clone(),
                             bias_scale: a.bias_scale,
+                            levels: a.levels,
                         }
                     }),
                 })
@@ -314,6 +315,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
                     },
                     category_affinity: mf.category_affinity.map(|a| CategoryAffinity {
                         categories: a.categories,
+                        levels: a.levels.max(1),
                         bias_scale: a.bias_scale,
                     }),
                 })
@@ -707,9 +709,11 @@ mod tests {
                 init_mean: 0.0,
                 local_item_offsets: Some(5.0),
                 objective: Objective::Ranking { alpha: 3.0, item_regularization: 0.01 },
-                // Categories of two items each: they cross the wire.
+                // Two catalogue levels per item, groups of two and four items: they cross
+                // the wire.
                 category_affinity: Some(CategoryAffinity {
-                    categories: (0..1682).map(|i| i / 2).collect(),
+                    categories: (0..1682).flat_map(|i| [i / 2, 841 + i / 4]).collect(),
+                    levels: 2,
                     bias_scale: 3.0,
                 }),
             }),
@@ -757,6 +761,17 @@ mod tests {
         };
         let wire: pb::TaskSpec = (&spec).into();
         assert_eq!(TaskSpec::try_from(wire).unwrap(), spec);
+        // A spec written before catalogue levels existed (levels unset) has one.
+        let mut one_level: pb::ModelSpec = (&spec.model).into();
+        if let Some(pb::model_spec::Kind::MatrixFactorization(mf)) = &mut one_level.kind {
+            let affinity = mf.category_affinity.as_mut().unwrap();
+            affinity.levels = 0;
+            affinity.categories.truncate(1682);
+        }
+        let ModelSpec::MatrixFactorization(mf) = ModelSpec::try_from(one_level).unwrap() else {
+            panic!("a matrix factorisation spec")
+        };
+        assert_eq!(mf.category_affinity.unwrap().levels, 1);
 
         for loss in [DemandLoss::Poisson, DemandLoss::Log1pSquared, DemandLoss::Log1pAbsolute] {
             let demand = ModelSpec::Demand(DemandSpec {

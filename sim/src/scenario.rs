@@ -481,14 +481,13 @@ impl RunArgs {
     pub fn ranking_setup(
         &self,
         n_items: usize,
-        categories: Option<&[String]>,
+        catalogue: Option<&[Vec<String>]>,
     ) -> (MfSpec, u64, ServerOptimizer) {
         let private = self.privacy_unit == Some(PrivacyUnitArg::Customer);
         if let (true, Some(labels), None | Some(DpModelArg::CategoryAffinity)) =
-            (private, categories, self.dp_model)
+            (private, catalogue, self.dp_model)
         {
-            let categories = dense_groups(labels);
-            let dim = categories.iter().max().map_or(0, |&c| c as usize + 1);
+            let (categories, levels, dim) = catalogue_groups(labels);
             let spec = MfSpec {
                 n_items,
                 dim,
@@ -503,7 +502,7 @@ impl RunArgs {
                     alpha: self.confidence_alpha.unwrap_or(1.0),
                     item_regularization: 0.0,
                 },
-                category_affinity: Some(CategoryAffinity { categories, bias_scale: 3.0 }),
+                category_affinity: Some(CategoryAffinity { categories, levels, bias_scale: 3.0 }),
             };
             let learning_rate = self.server_lr.unwrap_or(1.0);
             let optimizer =
@@ -538,6 +537,26 @@ impl RunArgs {
             optimizer(self.server_optimizer.unwrap_or(OptimizerKind::FedAdam), learning_rate);
         (spec, self.rounds.unwrap_or(if private { 30 } else { 100 }), optimizer)
     }
+}
+
+/// The category-affinity model's groups from every item's catalogue labels (one per level,
+/// the same levels for every item): each level's labels numbered densely
+/// ([`dense_groups`]) after the previous levels' groups. Returns the groups, item by item
+/// ([`CategoryAffinity::categories`]), the levels and the number of groups (the model's dim).
+pub fn catalogue_groups(labels: &[Vec<String>]) -> (Vec<u32>, u32, usize) {
+    let levels = labels.first().map_or(0, Vec::len);
+    assert!(labels.iter().all(|l| l.len() == levels), "every item has every catalogue level");
+    let mut groups = vec![0u32; labels.len() * levels];
+    let mut dim = 0u32;
+    for level in 0..levels {
+        let names: Vec<String> = labels.iter().map(|l| l[level].clone()).collect();
+        let ids = dense_groups(&names);
+        for (item, id) in ids.iter().enumerate() {
+            groups[item * levels + level] = dim + id;
+        }
+        dim += ids.iter().max().map_or(0, |&m| m + 1);
+    }
+    (groups, levels as u32, dim as usize)
 }
 
 /// The cache directory for downloaded data.
@@ -799,7 +818,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
     // rating scale, a choice made without looking at the data.
     let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
-    let categories = data.item_categories.as_deref();
+    let categories = data.item_catalogue.as_deref();
     let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items, categories));
     let (mf, reference_mf) = if let Some((spec, _, _)) = &ranking_setup {
         (spec.clone(), spec.clone())

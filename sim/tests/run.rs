@@ -179,8 +179,9 @@ fn the_ranking_setup_takes_the_optimizer_and_accountant_it_is_given() {
     assert_eq!(ratings.accountant(), AccountantKind::Rdp);
 }
 
-/// Under customer-level DP, a data set with product categories gets the category-affinity model
-/// (one release of the item counts) unless `--dp-model gradient` asks for learned factors.
+/// Under customer-level DP, a data set with a product catalogue gets the category-affinity model
+/// (one release of the item counts), one group per label at every level, unless
+/// `--dp-model gradient` asks for learned factors.
 #[test]
 fn categories_give_the_private_recommender_fixed_category_factors() {
     use fedretail_core::optim::ServerOptimizer;
@@ -188,11 +189,16 @@ fn categories_give_the_private_recommender_fixed_category_factors() {
         let base = ["--scenario", "retail-recommend", "--privacy-unit", "customer"];
         RunArgs::parse_options(base.iter().chain(options)).expect("valid options")
     };
-    let labels: Vec<String> = ["dairy", "bread", "dairy"].iter().map(|s| s.to_string()).collect();
+    // Category and brand: dairy and bread, then three category-brand groups.
+    let labels: Vec<Vec<String>> =
+        [["dairy", "dairy / own"], ["bread", "bread / own"], ["dairy", "dairy / national"]]
+            .iter()
+            .map(|l| l.iter().map(|s| s.to_string()).collect())
+            .collect();
     let (mf, rounds, optimizer) = parse(&[]).ranking_setup(3, Some(&labels));
     let affinity = mf.category_affinity.as_ref().expect("the category-affinity model");
-    assert_eq!(affinity.categories, vec![0, 1, 0]);
-    assert_eq!(mf.dim, 2, "one factor per category");
+    assert_eq!((affinity.categories.clone(), affinity.levels), (vec![0, 2, 1, 3, 0, 4], 2));
+    assert_eq!(mf.dim, 5, "one factor per group");
     mf.validate().unwrap();
     assert_eq!((rounds, optimizer), (1, ServerOptimizer::FedAvg { learning_rate: 1.0 }));
     let (mf, rounds, _) = parse(&["--dp-model", "gradient"]).ranking_setup(3, Some(&labels));

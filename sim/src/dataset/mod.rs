@@ -35,9 +35,11 @@ pub struct RatingsDataset {
     pub n_items: usize,
     /// For every user id, the store it belongs to (in region mode).
     pub user_region: BTreeMap<u32, String>,
-    /// Every item's category in the catalogue (public structure, not customer data), when the
-    /// data set has one: the category-affinity model's fixed factors under customer-level DP.
-    pub item_categories: Option<Vec<String>>,
+    /// Every item's groups in the catalogue, one label per level, the same levels for every
+    /// item (Complete Journey: its category; its category and product type; its category and
+    /// brand), when the data set has a catalogue: public structure, not customer data, and the
+    /// category-affinity model's fixed factors under customer-level DP.
+    pub item_catalogue: Option<Vec<Vec<String>>>,
 }
 
 /// How users are grouped into clients.
@@ -181,7 +183,7 @@ mod tests {
             ratings,
             n_items: 7,
             user_region,
-            item_categories: None,
+            item_catalogue: None,
         }
     }
 

@@ -196,7 +196,7 @@ fn parse(inter: &str, users: &str) -> Result<RatingsDataset, MovieLensError> {
         ratings,
         n_items,
         user_region,
-        item_categories: None,
+        item_catalogue: None,
     })
 }
 

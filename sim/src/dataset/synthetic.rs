@@ -51,7 +51,7 @@ pub fn generate(spec: SyntheticSpec, seed: u64) -> RatingsDataset {
         ratings,
         n_items: spec.n_items as usize,
         user_region,
-        item_categories: None,
+        item_catalogue: None,
     }
 }
 

@@ -62,22 +62,33 @@ pub struct MfSpec {
     #[serde(default)]
     pub objective: Objective,
     /// The category-affinity recommender (ranking objective only; `mf/affinity.rs`): every
-    /// item's factors are fixed to the one-hot vector of its product category, its bias is
-    /// learned as its share of buyers, and each customer folds in exactly. `None`: learned
-    /// factors.
+    /// item's factors are fixed by its groups in the catalogue (its product category, or several
+    /// levels of groups), its bias is learned as its share of buyers, and each customer folds in
+    /// exactly. `None`: learned factors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category_affinity: Option<CategoryAffinity>,
 }
 
-/// Fixed item factors from the catalogue's categories ([`MfSpec::category_affinity`]).
+/// Fixed item factors from the catalogue's groups ([`MfSpec::category_affinity`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CategoryAffinity {
-    /// Item `i`'s category, in `0..dim`, each used: public catalogue structure, never customer
+    /// Each item's group at every level of the catalogue, `levels` entries per item: item `i`'s
+    /// are `categories[i · levels .. (i + 1) · levels]`, each in `0..dim`, every column used by
+    /// some item. Item `i`'s factors are `1/√levels` in each of its groups' columns (with one
+    /// level, the one-hot vector of its category). Public catalogue structure, never customer
     /// data.
     pub categories: Vec<u32>,
+    /// Catalogue levels per item (for example category; category and product type; category
+    /// and brand), at least 1.
+    #[serde(default = "one_level")]
+    pub levels: u32,
     /// An item's bias is this times the share of customers who bought it.
     pub bias_scale: f32,
+}
+
+fn one_level() -> u32 {
+    1
 }
 
 /// The recommender's training objective.
@@ -169,10 +180,13 @@ impl MfSpec {
                     format!("must be >= 0, got {item_regularization}"),
                 );
             }
-            if self.dim > 256 {
+            // A dense solve per customer costs dim³; the catalogue's sparse factors are solved
+            // by conjugate gradients (mf/affinity.rs) at O(dim · items · levels) at worst.
+            let max_dim = if self.category_affinity.is_some() { 4096 } else { 256 };
+            if self.dim > max_dim {
                 return err(
                     "model.dim",
-                    format!("must be at most 256 for the ranking objective, got {}", self.dim),
+                    format!("must be at most {max_dim} for this ranking model, got {}", self.dim),
                 );
             }
             if self.local_item_offsets.is_some() {
@@ -187,13 +201,20 @@ impl MfSpec {
             if !self.objective.is_ranking() {
                 return err(field, "needs the ranking objective".into());
             }
-            if affinity.categories.len() != self.n_items {
+            if !(1..=8).contains(&affinity.levels) {
+                return err(
+                    field,
+                    format!("needs 1 to 8 catalogue levels, got {}", affinity.levels),
+                );
+            }
+            if affinity.categories.len() != self.n_items * affinity.levels as usize {
                 return err(
                     field,
                     format!(
-                        "has {} categories for {} items",
+                        "has {} categories for {} items at {} levels",
                         affinity.categories.len(),
-                        self.n_items
+                        self.n_items,
+                        affinity.levels
                     ),
                 );
             }

@@ -88,6 +88,9 @@ impl MfModel {
     /// [`MfModel::solve_users`] for interactions already grouped by [`user_items`].
     fn solve_grouped(&self, global: &[f32], by_user: &[Vec<(u32, f32)>]) -> Array2<f32> {
         let (alpha, _) = self.ranking_params();
+        if self.spec.category_affinity.is_some() {
+            return self.solve_sparse_items(global, by_user, alpha);
+        }
         let d = self.spec.dim;
         let (bias, y) = self.item_side(global);
         let mut yty = vec![0.0f64; d * d];
