@@ -108,6 +108,9 @@ pub struct Report {
     /// The ranking recommender's customer-level DP runs (`--dp-epsilons`), when the run itself
     /// has no DP: each one's results and privacy.
     pub dp_runs: Vec<(MethodResult, crate::runner::PrivacyOutcome)>,
+    /// The model the DP runs trained, in words ([`crate::scenario::describe_model`]), when
+    /// there are DP runs.
+    pub dp_model: Option<String>,
     /// Committed rounds.
     pub history: Vec<RoundRecord>,
     /// Stores.
@@ -218,6 +221,7 @@ pub fn to_json(r: &Report) -> Value {
         "privacy": r.privacy.as_ref().map(crate::runner::PrivacyOutcome::to_json),
         "secure_aggregation": r.secure_aggregation.as_ref().map(crate::runner::SecureOutcome::to_json),
         "dp_runs": r.dp_runs.iter().map(|(m, p)| json!({"test": method(m)["test"], "privacy": p.to_json()})).collect::<Vec<_>>(),
+        "dp_model": r.dp_model,
         "stores": r.stores.iter().enumerate().map(|(k, s)| {
             let hr: serde_json::Map<String, Value> = r.per_store.iter().map(|(m, v)| (m.clone(), round4(v[k].hr_at_10()))).collect();
             json!({"name": s.name, "users": s.users, "train": s.train, "test": s.test, "hr_at_10": hr})
@@ -333,6 +337,9 @@ pub fn to_markdown(r: &Report) -> String {
                 "- Customer-level DP at ε = {:.2} (training; {:.2} with the noised evaluation): HR@10 {:.4}, {against}.",
                 p.epsilon, p.total_epsilon, m.hr_at_10
             );
+        }
+        if let (false, Some(model)) = (r.dp_runs.is_empty(), &r.dp_model) {
+            let _ = writeln!(s, "- The DP runs train {model}.");
         }
         if !r.dp_runs.is_empty() {
             s.push('\n');

@@ -473,9 +473,10 @@ impl RunArgs {
     /// 0.02 per user; one exact user solve and one item gradient step per round, FedAdam with
     /// step 0.06 at the coordinator (`--server-optimizer` names another), 100 rounds.
     ///
-    /// Under customer-level DP, where the data set has product `categories` (Complete Journey)
+    /// Under customer-level DP, where the data set has a product `catalogue` (Complete Journey)
     /// and `--dp-model` does not say otherwise: the category-affinity model (each item's factors
-    /// its category's one-hot vector, biases 3 × its share of buyers; confidence α 1, user λ 2),
+    /// fixed by its groups at every catalogue level, [`catalogue_groups`]; biases 3 × its share
+    /// of buyers; confidence α 1, user λ 2),
     /// from one release of the item counts (one round, FedAvg step 1). Else 8 factors, FedAdam
     /// step 0.02 and 30 rounds with every customer sampled (BENCHMARKS.md has the grids).
     pub fn ranking_setup(
@@ -557,6 +558,21 @@ pub fn catalogue_groups(labels: &[Vec<String>]) -> (Vec<u32>, u32, usize) {
         dim += ids.iter().max().map_or(0, |&m| m + 1);
     }
     (groups, levels as u32, dim as usize)
+}
+
+/// A recommender in words, for reports: the category-affinity model with its catalogue, or
+/// learned factors.
+pub fn describe_model(mf: &MfSpec) -> String {
+    match &mf.category_affinity {
+        Some(a) => format!(
+            "the category-affinity model: item factors fixed by {} catalogue level{} ({} groups), \
+             item biases from one release of the buyer counts, customers solved in the store",
+            a.levels,
+            if a.levels == 1 { "" } else { "s" },
+            mf.dim
+        ),
+        None => format!("matrix factorisation with {} learned factors", mf.dim),
+    }
 }
 
 /// The cache directory for downloaded data.
@@ -874,12 +890,14 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let federated = federated?;
     // The ranking recommender's customer-level DP runs, beside the run without DP.
     let mut dp_runs = Vec::new();
+    let mut dp_model = None;
     if ranking && spec.privacy.is_none() {
         for &epsilon in &args.dp_epsilons {
             let mut dp = args.clone();
             dp.privacy_unit = Some(PrivacyUnitArg::Customer);
             dp.target_epsilon = Some(epsilon);
             let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items, categories);
+            dp_model = Some(describe_model(&mf));
             let mut spec = task_spec(&dp, &mf, stores.len());
             spec.name = format!("{}-dp-{epsilon}", spec.name);
             ranking_plan(&dp, &mf, &mut spec.plan, rounds, optimizer);
@@ -939,6 +957,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         privacy: federated.privacy,
         secure_aggregation: federated.secure,
         dp_runs,
+        dp_model,
         history: federated.rounds,
         stores: stores.iter().map(StoreRow::from).collect(),
     })

@@ -85,19 +85,28 @@ async fn federated_ranking_beats_popularity_and_each_store_alone() {
     );
     let worst = |m: &str| f.worst_decile.iter().find(|(k, _)| k == m).unwrap().1;
     assert!(worst("federated") > worst("local-only") + 0.05);
-    // Customer-level DP at ε = 1, 3 and 8 (the category-affinity model), each within its
-    // budget; even at ε = 1 it beats global popularity (measured 0.4296 against 0.4033; half the
-    // gain over popularity at ε = 8, 0.456, is not reached).
+    // Customer-level DP at ε = 1, 3 and 8 (the category-affinity model over three catalogue
+    // levels), each within its budget: every run beats global popularity clearly (measured
+    // 0.4625 at ε = 1 against 0.4033), and at ε = 8 the model keeps half of the federated
+    // model's gain over popularity, the issue's target (measured 0.4708 against 0.4558).
     common::check_dp_ranking_runs(&r);
     for (dp, privacy) in &r.dp_runs {
         assert!(
-            dp.hr_at_10 > popularity.hr_at_10 + 0.01,
+            dp.hr_at_10 > popularity.hr_at_10 + 0.04,
             "DP at ε = {}: {} vs popularity {}",
             privacy.epsilon,
             dp.hr_at_10,
             popularity.hr_at_10
         );
     }
+    let (at_8, privacy) = r.dp_runs.last().unwrap();
+    assert!((privacy.epsilon - 8.0).abs() < 0.01, "the last DP run is at ε = 8");
+    let half_the_gain = (hr + popularity.hr_at_10) / 2.0;
+    assert!(
+        at_8.hr_at_10 >= half_the_gain,
+        "DP at ε = 8: {} vs half the federated gain over popularity {half_the_gain}",
+        at_8.hr_at_10
+    );
 }
 
 /// Issue 11's demand scenario on Complete Journey: weekly units per store and department over
