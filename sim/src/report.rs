@@ -338,10 +338,10 @@ pub fn to_markdown(r: &Report) -> String {
                 p.epsilon, p.total_epsilon, m.hr_at_10
             );
         }
-        if let (false, Some(model)) = (r.dp_runs.is_empty(), &r.dp_model) {
-            let _ = writeln!(s, "- The DP runs train {model}.");
-        }
         if !r.dp_runs.is_empty() {
+            if let Some(model) = &r.dp_model {
+                let _ = writeln!(s, "- The DP runs train {model}.");
+            }
             s.push('\n');
         }
     }

@@ -76,7 +76,8 @@ pub enum OptimizerKind {
 pub enum DpModelArg {
     /// Learned item factors, gradient rounds.
     Gradient,
-    /// Fixed product-category factors, biases from one release of the item counts.
+    /// Factors fixed by the product catalogue's groups, biases from one release of the item
+    /// counts.
     CategoryAffinity,
 }
 
@@ -142,9 +143,9 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub server_optimizer: Option<OptimizerKind>,
     /// The ranking recommender under customer-level DP: `category-affinity` (each item's
-    /// factors are fixed to its product category, and the biases come from one DP release of
-    /// the item counts; the default where the data set has categories) or `gradient` (learned
-    /// factors, 30 DP rounds).
+    /// factors are fixed by its groups in the product catalogue, and the biases come from one DP
+    /// release of the item counts; the default where the data set has a catalogue) or
+    /// `gradient` (learned factors, 30 DP rounds).
     #[arg(long, value_enum)]
     pub dp_model: Option<DpModelArg>,
     /// Server learning rate [default: 1; with --privacy-unit customer 10 below ε = 4, 20 below
@@ -476,8 +477,8 @@ impl RunArgs {
     /// Under customer-level DP, where the data set has a product `catalogue` (Complete Journey)
     /// and `--dp-model` does not say otherwise: the category-affinity model (each item's factors
     /// fixed by its groups at every catalogue level, [`catalogue_groups`]; biases 3 × its share
-    /// of buyers; confidence α 1, user λ 2),
-    /// from one release of the item counts (one round, FedAvg step 1). Else 8 factors, FedAdam
+    /// of buyers; confidence α 1, user λ 2), from one release of the item counts (one round,
+    /// FedAvg step 1). Else 8 factors, FedAdam
     /// step 0.02 and 30 rounds with every customer sampled (BENCHMARKS.md has the grids).
     pub fn ranking_setup(
         &self,
@@ -834,8 +835,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     // Customer-level rounds keep μ fixed (core's mf/customer.rs): start it at the middle of the
     // rating scale, a choice made without looking at the data.
     let customer = privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Customer);
-    let categories = data.item_catalogue.as_deref();
-    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items, categories));
+    let catalogue = data.item_catalogue.as_deref();
+    let ranking_setup = ranking.then(|| args.ranking_setup(data.n_items, catalogue));
     let (mf, reference_mf) = if let Some((spec, _, _)) = &ranking_setup {
         (spec.clone(), spec.clone())
     } else {
@@ -896,7 +897,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Report> {
             let mut dp = args.clone();
             dp.privacy_unit = Some(PrivacyUnitArg::Customer);
             dp.target_epsilon = Some(epsilon);
-            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items, categories);
+            let (mf, rounds, optimizer) = dp.ranking_setup(data.n_items, catalogue);
             dp_model = Some(describe_model(&mf));
             let mut spec = task_spec(&dp, &mf, stores.len());
             spec.name = format!("{}-dp-{epsilon}", spec.name);
